@@ -1,0 +1,132 @@
+"""finetune(config): the one function behind the Python API, the CLI and the app.
+
+load model -> load data -> initial factors (LoRA-GA: streamed gradient + top-2r SVD; or plain LoRA) -> inject
+-> checkpoint -> train -> export PEFT adapter + metrics JSON.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import resource
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .config import Config
+from .data import collate, load_examples, split_eval
+from .export import export_adapter
+from .gradients import default_budget_bytes, estimate_gradient_svd
+from .init import lora_factors, lora_ga_factors
+from .lora import find_targets, inject
+from .models import load_model, resolve_dtype
+from .train import adapter_state, load_checkpoint, save_checkpoint, train
+
+log = logging.getLogger("frugal_loraga")
+
+
+class OutOfMemory(RuntimeError):
+    """CUDA ran out of memory; the message says which settings to lower."""
+
+
+@dataclass
+class FinetuneResult:
+    adapter_dir: Path
+    metrics: dict
+    stopped: bool
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+def initial_factors(model, targets, train_examples, config: Config, pad_id: int, device, progress) -> tuple[dict, dict]:
+    """name -> (A, B, A0, B0) and the init metrics."""
+    if config.init == "lora":
+        generator = torch.Generator().manual_seed(config.seed)
+        return {n: (*lora_factors(m.out_features, m.in_features, config.rank, generator, device), None, None)
+                for n, m in targets.items()}, {}
+    order = list(range(len(train_examples)))
+    random.Random(config.seed).shuffle(order)
+    picked = [train_examples[i] for i in order[:config.estimation_samples]]
+    size = config.estimation_batch_size
+    batches = [collate(picked[i:i + size], pad_id, device) for i in range(0, len(picked), size)]
+    budget = int(config.grad_budget_gib * 2**30) if config.grad_budget_gib else default_budget_bytes(device)
+    svds, stats = estimate_gradient_svd(model, targets, batches, 2 * config.rank, budget, config.svd, progress)
+    log.info("gradient estimated over %d batches in %d group(s), peak gradient state %.3f GiB of %.3f GiB budget",
+             stats.batches, len(stats.groups), stats.peak_state_bytes / 2**30, budget / 2**30)
+    factors = {}
+    for name, svd in svds.items():
+        A0, B0 = lora_ga_factors(svd, config.rank, config.direction, config.scale, config.gamma, config.eta)
+        factors[name] = (A0, B0, A0, B0)
+    return factors, {"estimation_groups": len(stats.groups), "estimation_batches": stats.batches,
+                     "estimation_peak_state_gib": stats.peak_state_bytes / 2**30,
+                     "estimation_budget_gib": budget / 2**30}
+
+
+def finetune(config: Config, progress: Optional[Callable[[str, int, int], None]] = None,
+             stop: Optional[threading.Event] = None) -> FinetuneResult:
+    """Run LoRA-GA (or LoRA) fine-tuning as configured; returns the adapter folder and the metrics.
+
+    progress(phase, done, total) is called as work advances; setting `stop` ends training after the current step
+    with a checkpoint written (resume with config.resume = True)."""
+    phase = "loading the model"
+    try:
+        torch.manual_seed(config.seed)
+        model, tokenizer, device = load_model(config)
+        dtype = resolve_dtype(config, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        phase = "loading data"
+        examples, report = load_examples(config.data, config.data_format, tokenizer, config.max_length)
+        log.info("training data: %s", report.summary())
+        if config.eval_data:
+            train_examples = examples
+            eval_examples, _ = load_examples(config.eval_data, config.data_format, tokenizer, config.max_length)
+        else:
+            train_examples, eval_examples = split_eval(examples, config.eval_fraction, config.seed)
+        targets = find_targets(model, config.target_list(), config.rank, config.init)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        pad_id = tokenizer.pad_token_id
+        state = load_checkpoint(config)
+        if state is not None:
+            metrics = state["metrics"]
+            factors = {n: (s["A"], s["B"], s["A0"] if s["A0"].numel() else None, s["B0"] if s["B0"].numel() else None)
+                       for n, s in state["adapter"].items()}
+            factors = {n: tuple(None if t is None else t.to(device) for t in f) for n, f in factors.items()}
+            log.info("resuming %s at step %d", config.out, state["step"])
+        else:
+            phase = "estimating gradients (LoRA-GA init)"
+            start = time.perf_counter()
+            factors, init_metrics = initial_factors(model, targets, train_examples, config, pad_id, device, progress)
+            metrics = {"train_loss": [], "eval_loss": [], "train_tokens": 0, "train_seconds": 0.0,
+                       "init_seconds": time.perf_counter() - start, "peak_memory_init_gib": peak_memory_gib(device),
+                       **init_metrics}
+        layers = inject(model, factors, config.eta)
+        if state is None:
+            save_checkpoint(config.out, {"config": config.to_dict(), "step": 0, "metrics": metrics,
+                                         "adapter": adapter_state(layers)})
+        phase = "training"
+        start = time.perf_counter()
+        stopped = train(model, layers, train_examples, eval_examples, config, pad_id, device, dtype, metrics,
+                        resume_state=state, progress=progress, stop=stop)
+    except torch.cuda.OutOfMemoryError as e:
+        raise OutOfMemory(f"CUDA ran out of memory while {phase}. Lower batch_size or max_length, keep "
+                          "gradient_checkpointing and load_in_4bit on, or for the init lower estimation_batch_size "
+                          "and grad_budget_gib.") from e
+    metrics["train_seconds"] += time.perf_counter() - start
+    metrics["tokens_per_second"] = metrics["train_tokens"] / max(metrics["train_seconds"], 1e-9)
+    metrics["peak_memory_gib"] = peak_memory_gib(device)
+    out = Path(config.out)
+    adapter_dir = export_adapter(layers, config, model.name_or_path, out / "adapter")
+    for path in {out / "metrics.json", *([Path(config.metrics_json)] if config.metrics_json else [])}:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(metrics, indent=1))
+    return FinetuneResult(adapter_dir, metrics, stopped)

@@ -1,0 +1,121 @@
+"""Run configuration: one typed dataclass that the API, the CLI and the app all build.
+
+Every field carries its default and a one-line help text (used for `--help` and the app's tooltips).
+`Config(...)` validates on construction and raises ConfigError with what is wrong and what to do.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, Optional, get_args, get_origin, get_type_hints
+
+DataFormat = Literal["auto", "alpaca", "chat", "prompt_completion", "text"]
+InitMethod = Literal["lora_ga", "lora"]
+Direction = Literal["ArB2r", "A2rBr"]
+Scale = Literal["stable", "gd", "unit"]
+SvdMethod = Literal["lowrank", "exact"]
+Schedule = Literal["cosine", "linear", "constant"]
+Optimizer = Literal["adamw", "paged_adamw_8bit"]
+Dtype = Literal["auto", "bfloat16", "float32"]
+Device = Literal["auto", "cpu", "cuda"]
+
+ALL_LINEAR = "all-linear"
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message says which and what to use instead."""
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class Config:
+    # --- model
+    model: str = _f("demo", "'demo' (embedded SmolLM2-135M-Instruct), a local Hugging Face folder, or a hub id when online")
+    load_in_4bit: bool = _f(True, "load the base weights in 4-bit NF4 (bitsandbytes, double quant)")
+    dtype: Dtype = _f("auto", "compute dtype: auto = bfloat16 on CUDA, float32 on CPU")
+    device: Device = _f("auto", "auto = CUDA when available, else CPU")
+    trust_remote_code: bool = _f(False, "run Python code shipped with the model folder (off: only safetensors weights load)")
+    # --- data
+    data: str = _f("", "training data: .jsonl, .json, .csv or .txt")
+    data_format: DataFormat = _f("auto", "alpaca, chat (messages), prompt_completion, text, or auto-detect")
+    eval_data: Optional[str] = _f(None, "held-out data file; default: split eval_fraction off the training data")
+    eval_fraction: float = _f(0.1, "fraction of the data held out for eval when no eval_data is given")
+    max_length: int = _f(512, "tokens per example; longer examples are truncated (and counted)")
+    # --- adapter
+    init: InitMethod = _f("lora_ga", "lora_ga (gradient-aligned) or lora (Kaiming A, zero B)")
+    rank: int = _f(8, "LoRA rank r (LoRA-GA exports rank 2r: trainable plus frozen initial adapter)")
+    alpha: float = _f(16.0, "LoRA alpha")
+    use_rslora: bool = _f(True, "eta = alpha / sqrt(r) (rsLoRA, as in the paper's runs); off: alpha / r")
+    target_modules: str = _f(ALL_LINEAR, "comma-separated module name suffixes (q_proj,v_proj) or all-linear")
+    # --- LoRA-GA initialisation
+    direction: Direction = _f("ArB2r", "A from singular vectors 1..r and B from r+1..2r (ArB2r) or the reverse")
+    scale: Scale = _f("stable", "stable: A, B times m^(1/4)/sqrt(gamma); gd: divided by eta; unit: as is")
+    gamma: float = _f(16.0, "gamma of the stable scale")
+    estimation_samples: int = _f(128, "training examples used to estimate the full gradient")
+    estimation_batch_size: int = _f(2, "examples per forward/backward during estimation")
+    grad_budget_gib: Optional[float] = _f(None, "GiB of fp32 gradient state held at once; default: derived from free memory")
+    svd: SvdMethod = _f("lowrank", "top-2r SVD of each gradient: lowrank (randomized, 4 power iterations) or exact")
+    # --- training
+    steps: int = _f(100, "optimizer steps")
+    batch_size: int = _f(2, "examples per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    lr: float = _f(1e-4, "peak learning rate")
+    schedule: Schedule = _f("cosine", "learning-rate schedule after warmup")
+    warmup_ratio: float = _f(0.03, "fraction of steps with linear warmup")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
+    optimizer: Optimizer = _f("adamw", "adamw (torch) or paged_adamw_8bit (bitsandbytes, CUDA only)")
+    gradient_checkpointing: bool = _f(True, "recompute activations in backward to save memory")
+    eval_every: int = _f(20, "steps between evaluations (0: only at the end)")
+    eval_samples: int = _f(64, "at most this many eval examples per evaluation")
+    save_every: int = _f(50, "steps between checkpoints (0: only at the end)")
+    seed: int = _f(0, "seed for data order and initialisation")
+    # --- output
+    out: str = _f("runs/latest", "output folder: adapter/, checkpoint/, metrics.json")
+    metrics_json: Optional[str] = _f(None, "also write the metrics JSON here")
+    resume: bool = _f(False, "continue from out/checkpoint if it exists")
+    progress: bool = _f(True, "show tqdm progress bars")
+
+    def __post_init__(self):
+        for name, hint in get_type_hints(type(self)).items():
+            value = getattr(self, name)
+            if get_origin(hint) is Literal and value not in get_args(hint):
+                raise ConfigError(f"{name}={value!r} is not one of {', '.join(get_args(hint))}")
+        positive = ["rank", "max_length", "estimation_samples", "estimation_batch_size", "steps", "batch_size",
+                    "grad_accum", "eval_samples"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ["alpha", "lr", "gamma"]:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ["eval_every", "save_every", "weight_decay", "max_grad_norm"]:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.grad_budget_gib is not None and not self.grad_budget_gib > 0:
+            raise ConfigError(f"grad_budget_gib must be positive, got {self.grad_budget_gib}")
+        if not self.data:
+            raise ConfigError("no training data: set data to a .jsonl, .json, .csv or .txt file")
+        if not self.target_list():
+            raise ConfigError("target_modules is empty: name module suffixes such as q_proj,v_proj, or all-linear")
+
+    @property
+    def eta(self) -> float:
+        """LoRA scaling eta: alpha / sqrt(r) with rsLoRA, else alpha / r."""
+        return self.alpha / (self.rank ** 0.5 if self.use_rslora else self.rank)
+
+    def target_list(self) -> list[str]:
+        return [t.strip() for t in self.target_modules.split(",") if t.strip()]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def help(self, name: str) -> str:
+        return next(f.metadata["help"] for f in dataclasses.fields(self) if f.name == name)

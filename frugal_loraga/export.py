@@ -1,0 +1,45 @@
+"""Export as a standard PEFT LoRA adapter that peft.PeftModel loads on the ORIGINAL base model.
+
+With a frozen initial adapter the layer computes eta (B A - B0 A0) x = eta' [B | -B0] [A ; A0] x, a LoRA of rank 2r:
+  lora_A = [A ; A0] (2r x n), lora_B = [B | -B0] (m x 2r), r' = 2r,
+  alpha' keeps eta: alpha' = sqrt(2) alpha with rsLoRA (alpha'/sqrt(2r) = alpha/sqrt(r)), else 2 alpha.
+Plain LoRA exports as is (rank r, alpha).
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
+
+from .config import Config
+from .lora import LoraLinear
+
+
+def export_adapter(layers: dict[str, LoraLinear], config: Config, base_model: str, out_dir: str | Path) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors into out_dir (replaced atomically)."""
+    out_dir = Path(out_dir)
+    frozen = any(layer.has_frozen for layer in layers.values())
+    tensors = {}
+    for name, layer in layers.items():
+        A, B = layer.A.detach(), layer.B.detach()
+        if frozen:
+            A, B = torch.cat([A, layer.A0]), torch.cat([B, -layer.B0], dim=1)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.float().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.float().cpu().contiguous()
+    rank = 2 * config.rank if frozen else config.rank
+    alpha = config.alpha * ((math.sqrt(2) if config.use_rslora else 2) if frozen else 1)
+    peft_config = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=config.use_rslora, lora_dropout=0.0, bias="none",
+                             target_modules=sorted(layers), task_type="CAUSAL_LM", base_model_name_or_path=base_model)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    peft_config.save_pretrained(tmp)
+    save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir

@@ -1,0 +1,192 @@
+"""The full fine-tuning gradient of every target layer, streamed a group of layers at a time, and its top-2r SVD.
+
+For a linear layer y = x W^T with W of shape (m = out, n = in), over the N tokens of a batch with inputs
+X (N x n) and output gradients dY (N x m):   dL/dW = dY^T X   (m x n).
+W itself is not needed, so a 4-bit base works: G is the gradient at the quantized model.
+
+A forward hook on each layer of the current group hangs a hook on the layer's output; when dY arrives in backward
+it adds dY^T X into that layer's fp32 accumulator. It fires once per batch also under gradient checkpointing
+(only the graph that backward walks calls it). Only the current group's layers hold accumulators, and groups are cut
+so that their bytes (4 m n each) stay within the budget. Groups are walked from the top of the network down; each
+group's backward stops at the block (decoder layer) holding its lowest layer, so lower layers cost no backward.
+After a group's batches, each G = (sum of dY^T X) / batches is reduced to its top-2r singular triplets and freed.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .config import ConfigError
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class LayerSVD:
+    """Top-k singular triplets of one layer's gradient: G ~ U diag(S) V^T, U (m x k), S (k), V (n x k)."""
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+
+
+@dataclass
+class GradientState:
+    """The fp32 gradient accumulators alive at one time, with their bytes accounted against the budget."""
+    budget_bytes: int
+    accumulators: dict[str, torch.Tensor] = field(default_factory=dict)
+    live_bytes: int = 0
+    peak_bytes: int = 0
+
+    def allocate(self, name: str, shape: tuple[int, int], device: torch.device) -> None:
+        self.accumulators[name] = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.live_bytes += 4 * shape[0] * shape[1]
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def release(self, name: str) -> torch.Tensor:
+        accumulator = self.accumulators.pop(name)
+        self.live_bytes -= 4 * accumulator.numel()
+        return accumulator
+
+
+@dataclass
+class EstimationStats:
+    groups: list[list[str]]
+    budget_bytes: int
+    peak_state_bytes: int
+    batches: int
+    seconds: float
+
+
+def top_singular(G: torch.Tensor, k: int, method: str) -> LayerSVD:
+    """Top-k SVD of G (m x n): exact (torch.linalg.svd) or randomized with 4 power iterations and q = 2k."""
+    if method == "exact" or 2 * k >= min(G.shape):
+        U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+        return LayerSVD(U[:, :k], S[:k], Vh[:k].T)
+    U, S, V = torch.svd_lowrank(G, q=2 * k, niter=4)
+    return LayerSVD(U[:, :k], S[:k], V[:, :k])
+
+
+def plan_groups(order: list[str], shapes: dict[str, tuple[int, int]], budget_bytes: int) -> list[list[str]]:
+    """Layers in reverse execution order, cut into consecutive groups whose fp32 gradients fit the budget."""
+    groups, current, used = [], [], 0
+    for name in reversed(order):
+        size = 4 * shapes[name][0] * shapes[name][1]
+        if size > budget_bytes:
+            raise ConfigError(f"grad_budget_gib={budget_bytes / 2**30:.3g} is smaller than the gradient of {name} "
+                              f"({size / 2**30:.3g} GiB); raise grad_budget_gib")
+        if current and used + size > budget_bytes:
+            groups.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += size
+    groups.append(current)
+    return groups
+
+
+def execution_order(model: nn.Module, targets: dict[str, nn.Module], batch: dict) -> list[str]:
+    """Target names in the order a forward pass calls them (one short no-grad forward)."""
+    order: list[str] = []
+    handles = [m.register_forward_hook(lambda *_, n=n: order.append(n) if n not in order else None)
+               for n, m in targets.items()]
+    try:
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"][:1, :8], attention_mask=batch["attention_mask"][:1, :8])
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def owning_blocks(model: nn.Module, names: list[str]) -> dict[str, Optional[nn.Module]]:
+    """For each target, the outermost ModuleList element holding it (its decoder layer), or None."""
+    lists = [(prefix, m) for prefix, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    blocks = {}
+    for name in names:
+        blocks[name] = None
+        for prefix, module_list in lists:
+            for index, block in enumerate(module_list):
+                if name.startswith(f"{prefix}.{index}."):
+                    blocks[name] = block
+                    break
+            if blocks[name] is not None:
+                break
+    return blocks
+
+
+def _cut_hook(module, args, kwargs):
+    """Make the block's incoming hidden state a fresh leaf that needs grad: backward starts its graph here."""
+    if args:
+        args = (args[0].detach().requires_grad_(),) + tuple(args[1:])
+    else:
+        kwargs["hidden_states"] = kwargs["hidden_states"].detach().requires_grad_()
+    return args, kwargs
+
+
+def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict], k: int,
+                          budget_bytes: int, svd: str = "lowrank",
+                          progress: Optional[ProgressFn] = None) -> tuple[dict[str, LayerSVD], EstimationStats]:
+    """Top-k SVD of the mean gradient dL/dW over `batches` for every target, never holding more than
+    `budget_bytes` of fp32 gradient state. Returns the factors (on the model's device) and what it cost."""
+    start = time.perf_counter()
+    device = batches[0]["input_ids"].device
+    order = execution_order(model, targets, batches[0])
+    shapes = {n: (targets[n].out_features, targets[n].in_features) for n in order}
+    groups = plan_groups(order, shapes, budget_bytes)
+    blocks = owning_blocks(model, order)
+    state = GradientState(budget_bytes)
+
+    def on_forward(name):
+        def hook(module, inputs, output):
+            accumulator = state.accumulators.get(name)
+            if accumulator is None or not output.requires_grad:
+                return
+            x = inputs[0]
+
+            def on_grad(dy):
+                accumulator.addmm_(dy.reshape(-1, dy.shape[-1]).T.float(), x.reshape(-1, x.shape[-1]).float())
+            output.register_hook(on_grad)
+        return hook
+
+    results: dict[str, LayerSVD] = {}
+    handles = [targets[n].register_forward_hook(on_forward(n)) for n in order]
+    was_training = model.training
+    model.train()
+    done, total = 0, len(groups) * len(batches)
+    try:
+        for group in groups:
+            lowest = group[-1]
+            cut = (blocks[lowest].register_forward_pre_hook(_cut_hook, with_kwargs=True) if blocks[lowest] is not None
+                   else model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_()))
+            for name in group:
+                state.allocate(name, shapes[name], device)
+            try:
+                for batch in batches:
+                    model(**batch).loss.backward()
+                    done += 1
+                    if progress:
+                        progress("estimating gradients", done, total)
+            finally:
+                cut.remove()
+            for name in group:
+                G = state.release(name).div_(len(batches))
+                results[name] = top_singular(G, k, svd)
+                del G
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    stats = EstimationStats(groups, budget_bytes, state.peak_bytes, len(batches), time.perf_counter() - start)
+    return results, stats
+
+
+def default_budget_bytes(device: torch.device) -> int:
+    """Half of what is free now: GPU memory on CUDA, available RAM on CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    import os
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.5)

@@ -1,0 +1,73 @@
+"""The LoRA layer with a frozen initial adapter beside the trainable one, and putting it into a model.
+
+  y = base(x) + eta * ((x A^T) B^T - (x A0^T) B0^T)
+base: the frozen linear layer (nn.Linear or bitsandbytes Linear4bit), W (m x n), never requantized;
+A (r x n), B (m x r): trainable fp32; A0, B0: frozen copies of their initial values (LoRA-GA), empty for plain LoRA.
+At step 0 A == A0 and B == B0 bit for bit, so the two products cancel exactly and the model is unchanged.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ALL_LINEAR, ConfigError
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, base: nn.Module, A: torch.Tensor, B: torch.Tensor, A0: torch.Tensor | None,
+                 B0: torch.Tensor | None, eta: float):
+        super().__init__()
+        self.base = base
+        self.eta = eta
+        self.A = nn.Parameter(A.float().clone())
+        self.B = nn.Parameter(B.float().clone())
+        empty = A.new_zeros(0)
+        self.register_buffer("A0", empty if A0 is None else A0.float().clone())
+        self.register_buffer("B0", empty if B0 is None else B0.float().clone())
+
+    @property
+    def has_frozen(self) -> bool:
+        return self.A0.numel() > 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        x = x.to(self.A.dtype) if not torch.is_autocast_enabled(x.device.type) else x
+        delta = (x @ self.A.T) @ self.B.T
+        if self.has_frozen:
+            delta = delta - (x @ self.A0.T) @ self.B0.T
+        return y + (self.eta * delta).to(y.dtype)
+
+
+def find_targets(model: nn.Module, targets: list[str], rank: int, init: str) -> dict[str, nn.Module]:
+    """Modules to adapt: all linear layers but the output head for 'all-linear', else names equal to or ending in
+    '.<suffix>'. Checks that each is linear and that the layer is wide enough for the rank."""
+    head = model.get_output_embeddings()
+    found = {}
+    for name, module in model.named_modules():
+        if targets == [ALL_LINEAR]:
+            if isinstance(module, nn.Linear) and module is not head:
+                found[name] = module
+        elif any(name == t or name.endswith("." + t) for t in targets):
+            if not isinstance(module, nn.Linear):
+                raise ConfigError(f"target {name} is a {type(module).__name__}; only linear layers can be adapted")
+            found[name] = module
+    if not found:
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(f"no module matches target_modules={','.join(targets)}; linear layers here: {', '.join(suffixes)}")
+    need = 2 * rank if init == "lora_ga" else rank
+    for name, module in found.items():
+        if need > min(module.in_features, module.out_features):
+            raise ConfigError(f"rank {rank} is too large for {name} ({module.out_features} x {module.in_features}): "
+                              f"{init} needs {need} <= {min(module.in_features, module.out_features)}; lower rank")
+    return found
+
+
+def inject(model: nn.Module, factors: dict[str, tuple], eta: float) -> dict[str, LoraLinear]:
+    """Replace each named linear layer by a LoraLinear around it. factors: name -> (A, B, A0 | None, B0 | None)."""
+    layers = {}
+    for name, (A, B, A0, B0) in factors.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layers[name] = LoraLinear(getattr(parent, child), A, B, A0, B0, eta)
+        setattr(parent, child, layers[name])
+    return layers
