@@ -70,6 +70,12 @@ def initial_factors(model, targets, train_examples, config: Config, pad_id: int,
                      "estimation_budget_gib": budget / 2**30}
 
 
+def factors_from_checkpoint(adapter: dict, device: torch.device) -> dict:
+    """name -> (A, B, A0 | None, B0 | None) on device, from a checkpoint's adapter tensors (empty A0: plain LoRA)."""
+    return {name: tuple(t.to(device) if t.numel() else None for t in (s["A"], s["B"], s["A0"], s["B0"]))
+            for name, s in adapter.items()}
+
+
 def finetune(config: Config, progress: Optional[Callable[[str, int, int], None]] = None,
              stop: Optional[threading.Event] = None) -> FinetuneResult:
     """Run LoRA-GA (or LoRA) fine-tuning as configured; returns the adapter folder and the metrics.
@@ -93,14 +99,12 @@ def finetune(config: Config, progress: Optional[Callable[[str, int, int], None]]
             train_examples, eval_examples = split_eval(examples, config.eval_fraction, config.seed)
         targets = find_targets(model, config.target_list(), config.rank, config.init)
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         pad_id = tokenizer.pad_token_id
         state = load_checkpoint(config)
         if state is not None:
             metrics = state["metrics"]
-            factors = {n: (s["A"], s["B"], s["A0"] if s["A0"].numel() else None, s["B0"] if s["B0"].numel() else None)
-                       for n, s in state["adapter"].items()}
-            factors = {n: tuple(None if t is None else t.to(device) for t in f) for n, f in factors.items()}
+            factors = factors_from_checkpoint(state["adapter"], device)
             log.info("resuming %s at step %d", config.out, state["step"])
         else:
             phase = "estimating gradients (LoRA-GA init)"

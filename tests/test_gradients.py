@@ -1,0 +1,106 @@
+"""The streamed gradient estimate against the exact oracle: full autograd gradients + torch.linalg.svd."""
+import pytest
+import torch
+from bitsandbytes.functional import dequantize_4bit
+
+from frugal_loraga.config import Config, ConfigError
+from frugal_loraga.data import collate, load_examples
+from frugal_loraga.gradients import estimate_gradient_svd, plan_groups
+from frugal_loraga.lora import find_targets
+from frugal_loraga.models import load_model
+
+RANK = 4
+
+
+def load(model_dir, four_bit, rank=RANK, checkpointing=False):
+    config = Config(model=str(model_dir), data="unused", load_in_4bit=four_bit, rank=rank)
+    model, tokenizer, device = load_model(config)
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer, find_targets(model, config.target_list(), rank, "lora_ga")
+
+
+def make_batches(tokenizer, sample_path, n_batches=4, size=2, max_length=96):
+    examples, _ = load_examples(sample_path, "auto", tokenizer, max_length)
+    return [collate(examples[i * size:(i + 1) * size], tokenizer.pad_token_id, torch.device("cpu"))
+            for i in range(n_batches)]
+
+
+def exact_gradients(model, targets, batches):
+    """Oracle: autograd dL/dW of every target (fp32 weights made trainable), averaged over the batches."""
+    for m in targets.values():
+        m.weight.requires_grad_(True)
+    model.train()
+    for batch in batches:
+        model(**batch).loss.backward()
+    grads = {n: m.weight.grad / len(batches) for n, m in targets.items()}
+    for m in targets.values():
+        m.weight.requires_grad_(False)
+        m.weight.grad = None
+    return grads
+
+
+def captured_energy(G, U, V, k):
+    """||U^T G V||_F^2 / (sum of the top-k exact squared singular values), for orthonormal U (m x k), V (n x k)."""
+    S = torch.linalg.svdvals(G.double())
+    return float((U.double().T @ G.double() @ V.double()).pow(2).sum() / S[:k].pow(2).sum())
+
+
+def assert_faithful(svds, grads, k, bar=0.99):
+    assert set(svds) == set(grads)
+    for name, G in grads.items():
+        energy = captured_energy(G, svds[name].U, svds[name].V, k)
+        assert energy >= bar, f"{name}: captured {energy:.4f} of the exact top-{k} gradient energy"
+
+
+def test_streamed_estimate_matches_exact_svd_fp32(tiny_model_dir, sample_path):
+    model, tokenizer, targets = load(tiny_model_dir, four_bit=False)
+    batches = make_batches(tokenizer, sample_path)
+    grads = exact_gradients(model, targets, batches)
+    svds, stats = estimate_gradient_svd(model, targets, batches, 2 * RANK, budget_bytes=2**30)
+    assert len(stats.groups) == 1
+    assert_faithful(svds, grads, 2 * RANK)
+    for name, G in grads.items():  # singular values too, not only the subspaces
+        torch.testing.assert_close(svds[name].S, torch.linalg.svdvals(G)[:2 * RANK], rtol=1e-3, atol=1e-6)
+
+
+def test_streamed_estimate_on_nf4_base_with_checkpointing(tiny_model_dir, sample_path):
+    """G at the quantized model: the oracle is an fp32 model holding the dequantized NF4 weights."""
+    model4, tokenizer, targets4 = load(tiny_model_dir, four_bit=True, checkpointing=True)
+    batches = make_batches(tokenizer, sample_path)
+    svds, _ = estimate_gradient_svd(model4, targets4, batches, 2 * RANK, budget_bytes=2**30)
+    model, _, targets = load(tiny_model_dir, four_bit=False)
+    with torch.no_grad():
+        for name, m in targets.items():
+            q = targets4[name].weight
+            m.weight.copy_(dequantize_4bit(q.data, q.quant_state).float())
+    assert_faithful(svds, exact_gradients(model, targets, batches), 2 * RANK)
+
+
+def test_gradient_state_stays_within_a_small_budget(tiny_model_dir, sample_path):
+    model, tokenizer, targets = load(tiny_model_dir, four_bit=False)
+    batches = make_batches(tokenizer, sample_path)
+    total = sum(4 * m.weight.numel() for m in targets.values())
+    budget = total // 3
+    svds, stats = estimate_gradient_svd(model, targets, batches, 2 * RANK, budget_bytes=budget)
+    assert len(stats.groups) >= 3
+    assert 0 < stats.peak_state_bytes <= budget
+    assert sorted(n for g in stats.groups for n in g) == sorted(targets)
+    assert_faithful(svds, exact_gradients(model, targets, batches), 2 * RANK)
+
+
+def test_budget_below_one_layer_is_refused(tiny_model_dir, sample_path):
+    shapes = {"a": (64, 64), "b": (96, 64)}
+    with pytest.raises(ConfigError, match="smaller than the gradient of b.*raise grad_budget_gib"):
+        plan_groups(["a", "b"], shapes, budget_bytes=4 * 64 * 64)
+    assert plan_groups(["a", "b"], shapes, budget_bytes=4 * 96 * 64) == [["b"], ["a"]]
+
+
+def test_demo_model_estimate_matches_exact_svd(sample_path):
+    """The real pretrained model (SmolLM2-135M-Instruct), fp32, default settings (randomized SVD), rank 8."""
+    model, tokenizer, targets = load("demo", four_bit=False, rank=8)
+    batches = make_batches(tokenizer, sample_path, n_batches=2, size=2)
+    grads = exact_gradients(model, targets, batches)
+    svds, stats = estimate_gradient_svd(model, targets, batches, 16, budget_bytes=2**27)
+    assert len(stats.groups) > 1 and stats.peak_state_bytes <= 2**27
+    assert_faithful(svds, grads, 16)

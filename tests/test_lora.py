@@ -1,0 +1,88 @@
+"""The LoRA layer, LoRA-GA factors, step-0 invariance on an NF4 base, and the PEFT export round trip."""
+import math
+
+import pytest
+import torch
+from peft import PeftModel
+
+from frugal_loraga import Config, ConfigError, finetune
+from frugal_loraga.api import factors_from_checkpoint, initial_factors
+from frugal_loraga.data import collate, load_examples
+from frugal_loraga.gradients import LayerSVD
+from frugal_loraga.init import lora_ga_factors
+from frugal_loraga.lora import find_targets, inject
+from frugal_loraga.models import load_model
+from frugal_loraga.train import checkpoint_path
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def test_lora_ga_factors_follow_the_reference_formulas():
+    m, n, r, gamma = 48, 40, 3, 16.0
+    U, _ = torch.linalg.qr(torch.randn(m, 2 * r))
+    V, _ = torch.linalg.qr(torch.randn(n, 2 * r))
+    svd = LayerSVD(U, torch.arange(2 * r, 0, -1.0), V)
+    A0, B0 = lora_ga_factors(svd, r, "ArB2r", "stable", gamma, eta=2.0)
+    c = m ** 0.25 / math.sqrt(gamma)
+    torch.testing.assert_close(A0, V[:, :r].T * c)
+    torch.testing.assert_close(B0, U[:, r:] * c)
+    A0, B0 = lora_ga_factors(svd, r, "A2rBr", "gd", gamma, eta=2.0)
+    torch.testing.assert_close(A0, V[:, r:].T / 2)
+    torch.testing.assert_close(B0, U[:, :r] / 2)
+    A0, B0 = lora_ga_factors(svd, r, "ArB2r", "unit", gamma, eta=2.0)
+    torch.testing.assert_close(A0 @ A0.T, torch.eye(r))
+
+
+def test_model_unchanged_at_step0_on_nf4_base(tiny_model_dir, sample_path):
+    """Tolerance: none. The frozen copy cancels the trainable adapter bit for bit, so logits are identical."""
+    config = Config(model=str(tiny_model_dir), data=str(sample_path), rank=4, estimation_samples=8, progress=False)
+    model, tokenizer, device = load_model(config)
+    examples, _ = load_examples(sample_path, "auto", tokenizer, 96)
+    batch = collate(examples[:3], tokenizer.pad_token_id, device)
+    before = logits(model, batch)
+    targets = find_targets(model, config.target_list(), config.rank, config.init)
+    factors, _ = initial_factors(model, targets, examples, config, tokenizer.pad_token_id, device, None)
+    assert all(f[0].abs().sum() > 0 for f in factors.values())
+    layers = inject(model, factors, config.eta)
+    assert type(layers[next(iter(layers))].base).__name__ == "Linear4bit"
+    assert torch.equal(logits(model, batch), before)
+
+
+@pytest.mark.parametrize("init,four_bit", [("lora_ga", True), ("lora_ga", False), ("lora", True)])
+def test_exported_adapter_reproduces_our_logits_in_peft(tiny_model_dir, sample_path, tmp_path, init, four_bit):
+    config = Config(model=str(tiny_model_dir), data=str(sample_path), init=init, rank=4, load_in_4bit=four_bit,
+                    steps=4, lr=5e-3, estimation_samples=8, eval_every=0, out=str(tmp_path / "run"), progress=False)
+    result = finetune(config)
+    model, tokenizer, device = load_model(config)
+    examples, _ = load_examples(sample_path, "auto", tokenizer, 96)
+    batch = collate(examples[:3], tokenizer.pad_token_id, device)
+    base_logits = logits(model, batch)
+    state = torch.load(checkpoint_path(config.out), weights_only=True)
+    ours = inject(model, factors_from_checkpoint(state["adapter"], device), config.eta)
+    assert all(not torch.equal(layer.B, layer.B0 if layer.has_frozen else torch.zeros_like(layer.B))
+               for layer in ours.values()), "training did not move the adapter"
+    our_logits = logits(model, batch)
+    assert (our_logits - base_logits).abs().max() > 1e-3
+
+    base, _, _ = load_model(config)
+    peft_model = PeftModel.from_pretrained(base, result.adapter_dir)
+    peft_logits = logits(peft_model, batch)
+    torch.testing.assert_close(peft_logits, our_logits, rtol=1e-4, atol=1e-4)
+    expected_rank = 8 if init == "lora_ga" else 4
+    assert peft_model.peft_config["default"].r == expected_rank
+
+
+def test_target_errors(tiny_model_dir):
+    config = Config(model=str(tiny_model_dir), data="unused", load_in_4bit=False)
+    model, _, _ = load_model(config)
+    with pytest.raises(ConfigError, match="embed_tokens is a Embedding; only linear layers"):
+        find_targets(model, ["embed_tokens"], 4, "lora_ga")
+    with pytest.raises(ConfigError, match="no module matches target_modules=attn_q.*q_proj"):
+        find_targets(model, ["attn_q"], 4, "lora_ga")
+    with pytest.raises(ConfigError, match="rank 40 is too large.*needs 80 <= 64; lower rank"):
+        find_targets(model, ["q_proj"], 40, "lora_ga")
+    assert set(find_targets(model, ["q_proj", "v_proj"], 16, "lora_ga")) == {
+        f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")}
