@@ -13,14 +13,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from .config import Config
 from .data import collate, load_examples, split_eval
 from .export import export_adapter
-from .gradients import default_budget_bytes, estimate_gradient_svd
+from .gradients import ProgressFn, default_budget_bytes, estimate_gradient_svd
 from .init import lora_factors, lora_ga_factors
 from .lora import find_targets, inject
 from .models import load_model, resolve_dtype
@@ -76,11 +76,11 @@ def factors_from_checkpoint(adapter: dict, device: torch.device) -> dict:
             for name, s in adapter.items()}
 
 
-def finetune(config: Config, progress: Optional[Callable[[str, int, int], None]] = None,
+def finetune(config: Config, progress: Optional[ProgressFn] = None,
              stop: Optional[threading.Event] = None) -> FinetuneResult:
     """Run LoRA-GA (or LoRA) fine-tuning as configured; returns the adapter folder and the metrics.
 
-    progress(phase, done, total) is called as work advances; setting `stop` ends training after the current step
+    progress(phase, done, total, metrics) is called as work advances; setting `stop` ends training after the current step
     with a checkpoint written (resume with config.resume = True)."""
     phase = "loading the model"
     try:

@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import ConfigError
 
-ProgressFn = Callable[[str, int, int], None]
+ProgressFn = Callable[[str, int, int, dict], None]  # (phase, done, total, live metrics)
 
 
 @dataclass
@@ -168,7 +168,7 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
                     model(**batch).loss.backward()
                     done += 1
                     if progress:
-                        progress("estimating gradients", done, total)
+                        progress("estimating gradients", done, total, {})
             finally:
                 cut.remove()
             for name in group:

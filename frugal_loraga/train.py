@@ -11,13 +11,14 @@ import math
 import os
 import threading
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from .config import Config, ConfigError
 from .data import Example, collate, micro_batch
+from .gradients import ProgressFn
 from .lora import LoraLinear
 
 # Fields that may change between a run and its resume without changing the result.
@@ -102,7 +103,7 @@ def adapter_state(layers: dict[str, LoraLinear]) -> dict:
 
 def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], eval_examples: list[Example],
           config: Config, pad_id: int, device: torch.device, dtype: torch.dtype, metrics: dict,
-          resume_state: Optional[dict] = None, progress: Optional[Callable] = None,
+          resume_state: Optional[dict] = None, progress: Optional[ProgressFn] = None,
           stop: Optional[threading.Event] = None) -> bool:
     """Train to config.steps, filling metrics (train_loss, eval_loss as [step, loss]). True if stopped early."""
     params = [p for layer in layers.values() for p in (layer.A, layer.B)]
@@ -145,7 +146,7 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
         bar.set_postfix(loss=f"{step_loss:.4f}")
         bar.update()
         if progress:
-            progress("training", done, config.steps)
+            progress("training", done, config.steps, metrics)
         stopping = stop is not None and stop.is_set()
         if (config.save_every and done % config.save_every == 0) or done == config.steps or stopping:
             checkpoint(done)

@@ -1,0 +1,290 @@
+"""The local web app: upload data, configure, initialise with LoRA-GA, train, watch, try, download.
+
+python app.py [--host 127.0.0.1] [--port 7860] [--share]   (binds 127.0.0.1, no public link unless asked)
+The page runs the same finetune(Config) as the API and CLI, one job at a time in a background thread.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+import torch
+
+from frugal_loraga import Config, ConfigError, DataError, OutOfMemory, finetune
+from frugal_loraga.data import IGNORE, load_examples
+from frugal_loraga.memory import estimate_memory_gib
+from frugal_loraga.models import resolve_model_path
+
+ROOT = Path(__file__).resolve().parent
+SAMPLE = ROOT / "data" / "sample.jsonl"
+RUNS = ROOT / "runs" / "app"
+MAX_UPLOAD_BYTES = 50 * 2**20
+ALLOWED = {".jsonl", ".json", ".csv", ".txt"}
+
+
+def sanitize_name(name: str) -> str:
+    """A bare file name of letters, digits, '.', '_' and '-', no path and no leading dot."""
+    clean = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name).name).lstrip(".")
+    return clean or "upload.jsonl"
+
+
+def store_upload(path: str | None) -> Path:
+    """Copy an uploaded file under the run folder with a sanitized name; the sample when nothing is uploaded."""
+    if not path:
+        return SAMPLE
+    source = Path(path)
+    if source.suffix.lower() not in ALLOWED:
+        raise DataError(f"{source.name}: unsupported file type; upload .jsonl, .json, .csv or .txt")
+    if source.stat().st_size > MAX_UPLOAD_BYTES:
+        raise DataError(f"{source.name} is larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
+    target = RUNS / "uploads" / sanitize_name(source.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return target
+
+
+def preview(upload, data_format, model, max_length):
+    """First rows as the model sees them (the loss-bearing part in [[...]]) and token statistics."""
+    from transformers import AutoTokenizer
+    try:
+        path = store_upload(upload)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model))
+        examples, report = load_examples(path, data_format, tokenizer, int(max_length))
+    except (ConfigError, DataError, OSError) as e:
+        return f"**Error:** {e}"
+    rows = []
+    for e in examples[:3]:
+        prompt = tokenizer.decode([i for i, l in zip(e.input_ids, e.labels) if l == IGNORE])
+        target = tokenizer.decode([i for i, l in zip(e.input_ids, e.labels) if l != IGNORE])
+        rows.append(f"```\n{prompt}[[{target}]]\n```")
+    return f"**{path.name}**: {report.summary()}\n\n" + "\n".join(rows)
+
+
+def memory_estimate(model, load_in_4bit, rank, batch_size, max_length, init):
+    from transformers import AutoConfig
+    try:
+        model_config = AutoConfig.from_pretrained(resolve_model_path(model))
+        config = Config(data="-", model=model, load_in_4bit=load_in_4bit, rank=int(rank), batch_size=int(batch_size),
+                        max_length=int(max_length), init=init)
+    except (ConfigError, OSError) as e:
+        return f"**Error:** {e}"
+    estimate = estimate_memory_gib(model_config, config)
+    if torch.cuda.is_available():
+        gpu = f"{torch.cuda.get_device_name()} with {torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB"
+    else:
+        gpu = "no CUDA GPU detected: the run uses the CPU"
+    parts = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in estimate.items() if k != "total")
+    return f"Estimated peak **{estimate['total']:.1f} GiB** ({parts} GiB) — {gpu}"
+
+
+@dataclass
+class Job:
+    """The one background run: its thread, stop switch, phase and live metrics of each curve."""
+    thread: threading.Thread | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    phase: str = "idle"
+    done: int = 0
+    total: int = 0
+    started: float = 0.0
+    curves: dict = field(default_factory=dict)
+    message: str = ""
+    adapter_dir: Path | None = None
+    config: Config | None = None
+
+    def busy(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+
+JOB = Job()
+
+
+def _run(configs: list[Config]):
+    for config in configs:
+        JOB.config = config
+        label = config.init
+
+        def progress(phase, done, total, metrics, label=label):
+            JOB.phase, JOB.done, JOB.total = f"{label}: {phase}", done, total
+            if metrics:
+                JOB.curves[label] = metrics
+        try:
+            result = finetune(config, progress=progress, stop=JOB.stop)
+        except (ConfigError, DataError, OutOfMemory) as e:
+            JOB.message = f"**Error:** {e}"
+            break
+        JOB.curves[label] = result.metrics
+        if config.init == "lora_ga" or JOB.adapter_dir is None:
+            JOB.adapter_dir = result.adapter_dir
+        if result.stopped:
+            JOB.message = "Stopped; a checkpoint was saved. Press Resume to continue."
+            break
+    else:
+        JOB.message = "Finished."
+    JOB.phase = "idle"
+
+
+def start(upload, data_format, model, load_in_4bit, init, rank, alpha, use_rslora, lr, steps, batch_size,
+          max_length, estimation_samples, baseline, resume=False):
+    """Start (or resume) a run in the background; refuses while one is running."""
+    if JOB.busy():
+        return "A run is already in progress: wait for it or press Stop."
+    try:
+        settings = dict(data=str(store_upload(upload)), data_format=data_format, model=model,
+                        load_in_4bit=load_in_4bit, rank=int(rank), alpha=float(alpha), use_rslora=use_rslora,
+                        lr=float(lr), steps=int(steps), batch_size=int(batch_size), max_length=int(max_length),
+                        estimation_samples=int(estimation_samples), eval_every=max(int(steps) // 10, 1),
+                        resume=resume, progress=False)
+        configs = [Config(init=init, out=str(RUNS / init), **settings)]
+        if baseline and init == "lora_ga":
+            configs.append(Config(init="lora", out=str(RUNS / "lora"), **settings))
+    except (ConfigError, DataError) as e:
+        return f"**Error:** {e}"
+    JOB.stop.clear()
+    JOB.curves, JOB.message, JOB.adapter_dir, JOB.started = {}, "", None, time.time()
+    JOB.phase, JOB.done, JOB.total = "starting", 0, 0
+    JOB.thread = threading.Thread(target=_run, args=(configs,), daemon=True)
+    JOB.thread.start()
+    return "Started."
+
+
+def resume(*args):
+    return start(*args, resume=True)
+
+
+def stop():
+    if not JOB.busy():
+        return "Nothing is running."
+    JOB.stop.set()
+    return "Stopping after the current step (a checkpoint is written)..."
+
+
+def status():
+    """Phase i/n with ETA, and the loss curves as one long table (step, loss, curve)."""
+    if JOB.total:
+        elapsed = time.time() - JOB.started
+        eta = f", ETA {elapsed / max(JOB.done, 1) * (JOB.total - JOB.done):.0f} s" if JOB.phase != "idle" else ""
+        text = f"**{JOB.phase}** {JOB.done}/{JOB.total}{eta}. {JOB.message}"
+    else:
+        text = f"**{JOB.phase}** {JOB.message}"
+    rows = [(step, loss, f"{label} {split}") for label, metrics in JOB.curves.items()
+            for split in ("train", "eval") for step, loss in metrics.get(f"{split}_loss", [])]
+    return text, pd.DataFrame(rows, columns=["step", "loss", "curve"])
+
+
+_TRY_CACHE: dict = {}
+
+
+def try_prompt(prompt: str, max_new_tokens: int = 64):
+    """Greedy generation from the same prompt with the base model and with the trained adapter."""
+    if JOB.adapter_dir is None or JOB.config is None:
+        return "Train first: there is no adapter yet.", ""
+    if JOB.busy():
+        return "A run is in progress; try again when it has finished.", ""
+    from peft import PeftModel
+    from frugal_loraga.models import load_model
+    key = str(JOB.adapter_dir)
+    if _TRY_CACHE.get("key") != key:
+        model, tokenizer, device = load_model(JOB.config)
+        _TRY_CACHE.update(key=key, model=PeftModel.from_pretrained(model, JOB.adapter_dir), tokenizer=tokenizer,
+                          device=device)
+    model, tokenizer = _TRY_CACHE["model"], _TRY_CACHE["tokenizer"]
+    messages = [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) \
+        if tokenizer.chat_template else prompt
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not tokenizer.chat_template).to(_TRY_CACHE["device"])
+
+    def generate():
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=int(max_new_tokens), do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    with model.disable_adapter():
+        base = generate()
+    return base, generate()
+
+
+def export_zip():
+    if JOB.adapter_dir is None:
+        return None, "Train first: there is no adapter yet."
+    archive = shutil.make_archive(str(RUNS / "adapter"), "zip", JOB.adapter_dir)
+    base = JOB.config.model if JOB.config.model != "demo" else str(resolve_model_path("demo"))
+    code = ("```python\nfrom transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n"
+            f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), 'adapter_folder')\n```")
+    return archive, code
+
+
+def build_ui() -> gr.Blocks:
+    defaults = Config(data=str(SAMPLE))
+    with gr.Blocks(title="frugal-loraga") as ui:
+        gr.Markdown("# frugal-loraga\nLoRA-GA fine-tuning on a 4-bit model: drop in data, press Train, watch it learn.")
+        with gr.Row():
+            with gr.Column():
+                gr.Markdown("### Data")
+                upload = gr.File(label="Data file (.jsonl .json .csv .txt); empty = shipped sample",
+                                 file_types=sorted(ALLOWED), type="filepath")
+                data_format = gr.Dropdown(["auto", "alpaca", "chat", "prompt_completion", "text"], value="auto",
+                                          label="Format")
+                preview_button = gr.Button("Preview")
+                preview_box = gr.Markdown()
+            with gr.Column():
+                gr.Markdown("### Model")
+                model = gr.Textbox(value="demo", label="Model: 'demo', a local folder, or a hub id")
+                load_in_4bit = gr.Checkbox(value=True, label="4-bit (NF4)")
+                memory_box = gr.Markdown()
+        gr.Markdown("### Train")
+        with gr.Row():
+            init = gr.Radio(["lora_ga", "lora"], value="lora_ga", label="Init")
+            rank = gr.Number(value=defaults.rank, label="Rank", precision=0)
+            alpha = gr.Number(value=defaults.alpha, label="Alpha")
+            use_rslora = gr.Checkbox(value=defaults.use_rslora, label="rsLoRA")
+            lr = gr.Number(value=defaults.lr, label="Learning rate")
+        with gr.Row():
+            steps = gr.Number(value=30, label="Steps", precision=0)
+            batch_size = gr.Number(value=defaults.batch_size, label="Batch", precision=0)
+            max_length = gr.Number(value=256, label="Max length", precision=0)
+            estimation_samples = gr.Number(value=16, label="Estimation samples", precision=0)
+            baseline = gr.Checkbox(value=False, label="Also train plain LoRA for comparison")
+        with gr.Row():
+            start_button, stop_button, resume_button = gr.Button("Train", variant="primary"), gr.Button("Stop"), gr.Button("Resume")
+        status_box = gr.Markdown("**idle**")
+        plot = gr.LinePlot(x="step", y="loss", color="curve", label="Loss", height=300)
+        gr.Markdown("### Try")
+        with gr.Row():
+            prompt = gr.Textbox(label="Prompt", value="Ada has 12 apples and buys 30 more. How many apples does Ada have now?")
+            try_button = gr.Button("Generate")
+        with gr.Row():
+            base_out, adapter_out = gr.Textbox(label="Base model"), gr.Textbox(label="With adapter")
+        gr.Markdown("### Export")
+        export_button = gr.Button("Download adapter (.zip)")
+        export_file, export_code = gr.File(label="Adapter"), gr.Markdown()
+
+        run_inputs = [upload, data_format, model, load_in_4bit, init, rank, alpha, use_rslora, lr, steps, batch_size,
+                      max_length, estimation_samples, baseline]
+        preview_button.click(preview, [upload, data_format, model, max_length], preview_box)
+        for component in (model, load_in_4bit, rank, batch_size, max_length, init):
+            component.change(memory_estimate, [model, load_in_4bit, rank, batch_size, max_length, init], memory_box)
+        ui.load(memory_estimate, [model, load_in_4bit, rank, batch_size, max_length, init], memory_box)
+        start_button.click(start, run_inputs, status_box)
+        resume_button.click(resume, run_inputs, status_box)
+        stop_button.click(stop, None, status_box)
+        gr.Timer(1.0).tick(status, None, [status_box, plot])
+        try_button.click(try_prompt, prompt, [base_out, adapter_out])
+        export_button.click(export_zip, None, [export_file, export_code])
+    return ui
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="frugal-loraga web app")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
+    args = parser.parse_args()
+    build_ui().queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port,
+                                                         share=args.share, max_file_size="50mb")

@@ -1,0 +1,109 @@
+"""End to end through finetune() and the CLI: resume, model and setting errors, out-of-memory, the demo run."""
+import json
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from frugal_loraga import Config, ConfigError, OutOfMemory, finetune
+from frugal_loraga.cli import main
+
+
+def tiny_config(model_dir, data, out, **kw):
+    settings = dict(model=str(model_dir), data=str(data), rank=4, steps=6, lr=3e-3, estimation_samples=8,
+                    eval_every=2, save_every=2, out=str(out), progress=False)
+    return Config(**{**settings, **kw})
+
+
+def test_interrupted_run_resumes_to_the_same_adapter(tiny_model_dir, sample_path, tmp_path):
+    straight = finetune(tiny_config(tiny_model_dir, sample_path, tmp_path / "a"))
+    stop = threading.Event()
+    stopped = finetune(tiny_config(tiny_model_dir, sample_path, tmp_path / "b"),
+                       progress=lambda phase, done, total, metrics: phase == "training" and done == 3 and stop.set(), stop=stop)
+    assert stopped.stopped and len(stopped.metrics["train_loss"]) == 3
+    resumed = finetune(tiny_config(tiny_model_dir, sample_path, tmp_path / "b", resume=True))
+    assert not resumed.stopped
+    assert resumed.metrics["train_loss"] == straight.metrics["train_loss"]
+    assert resumed.metrics["eval_loss"] == straight.metrics["eval_loss"]
+    a = load_file(straight.adapter_dir / "adapter_model.safetensors")
+    b = load_file(resumed.adapter_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_other_settings_is_refused(tiny_model_dir, sample_path, tmp_path):
+    finetune(tiny_config(tiny_model_dir, sample_path, tmp_path, steps=2))
+    with pytest.raises(ConfigError, match="written with other settings for lr, rank"):
+        finetune(tiny_config(tiny_model_dir, sample_path, tmp_path, steps=2, rank=2, lr=1e-3, resume=True))
+
+
+def test_cli_trains_and_writes_metrics(tiny_model_dir, sample_path, tmp_path, capsys):
+    metrics_path = tmp_path / "m.json"
+    code = main(["train", "--model", str(tiny_model_dir), "--data", str(sample_path), "--init", "lora_ga",
+                 "--rank", "2", "--steps", "3", "--estimation-samples", "4", "--out", str(tmp_path / "run"),
+                 "--metrics-json", str(metrics_path), "--no-progress", "--no-load-in-4bit"])
+    assert code == 0
+    metrics = json.loads(metrics_path.read_text())
+    for key in ("train_loss", "eval_loss", "init_seconds", "train_seconds", "tokens_per_second", "peak_memory_gib"):
+        assert key in metrics
+    assert [s for s, _ in metrics["train_loss"]] == [1, 2, 3]
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
+    assert json.loads(capsys.readouterr().out)["adapter"].endswith("adapter")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/nonexistent/model"], "model folder /nonexistent/model does not exist"),
+    (["--rank", "0"], "rank must be at least 1"),
+    (["--data", "/nonexistent.jsonl"], "data file /nonexistent.jsonl does not exist"),
+    (["--target-modules", "embed_tokens"], "only linear layers can be adapted"),
+    (["--rank", "64"], "rank 64 is too large"),
+    (["--grad-budget-gib", "0.000001"], "smaller than the gradient of .* raise grad_budget_gib"),
+    (["--optimizer", "paged_adamw_8bit", "--device", "cpu"], "paged_adamw_8bit needs CUDA"),
+])
+def test_cli_reports_bad_input(tiny_model_dir, sample_path, tmp_path, capsys, args, message):
+    base = ["train", "--model", str(tiny_model_dir), "--data", str(sample_path), "--steps", "1",
+            "--estimation-samples", "2", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(base + args) == 2
+    assert __import__("re").search(message, capsys.readouterr().err)
+
+
+def test_model_folder_checks(tmp_path, sample_path):
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "resnet"}')
+    with pytest.raises(ConfigError, match="'resnet' model, which is not a causal language model"):
+        finetune(Config(model=str(tmp_path / "bert"), data=str(sample_path)))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="has no config.json"):
+        finetune(Config(model=str(tmp_path / "empty"), data=str(sample_path)))
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ConfigError, match="no .safetensors weights; only safetensors load"):
+        finetune(Config(model=str(tmp_path / "pickled"), data=str(sample_path)))
+
+
+def test_out_of_memory_names_the_settings_to_lower(tiny_model_dir, sample_path, tmp_path, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr("frugal_loraga.api.estimate_gradient_svd", oom)
+    with pytest.raises(OutOfMemory, match="while estimating gradients.*estimation_batch_size and grad_budget_gib"):
+        finetune(tiny_config(tiny_model_dir, sample_path, tmp_path))
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="init='lora-ga' is not one of lora_ga, lora"):
+        Config(data="x", init="lora-ga")
+    with pytest.raises(ConfigError, match="warmup_ratio must be in"):
+        Config(data="x", warmup_ratio=1.5)
+    with pytest.raises(ConfigError, match="no training data"):
+        Config()
+    assert Config(data="x", alpha=16, rank=4).eta == 8.0
+    assert Config(data="x", alpha=16, rank=4, use_rslora=False).eta == 4.0
+
+
+def test_demo_run_lowers_eval_loss(sample_path, tmp_path):
+    """The README's demo: embedded SmolLM2-135M-Instruct in NF4, the shipped sample data, a few dozen steps on CPU."""
+    result = finetune(Config(model="demo", data=str(sample_path), steps=24, estimation_samples=16, eval_every=12,
+                             eval_samples=16, out=str(tmp_path / "demo"), progress=False))
+    losses = [loss for _, loss in result.metrics["eval_loss"]]
+    assert len(losses) == 3 and losses[-1] < 0.5 * losses[0]
