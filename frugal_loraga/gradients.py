@@ -13,6 +13,7 @@ After a group's batches, each G = (sum of dY^T X) / batches is reduced to its to
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -184,9 +185,9 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
 
 
 def default_budget_bytes(device: torch.device) -> int:
-    """Half of what is free now: GPU memory on CUDA, available RAM on CPU."""
+    """Half of what is free now: GPU memory on CUDA (within any per-process cap), available RAM on CPU."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.5)
-    import os
+        free, total = torch.cuda.mem_get_info(device)
+        capped = total * torch.cuda.get_per_process_memory_fraction(device) - torch.cuda.memory_reserved(device)
+        return int(min(free, capped) * 0.5)
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.5)
