@@ -99,7 +99,7 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
             train_examples, eval_examples = split_eval(examples, config.eval_fraction, config.seed)
         targets = find_targets(model, config.target_list(), config.rank, config.init)
         if config.gradient_checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         pad_id = tokenizer.pad_token_id
         state = load_checkpoint(config)
         if state is not None:

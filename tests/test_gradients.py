@@ -16,7 +16,7 @@ def load(model_dir, four_bit, rank=RANK, checkpointing=False):
     config = Config(model=str(model_dir), data="unused", load_in_4bit=four_bit, rank=rank)
     model, tokenizer, device = load_model(config)
     if checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer, find_targets(model, config.target_list(), rank, "lora_ga")
 
 
