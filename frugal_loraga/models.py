@@ -54,9 +54,9 @@ def demo_model_dir() -> Path:
 def resolve_device(config: Config) -> torch.device:
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but no CUDA GPU is visible; use device=cpu or auto")
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
+    if config.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def resolve_dtype(config: Config, device: torch.device) -> torch.dtype:
@@ -95,7 +95,7 @@ def load_model(config: Config):
     dtype = resolve_dtype(config, device)
     path = resolve_model_path(config.model, config.trust_remote_code)
     kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=config.trust_remote_code,
-                  device_map={"": device.index or 0} if device.type == "cuda" else {"": "cpu"})
+                  device_map={"": device.index if device.type == "cuda" else "cpu"})
     if config.load_in_4bit:
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ConfigError("load_in_4bit needs bitsandbytes: pip install bitsandbytes (or set load_in_4bit off)")
