@@ -116,6 +116,3 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    def help(self, name: str) -> str:
-        return next(f.metadata["help"] for f in dataclasses.fields(self) if f.name == name)

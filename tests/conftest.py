@@ -1,7 +1,6 @@
 """Shared fixtures: a tiny random Llama with a small BPE tokenizer saved as a safetensors folder, and data files."""
 import json
 import os
-import warnings
 from pathlib import Path
 
 import pytest
