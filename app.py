@@ -175,7 +175,8 @@ def status():
         text = f"**{JOB.phase}** {JOB.message}"
     rows = [(step, loss, f"{label} {split}") for label, metrics in JOB.curves.items()
             for split in ("train", "eval") for step, loss in metrics.get(f"{split}_loss", [])]
-    return text, pd.DataFrame(rows, columns=["step", "loss", "curve"])
+    frame = pd.DataFrame(rows, columns=["step", "loss", "curve"])
+    return text, frame.astype({"step": "int64", "loss": "float64", "curve": "str"})
 
 
 _TRY_CACHE: dict = {}
