@@ -11,6 +11,7 @@ Per decoder layer of a Llama-style model (h hidden, i intermediate, kv = kv head
 from __future__ import annotations
 
 from .config import Config
+from .models import resolve_device, resolve_dtype
 
 NF4_BYTES_PER_PARAM = 0.53
 
@@ -22,7 +23,7 @@ def estimate_memory_gib(model_config, config: Config) -> dict[str, float]:
     head_dim = getattr(model_config, "head_dim", None) or h // heads
     kv = getattr(model_config, "num_key_value_heads", heads) * head_dim
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * i
-    dtype_bytes = 4 if config.dtype == "float32" or (config.dtype == "auto" and config.device == "cpu") else 2
+    dtype_bytes = resolve_dtype(config, resolve_device(config)).itemsize
     weights = layers * per_layer * (NF4_BYTES_PER_PARAM if config.load_in_4bit else dtype_bytes) + 2 * vocab * h * dtype_bytes
     gradients = 4 * layers * per_layer if config.init == "lora_ga" else 0
     if config.grad_budget_gib:
