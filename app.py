@@ -165,8 +165,19 @@ def stop():
     return "Stopping after the current step (a checkpoint is written)..."
 
 
+CURVE_COLORS = {"lora_ga train": "#ea580c", "lora_ga eval": "#9a3412", "lora train": "#60a5fa", "lora eval": "#1e40af"}
+
+
+def loss_frame(rows) -> pd.DataFrame:
+    """The plot's table (step, loss, curve), led by one empty row per curve: the browser fixes the colour legend
+    when it first draws the plot, so every curve that may appear must be in it from the start."""
+    placeholders = [(0, float("nan"), curve) for curve in CURVE_COLORS]
+    frame = pd.DataFrame(placeholders + list(rows), columns=["step", "loss", "curve"])
+    return frame.astype({"step": "int64", "loss": "float64", "curve": "str"})
+
+
 def status():
-    """Phase i/n with ETA, and the loss curves as one long table (step, loss, curve)."""
+    """Phase i/n with ETA, and the loss curves for the plot."""
     if JOB.total:
         elapsed = time.time() - JOB.started
         eta = f", ETA {elapsed / max(JOB.done, 1) * (JOB.total - JOB.done):.0f} s" if JOB.phase != "idle" else ""
@@ -175,8 +186,7 @@ def status():
         text = f"**{JOB.phase}** {JOB.message}"
     rows = [(step, loss, f"{label} {split}") for label, metrics in JOB.curves.items()
             for split in ("train", "eval") for step, loss in metrics.get(f"{split}_loss", [])]
-    frame = pd.DataFrame(rows, columns=["step", "loss", "curve"])
-    return text, frame.astype({"step": "int64", "loss": "float64", "curve": "str"})
+    return text, loss_frame(rows)
 
 
 _TRY_CACHE: dict = {}
@@ -255,7 +265,7 @@ def build_ui() -> gr.Blocks:
         with gr.Row():
             start_button, stop_button, resume_button = gr.Button("Train", variant="primary"), gr.Button("Stop"), gr.Button("Resume")
         status_box = gr.Markdown("**idle**")
-        plot = gr.LinePlot(x="step", y="loss", color="curve", label="Loss", height=300)
+        plot = gr.LinePlot(loss_frame([]), x="step", y="loss", color="curve", color_map=CURVE_COLORS, label="Loss")
         gr.Markdown("### Try")
         with gr.Row():
             prompt = gr.Textbox(label="Prompt", value="Ada has 12 apples and buys 30 more. How many apples does Ada have now?")

@@ -48,6 +48,7 @@ def test_train_with_baseline_plot_try_and_export(tiny_model_dir):
         time.sleep(0.2)
     text, frame = app.status()
     assert "Finished" in text, text
+    frame = frame.dropna()
     assert {"lora_ga train", "lora_ga eval", "lora train", "lora eval"} <= set(frame["curve"])
     assert frame[frame.curve == "lora_ga train"]["step"].tolist() == [1, 2, 3, 4]
     base, adapted = app.try_prompt("Ada has 2 apples", max_new_tokens=5)

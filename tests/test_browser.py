@@ -1,5 +1,5 @@
 """A real browser (Debian's headless Chromium via Playwright) loads the app, uploads a file, trains a tiny model and
-sees the loss plot fill; saves docs/screenshot.png. Skipped where Chromium or Playwright is not installed."""
+sees both loss curves drawn in their colours; saves docs/screenshot.png. Skipped where Chromium or Playwright is not installed."""
 import shutil
 import socket
 
@@ -36,11 +36,19 @@ def test_browser_upload_train_and_plot(tiny_model_dir, sample_path, tmp_path, mo
             page.get_by_label("4-bit (NF4)").uncheck()
             page.get_by_label("Steps").fill("6")
             page.get_by_label("Estimation samples").fill("4")
+            page.get_by_label("Also train plain LoRA for comparison").check()
             page.get_by_role("button", name="Train", exact=True).click()
             page.get_by_text("Finished.").wait_for(timeout=120_000)
             page.wait_for_timeout(2500)  # one more timer tick draws the final curve
-            assert app.JOB.curves["lora_ga"]["train_loss"][-1][0] == 6
-            assert page.locator("canvas, svg.marks, .vega-embed").count() > 0
+            assert app.JOB.curves["lora_ga"]["train_loss"][-1][0] == app.JOB.curves["lora"]["train_loss"][-1][0] == 6
+            lines = page.locator('path[aria-roledescription="line mark"]')
+            drawn = {lines.nth(i).get_attribute("aria-label").split("curve: ")[-1]: lines.nth(i)
+                     for i in range(lines.count()) if lines.nth(i).get_attribute("d")}
+            assert set(drawn) == set(app.CURVE_COLORS), f"drawn curves: {sorted(drawn)}"
+            assert all(line.get_attribute("stroke") == app.CURVE_COLORS[name] for name, line in drawn.items())
+            assert drawn["lora train"].get_attribute("d").count("L") == 5  # a segment between each of 6 steps
+            legend = page.locator('[aria-roledescription="legend"] text').all_text_contents()
+            assert set(app.CURVE_COLORS) <= set(legend), legend
             page.screenshot(path=str(ROOT / "docs" / "screenshot.png"), full_page=True)
             browser.close()
     finally:
