@@ -46,17 +46,22 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
+def estimation_batches(train_examples, config: Config, pad_id: int, device) -> list[dict]:
+    """The LoRA-GA estimation batches: estimation_samples examples drawn by the seed, estimation_batch_size each."""
+    order = list(range(len(train_examples)))
+    random.Random(config.seed).shuffle(order)
+    picked = [train_examples[i] for i in order[:config.estimation_samples]]
+    size = config.estimation_batch_size
+    return [collate(picked[i:i + size], pad_id, device) for i in range(0, len(picked), size)]
+
+
 def initial_factors(model, targets, train_examples, config: Config, pad_id: int, device, progress) -> tuple[dict, dict]:
     """name -> (A, B, A0, B0) and the init metrics."""
     if config.init == "lora":
         generator = torch.Generator().manual_seed(config.seed)
         return {n: (*lora_factors(m.out_features, m.in_features, config.rank, generator, device), None, None)
                 for n, m in targets.items()}, {}
-    order = list(range(len(train_examples)))
-    random.Random(config.seed).shuffle(order)
-    picked = [train_examples[i] for i in order[:config.estimation_samples]]
-    size = config.estimation_batch_size
-    batches = [collate(picked[i:i + size], pad_id, device) for i in range(0, len(picked), size)]
+    batches = estimation_batches(train_examples, config, pad_id, device)
     budget = int(config.grad_budget_gib * 2**30) if config.grad_budget_gib else default_budget_bytes(device)
     svds, stats = estimate_gradient_svd(model, targets, batches, 2 * config.rank, budget, config.svd, progress)
     log.info("gradient estimated over %d batches in %d group(s), peak gradient state %.3f GiB of %.3f GiB budget",

@@ -104,9 +104,12 @@ def adapter_state(layers: dict[str, LoraLinear]) -> dict:
 def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], eval_examples: list[Example],
           config: Config, pad_id: int, device: torch.device, dtype: torch.dtype, metrics: dict,
           resume_state: Optional[dict] = None, progress: Optional[ProgressFn] = None,
-          stop: Optional[threading.Event] = None) -> bool:
-    """Train to config.steps, filling metrics (train_loss, eval_loss as [step, loss]). True if stopped early."""
-    params = [p for layer in layers.values() for p in (layer.A, layer.B)]
+          stop: Optional[threading.Event] = None, params: Optional[list[torch.nn.Parameter]] = None) -> bool:
+    """Train to config.steps, filling metrics (train_loss, eval_loss as [step, loss]). True if stopped early.
+
+    params: what the optimizer updates; default the adapters' A and B (the benchmarks pass all weights for full
+    fine-tuning, with no layers)."""
+    params = params if params is not None else [p for layer in layers.values() for p in (layer.A, layer.B)]
     optimizer = make_optimizer(params, config, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     start = 0

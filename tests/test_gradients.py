@@ -5,6 +5,7 @@ from bitsandbytes.functional import dequantize_4bit
 
 from frugal_loraga.config import Config, ConfigError
 from frugal_loraga.data import collate, load_examples
+from frugal_loraga.fidelity import captured_energy, exact_gradients, subspace_agreement
 from frugal_loraga.gradients import estimate_gradient_svd, plan_groups
 from frugal_loraga.lora import find_targets
 from frugal_loraga.models import load_model
@@ -26,30 +27,10 @@ def make_batches(tokenizer, sample_path, n_batches=4, size=2, max_length=96):
             for i in range(n_batches)]
 
 
-def exact_gradients(model, targets, batches):
-    """Oracle: autograd dL/dW of every target (fp32 weights made trainable), averaged over the batches."""
-    for m in targets.values():
-        m.weight.requires_grad_(True)
-    model.train()
-    for batch in batches:
-        model(**batch).loss.backward()
-    grads = {n: m.weight.grad / len(batches) for n, m in targets.items()}
-    for m in targets.values():
-        m.weight.requires_grad_(False)
-        m.weight.grad = None
-    return grads
-
-
-def captured_energy(G, U, V, k):
-    """||U^T G V||_F^2 / (sum of the top-k exact squared singular values), for orthonormal U (m x k), V (n x k)."""
-    S = torch.linalg.svdvals(G.double())
-    return float((U.double().T @ G.double() @ V.double()).pow(2).sum() / S[:k].pow(2).sum())
-
-
 def assert_faithful(svds, grads, k, bar=0.99):
     assert set(svds) == set(grads)
     for name, G in grads.items():
-        energy = captured_energy(G, svds[name].U, svds[name].V, k)
+        energy = captured_energy(G, svds[name].U[:, :k], svds[name].V[:, :k])
         assert energy >= bar, f"{name}: captured {energy:.4f} of the exact top-{k} gradient energy"
 
 
@@ -104,3 +85,13 @@ def test_demo_model_estimate_matches_exact_svd(sample_path):
     svds, stats = estimate_gradient_svd(model, targets, batches, 16, budget_bytes=2**27)
     assert len(stats.groups) > 1 and stats.peak_state_bytes <= 2**27
     assert_faithful(svds, grads, 16)
+
+
+def test_fidelity_measures_on_known_bases():
+    G = torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0]))
+    eye = torch.eye(4)
+    assert captured_energy(G, eye[:, :2], eye[:, :2]) == pytest.approx(1.0)
+    assert captured_energy(G, eye[:, 1:3], eye[:, 1:3]) == pytest.approx((9 + 4) / (16 + 9))
+    assert subspace_agreement(eye[:, :2], eye[:, :2]) == pytest.approx(1.0)
+    assert subspace_agreement(eye[:, :2], eye[:, 1:3]) == pytest.approx(0.5)
+    assert subspace_agreement(eye[:, :2], eye[:, 2:]) == pytest.approx(0.0)

@@ -1,0 +1,294 @@
+"""Does LoRA-GA converge faster than LoRA here? Loss curves, steps to LoRA's final eval loss and task accuracy on a real
+pretrained model, and what 4-bit and randomized SVD cost in gradient fidelity.
+
+Methods (rank 8, alpha 16, rsLoRA, all linear layers; same seeds, data order and step budget):
+  full           every weight trained (fp32 weights)
+  lora           plain LoRA (Kaiming A, zero B) on the bf16 base
+  qlora          plain LoRA on the NF4 base, what users run today
+  lora_ga_exact  LoRA-GA on the bf16 base: the whole gradient at once, exact SVD
+  lora_ga_ours   LoRA-GA on the NF4 base, streamed in groups under a small budget, randomized SVD
+Each method's learning rate is picked on a small grid by its final eval loss (seed 0); the picked lr is then rerun with
+more seeds to measure the noise. Task: arithmetic word problems from data/make_sample.py, train and test drawn with
+different seeds; accuracy = the greedy answer's "The answer is N" is right.
+
+Run on a GPU (about 10 minutes on an H100):  python bench/convergence.py
+Plot and table from saved results:            python bench/convergence.py --report   (needs matplotlib)
+Every finished run is saved under --work as it ends and skipped when the script runs again: a stopped sweep continues.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data.make_sample import problem  # noqa: E402
+from frugal_loraga.api import estimation_batches, finetune  # noqa: E402
+from frugal_loraga.config import Config  # noqa: E402
+from frugal_loraga.data import load_examples, render  # noqa: E402
+from frugal_loraga.fidelity import captured_energy, exact_gradients, subspace_agreement  # noqa: E402
+from frugal_loraga.gradients import estimate_gradient_svd, top_singular  # noqa: E402
+from frugal_loraga.lora import find_targets  # noqa: E402
+from frugal_loraga.models import load_model, resolve_dtype  # noqa: E402
+from frugal_loraga.train import train  # noqa: E402
+
+RANK = 8
+LORA_LRS = [1e-4, 3e-4, 1e-3, 3e-3]
+LORA_GA_LRS = [1e-5, 3e-5, 1e-4, 3e-4]
+METHODS = {  # name: (Config settings, lr grid)
+    "full": (dict(init="lora", load_in_4bit=False, dtype="float32"), [1e-5, 3e-5, 1e-4]),
+    "lora": (dict(init="lora", load_in_4bit=False), LORA_LRS),
+    "qlora": (dict(init="lora", load_in_4bit=True), LORA_LRS),
+    "lora_ga_exact": (dict(init="lora_ga", load_in_4bit=False, svd="exact", grad_budget_gib=64.0), LORA_GA_LRS),
+    "lora_ga_ours": (dict(init="lora_ga", load_in_4bit=True, svd="lowrank"), LORA_GA_LRS),
+}
+COLORS = {"full": "black", "lora": "#1e40af", "qlora": "#60a5fa", "lora_ga_exact": "#9a3412", "lora_ga_ours": "#ea580c"}
+
+
+def write_data(work: Path, n_train: int, n_test: int) -> tuple[Path, Path]:
+    """Train and test problems from different seeds; test questions that also occur in train are dropped."""
+    rng = random.Random(1)
+    train_rows = [problem(rng) for _ in range(n_train)]
+    seen = {r["input"] for r in train_rows}
+    rng, test_rows = random.Random(2), []
+    while len(test_rows) < n_test:
+        row = problem(rng)
+        if row["input"] not in seen:
+            test_rows.append(row)
+    paths = work / "train.jsonl", work / "test.jsonl"
+    for path, rows in zip(paths, (train_rows, test_rows)):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths
+
+
+@torch.no_grad()
+def accuracy(model, tokenizer, test_path: Path, n: int, device) -> float:
+    """Fraction of test problems whose greedy completion states the right answer."""
+    rows = [json.loads(line) for line in test_path.read_text().splitlines()[:n]]
+    prompts = []
+    for row in rows:
+        text, spans = render(row, "alpaca", tokenizer)
+        prompts.append(text[:spans[0][0]])
+    tokenizer.padding_side = "left"
+    right = 0
+    model.eval()
+    for i in range(0, len(rows), 64):
+        batch = tokenizer(prompts[i:i + 64], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        out = model.generate(**batch, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        for row, ids in zip(rows[i:i + 64], out[:, batch["input_ids"].shape[1]:]):
+            found = re.search(r"answer is (-?\d+)", tokenizer.decode(ids, skip_special_tokens=True))
+            right += found is not None and found.group(1) == row["output"].rsplit(" ", 1)[1].rstrip(".")
+    tokenizer.padding_side = "right"
+    return right / len(rows)
+
+
+def full_finetune(config: Config):
+    """Every weight trained by the same loop as the adapters (train.train with params = all weights)."""
+    torch.manual_seed(config.seed)
+    model, tokenizer, device = load_model(config)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    train_examples, _ = load_examples(config.data, config.data_format, tokenizer, config.max_length)
+    eval_examples, _ = load_examples(config.eval_data, config.data_format, tokenizer, config.max_length)
+    metrics = {"train_loss": [], "eval_loss": [], "train_tokens": 0}
+    start = time.perf_counter()
+    train(model, {}, train_examples, eval_examples, config, tokenizer.pad_token_id, device,
+          resolve_dtype(config, device), metrics, params=list(model.parameters()))
+    metrics["tokens_per_second"] = metrics["train_tokens"] / (time.perf_counter() - start)
+    return metrics, model, tokenizer, device
+
+
+def run(method: str, lr: float, seed: int, args, data: tuple[Path, Path]) -> dict:
+    """One training run; its result is cached as JSON under --work."""
+    cache = args.work / f"{method}_lr{lr:g}_seed{seed}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    settings, _ = METHODS[method]
+    if method == "lora_ga_ours":
+        settings = dict(settings, grad_budget_gib=args.ours_budget_gib)
+    config = Config(model=args.model, data=str(data[0]), eval_data=str(data[1]), rank=RANK, lr=lr, seed=seed,
+                    steps=args.steps, batch_size=args.batch_size, max_length=128, eval_every=args.eval_every,
+                    eval_samples=args.eval_samples, estimation_samples=args.estimation_samples, save_every=0,
+                    gradient_checkpointing=False, progress=False, out=str(args.work / cache.stem), **settings)
+    print(f"{method} lr {lr:g} seed {seed}", flush=True)
+    if method == "full":
+        metrics, model, tokenizer, device = full_finetune(config)
+    else:
+        from peft import PeftModel
+        metrics = finetune(config).metrics
+        base, tokenizer, device = load_model(config)
+        model = PeftModel.from_pretrained(base, str(Path(config.out) / "adapter"))  # the exported adapter, via PEFT
+    result = {"method": method, "lr": lr, "seed": seed, "eval_loss": metrics["eval_loss"],
+              "train_loss": metrics["train_loss"], "tokens_per_second": metrics["tokens_per_second"],
+              "init_seconds": metrics.get("init_seconds", 0.0), "estimation_groups": metrics.get("estimation_groups"),
+              "accuracy": accuracy(model, tokenizer, data[1], args.accuracy_samples, device)}
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    cache.write_text(json.dumps(result))
+    return result
+
+
+def fidelity(args, data: tuple[Path, Path]) -> dict:
+    """Captured top-2r energy and r-dim subspace agreement of each estimate against the exact fp32 gradient."""
+    settings = dict(model=args.model, data=str(data[0]), rank=RANK, estimation_samples=args.estimation_samples,
+                    progress=False)
+    reference = Config(load_in_4bit=False, dtype="float32", **settings)
+    model, tokenizer, device = load_model(reference)
+    examples, _ = load_examples(reference.data, "auto", tokenizer, 128)
+    batches = estimation_batches(examples, reference, tokenizer.pad_token_id, device)
+    targets = find_targets(model, reference.target_list(), RANK, "lora_ga")
+    grads = exact_gradients(model, targets, batches)
+    exact = {name: top_singular(G, 2 * RANK, "exact") for name, G in grads.items()}
+    budget = int(args.ours_budget_gib * 2**30)
+    variants = {"randomized SVD, grouped (fp32 base)": (model, targets, "lowrank", budget)}
+    for label, config, svd in (("exact SVD, one group (bf16 base)", Config(load_in_4bit=False, **settings), "exact"),
+                               ("ours: randomized SVD, grouped (NF4 base)", Config(load_in_4bit=True, **settings),
+                                "lowrank")):
+        other, _, _ = load_model(config)
+        variants[label] = (other, find_targets(other, config.target_list(), RANK, "lora_ga"), svd,
+                           budget if svd == "lowrank" else 2**36)
+    report = {}
+    for label, (m, t, svd, budget_bytes) in variants.items():
+        svds, stats = estimate_gradient_svd(m, t, batches, 2 * RANK, budget_bytes, svd)
+        energy = [captured_energy(grads[n], s.U, s.V) for n, s in svds.items()]
+        a0 = [subspace_agreement(exact[n].V[:, :RANK], s.V[:, :RANK]) for n, s in svds.items()]
+        b0 = [subspace_agreement(exact[n].U[:, RANK:], s.U[:, RANK:]) for n, s in svds.items()]
+        report[label] = {"groups": len(stats.groups), "layers": len(svds),
+                         **{f"{k}_{stat}": f(v) for k, v in (("energy", energy), ("a0_agreement", a0),
+                                                               ("b0_agreement", b0))
+                            for stat, f in (("min", min), ("median", statistics.median))}}
+        print(label, report[label], flush=True)
+    return report
+
+
+def steps_to_reach(curve: list, target: float) -> int | None:
+    """First step whose eval loss is at or below target, or None."""
+    return next((step for step, loss in curve if loss <= target), None)
+
+
+def summarize(results: list[dict], grids: dict) -> dict:
+    """Best lr per method (seed 0), its seeds' mean final eval loss and spread, and the steps the seeds' mean eval
+    curve takes to reach LoRA's mean final eval loss."""
+    summary = {}
+    for method, lrs in grids.items():
+        grid = {r["lr"]: r for r in results if r["method"] == method and r["seed"] == 0 and r["lr"] in lrs}
+        if not grid:
+            continue
+        best = min(grid.values(), key=lambda r: r["eval_loss"][-1][1])
+        seeds = [r for r in results if r["method"] == method and r["lr"] == best["lr"]]
+        finals = [r["eval_loss"][-1][1] for r in seeds]
+        mean_curve = [[step, statistics.mean(r["eval_loss"][i][1] for r in seeds)]
+                      for i, (step, _) in enumerate(best["eval_loss"])]
+        summary[method] = {"lr": best["lr"], "lr_grid": sorted(grid), "final_eval_loss": statistics.mean(finals),
+                           "final_eval_loss_std": statistics.stdev(finals) if len(finals) > 1 else None,
+                           "seeds": len(seeds), "accuracy": statistics.mean(r["accuracy"] for r in seeds),
+                           "tokens_per_second": best["tokens_per_second"], "init_seconds": best["init_seconds"],
+                           "curve": best["eval_loss"], "mean_curve": mean_curve, "train_curve": best["train_loss"]}
+    if "lora" in summary:
+        target = summary["lora"]["final_eval_loss"]
+        for method, s in summary.items():
+            s["steps_to_lora_final"] = steps_to_reach(s["mean_curve"], target + 1e-12)
+    return summary
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method, s in summary.items():
+        label = f"{method} (lr {s['lr']:g})"
+        left.plot(*zip(*s["curve"]), color=COLORS[method], label=label, marker=".")
+        steps, losses = zip(*s["train_curve"])
+        smooth, ema = [], losses[0]
+        for loss in losses:
+            ema = 0.8 * ema + 0.2 * loss
+            smooth.append(ema)
+        right.plot(steps, smooth, color=COLORS[method], label=label)
+    for axis, title in ((left, "held-out eval loss"), (right, "train loss (EMA 0.8)")):
+        axis.set_xlabel("optimizer step")
+        axis.set_yscale("log")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    left.legend()
+    fig.suptitle("SmolLM2-135M-Instruct, arithmetic word problems, rank 8, seed 0, best lr per method")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def table(summary: dict) -> str:
+    rows = ["| method | lr (grid) | final eval loss (mean ± sd, seeds) | steps to LoRA's final eval loss | "
+            "accuracy | init s | train tok/s |", "|---|---|---|---|---|---|---|"]
+    for method, s in summary.items():
+        sd = f" ± {s['final_eval_loss_std']:.4f}" if s["final_eval_loss_std"] is not None else ""
+        steps = "not reached" if s.get("steps_to_lora_final") is None else f"{s['steps_to_lora_final']:.0f}"
+        rows.append(f"| {method} | {s['lr']:g} ({', '.join(f'{x:g}' for x in s['lr_grid'])}) | "
+                    f"{s['final_eval_loss']:.4f}{sd} ({s['seeds']}) | {steps} | {s['accuracy']:.1%} | "
+                    f"{s['init_seconds']:.1f} | {s['tokens_per_second']:.0f} |")
+    return "\n".join(rows)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--eval-samples", type=int, default=128)
+    parser.add_argument("--accuracy-samples", type=int, default=256)
+    parser.add_argument("--estimation-samples", type=int, default=128)
+    parser.add_argument("--ours-budget-gib", type=float, default=0.1, help="forces several groups on the demo model")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds for each method's picked lr")
+    parser.add_argument("--lrs", type=int, default=0, help="use only the first N lrs of each grid (0: all)")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "convergence")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "convergence")
+    parser.add_argument("--report", action="store_true", help="only summarize saved runs: table and plot")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    grids = {m: METHODS[m][1][:args.lrs or None] for m in args.methods.split(",")}
+    saved = args.out.with_suffix(".json")
+    if args.report:
+        report = json.loads(saved.read_text())
+        summary = summarize(report["runs"], grids)
+        print(table(summary))
+        plot(summary, args.out.with_suffix(".png"))
+        return
+    data = write_data(args.work, 1000, max(args.eval_samples, args.accuracy_samples))
+    fidelity_path = args.work / "fidelity.json"
+    if not fidelity_path.exists():
+        fidelity_path.write_text(json.dumps(fidelity(args, data)))
+
+    def save() -> dict:
+        """Everything finished so far into --out (.json), so a sweep cut short still reports."""
+        results = [json.loads(p.read_text()) for p in args.work.glob("*_seed*.json")]
+        summary = summarize(results, grids)
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps({
+            "settings": {k: str(v) for k, v in vars(args).items()},
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "summary": summary, "fidelity": json.loads(fidelity_path.read_text()), "runs": results}, indent=1))
+        return summary
+
+    for method, lrs in grids.items():
+        for lr in lrs:
+            run(method, lr, 0, args, data)
+            save()
+    for method, s in save().items():
+        for seed in range(1, args.seeds):
+            run(method, s["lr"], seed, args, data)
+            save()
+    print(table(save()))
+
+if __name__ == "__main__":
+    main()
