@@ -5,7 +5,7 @@ X (N x n) and output gradients dY (N x m):   dL/dW = dY^T X   (m x n).
 W itself is not needed, so a 4-bit base works: G is the gradient at the quantized model.
 
 A forward hook on each layer of the current group hangs a hook on the layer's output; when dY arrives in backward
-it adds dY^T X into that layer's fp32 accumulator. It fires once per batch also under gradient checkpointing
+it adds dY^T X into that layer's fp32 accumulator (kernels.accumulate: a Triton kernel on CUDA). It fires once per batch also under gradient checkpointing
 (only the graph that backward walks calls it). Only the current group's layers hold accumulators, and groups are cut
 so that their bytes (4 m n each) stay within the budget. Groups are walked from the top of the network down; each
 group's backward stops at the block (decoder layer) holding its lowest layer, so lower layers cost no backward.
@@ -20,6 +20,8 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+
+from kernels.accumulate import accumulate_outer
 
 from .config import ConfigError
 
@@ -148,7 +150,7 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
             x = inputs[0]
 
             def on_grad(dy):
-                accumulator.addmm_(dy.reshape(-1, dy.shape[-1]).T.float(), x.reshape(-1, x.shape[-1]).float())
+                accumulate_outer(accumulator, dy, x)
             output.register_hook(on_grad)
         return hook
 

@@ -4,11 +4,14 @@
 base: the frozen linear layer (nn.Linear or bitsandbytes Linear4bit), W (m x n), never requantized;
 A (r x n), B (m x r): trainable fp32; A0, B0: frozen copies of their initial values (LoRA-GA), empty for plain LoRA.
 At step 0 A == A0 and B == B0 bit for bit, so the two products cancel exactly and the model is unchanged.
+The sum is computed by kernels.lora.lora_add: one fused Triton shrink/expand on CUDA, the torch reference elsewhere.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from kernels.lora import lora_add
 
 from .config import ALL_LINEAR, ConfigError
 
@@ -30,13 +33,7 @@ class LoraLinear(nn.Module):
         return self.A0.numel() > 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        x = x.to(self.A.dtype) if not torch.is_autocast_enabled(x.device.type) else x
-        delta = (x @ self.A.T) @ self.B.T
-        if self.has_frozen:
-            delta = delta - (x @ self.A0.T) @ self.B0.T
-        return y + (self.eta * delta).to(y.dtype)
-
+        return lora_add(self.base(x), x, self.A, self.B, self.A0, self.B0, self.eta)
 
 def find_targets(model: nn.Module, targets: list[str], rank: int, init: str) -> dict[str, nn.Module]:
     """Modules to adapt: all linear layers but the output head for 'all-linear', else names equal to or ending in

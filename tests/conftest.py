@@ -9,6 +9,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample.jsonl"
 os.environ.setdefault("FRUGAL_LORAGA_CACHE", str(Path.home() / ".cache" / "frugal_loraga"))
+if not torch.cuda.is_available():  # kernels run through Triton's interpreter; must be set before they are imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def make_tokenizer():

@@ -1,0 +1,70 @@
+"""acc += dY^T X in fp32 from 16-bit inputs: LoRA-GA's gradient accumulation, once per layer per batch.
+
+Over the N tokens of a batch, a layer with inputs X (N x n) and output gradients dY (N x m) has dL/dW = dY^T X (m x n).
+Reference: cast dY and X to fp32 and addmm_ into acc: fp32 copies of both, and an fp32 GEMM (no tensor cores).
+Kernel: each program owns a BLOCK_M x BLOCK_N tile of acc, reduces over the tokens with 16-bit tensor-core dots into
+fp32, then adds into acc in place: acc is read and written once, dY and X are read in their own dtype.
+fp32 inputs use IEEE fp32 dots (no TF32), so the result matches the reference to rounding.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+
+
+@triton.jit
+def _accumulate_kernel(acc_ptr, dy_ptr, x_ptr, M, N, T,
+                       stride_am, stride_an, stride_dt, stride_dm, stride_xt, stride_xn,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+                       PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_t = tl.arange(0, BLOCK_T)
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + offs_t
+        dy_t = tl.load(dy_ptr + t[None, :] * stride_dt + offs_m[:, None] * stride_dm,
+                       mask=(t[None, :] < T) & (offs_m[:, None] < M), other=0.0)      # (BLOCK_M, BLOCK_T) of dY^T
+        x = tl.load(x_ptr + t[:, None] * stride_xt + offs_n[None, :] * stride_xn,
+                    mask=(t[:, None] < T) & (offs_n[None, :] < N), other=0.0)         # (BLOCK_T, BLOCK_N)
+        if UPCAST:
+            dy_t, x = dy_t.to(tl.float32), x.to(tl.float32)
+        total += tl.dot(dy_t, x, input_precision=PRECISION)
+    ptrs = acc_ptr + offs_m[:, None] * stride_am + offs_n[None, :] * stride_an
+    inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(ptrs, tl.load(ptrs, mask=inside, other=0.0) + total, mask=inside)
+
+
+def accumulate_outer_triton(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """acc (m, n) fp32 += dy^T x for dy (..., m), x (..., n); in place, returns acc."""
+    dy, x = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+    if acc.dtype != torch.float32 or acc.shape != (dy.shape[1], x.shape[1]) or dy.shape[0] != x.shape[0]:
+        raise ValueError(f"accumulate_outer: acc {tuple(acc.shape)} {acc.dtype} does not fit dy "
+                         f"{tuple(dy.shape)} and x {tuple(x.shape)}; acc must be fp32 (m, n)")
+    if dy.dtype != x.dtype:
+        dtype = torch.promote_types(dy.dtype, x.dtype)
+        dy, x = dy.to(dtype), x.to(dtype)
+    (M, N), T = acc.shape, dy.shape[0]
+    wide = dy.dtype == torch.float32
+    block_m, block_n, block_t = (64, 64, 32) if wide else (128, 128, 64)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    _accumulate_kernel[grid](acc, dy, x, M, N, T, acc.stride(0), acc.stride(1), dy.stride(0), dy.stride(1),
+                             x.stride(0), x.stride(1), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=block_t,
+                             PRECISION="ieee" if wide or INTERPRET else "tf32", UPCAST=INTERPRET and not wide,
+                             num_warps=4 if wide else 8, num_stages=3)
+    return acc
+
+
+def accumulate_outer_reference(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The torch reference: fp32 casts and addmm_."""
+    return acc.addmm_(dy.reshape(-1, dy.shape[-1]).T.float(), x.reshape(-1, x.shape[-1]).float())
+
+
+def accumulate_outer(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """acc += dy^T x: the Triton kernel on CUDA, the torch reference elsewhere."""
+    if acc.is_cuda:
+        return accumulate_outer_triton(acc, dy, x)
+    return accumulate_outer_reference(acc, dy, x)

@@ -1,0 +1,77 @@
+"""Each Triton kernel against its torch reference: shapes that are not block multiples, dtypes, ranks, forward and
+backward. On CPU they run through Triton's interpreter (TRITON_INTERPRET=1, set in conftest); on a GPU, compiled."""
+import pytest
+import torch
+
+from kernels.accumulate import accumulate_outer_reference, accumulate_outer_triton
+from kernels.lora import lora_add_reference, lora_add_triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+             torch.float16: dict(rtol=2e-3, atol=2e-3)}
+DTYPES = list(TOLERANCE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,m,n", [(37, 70, 50), (130, 33, 200), (1, 17, 9)])
+def test_accumulate_outer_matches_reference(dtype, tokens, m, n):
+    torch.manual_seed(0)
+    dy = torch.randn(tokens, m, device=DEVICE).to(dtype)
+    x = torch.randn(tokens, n, device=DEVICE).to(dtype)
+    acc = torch.randn(m, n, device=DEVICE)
+    expected = accumulate_outer_reference(acc.clone(), dy, x)
+    out = accumulate_outer_triton(acc, dy, x)
+    assert out.data_ptr() == acc.data_ptr()  # in place
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4 * tokens ** 0.5)
+
+
+def test_accumulate_outer_takes_batched_inputs_and_refuses_a_wrong_accumulator():
+    dy, x = torch.randn(2, 5, 7, device=DEVICE), torch.randn(2, 5, 3, device=DEVICE)
+    expected = accumulate_outer_reference(torch.zeros(7, 3, device=DEVICE), dy, x)
+    torch.testing.assert_close(accumulate_outer_triton(torch.zeros(7, 3, device=DEVICE), dy, x), expected)
+    with pytest.raises(ValueError, match=r"acc \(3, 7\).*does not fit.*must be fp32 \(m, n\)"):
+        accumulate_outer_triton(torch.zeros(3, 7, device=DEVICE), dy, x)
+    with pytest.raises(ValueError, match="must be fp32"):
+        accumulate_outer_triton(torch.zeros(7, 3, device=DEVICE, dtype=torch.bfloat16), dy, x)
+
+
+def adapter(rank, n, m, frozen, trained=True):
+    A, B = torch.randn(rank, n, device=DEVICE) / n ** 0.5, torch.randn(m, rank, device=DEVICE) / rank ** 0.5
+    A0, B0 = (A.clone(), B.clone()) if frozen else (torch.zeros(0, device=DEVICE), torch.zeros(0, device=DEVICE))
+    if frozen and trained:  # as after some training: A, B moved away from A0, B0
+        A, B = A + 0.1 * torch.randn_like(A), B + 0.1 * torch.randn_like(B)
+    return A.requires_grad_(), B.requires_grad_(), A0, B0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rank", [1, 4, 8, 24])
+@pytest.mark.parametrize("frozen", [True, False], ids=["lora_ga", "lora"])
+@pytest.mark.parametrize("shape", [(3, 13, 50, 70), (1, 5, 129, 33)])
+def test_fused_lora_matches_reference_forward_and_backward(dtype, rank, frozen, shape):
+    torch.manual_seed(rank)
+    *lead, n, m = shape
+    A, B, A0, B0 = adapter(rank, n, m, frozen)
+    x = torch.randn(*lead, n, device=DEVICE).to(dtype).requires_grad_()
+    y = torch.randn(*lead, m, device=DEVICE).to(dtype)
+    grad_out = torch.randn(*lead, m, device=DEVICE).to(dtype)
+    results = []
+    for fn in (lora_add_reference, lora_add_triton):
+        base = y.clone().requires_grad_()
+        out = fn(base * 1, x, A, B, A0, B0, 2.0)  # base * 1: a non-leaf, as a layer's output is
+        grads = torch.autograd.grad(out, (x, A, B, base), grad_out)
+        results.append((out.detach(), *grads))
+    tokens = x.numel() // n
+    for name, got, expected in zip(["y", "dx", "dA", "dB", "dy"], results[1], results[0]):
+        tolerance = dict(TOLERANCE[dtype])
+        if name in ("dA", "dB"):  # sums over the tokens
+            tolerance["atol"] *= 4 * tokens ** 0.5
+        torch.testing.assert_close(got, expected, **tolerance, msg=lambda s: f"{name}: {s}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_lora_is_bit_exact_at_step_zero(dtype):
+    torch.manual_seed(0)
+    A, B, A0, B0 = adapter(8, 70, 50, frozen=True, trained=False)
+    x = torch.randn(4, 9, 70, device=DEVICE).to(dtype)
+    y = torch.randn(4, 9, 50, device=DEVICE).to(dtype)
+    assert torch.equal(lora_add_triton(y.clone(), x, A, B, A0, B0, 4.0), y)
