@@ -4,7 +4,7 @@ x (N x n) tokens, y (N x m) the base layer's output, A (r x n), B (m x r) traina
 plain LoRA). Two kernels, each keeping the two adapters in separate dots so that at step 0 (A == A0, B == B0) they
 cancel bit for bit:
   shrink:  T = [x A^T | x A0^T]                       (N x 2r, fp32): one pass over x serves both adapters
-  expand:  y += eta * (T[:, :r] B^T - T[:, r:] B0^T)  in place in the base output: one read and one write of y
+  expand:  y + eta * (T[:, :r] B^T - T[:, r:] B0^T)   one read of the base output y and one write of the sum
 Backward, from dY (N x m):  dT = eta * [dY B | dY B0] (a shrink),  dx = dT[:, :r] A - dT[:, r:] A0 (an expand into a
 fresh tensor),  dB = eta * dY^T T[:, :r],  dA = dT[:, :r]^T x  (small GEMMs, left to cuBLAS).
 16-bit x goes through 16-bit tensor-core dots with fp32 accumulation, as torch.autocast computes the reference; the
@@ -52,11 +52,11 @@ def _shrink_kernel(x_ptr, w_ptr, w2_ptr, out_ptr, N, K, R, scale, stride_xn, str
 
 
 @triton.jit
-def _expand_kernel(t_ptr, w_ptr, w2_ptr, y_ptr, N, M, R, scale, stride_tn, stride_wm, stride_wr, stride_w2m,
-                   stride_w2r, stride_yn, stride_ym,
+def _expand_kernel(t_ptr, w_ptr, w2_ptr, src_ptr, y_ptr, N, M, R, scale, stride_tn, stride_wm, stride_wr, stride_w2m,
+                   stride_w2r, stride_sn, stride_sm, stride_yn, stride_ym,
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, SECOND: tl.constexpr,
                    ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """y (N x M) (+)= scale * (t[:, :R] w^T - t[:, R:] w2^T) for t (N x 2R, fp32; N x R without w2), w, w2 (M x R)."""
+    """y (N x M) = [src +] scale * (t[:, :R] w^T - t[:, R:] w2^T), t (N x 2R, fp32; N x R without w2), w, w2 (M x R)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, BLOCK_R)
@@ -81,7 +81,8 @@ def _expand_kernel(t_ptr, w_ptr, w2_ptr, y_ptr, N, M, R, scale, stride_tn, strid
         delta -= tl.dot(t2, w2_t, input_precision=PRECISION)
     delta *= scale
     if ACCUMULATE:
-        delta += tl.load(y_ptrs, mask=inside, other=0.0).to(tl.float32)
+        src = tl.load(src_ptr + rows[:, None] * stride_sn + cols[None, :] * stride_sm, mask=inside, other=0.0)
+        delta += src.to(tl.float32)
     tl.store(y_ptrs, delta.to(y_ptr.dtype.element_ty), mask=inside)
 
 
@@ -108,17 +109,19 @@ def shrink(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, scale: flo
 
 
 def expand(t: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, scale: float, out: torch.Tensor,
-           accumulate: bool) -> torch.Tensor:
-    """out (N x M) = [out +] scale * (t[:, :R] w^T - t[:, R:] w2^T) for fp32 t and thin w, w2 (M x R); in place."""
+           src: torch.Tensor | None = None) -> torch.Tensor:
+    """out (N x M) = [src +] scale * (t[:, :R] w^T - t[:, R:] w2^T) for fp32 t and thin w, w2 (M x R); returns out."""
     N, M = out.shape
+    accumulate = src is not None
+    src = src if accumulate else out
     R = w.shape[1]
     second = w2 is not None
     w2 = w2 if second else w
     precision, upcast = _precision(out.dtype)
     grid = (triton.cdiv(N, 64), triton.cdiv(M, 128))
     _expand_kernel[grid](
-        t, w, w2, out, N, M, R, scale, t.stride(0), w.stride(0), w.stride(1), w2.stride(0), w2.stride(1),
-        out.stride(0), out.stride(1), BLOCK_N=64, BLOCK_M=128, BLOCK_R=max(16, triton.next_power_of_2(R)),
+        t, w, w2, src, out, N, M, R, scale, t.stride(0), w.stride(0), w.stride(1), w2.stride(0), w2.stride(1),
+        src.stride(0), src.stride(1), out.stride(0), out.stride(1), BLOCK_N=64, BLOCK_M=128, BLOCK_R=max(16, triton.next_power_of_2(R)),
         SECOND=second, ACCUMULATE=accumulate, PRECISION=precision, UPCAST=upcast, num_warps=4)
     return out
 
@@ -129,11 +132,11 @@ class _LoraAdd(torch.autograd.Function):
         frozen = A0.numel() > 0
         x2 = x.reshape(-1, x.shape[-1])
         T = shrink(x2, A, A0 if frozen else None)                         # [x A^T | x A0^T]
-        expand(T, B, B0 if frozen else None, eta, out=y.view(-1, y.shape[-1]), accumulate=True)
-        ctx.mark_dirty(y)
+        y2 = y.reshape(-1, y.shape[-1])
+        out = expand(T, B, B0 if frozen else None, eta, out=torch.empty_like(y2), src=y2)
         ctx.save_for_backward(x2, T, A, B, A0, B0)
         ctx.eta, ctx.frozen, ctx.x_shape = eta, frozen, x.shape
-        return y
+        return out.view(y.shape)
 
     @staticmethod
     def backward(ctx, dy):
@@ -143,7 +146,7 @@ class _LoraAdd(torch.autograd.Function):
         dT = shrink(dy2, B.T, B0.T if frozen else None, eta)              # [eta dY B | eta dY B0]
         dx = dA = dB = None
         if ctx.needs_input_grad[1]:                                       # dx = dT_1 A - dT_2 A0
-            dx = expand(dT, A.T, A0.T if frozen else None, 1.0, out=torch.empty_like(x2), accumulate=False)
+            dx = expand(dT, A.T, A0.T if frozen else None, 1.0, out=torch.empty_like(x2))
             dx = dx.view(ctx.x_shape)
         if ctx.needs_input_grad[2]:
             dA = (dT[:, :r].T.to(x2.dtype) @ x2).float()                  # (r x n)
@@ -153,7 +156,7 @@ class _LoraAdd(torch.autograd.Function):
 
 
 def lora_add_triton(y, x, A, B, A0, B0, eta: float) -> torch.Tensor:
-    """y + eta * ((x A^T) B^T - (x A0^T) B0^T), written into y (empty A0, B0: plain LoRA)."""
+    """y + eta * ((x A^T) B^T - (x A0^T) B0^T) (empty A0, B0: plain LoRA)."""
     return _LoraAdd.apply(y, x, A, B, A0, B0, eta)
 
 
@@ -168,6 +171,6 @@ def lora_add_reference(y, x, A, B, A0, B0, eta: float) -> torch.Tensor:
 
 def lora_add(y, x, A, B, A0, B0, eta: float) -> torch.Tensor:
     """The fused kernel on CUDA for ranks up to 64, the torch reference elsewhere."""
-    if y.is_cuda and y.is_contiguous() and A.shape[0] <= 64:
+    if y.is_cuda and A.shape[0] <= 64:
         return lora_add_triton(y, x, A, B, A0, B0, eta)
     return lora_add_reference(y, x, A, B, A0, B0, eta)

@@ -1,5 +1,7 @@
 """Each Triton kernel against its torch reference: shapes that are not block multiples, dtypes, ranks, forward and
 backward. On CPU they run through Triton's interpreter (TRITON_INTERPRET=1, set in conftest); on a GPU, compiled."""
+from contextlib import nullcontext
+
 import pytest
 import torch
 
@@ -55,9 +57,11 @@ def test_fused_lora_matches_reference_forward_and_backward(dtype, rank, frozen, 
     y = torch.randn(*lead, m, device=DEVICE).to(dtype)
     grad_out = torch.randn(*lead, m, device=DEVICE).to(dtype)
     results = []
+    autocast = torch.autocast("cuda", dtype) if DEVICE == "cuda" and dtype != torch.float32 else nullcontext()
     for fn in (lora_add_reference, lora_add_triton):
         base = y.clone().requires_grad_()
-        out = fn(base * 1, x, A, B, A0, B0, 2.0)  # base * 1: a non-leaf, as a layer's output is
+        with autocast:  # on a GPU, 16-bit products as under training's autocast
+            out = fn(base, x, A, B, A0, B0, 2.0)
         grads = torch.autograd.grad(out, (x, A, B, base), grad_out)
         results.append((out.detach(), *grads))
     tokens = x.numel() // n
@@ -74,4 +78,4 @@ def test_fused_lora_is_bit_exact_at_step_zero(dtype):
     A, B, A0, B0 = adapter(8, 70, 50, frozen=True, trained=False)
     x = torch.randn(4, 9, 70, device=DEVICE).to(dtype)
     y = torch.randn(4, 9, 50, device=DEVICE).to(dtype)
-    assert torch.equal(lora_add_triton(y.clone(), x, A, B, A0, B0, 4.0), y)
+    assert torch.equal(lora_add_triton(y, x, A, B, A0, B0, 4.0), y)
