@@ -5,8 +5,8 @@ X (N x n) and output gradients dY (N x m):   dL/dW = dY^T X   (m x n).
 W itself is not needed, so a 4-bit base works: G is the gradient at the quantized model.
 
 A forward hook on each layer of the current group hangs a hook on the layer's output; when dY arrives in backward
-it adds dY^T X into that layer's fp32 accumulator (kernels.accumulate: a Triton kernel on CUDA). It fires once per batch also under gradient checkpointing
-(only the graph that backward walks calls it). Only the current group's layers hold accumulators, and groups are cut
+it adds dY^T X into that layer's fp32 accumulator (kernels.accumulate: a Triton kernel on CUDA). It fires once per
+batch also under gradient checkpointing (only the graph that backward walks calls it). Only the current group's layers hold accumulators, and groups are cut
 so that their bytes (4 m n each) stay within the budget. Groups are walked from the top of the network down; each
 group's backward stops at the block (decoder layer) holding its lowest layer, so lower layers cost no backward.
 After a group's batches, each G = (sum of dY^T X) / batches is reduced to its top-2r singular triplets and freed.

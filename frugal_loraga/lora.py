@@ -35,6 +35,7 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return lora_add(self.base(x), x, self.A, self.B, self.A0, self.B0, self.eta)
 
+
 def find_targets(model: nn.Module, targets: list[str], rank: int, init: str) -> dict[str, nn.Module]:
     """Modules to adapt: all linear layers but the output head for 'all-linear', else names equal to or ending in
     '.<suffix>'. Checks that each is linear and that the layer is wide enough for the rank."""

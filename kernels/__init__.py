@@ -7,4 +7,13 @@ under torch.autocast.
 """
 import os
 
+import torch
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def dot_precision(dtype: torch.dtype) -> tuple[str, bool]:
+    """(input_precision, upcast) for a kernel's dots on tiles of this dtype: IEEE fp32 for fp32 tiles (no TF32) and
+    under the interpreter, where 16-bit tiles are upcast first; 16-bit tiles straight to the tensor cores on a GPU."""
+    wide = dtype == torch.float32
+    return ("ieee" if wide or INTERPRET else "tf32"), (INTERPRET and not wide)

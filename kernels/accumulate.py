@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import dot_precision
 
 
 @triton.jit
@@ -50,11 +50,11 @@ def accumulate_outer_triton(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor
     (M, N), T = acc.shape, dy.shape[0]
     wide = dy.dtype == torch.float32
     block_m, block_n, block_t = (64, 64, 32) if wide else (128, 128, 64)
+    precision, upcast = dot_precision(dy.dtype)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     _accumulate_kernel[grid](acc, dy, x, M, N, T, acc.stride(0), acc.stride(1), dy.stride(0), dy.stride(1),
                              x.stride(0), x.stride(1), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=block_t,
-                             PRECISION="ieee" if wide or INTERPRET else "tf32", UPCAST=INTERPRET and not wide,
-                             num_warps=4 if wide else 8, num_stages=3)
+                             PRECISION=precision, UPCAST=upcast, num_warps=4 if wide else 8, num_stages=3)
     return acc
 
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import dot_precision
 
 
 @triton.jit
@@ -86,12 +86,6 @@ def _expand_kernel(t_ptr, w_ptr, w2_ptr, src_ptr, y_ptr, N, M, R, scale, stride_
     tl.store(y_ptrs, delta.to(y_ptr.dtype.element_ty), mask=inside)
 
 
-def _precision(dtype: torch.dtype) -> tuple[str, bool]:
-    """(input_precision, upcast) for dots on tiles of this dtype."""
-    wide = dtype == torch.float32
-    return ("ieee" if wide or INTERPRET else "tf32"), (INTERPRET and not wide)
-
-
 def shrink(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, scale: float = 1.0) -> torch.Tensor:
     """scale * [x w^T | x w2^T] in fp32, for x (N x K) and thin w, w2 (R x K), R <= 64 (w2 may be None)."""
     N, K = x.shape
@@ -100,7 +94,7 @@ def shrink(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, scale: flo
     w2 = w2 if second else w
     out = torch.empty(N, 2 * R if second else R, dtype=torch.float32, device=x.device)
     block_n = 16 if N <= 8192 else 64
-    precision, upcast = _precision(x.dtype)
+    precision, upcast = dot_precision(x.dtype)
     _shrink_kernel[(triton.cdiv(N, block_n),)](
         x, w, w2, out, N, K, R, scale, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w2.stride(0), w2.stride(1),
         out.stride(0), BLOCK_N=block_n, BLOCK_K=128, BLOCK_R=max(16, triton.next_power_of_2(R)), SECOND=second,
@@ -117,12 +111,13 @@ def expand(t: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, scale: flo
     R = w.shape[1]
     second = w2 is not None
     w2 = w2 if second else w
-    precision, upcast = _precision(out.dtype)
+    precision, upcast = dot_precision(out.dtype)
     grid = (triton.cdiv(N, 64), triton.cdiv(M, 128))
     _expand_kernel[grid](
         t, w, w2, src, out, N, M, R, scale, t.stride(0), w.stride(0), w.stride(1), w2.stride(0), w2.stride(1),
-        src.stride(0), src.stride(1), out.stride(0), out.stride(1), BLOCK_N=64, BLOCK_M=128, BLOCK_R=max(16, triton.next_power_of_2(R)),
-        SECOND=second, ACCUMULATE=accumulate, PRECISION=precision, UPCAST=upcast, num_warps=4)
+        src.stride(0), src.stride(1), out.stride(0), out.stride(1), BLOCK_N=64, BLOCK_M=128,
+        BLOCK_R=max(16, triton.next_power_of_2(R)), SECOND=second, ACCUMULATE=accumulate, PRECISION=precision,
+        UPCAST=upcast, num_warps=4)
     return out
 
 
