@@ -11,7 +11,7 @@ Each method's learning rate is picked on a small grid by its final eval loss (se
 more seeds to measure the noise. Task: arithmetic word problems from data/make_sample.py, train and test drawn with
 different seeds; accuracy = the greedy answer's "The answer is N" is right.
 
-Run on a GPU (about 10 minutes on an H100):  python bench/convergence.py
+Run on a GPU:                                python bench/convergence.py --parallel 8
 Plot and table from saved results:            python bench/convergence.py --report   (needs matplotlib)
 Every finished run is saved under --work as it ends and skipped when the script runs again: a stopped sweep continues.
 """
@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import statistics
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -38,7 +41,7 @@ from frugal_loraga.data import load_examples, render  # noqa: E402
 from frugal_loraga.fidelity import captured_energy, exact_gradients, subspace_agreement  # noqa: E402
 from frugal_loraga.gradients import estimate_gradient_svd, top_singular  # noqa: E402
 from frugal_loraga.lora import find_targets  # noqa: E402
-from frugal_loraga.models import load_model, resolve_dtype  # noqa: E402
+from frugal_loraga.models import demo_model_dir, load_model, resolve_dtype  # noqa: E402
 from frugal_loraga.train import train  # noqa: E402
 
 RANK = 8
@@ -54,7 +57,7 @@ METHODS = {  # name: (Config settings, lr grid)
 COLORS = {"full": "black", "lora": "#1e40af", "qlora": "#60a5fa", "lora_ga_exact": "#9a3412", "lora_ga_ours": "#ea580c"}
 
 
-def write_data(work: Path, n_train: int, n_test: int) -> tuple[Path, Path]:
+def write_data(paths: tuple[Path, Path], n_train: int, n_test: int) -> None:
     """Train and test problems from different seeds; test questions that also occur in train are dropped."""
     rng = random.Random(1)
     train_rows = [problem(rng) for _ in range(n_train)]
@@ -64,10 +67,8 @@ def write_data(work: Path, n_train: int, n_test: int) -> tuple[Path, Path]:
         row = problem(rng)
         if row["input"] not in seen:
             test_rows.append(row)
-    paths = work / "train.jsonl", work / "test.jsonl"
     for path, rows in zip(paths, (train_rows, test_rows)):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return paths
 
 
 @torch.no_grad()
@@ -117,7 +118,8 @@ def run(method: str, lr: float, seed: int, args, data: tuple[Path, Path]) -> dic
         settings = dict(settings, grad_budget_gib=args.ours_budget_gib)
     config = Config(model=args.model, data=str(data[0]), eval_data=str(data[1]), rank=RANK, lr=lr, seed=seed,
                     steps=args.steps, batch_size=args.batch_size, max_length=128, eval_every=args.eval_every,
-                    eval_samples=args.eval_samples, estimation_samples=args.estimation_samples, save_every=0,
+                    eval_samples=args.eval_samples, estimation_samples=args.estimation_samples,
+                    estimation_batch_size=8, save_every=0,
                     gradient_checkpointing=False, progress=False, out=str(args.work / cache.stem), **settings)
     print(f"{method} lr {lr:g} seed {seed}", flush=True)
     if method == "full":
@@ -136,6 +138,30 @@ def run(method: str, lr: float, seed: int, args, data: tuple[Path, Path]) -> dic
         torch.cuda.empty_cache()
     cache.write_text(json.dumps(result))
     return result
+
+
+def run_all(jobs: list[tuple[str, float, int]], args, data: tuple[Path, Path], save) -> None:
+    """Run the jobs not yet cached, args.parallel at a time. On a GPU a run of this small model is bound by kernel
+    launches, so several processes sharing the GPU finish a sweep several times sooner. Each child's log goes to
+    --work/<run>.log; save() is called as each run ends."""
+    if args.parallel == 1:
+        for method, lr, seed in jobs:
+            run(method, lr, seed, args, data)
+            save()
+        return
+
+    def child(job):
+        method, lr, seed = job
+        log = args.work / f"{method}_lr{lr:g}_seed{seed}.log"
+        with open(log, "w") as f:
+            done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", f"{method}:{lr!r}:{seed}"],
+                                  stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="2"))
+        if done.returncode:
+            print(f"{method} lr {lr:g} seed {seed} failed (exit {done.returncode}); see {log}", flush=True)
+
+    with ThreadPoolExecutor(args.parallel) as pool:
+        for _ in as_completed([pool.submit(child, job) for job in jobs]):
+            save()
 
 
 def fidelity(args, data: tuple[Path, Path]) -> dict:
@@ -178,7 +204,7 @@ def steps_to_reach(curve: list, target: float) -> int | None:
 
 def summarize(results: list[dict], grids: dict) -> dict:
     """Best lr per method (seed 0), its seeds' mean final eval loss and spread, and the steps the seeds' mean eval
-    curve takes to reach LoRA's mean final eval loss."""
+    curve takes to reach the mean final eval loss of LoRA and of QLoRA."""
     summary = {}
     for method, lrs in grids.items():
         grid = {r["lr"]: r for r in results if r["method"] == method and r["seed"] == 0 and r["lr"] in lrs}
@@ -194,10 +220,11 @@ def summarize(results: list[dict], grids: dict) -> dict:
                            "seeds": len(seeds), "accuracy": statistics.mean(r["accuracy"] for r in seeds),
                            "tokens_per_second": best["tokens_per_second"], "init_seconds": best["init_seconds"],
                            "curve": best["eval_loss"], "mean_curve": mean_curve, "train_curve": best["train_loss"]}
-    if "lora" in summary:
-        target = summary["lora"]["final_eval_loss"]
-        for method, s in summary.items():
-            s["steps_to_lora_final"] = steps_to_reach(s["mean_curve"], target + 1e-12)
+    for baseline in ("lora", "qlora"):  # plain LoRA on the same base precision as the bf16 and the NF4 methods
+        if baseline in summary:
+            target = summary[baseline]["final_eval_loss"]
+            for s in summary.values():
+                s[f"steps_to_{baseline}_final"] = steps_to_reach(s["mean_curve"], target + 1e-12)
     return summary
 
 
@@ -208,33 +235,40 @@ def plot(summary: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for method, s in summary.items():
         label = f"{method} (lr {s['lr']:g})"
-        left.plot(*zip(*s["curve"]), color=COLORS[method], label=label, marker=".")
+        left.plot(*zip(*s["mean_curve"]), color=COLORS[method], label=f"{label}, {s['seeds']} seeds", marker=".")
         steps, losses = zip(*s["train_curve"])
         smooth, ema = [], losses[0]
         for loss in losses:
             ema = 0.8 * ema + 0.2 * loss
             smooth.append(ema)
         right.plot(steps, smooth, color=COLORS[method], label=label)
-    for axis, title in ((left, "held-out eval loss"), (right, "train loss (EMA 0.8)")):
+    for axis, title in ((left, "held-out eval loss, mean of seeds"), (right, "train loss (EMA 0.8), seed 0")):
         axis.set_xlabel("optimizer step")
         axis.set_yscale("log")
         axis.set_title(title)
         axis.grid(alpha=0.3)
     left.legend()
-    fig.suptitle("SmolLM2-135M-Instruct, arithmetic word problems, rank 8, seed 0, best lr per method")
+    fig.suptitle("SmolLM2-135M-Instruct, arithmetic word problems, rank 8, best lr per method")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def table(summary: dict) -> str:
-    rows = ["| method | lr (grid) | final eval loss (mean ± sd, seeds) | steps to LoRA's final eval loss | "
-            "accuracy | init s | train tok/s |", "|---|---|---|---|---|---|---|"]
+    early = [step for step, _ in next(iter(summary.values()))["mean_curve"][1:3]]
+    rows = [f"| method | lr (grid) | eval loss at steps {' / '.join(map(str, early))} | final eval loss (mean ± sd, "
+            "seeds) | steps to LoRA's final | steps to QLoRA's final | accuracy | init s | train tok/s |",
+            "|---|---|---|---|---|---|---|---|---|"]
+
+    def steps(s, baseline):
+        value = s.get(f"steps_to_{baseline}_final", "")
+        return "not reached" if value is None else value
+
     for method, s in summary.items():
         sd = f" ± {s['final_eval_loss_std']:.4f}" if s["final_eval_loss_std"] is not None else ""
-        steps = "not reached" if s.get("steps_to_lora_final") is None else f"{s['steps_to_lora_final']:.0f}"
         rows.append(f"| {method} | {s['lr']:g} ({', '.join(f'{x:g}' for x in s['lr_grid'])}) | "
-                    f"{s['final_eval_loss']:.4f}{sd} ({s['seeds']}) | {steps} | {s['accuracy']:.1%} | "
-                    f"{s['init_seconds']:.1f} | {s['tokens_per_second']:.0f} |")
+                    f"{' / '.join(f'{loss:.3f}' for _, loss in s['mean_curve'][1:3])} | "
+                    f"{s['final_eval_loss']:.4f}{sd} ({s['seeds']}) | {steps(s, 'lora')} | {steps(s, 'qlora')} | "
+                    f"{s['accuracy']:.1%} | {s['init_seconds']:.1f} | {s['tokens_per_second']:.0f} |")
     return "\n".join(rows)
 
 
@@ -253,6 +287,8 @@ def main():
     parser.add_argument("--lrs", type=int, default=0, help="use only the first N lrs of each grid (0: all)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "convergence")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "convergence")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at a time, each in its own process")
+    parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # method:lr:seed, one run (a --parallel child)
     parser.add_argument("--report", action="store_true", help="only summarize saved runs: table and plot")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -264,7 +300,14 @@ def main():
         print(table(summary))
         plot(summary, args.out.with_suffix(".png"))
         return
-    data = write_data(args.work, 1000, max(args.eval_samples, args.accuracy_samples))
+    data = args.work / "train.jsonl", args.work / "test.jsonl"
+    if args.one:  # the parent wrote the data
+        method, lr, seed = args.one.split(":")
+        run(method, float(lr), int(seed), args, data)
+        return
+    write_data(data, 1000, max(args.eval_samples, args.accuracy_samples))
+    if args.model == "demo":
+        demo_model_dir()  # converted once here, not by several children at a time
     fidelity_path = args.work / "fidelity.json"
     if not fidelity_path.exists():
         fidelity_path.write_text(json.dumps(fidelity(args, data)))
@@ -280,14 +323,8 @@ def main():
             "summary": summary, "fidelity": json.loads(fidelity_path.read_text()), "runs": results}, indent=1))
         return summary
 
-    for method, lrs in grids.items():
-        for lr in lrs:
-            run(method, lr, 0, args, data)
-            save()
-    for method, s in save().items():
-        for seed in range(1, args.seeds):
-            run(method, s["lr"], seed, args, data)
-            save()
+    run_all([(m, lr, 0) for m, lrs in grids.items() for lr in lrs], args, data, save)
+    run_all([(m, s["lr"], seed) for m, s in save().items() for seed in range(1, args.seeds)], args, data, save)
     print(table(save()))
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ RANK = 4
 
 
 def load(model_dir, four_bit, rank=RANK, checkpointing=False):
-    config = Config(model=str(model_dir), data="unused", load_in_4bit=four_bit, rank=rank)
-    model, tokenizer, device = load_model(config)
+    """fp32 compute on every device (the oracles' tolerances are for fp32), on the GPU when there is one."""
+    config = Config(model=str(model_dir), data="unused", load_in_4bit=four_bit, rank=rank, dtype="float32")
+    model, tokenizer, _ = load_model(config)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer, find_targets(model, config.target_list(), rank, "lora_ga")
@@ -23,8 +24,8 @@ def load(model_dir, four_bit, rank=RANK, checkpointing=False):
 
 def make_batches(tokenizer, sample_path, n_batches=4, size=2, max_length=96):
     examples, _ = load_examples(sample_path, "auto", tokenizer, max_length)
-    return [collate(examples[i * size:(i + 1) * size], tokenizer.pad_token_id, torch.device("cpu"))
-            for i in range(n_batches)]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return [collate(examples[i * size:(i + 1) * size], tokenizer.pad_token_id, device) for i in range(n_batches)]
 
 
 def assert_faithful(svds, grads, k, bar=0.99):
