@@ -1,9 +1,13 @@
 """LoRA-GA init and training on a Llama-2-7B-shaped model with random weights, through the user's NF4 path, on a
 GPU whose memory is capped to emulate a consumer card. Writes bench/results/<name>.json after each phase.
 
-Baseline measured in the same run: plain LoRA training over the same number of micro-batches as the estimation
-(one checkpointed forward/backward per batch), so init_seconds / baseline_seconds is the estimation's cost ratio.
-Usage: python bench/bench_7b.py --card-gib 24 --estimation-samples 32
+Baselines measured in the same run:
+- plain LoRA training (ours) over as many micro-batches as the estimation has (one checkpointed forward/backward per
+  batch), run twice so that the second, timed one has its Triton kernels compiled: init_seconds / its train_seconds
+  is the estimation's cost ratio;
+- the peer users run today: transformers + bitsandbytes NF4 + PEFT LoRA (all linear layers, rank 8), gradient
+  checkpointing, paged AdamW 8-bit, at the same batch and length: tokens/s and peak memory.
+Usage: python bench/bench_7b.py --card-gib 24 --estimation-samples 128
 """
 import argparse
 import json
@@ -46,6 +50,41 @@ def make_data(path: Path, rows: int, words: int) -> Path:
     return path
 
 
+def peer_qlora(model_dir: Path, data: Path, steps: int, max_length: int) -> dict:
+    """transformers + bitsandbytes NF4 + PEFT LoRA, checkpointed, paged AdamW 8-bit: 2 warm-up steps, then `steps`
+    timed steps of 2 x max_length tokens."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, dtype=torch.bfloat16,
+                                                 device_map={"": 0})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    optimizer = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = [json.loads(line)["text"] for line in data.read_text().splitlines()]
+    tokens, seconds = 0, 0.0
+    torch.cuda.reset_peak_memory_stats()
+    for step in range(steps + 2):
+        batch = tokenizer(texts[2 * step:2 * step + 2], return_tensors="pt", truncation=True, max_length=max_length,
+                          padding=True).to("cuda")
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if step >= 2:
+            tokens, seconds = tokens + int(batch["attention_mask"].sum()), seconds + time.perf_counter() - start
+    result = {"tokens_per_second": tokens / seconds, "steps": steps, "peak_memory_gib":
+              torch.cuda.max_memory_allocated() / 2**30}
+    del model, optimizer
+    torch.cuda.empty_cache()
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--card-gib", type=float, default=24)
@@ -53,6 +92,7 @@ def main():
     parser.add_argument("--estimation-samples", type=int, default=32)
     parser.add_argument("--train-steps", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--peer-steps", type=int, default=12, help="timed steps of the PEFT QLoRA peer (0: skip)")
     parser.add_argument("--work", default="/tmp/bench7b")
     parser.add_argument("--name", default="bench_7b_24gib")
     args = parser.parse_args()
@@ -60,7 +100,7 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     total = torch.cuda.get_device_properties(0).total_memory
     model_dir = make_model_dir(work / "llama7b", args.layers)
-    data = make_data(work / "data.jsonl", max(args.estimation_samples, 64) + 16, words=900)
+    data = make_data(work / "data.jsonl", max(args.estimation_samples, 2 * args.peer_steps + 4, 64) + 16, words=900)
     torch.cuda.set_per_process_memory_fraction(min(args.card_gib * 2**30 / total, 1.0))
     results = {"device": torch.cuda.get_device_name(), "card_gib": args.card_gib, "layers": args.layers,
                "shape": "Llama-2-7B (h 4096, i 11008, 32 heads, vocab 32000), random weights, NF4 double quant",
@@ -71,10 +111,11 @@ def main():
     common = dict(model=str(model_dir), data=str(data), data_format="text", rank=8, max_length=args.max_length,
                   batch_size=2, estimation_samples=args.estimation_samples, estimation_batch_size=2, eval_fraction=0.0,
                   eval_every=0, save_every=0, progress=False)
+    baseline = Config(init="lora", steps=args.estimation_samples // 2, out=str(work / "run_lora"), **common)
     for label, config in [
         ("lora_ga", Config(init="lora_ga", steps=args.train_steps, out=str(work / "run_ga"), **common)),
-        ("baseline_lora_fwd_bwd", Config(init="lora", steps=args.estimation_samples // 2, out=str(work / "run_lora"),
-                                         **common)),
+        ("baseline_lora_fwd_bwd_warmup", baseline),
+        ("baseline_lora_fwd_bwd", baseline),
     ]:
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
@@ -85,6 +126,12 @@ def main():
         print(label, json.dumps(results[label]), flush=True)
     ga, base = results["lora_ga"], results["baseline_lora_fwd_bwd"]
     results["estimation_over_fwd_bwd"] = ga["init_seconds"] / base["train_seconds"]
+    if args.peer_steps:
+        torch.cuda.reset_peak_memory_stats()
+        peer = results["peer_peft_qlora"] = peer_qlora(model_dir, data, args.peer_steps, args.max_length)
+        results["ours_lora_over_peer_tokens_per_second"] = base["tokens_per_second"] / peer["tokens_per_second"]
+        results["ours_lora_ga_over_peer_tokens_per_second"] = ga["tokens_per_second"] / peer["tokens_per_second"]
+        results["ours_lora_ga_init_peak_over_peer_peak"] = ga["peak_memory_init_gib"] / peer["peak_memory_gib"]
     out.write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
 

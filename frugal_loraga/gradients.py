@@ -6,9 +6,17 @@ W itself is not needed, so a 4-bit base works: G is the gradient at the quantize
 
 A forward hook on each layer of the current group hangs a hook on the layer's output; when dY arrives in backward
 it adds dY^T X into that layer's fp32 accumulator (kernels.accumulate: a Triton kernel on CUDA). It fires once per
-batch also under gradient checkpointing (only the graph that backward walks calls it). Only the current group's layers hold accumulators, and groups are cut
-so that their bytes (4 m n each) stay within the budget. Groups are walked from the top of the network down; each
-group's backward stops at the block (decoder layer) holding its lowest layer, so lower layers cost no backward.
+batch also under gradient checkpointing (only the graph that backward walks calls it). Only the current group's layers
+hold accumulators, and groups are cut so that their bytes (4 m n each) stay within the budget.
+
+Groups are walked from the top of the network down, each over all batches, and each pays only for its own blocks
+(decoder layers) in backward:
+  top group   the whole forward to the loss; backward stops at the input of the block holding its lowest layer.
+  lower group a no-grad forward stopped at its lowest block captures that block's inputs; its blocks are then run
+              with grad, and backward starts from the gradient at the input of the block above them, which the group
+              above recorded (kept on the CPU: batches x tokens x hidden values).
+So the whole estimate costs about one no-grad forward per group plus one forward and backward of the network, against
+a forward and backward per group when every group backpropagates from the loss.
 After a group's batches, each G = (sum of dY^T X) / batches is reduced to its top-2r singular triplets and freed.
 """
 from __future__ import annotations
@@ -104,29 +112,83 @@ def execution_order(model: nn.Module, targets: dict[str, nn.Module], batch: dict
     return order
 
 
-def owning_blocks(model: nn.Module, names: list[str]) -> dict[str, Optional[nn.Module]]:
-    """For each target, the outermost ModuleList element holding it (its decoder layer), or None."""
-    lists = [(prefix, m) for prefix, m in model.named_modules() if isinstance(m, nn.ModuleList)]
-    blocks = {}
-    for name in names:
-        blocks[name] = None
-        for prefix, module_list in lists:
-            for index, block in enumerate(module_list):
-                if name.startswith(f"{prefix}.{index}."):
-                    blocks[name] = block
-                    break
-            if blocks[name] is not None:
-                break
-    return blocks
+def block_layout(model: nn.Module, names: list[str]) -> tuple[list[nn.Module], dict[str, Optional[int]]]:
+    """The outermost ModuleList holding targets (the decoder layers) and each target's index in it (None outside)."""
+    for prefix, module_list in model.named_modules():
+        if isinstance(module_list, nn.ModuleList):
+            index = {n: next((i for i in range(len(module_list)) if n.startswith(f"{prefix}.{i}.")), None)
+                     for n in names}
+            if any(i is not None for i in index.values()):
+                return list(module_list), index
+    return [], dict.fromkeys(names)
+
+
+@dataclass
+class Segment:
+    """How one group's backward is bounded: from the input of block `start` (None: the embeddings' output) up to
+    the loss (stop None) or up to the input of block `stop`, whose gradient the group above recorded."""
+    names: list[str]
+    start: Optional[int]
+    stop: Optional[int]
+
+
+def plan_segments(groups: list[list[str]], index: dict[str, Optional[int]], n_blocks: int) -> list[Segment]:
+    """Top-down groups -> segments. A group runs to the loss if it is the top one or holds a layer outside the
+    blocks; otherwise it runs its blocks from its lowest to just below the block the group above starts at (one block
+    further when the two groups share a block)."""
+    segments: list[Segment] = []
+    for group in groups:
+        start = index[group[-1]]
+        above = segments[-1] if segments else None
+        if above is None or any(index[n] is None for n in group):
+            segments.append(Segment(group, start, None))
+            continue
+        stop = index[group[0]] + 1 if above.start is None else max(index[group[0]] + 1, above.start)
+        segments.append(Segment(group, start, stop if stop < n_blocks else None))
+    return segments
+
+
+class _Reached(Exception):
+    """Ends a forward pass at a block, carrying the block's inputs."""
+    def __init__(self, args: tuple, kwargs: dict):
+        super().__init__()
+        self.args, self.kwargs = args, kwargs
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    return ((hidden,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
 
 
 def _cut_hook(module, args, kwargs):
     """Make the block's incoming hidden state a fresh leaf that needs grad: backward starts its graph here."""
-    if args:
-        args = (args[0].detach().requires_grad_(),) + tuple(args[1:])
-    else:
-        kwargs["hidden_states"] = kwargs["hidden_states"].detach().requires_grad_()
-    return args, kwargs
+    return _with_hidden(args, kwargs, _hidden(args, kwargs).detach().requires_grad_())
+
+
+def _stop_hook(module, args, kwargs):
+    raise _Reached(args, kwargs)
+
+
+def block_inputs(model: nn.Module, block: nn.Module, batch: dict) -> tuple[tuple, dict]:
+    """The positional and keyword inputs `block` gets for `batch`: a no-grad forward that stops there."""
+    handle = block.register_forward_pre_hook(_stop_hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**batch)
+    except _Reached as reached:
+        return reached.args, reached.kwargs
+    finally:
+        handle.remove()
+    raise RuntimeError("the forward pass never called the block to start from")
+
+
+def _record_grad(hidden: torch.Tensor, recorded: list, batch_index: int) -> None:
+    """Keep dL/d(hidden) of this batch on the CPU when backward reaches it."""
+    if hidden.requires_grad:
+        hidden.register_hook(lambda grad: recorded.__setitem__(batch_index, grad.detach().cpu()))
 
 
 def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict], k: int,
@@ -139,7 +201,6 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
     order = execution_order(model, targets, batches[0])
     shapes = {n: (targets[n].out_features, targets[n].in_features) for n in order}
     groups = plan_groups(order, shapes, budget_bytes)
-    blocks = owning_blocks(model, order)
     state = GradientState(budget_bytes)
 
     def on_forward(name):
@@ -154,27 +215,48 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
             output.register_hook(on_grad)
         return hook
 
+    blocks, index = block_layout(model, order)
+    segments = plan_segments(groups, index, len(blocks))
     results: dict[str, LayerSVD] = {}
     handles = [targets[n].register_forward_hook(on_forward(n)) for n in order]
     was_training = model.training
     model.train()
     done, total = 0, len(groups) * len(batches)
+    upstream: list[torch.Tensor] = []  # per batch: dL/d(input of block segment.stop), on the CPU
     try:
-        for group in groups:
-            lowest = group[-1]
-            cut = (blocks[lowest].register_forward_pre_hook(_cut_hook, with_kwargs=True) if blocks[lowest] is not None
-                   else model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_()))
-            for name in group:
+        for i, segment in enumerate(segments):
+            record_at = segments[i + 1].stop if i + 1 < len(segments) else None
+            recorded: list[Optional[torch.Tensor]] = [None] * len(batches)
+            hooks = [] if segment.stop is not None else [
+                blocks[segment.start].register_forward_pre_hook(_cut_hook, with_kwargs=True)
+                if segment.start is not None else
+                model.get_input_embeddings().register_forward_hook(lambda module, inputs, out: out.requires_grad_())]
+            if record_at is not None and record_at != segment.stop:
+                hooks.append(blocks[record_at].register_forward_pre_hook(
+                    lambda m, args, kwargs: _record_grad(_hidden(args, kwargs), recorded, batch_index),
+                    with_kwargs=True))
+            for name in segment.names:
                 state.allocate(name, shapes[name], device)
             try:
-                for batch in batches:
-                    model(**batch).loss.backward()
+                for batch_index, batch in enumerate(batches):
+                    if segment.stop is None:
+                        model(**batch).loss.backward()
+                    else:
+                        args, kwargs = block_inputs(model, blocks[segment.start], batch)
+                        hidden = _hidden(args, kwargs).detach().requires_grad_()
+                        for block in blocks[segment.start:segment.stop]:
+                            args, kwargs = _with_hidden(args, kwargs, hidden)
+                            out = block(*args, **kwargs)
+                            hidden = out[0] if isinstance(out, tuple) else out
+                        hidden.backward(upstream[batch_index].to(hidden.device))
                     done += 1
                     if progress:
                         progress("estimating gradients", done, total, {})
             finally:
-                cut.remove()
-            for name in group:
+                for hook in hooks:
+                    hook.remove()
+            upstream = upstream if record_at is not None and record_at == segment.stop else recorded
+            for name in segment.names:
                 G = state.release(name).div_(len(batches))
                 results[name] = top_singular(G, k, svd)
                 del G

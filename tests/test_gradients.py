@@ -6,7 +6,7 @@ from bitsandbytes.functional import dequantize_4bit
 from frugal_loraga.config import Config, ConfigError
 from frugal_loraga.data import collate, load_examples
 from frugal_loraga.fidelity import captured_energy, exact_gradients, subspace_agreement
-from frugal_loraga.gradients import estimate_gradient_svd, plan_groups
+from frugal_loraga.gradients import Segment, block_layout, estimate_gradient_svd, plan_groups, plan_segments
 from frugal_loraga.lora import find_targets
 from frugal_loraga.models import load_model
 
@@ -50,7 +50,9 @@ def test_streamed_estimate_on_nf4_base_with_checkpointing(tiny_model_dir, sample
     """G at the quantized model: the oracle is an fp32 model holding the dequantized NF4 weights."""
     model4, tokenizer, targets4 = load(tiny_model_dir, four_bit=True, checkpointing=True)
     batches = make_batches(tokenizer, sample_path)
-    svds, _ = estimate_gradient_svd(model4, targets4, batches, 2 * RANK, budget_bytes=2**30)
+    budget = sum(4 * m.out_features * m.in_features for m in targets4.values()) // 3  # lower groups run segments
+    svds, stats = estimate_gradient_svd(model4, targets4, batches, 2 * RANK, budget_bytes=budget)
+    assert len(stats.groups) >= 3
     model, _, targets = load(tiny_model_dir, four_bit=False)
     with torch.no_grad():
         for name, m in targets.items():
@@ -78,13 +80,31 @@ def test_budget_below_one_layer_is_refused(tiny_model_dir, sample_path):
     assert plan_groups(["a", "b"], shapes, budget_bytes=4 * 96 * 64) == [["b"], ["a"]]
 
 
+def test_segments_bound_each_backward(sample_path):
+    """Top-down groups over 6 blocks and a head layer: the top group runs to the loss, a group sharing a block with
+    the one above runs that block again, and a group below a gap runs the blocks in between."""
+    index = {"head": None, "b5.mlp": 5, "b5.attn": 5, "b4.mlp": 4, "b4.attn": 4, "b1.mlp": 1, "b0.mlp": 0}
+    groups = [["head", "b5.mlp", "b5.attn", "b4.mlp"], ["b4.attn"], ["b1.mlp"], ["b0.mlp"]]
+    assert plan_segments(groups, index, 6) == [Segment(groups[0], 4, None), Segment(groups[1], 4, 5),
+                                               Segment(groups[2], 1, 4), Segment(groups[3], 0, 1)]
+    # a group sharing the last block with the top group has no block input above it: it runs to the loss
+    assert plan_segments([["b5.mlp"], ["b5.attn", "b4.mlp"]], index, 6)[1] == Segment(["b5.attn", "b4.mlp"], 4, None)
+
+
 def test_demo_model_estimate_matches_exact_svd(sample_path):
-    """The real pretrained model (SmolLM2-135M-Instruct), fp32, default settings (randomized SVD), rank 8."""
+    """The real pretrained model (SmolLM2-135M-Instruct), fp32, default settings (randomized SVD), rank 8. Each
+    block is run with grad about once per batch (segments), not once per group."""
     model, tokenizer, targets = load("demo", four_bit=False, rank=8)
     batches = make_batches(tokenizer, sample_path, n_batches=2, size=2)
     grads = exact_gradients(model, targets, batches)
+    blocks, _ = block_layout(model, list(targets))
+    calls = []
+    hooks = [b.register_forward_pre_hook(lambda m, args: calls.append(args[0].requires_grad)) for b in blocks]
     svds, stats = estimate_gradient_svd(model, targets, batches, 16, budget_bytes=2**27)
-    assert len(stats.groups) > 1 and stats.peak_state_bytes <= 2**27
+    for hook in hooks:
+        hook.remove()
+    assert len(stats.groups) > 2 and stats.peak_state_bytes <= 2**27
+    assert sum(calls) <= (len(blocks) + len(stats.groups)) * len(batches)
     assert_faithful(svds, grads, 16)
 
 
