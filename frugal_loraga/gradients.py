@@ -185,6 +185,16 @@ def block_inputs(model: nn.Module, block: nn.Module, batch: dict) -> tuple[tuple
     raise RuntimeError("the forward pass never called the block to start from")
 
 
+def run_blocks(blocks: list[nn.Module], args: tuple, kwargs: dict) -> torch.Tensor:
+    """Run consecutive blocks from the first one's captured inputs, made a leaf that needs grad; the last output."""
+    hidden = _hidden(args, kwargs).detach().requires_grad_()
+    for block in blocks:
+        args, kwargs = _with_hidden(args, kwargs, hidden)
+        out = block(*args, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
 def _record_grad(hidden: torch.Tensor, recorded: list, batch_index: int) -> None:
     """Keep dL/d(hidden) of this batch on the CPU when backward reaches it."""
     if hidden.requires_grad:
@@ -242,13 +252,11 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
                     if segment.stop is None:
                         model(**batch).loss.backward()
                     else:
+                        # one expression: a local holding the output would keep its graph's hooks, and through
+                        # them this group's accumulators, alive into the next group
                         args, kwargs = block_inputs(model, blocks[segment.start], batch)
-                        hidden = _hidden(args, kwargs).detach().requires_grad_()
-                        for block in blocks[segment.start:segment.stop]:
-                            args, kwargs = _with_hidden(args, kwargs, hidden)
-                            out = block(*args, **kwargs)
-                            hidden = out[0] if isinstance(out, tuple) else out
-                        hidden.backward(upstream[batch_index].to(hidden.device))
+                        run_blocks(blocks[segment.start:segment.stop], args, kwargs).backward(
+                            upstream[batch_index].to(device))
                     done += 1
                     if progress:
                         progress("estimating gradients", done, total, {})
