@@ -8,6 +8,8 @@ Baselines measured in the same run:
 - the peer users run today: transformers + bitsandbytes NF4 + PEFT LoRA (all linear layers, rank 8), gradient
   checkpointing, paged AdamW 8-bit, at the same batch and length: tokens/s and peak memory.
 Usage: python bench/bench_7b.py --card-gib 24 --estimation-samples 128
+       python bench/bench_7b.py --card-gib 80 --estimation-samples 128 --only peft_loraga --name peft_loraga_7b
+       python bench/bench_7b.py --card-gib 80 --estimation-samples 32 --only fidelity --name fidelity_7b
 """
 import argparse
 import gc
@@ -23,6 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from conftest import make_tokenizer  # noqa: E402
 from frugal_loraga import Config, finetune  # noqa: E402
+from frugal_loraga.api import estimation_batches  # noqa: E402
+from frugal_loraga.data import load_examples  # noqa: E402
+from frugal_loraga.fidelity import captured_energy, exact_gradients  # noqa: E402
+from frugal_loraga.gradients import estimate_gradient_svd  # noqa: E402
+from frugal_loraga.lora import find_targets  # noqa: E402
+from frugal_loraga.models import load_model  # noqa: E402
 
 
 def make_model_dir(path: Path, layers: int) -> Path:
@@ -87,6 +95,60 @@ def peer_qlora(model_dir: Path, data: Path, steps: int, max_length: int) -> dict
     return result
 
 
+def peer_peft_loraga(model_dir: Path, data: Path, samples: int, max_length: int, device: str = "cuda") -> dict:
+    """PEFT's own LoRA-GA on the bf16 model (it refuses 4-bit ones): preprocess_loraga over `samples` examples in
+    batches of 2, then get_peft_model (the SVD init). Wall time and peak memory of the two together."""
+    from peft import LoraConfig, LoraGAConfig, get_peft_model, preprocess_loraga
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = [json.loads(line)["text"] for line in data.read_text().splitlines()][:samples]
+    config = LoraConfig(r=8, lora_alpha=16, init_lora_weights="lora_ga",  # its preprocess needs names, not all-linear
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                        lora_ga_config=LoraGAConfig(), task_type="CAUSAL_LM")
+
+    def train_step():
+        for i in range(0, len(texts), 2):
+            batch = tokenizer(texts[i:i + 2], return_tensors="pt", truncation=True, max_length=max_length,
+                              padding=True).to(device)
+            model(**batch, labels=batch["input_ids"]).loss.backward()
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    preprocess_loraga(model, config, train_step)
+    peft_model = get_peft_model(model, config)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    result = {"init_seconds": time.perf_counter() - start, "samples": len(texts),
+              "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
+    del model, peft_model
+    gc.collect()
+    return result
+
+
+def fidelity_top_block(model_dir: Path, data: Path, samples: int, max_length: int) -> dict:
+    """Captured top-16 gradient energy of our estimate (randomized SVD, one layer per group) against the exact
+    autograd gradient, for the top decoder layer's 7 layers on the bf16 model: the cost of sketching at 7B shapes."""
+    config = Config(model=str(model_dir), data=str(data), data_format="text", rank=8, max_length=max_length,
+                    load_in_4bit=False, estimation_samples=samples, estimation_batch_size=2, progress=False)
+    model, tokenizer, device = load_model(config)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    examples, _ = load_examples(config.data, "text", tokenizer, max_length)
+    targets = find_targets(model, config.target_list(), 8, "lora_ga")
+    top = f"model.layers.{model.config.num_hidden_layers - 1}."
+    targets = {n: m for n, m in targets.items() if n.startswith(top)}
+    batches = estimation_batches(examples, config, tokenizer.pad_token_id, device)
+    grads = exact_gradients(model, targets, batches)
+    budget = max(4 * m.out_features * m.in_features for m in targets.values())
+    svds, stats = estimate_gradient_svd(model, targets, batches, 16, budget, "lowrank")
+    energy = {n.removeprefix(top): captured_energy(grads[n], svds[n].U, svds[n].V) for n in targets}
+    del model, grads
+    gc.collect()
+    return {"layers": energy, "groups": len(stats.groups), "min": min(energy.values())}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--card-gib", type=float, default=24)
@@ -95,6 +157,8 @@ def main():
     parser.add_argument("--train-steps", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--peer-steps", type=int, default=12, help="timed steps of the PEFT QLoRA peer (0: skip)")
+    parser.add_argument("--only", choices=["peft_loraga", "fidelity"], help="run just this measurement: PEFT's "
+                        "LoRA-GA init (bf16, ~27 GiB), or our estimate's captured energy on the top layer's weights")
     parser.add_argument("--work", default="/tmp/bench7b")
     parser.add_argument("--name", default="bench_7b_24gib")
     args = parser.parse_args()
@@ -113,6 +177,14 @@ def main():
     common = dict(model=str(model_dir), data=str(data), data_format="text", rank=8, max_length=args.max_length,
                   batch_size=2, estimation_samples=args.estimation_samples, estimation_batch_size=2, eval_fraction=0.0,
                   eval_every=0, save_every=0, progress=False)
+    if args.only == "peft_loraga":  # needs about 27 GiB: run it with --card-gib above that
+        results["peer_peft_loraga"] = peer_peft_loraga(model_dir, data, args.estimation_samples, args.max_length)
+    if args.only == "fidelity":
+        results["fidelity_top_block"] = fidelity_top_block(model_dir, data, args.estimation_samples, args.max_length)
+    if args.only:
+        out.write_text(json.dumps(results, indent=1))
+        print(json.dumps(results, indent=1))
+        return
     if args.peer_steps:  # first, in a fresh process, so that nothing of ours is left on the card
         results["peer_peft_qlora"] = peer_qlora(model_dir, data, args.peer_steps, args.max_length)
         out.write_text(json.dumps(results, indent=1))
