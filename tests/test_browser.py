@@ -1,5 +1,7 @@
 """A real browser (Debian's headless Chromium via Playwright) loads the app, uploads a file, trains a tiny model and
-sees both loss curves drawn in their colours; saves docs/screenshot.png. Skipped where Chromium or Playwright is not installed."""
+sees every loss curve drawn in its colour. UPDATE_SCREENSHOT=1 saves the page to docs/screenshot.png (otherwise to a
+temporary folder, so a test run leaves the tree clean). Skipped where Chromium or Playwright is not installed."""
+import os
 import shutil
 import socket
 
@@ -49,7 +51,8 @@ def test_browser_upload_train_and_plot(tiny_model_dir, sample_path, tmp_path, mo
             assert drawn["lora train"].get_attribute("d").count("L") == 5  # a segment between each of 6 steps
             legend = page.locator('[aria-roledescription="legend"] text').all_text_contents()
             assert set(app.CURVE_COLORS) <= set(legend), legend
-            page.screenshot(path=str(ROOT / "docs" / "screenshot.png"), full_page=True)
+            shot = ROOT / "docs" if os.environ.get("UPDATE_SCREENSHOT") == "1" else tmp_path
+            page.screenshot(path=str(shot / "screenshot.png"), full_page=True)
             browser.close()
     finally:
         ui.close()
