@@ -59,12 +59,21 @@ def make_data(path: Path, rows: int, words: int) -> Path:
     return path
 
 
+def peer_batches(model_dir: Path, data: Path, count: int, max_length: int, device) -> list[dict]:
+    """The first `count` texts of the data file, tokenized for the peers in batches of 2 x up to max_length."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = [json.loads(line)["text"] for line in data.read_text().splitlines()][:count]
+    return [tokenizer(texts[i:i + 2], return_tensors="pt", truncation=True, max_length=max_length,
+                      padding=True).to(device) for i in range(0, len(texts), 2)]
+
+
 def peer_qlora(model_dir: Path, data: Path, steps: int, max_length: int) -> dict:
     """transformers + bitsandbytes NF4 + PEFT LoRA, checkpointed, paged AdamW 8-bit: 2 warm-up steps, then `steps`
     timed steps of 2 x max_length tokens."""
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, dtype=torch.bfloat16,
@@ -73,13 +82,9 @@ def peer_qlora(model_dir: Path, data: Path, steps: int, max_length: int) -> dict
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
     model.train()  # as a Trainer does: gradient checkpointing only acts in training mode
     optimizer = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    texts = [json.loads(line)["text"] for line in data.read_text().splitlines()]
     tokens, seconds = 0, 0.0
     torch.cuda.reset_peak_memory_stats()
-    for step in range(steps + 2):
-        batch = tokenizer(texts[2 * step:2 * step + 2], return_tensors="pt", truncation=True, max_length=max_length,
-                          padding=True).to("cuda")
+    for step, batch in enumerate(peer_batches(model_dir, data, 2 * (steps + 2), max_length, "cuda")):
         torch.cuda.synchronize()
         start = time.perf_counter()
         model(**batch, labels=batch["input_ids"]).loss.backward()
@@ -97,20 +102,18 @@ def peer_qlora(model_dir: Path, data: Path, steps: int, max_length: int) -> dict
 
 def peer_peft_loraga(model_dir: Path, data: Path, samples: int, max_length: int, device: str = "cuda") -> dict:
     """PEFT's own LoRA-GA on the bf16 model (it refuses 4-bit ones): preprocess_loraga over `samples` examples in
-    batches of 2, then get_peft_model (the SVD init). Wall time and peak memory of the two together."""
+    batches of 2 (tokenized beforehand, as ours are), then get_peft_model (the SVD init). Wall time and peak memory
+    of the two together."""
     from peft import LoraConfig, LoraGAConfig, get_peft_model, preprocess_loraga
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    texts = [json.loads(line)["text"] for line in data.read_text().splitlines()][:samples]
+    batches = peer_batches(model_dir, data, samples, max_length, device)
     config = LoraConfig(r=8, lora_alpha=16, init_lora_weights="lora_ga",  # its preprocess needs names, not all-linear
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                         lora_ga_config=LoraGAConfig(), task_type="CAUSAL_LM")
 
     def train_step():
-        for i in range(0, len(texts), 2):
-            batch = tokenizer(texts[i:i + 2], return_tensors="pt", truncation=True, max_length=max_length,
-                              padding=True).to(device)
+        for batch in batches:
             model(**batch, labels=batch["input_ids"]).loss.backward()
 
     if device == "cuda":
@@ -121,7 +124,7 @@ def peer_peft_loraga(model_dir: Path, data: Path, samples: int, max_length: int,
     peft_model = get_peft_model(model, config)
     if device == "cuda":
         torch.cuda.synchronize()
-    result = {"init_seconds": time.perf_counter() - start, "samples": len(texts),
+    result = {"init_seconds": time.perf_counter() - start, "samples": sum(len(b["input_ids"]) for b in batches),
               "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
     del model, peft_model
     gc.collect()

@@ -22,10 +22,9 @@ def load(model_dir, four_bit, rank=RANK, checkpointing=False):
     return model, tokenizer, find_targets(model, config.target_list(), rank, "lora_ga")
 
 
-def make_batches(tokenizer, sample_path, n_batches=4, size=2, max_length=96):
+def make_batches(model, tokenizer, sample_path, n_batches=4, size=2, max_length=96):
     examples, _ = load_examples(sample_path, "auto", tokenizer, max_length)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return [collate(examples[i * size:(i + 1) * size], tokenizer.pad_token_id, device) for i in range(n_batches)]
+    return [collate(examples[i * size:(i + 1) * size], tokenizer.pad_token_id, model.device) for i in range(n_batches)]
 
 
 def assert_faithful(svds, grads, k, bar=0.99):
@@ -37,7 +36,7 @@ def assert_faithful(svds, grads, k, bar=0.99):
 
 def test_streamed_estimate_matches_exact_svd_fp32(tiny_model_dir, sample_path):
     model, tokenizer, targets = load(tiny_model_dir, four_bit=False)
-    batches = make_batches(tokenizer, sample_path)
+    batches = make_batches(model, tokenizer, sample_path)
     grads = exact_gradients(model, targets, batches)
     svds, stats = estimate_gradient_svd(model, targets, batches, 2 * RANK, budget_bytes=2**30)
     assert len(stats.groups) == 1
@@ -49,7 +48,7 @@ def test_streamed_estimate_matches_exact_svd_fp32(tiny_model_dir, sample_path):
 def test_streamed_estimate_on_nf4_base_with_checkpointing(tiny_model_dir, sample_path):
     """G at the quantized model: the oracle is an fp32 model holding the dequantized NF4 weights."""
     model4, tokenizer, targets4 = load(tiny_model_dir, four_bit=True, checkpointing=True)
-    batches = make_batches(tokenizer, sample_path)
+    batches = make_batches(model4, tokenizer, sample_path)
     budget = sum(4 * m.out_features * m.in_features for m in targets4.values()) // 3  # lower groups run segments
     svds, stats = estimate_gradient_svd(model4, targets4, batches, 2 * RANK, budget_bytes=budget)
     assert len(stats.groups) >= 3
@@ -63,7 +62,7 @@ def test_streamed_estimate_on_nf4_base_with_checkpointing(tiny_model_dir, sample
 
 def test_gradient_state_stays_within_a_small_budget(tiny_model_dir, sample_path):
     model, tokenizer, targets = load(tiny_model_dir, four_bit=False)
-    batches = make_batches(tokenizer, sample_path)
+    batches = make_batches(model, tokenizer, sample_path)
     total = sum(4 * m.weight.numel() for m in targets.values())
     budget = total // 3
     svds, stats = estimate_gradient_svd(model, targets, batches, 2 * RANK, budget_bytes=budget)
@@ -95,7 +94,7 @@ def test_demo_model_estimate_matches_exact_svd(sample_path):
     """The real pretrained model (SmolLM2-135M-Instruct), fp32, default settings (randomized SVD), rank 8. Each
     block is run with grad about once per batch (segments), not once per group."""
     model, tokenizer, targets = load("demo", four_bit=False, rank=8)
-    batches = make_batches(tokenizer, sample_path, n_batches=2, size=2)
+    batches = make_batches(model, tokenizer, sample_path, n_batches=2, size=2)
     grads = exact_gradients(model, targets, batches)
     blocks, _ = block_layout(model, list(targets))
     calls = []
