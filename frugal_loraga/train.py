@@ -18,11 +18,11 @@ from tqdm.auto import tqdm
 
 from .config import Config, ConfigError
 from .data import Example, collate, micro_batch
-from .gradients import ProgressFn
+from .gradients import ProgressFn, block_layout
 from .lora import LoraLinear
 
 # Fields that may change between a run and its resume without changing the result.
-RESUMABLE_CHANGES = {"resume", "progress", "metrics_json", "save_every", "device"}
+RESUMABLE_CHANGES = {"resume", "progress", "metrics_json", "save_every", "device", "compile"}
 
 
 def lr_factor(step: int, config: Config) -> float:
@@ -47,6 +47,16 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if device.type == "cuda" and dtype == torch.bfloat16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def compile_blocks(model, layers: dict[str, LoraLinear]) -> int:
+    """torch.compile each decoder layer holding adapters, in place (names and state dict unchanged): the layers share
+    one compiled graph, which fuses norms, RoPE and SwiGLU and launches the layer's kernels from generated code instead
+    of op by op from Python, the bottleneck of a 4-bit step at a few thousand tokens. Returns how many were compiled."""
+    blocks, _ = block_layout(model, list(layers))
+    for block in blocks:
+        block.compile()
+    return len(blocks)
 
 
 @torch.no_grad()
@@ -123,6 +133,8 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
                                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                      "metrics": metrics})
 
+    if config.compile and device.type == "cuda":
+        compile_blocks(model, layers)
     model.train()
     if eval_examples and start == 0:
         metrics["eval_loss"].append([0, evaluate(model, eval_examples, config, pad_id, device, dtype)])

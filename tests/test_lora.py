@@ -12,7 +12,7 @@ from frugal_loraga.gradients import LayerSVD
 from frugal_loraga.init import lora_ga_factors
 from frugal_loraga.lora import find_targets, inject
 from frugal_loraga.models import load_model
-from frugal_loraga.train import checkpoint_path
+from frugal_loraga.train import checkpoint_path, compile_blocks
 
 
 def logits(model, batch):
@@ -75,6 +75,46 @@ def test_exported_adapter_reproduces_our_logits_in_peft(tiny_model_dir, sample_p
     torch.testing.assert_close(peft_logits, our_logits, rtol=1e-4, atol=1e-4)
     expected_rank = 8 if init == "lora_ga" else 4
     assert peft_model.peft_config["default"].r == expected_rank
+
+
+def lora_model(tiny_model_dir, sample_path, **settings):
+    """The tiny model with plain LoRA adapters (B random, so that they act), and a batch."""
+    config = Config(model=str(tiny_model_dir), data=str(sample_path), init="lora", rank=4, progress=False, **settings)
+    model, tokenizer, device = load_model(config)
+    targets = find_targets(model, config.target_list(), config.rank, config.init)
+    generator = torch.Generator().manual_seed(0)
+    layers = inject(model, {n: (0.1 * torch.randn(4, m.in_features, generator=generator).to(device),
+                                0.1 * torch.randn(m.out_features, 4, generator=generator).to(device), None, None)
+                            for n, m in targets.items()}, config.eta)
+    examples, _ = load_examples(sample_path, "auto", tokenizer, 96)
+    return model, layers, collate(examples[:3], tokenizer.pad_token_id, device)
+
+
+def test_compile_blocks_compiles_each_decoder_layer_in_place(tiny_model_dir, sample_path):
+    model, layers, _ = lora_model(tiny_model_dir, sample_path, load_in_4bit=False)
+    keys = list(model.state_dict())
+    assert compile_blocks(model, layers) == 2
+    assert all(block._compiled_call_impl is not None for block in model.model.layers)
+    assert model.model.embed_tokens._compiled_call_impl is None
+    assert list(model.state_dict()) == keys  # checkpoints and the export see the same names
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: training compiles the decoder layers on CUDA only")
+def test_compiled_layers_give_eager_loss_and_gradients(tiny_model_dir, sample_path):
+    """fp32 NF4 model; tolerance 1e-4: inductor reorders the fp32 reductions of norms and softmax."""
+    model, layers, batch = lora_model(tiny_model_dir, sample_path, dtype="float32")
+    results = []
+    for compiled in (False, True):
+        if compiled:
+            compile_blocks(model, layers)
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for layer in layers.values() for p in (layer.A, layer.B)]))
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-4)
+    for got, expected in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
 
 
 def test_target_errors(tiny_model_dir):

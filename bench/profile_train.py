@@ -1,0 +1,156 @@
+"""Where a training step's time goes: our LoRA training against the PEFT QLoRA peer, step for step, on a
+Llama-2-7B-shaped model cut to a few decoder layers (each layer costs the same as in the full model).
+
+Variants, each in the same process on the same batches (2 x max_length tokens, rank 8, paged AdamW 8-bit), named
+peer or ours plus options joined by '+':
+  peer          transformers + bitsandbytes NF4 + PEFT LoRA, prepare_model_for_kbit_training, checkpointing
+  ours          frugal-loraga's training step (NF4, LoraLinear with the fused Triton adapter, bf16 autocast)
+  +liger        liger-kernel's RMSNorm, SwiGLU, RoPE and fused linear cross entropy patched in;  +flce  just the last
+  +nockpt       no gradient checkpointing;  +reentrant  (ours) reentrant checkpointing, as PEFT's default
+  +torchlora    (ours) the torch reference adapter instead of the Triton one;  +noautocast  (ours) bf16 without autocast
+  +compile      torch.compile on each decoder layer
+liger, flce and torchlora patch classes and modules for the rest of the process: put them last.
+Writes ms/step, tokens/s and peak GiB per variant, and with --profile the top CUDA kernels and CPU ops of one step.
+Usage: python bench/profile_train.py --layers 8 --variants peer ours ours+liger --profile
+"""
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
+from bench_7b import make_data, make_model_dir, peer_batches  # noqa: E402
+import frugal_loraga.lora  # noqa: E402
+from frugal_loraga import Config  # noqa: E402
+from frugal_loraga.init import lora_factors  # noqa: E402
+from frugal_loraga.lora import find_targets, inject  # noqa: E402
+from frugal_loraga.models import load_model  # noqa: E402
+from frugal_loraga.train import autocast, make_optimizer  # noqa: E402
+from kernels.lora import lora_add_reference  # noqa: E402
+
+
+def liger(model, loss_only: bool) -> None:
+    """Patch liger-kernel's Llama kernels into this model (for the peer: into the model under PEFT); loss_only: just
+    its fused linear cross entropy."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    apply_liger_kernel_to_llama(rope=not loss_only, rms_norm=not loss_only, swiglu=not loss_only, cross_entropy=False,
+                                fused_linear_cross_entropy=True, model=base)
+
+
+def ours(model_dir: Path, data: Path, max_length: int, options: set[str]):
+    checkpointing = "nockpt" not in options
+    if "torchlora" in options:
+        frugal_loraga.lora.lora_add = lora_add_reference
+    config = Config(model=str(model_dir), data=str(data), data_format="text", rank=8, max_length=max_length,
+                    optimizer="paged_adamw_8bit", gradient_checkpointing=checkpointing, progress=False)
+    model, _, device = load_model(config)
+    targets = find_targets(model, config.target_list(), 8, "lora")
+    generator = torch.Generator().manual_seed(0)
+    layers = inject(model, {n: (*lora_factors(m.out_features, m.in_features, 8, generator, device), None, None)
+                            for n, m in targets.items()}, config.eta)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": "reentrant" in options})
+        if "reentrant" in options:
+            model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
+    model.train()
+    optimizer = make_optimizer([p for layer in layers.values() for p in (layer.A, layer.B)], config, device)
+    dtype = torch.float32 if "noautocast" in options else torch.bfloat16
+    return model, optimizer, lambda: autocast(device, dtype)
+
+
+def peer(model_dir: Path, options: set[str]):
+    checkpointing = "nockpt" not in options
+    import bitsandbytes as bnb
+    from contextlib import nullcontext
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, dtype=torch.bfloat16,
+                                                 device_map={"": 0})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.train()
+    optimizer = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return model, optimizer, nullcontext
+
+
+def measure(name: str, model, optimizer, context, batches: list[dict], profile: bool) -> dict:
+    def step(batch):
+        with context():
+            loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for batch in batches[:2]:
+        step(batch)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for batch in batches[2:]:
+        step(batch)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches[2:])
+    result = {"ms_per_step": 1000 * seconds / len(batches[2:]), "tokens_per_second": tokens / seconds,
+              "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+    if profile:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity
+        with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step(batches[2])
+            torch.cuda.synchronize()
+        events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
+        result["top_kernels_ms"] = [[e.key[:90], round(e.device_time_total / 1000, 3), e.count] for e in events[:40]]
+        result["gpu_busy_ms"] = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1000
+        by_cpu = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        result["top_cpu_self_ms"] = [[e.key[:90], round(e.self_cpu_time_total / 1000, 3), e.count] for e in by_cpu[:40]]
+        result["cpu_ms_total"] = sum(e.self_cpu_time_total for e in by_cpu) / 1000
+    print(name, json.dumps({k: v for k, v in result.items() if not k.startswith("top_")}), flush=True)
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--variants", nargs="+", default=["peer", "ours", "ours+liger", "peer+liger"],
+                        help="peer or ours, each with options joined by '+' (see the module docstring)")
+    parser.add_argument("--profile", action="store_true", help="add the top CUDA kernels of one step")
+    parser.add_argument("--work", default="/tmp/profile_train")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "profile_train.json"))
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = make_model_dir(work / f"llama7b_{args.layers}layers", args.layers)
+    data = make_data(work / "data.jsonl", 2 * (args.steps + 3), words=900)
+    batches = peer_batches(model_dir, data, 2 * (args.steps + 2), args.max_length, "cuda")
+    results = {"device": torch.cuda.get_device_name(), "layers": args.layers,
+               "batch": f"2 x {args.max_length}", "rank": 8, "variants": {}}
+    for variant in args.variants:
+        kind, *options = variant.split("+")
+        model, optimizer, context = (ours(model_dir, data, args.max_length, set(options)) if kind == "ours"
+                                     else peer(model_dir, set(options)))
+        if "liger" in options or "flce" in options:
+            liger(model, loss_only="liger" not in options)
+        if "compile" in options:
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            for layer in base.model.layers:
+                layer.compile()
+        results["variants"][variant] = measure(variant, model, optimizer, context, batches, args.profile)
+        del model, optimizer
+        gc.collect()
+        torch.cuda.empty_cache()
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
