@@ -157,7 +157,8 @@ def main():
     parser.add_argument("--card-gib", type=float, default=24)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--estimation-samples", type=int, default=32)
-    parser.add_argument("--train-steps", type=int, default=8)
+    parser.add_argument("--train-steps", type=int, default=32, help="LoRA-GA training steps (the compile included)")
+    parser.add_argument("--grad-budget-gib", type=float, help="LoRA-GA gradient state budget (default: half of free)")
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--peer-steps", type=int, default=12, help="timed steps of the PEFT QLoRA peer (0: skip)")
     parser.add_argument("--only", choices=["peft_loraga", "fidelity"], help="run just this measurement: PEFT's "
@@ -194,7 +195,8 @@ def main():
         print("peer_peft_qlora", json.dumps(results["peer_peft_qlora"]), flush=True)
     baseline = Config(init="lora", steps=args.estimation_samples // 2, out=str(work / "run_lora"), **common)
     for label, config in [
-        ("lora_ga", Config(init="lora_ga", steps=args.train_steps, out=str(work / "run_ga"), **common)),
+        ("lora_ga", Config(init="lora_ga", steps=args.train_steps, grad_budget_gib=args.grad_budget_gib,
+                           out=str(work / "run_ga"), **common)),
         ("baseline_lora_fwd_bwd_warmup", baseline),
         ("baseline_lora_fwd_bwd", baseline),
     ]:

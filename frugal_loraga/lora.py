@@ -5,15 +5,18 @@ base: the frozen linear layer (nn.Linear or bitsandbytes Linear4bit), W (m x n),
 A (r x n), B (m x r): trainable fp32; A0, B0: frozen copies of their initial values (LoRA-GA), empty for plain LoRA.
 At step 0 A == A0 and B == B0 bit for bit, so the two products cancel exactly and the model is unchanged.
 The sum is computed by kernels.lora.lora_add: one fused Triton shrink/expand on CUDA, the torch reference elsewhere.
+Inside torch.compile a 4-bit base is dequantized by torch ops (nf4.py) that fuse into the compiled layer.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kernels.lora import lora_add
 
 from .config import ALL_LINEAR, ConfigError
+from .nf4 import FourBitWeight
 
 
 class LoraLinear(nn.Module):
@@ -27,13 +30,22 @@ class LoraLinear(nn.Module):
         empty = A.new_zeros(0)
         self.register_buffer("A0", empty if A0 is None else A0.float().clone())
         self.register_buffer("B0", empty if B0 is None else B0.float().clone())
+        self.four_bit = FourBitWeight.of(base)
 
     @property
     def has_frozen(self) -> bool:
         return self.A0.numel() > 0
 
+    def base_output(self, x: torch.Tensor) -> torch.Tensor:
+        """base(x); when compiling, a 4-bit base as dequantize + linear in torch ops, with bitsandbytes' casts."""
+        if self.four_bit is not None and torch.compiler.is_compiling():
+            dtype = self.four_bit.dtype
+            bias = None if self.base.bias is None else self.base.bias.to(dtype)
+            return F.linear(x.to(dtype), self.four_bit(), bias).to(x.dtype)
+        return self.base(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lora_add(self.base(x), x, self.A, self.B, self.A0, self.B0, self.eta)
+        return lora_add(self.base_output(x), x, self.A, self.B, self.A0, self.B0, self.eta)
 
 
 def find_targets(model: nn.Module, targets: list[str], rank: int, init: str) -> dict[str, nn.Module]:

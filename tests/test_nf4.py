@@ -1,0 +1,48 @@
+"""The torch-op dequantization of 4-bit weights that compiled layers use, against bitsandbytes' own."""
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes")
+
+from frugal_loraga.lora import LoraLinear  # noqa: E402
+from frugal_loraga.nf4 import FourBitWeight  # noqa: E402
+
+
+def four_bit_linear(m: int, n: int, nested: bool, dtype: torch.dtype, quant_type: str = "nf4", bias: bool = False):
+    torch.manual_seed(m + n)
+    dense = torch.nn.Linear(n, m, bias=bias)
+    layer = bnb.nn.Linear4bit(n, m, bias=bias, compute_dtype=dtype, compress_statistics=nested, quant_type=quant_type)
+    layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, compress_statistics=nested,
+                                     quant_type=quant_type)._quantize("cpu")
+    if bias:
+        layer.bias = torch.nn.Parameter(dense.bias.data.clone(), requires_grad=False)
+    return layer
+
+
+@pytest.mark.parametrize("m,n,nested,dtype,quant_type", [
+    (97, 200, True, torch.bfloat16, "nf4"),     # 19400 values: the last block of 64 is partial
+    (96, 200, False, torch.float32, "nf4"),     # plain fp32 scales
+    (300, 1030, True, torch.float32, "nf4"),    # 4828 scales: the last block of 256 scales is partial
+    (64, 129, True, torch.bfloat16, "fp4"),     # odd count: the last byte holds one value
+])
+def test_dequantized_weight_equals_bitsandbytes(m, n, nested, dtype, quant_type):
+    """Tolerance: none. Same fp32 products in the same order, then one cast."""
+    layer = four_bit_linear(m, n, nested, dtype, quant_type)
+    expected = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
+    four_bit = FourBitWeight.of(layer)
+    assert torch.equal(four_bit(), expected)
+    assert four_bit.state_dict() == {}  # views only: nothing new in checkpoints
+
+
+def test_not_four_bit():
+    assert FourBitWeight.of(torch.nn.Linear(3, 4)) is None
+
+
+def test_compiled_base_output_matches_the_bitsandbytes_layer(monkeypatch):
+    """The path LoraLinear takes under torch.compile, run eagerly: fp32 compute, so only GEMM order differs."""
+    base = four_bit_linear(80, 72, True, torch.float32, bias=True)
+    layer = LoraLinear(base, torch.zeros(4, 72), torch.zeros(80, 4), None, None, eta=1.0)
+    x = torch.randn(3, 5, 72)
+    expected = base(x)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(layer.base_output(x), expected, rtol=1e-5, atol=1e-5)
