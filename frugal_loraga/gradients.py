@@ -15,8 +15,10 @@ Groups are walked from the top of the network down, each over all batches, and e
   lower group a no-grad forward stopped at its lowest block captures that block's inputs; its blocks are then run
               with grad, and backward starts from the gradient at the input of the block above them, which the group
               above recorded (kept on the CPU: batches x tokens x hidden values).
-So the whole estimate costs about one no-grad forward per group plus one forward and backward of the network, against
-a forward and backward per group when every group backpropagates from the loss.
+The top group's forward also keeps the lower groups' start inputs on the CPU (the highest starts first, within a host
+budget), so those groups skip their no-grad forward. The estimate then costs one forward and backward of the network,
+plus a no-grad forward per group whose start did not fit, against a forward and backward per group when every group
+backpropagates from the loss.
 After a group's batches, each G = (sum of dY^T X) / batches is reduced to its top-2r singular triplets and freed.
 """
 from __future__ import annotations
@@ -185,6 +187,24 @@ def block_inputs(model: nn.Module, block: nn.Module, batch: dict) -> tuple[tuple
     raise RuntimeError("the forward pass never called the block to start from")
 
 
+def plan_cache(segments: list[Segment], input_bytes: int, host_budget_bytes: int) -> list[int]:
+    """The lower groups' start blocks whose inputs (input_bytes each, all batches) the top group's forward keeps on the
+    CPU: the highest first, since a no-grad forward to a higher block costs more, as many as the host budget holds."""
+    starts = sorted({s.start for s in segments[1:] if s.stop is not None}, reverse=True)
+    return starts[:host_budget_bytes // max(input_bytes, 1)]
+
+
+def _to(value, device):
+    """A block's inputs (tensors inside tuples, lists and dicts), detached and moved to device."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
 def run_blocks(blocks: list[nn.Module], args: tuple, kwargs: dict) -> torch.Tensor:
     """Run consecutive blocks from the first one's captured inputs, made a leaf that needs grad; the last output."""
     hidden = _hidden(args, kwargs).detach().requires_grad_()
@@ -202,10 +222,11 @@ def _record_grad(hidden: torch.Tensor, recorded: list, batch_index: int) -> None
 
 
 def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict], k: int,
-                          budget_bytes: int, svd: str = "lowrank",
-                          progress: Optional[ProgressFn] = None) -> tuple[dict[str, LayerSVD], EstimationStats]:
+                          budget_bytes: int, svd: str = "lowrank", progress: Optional[ProgressFn] = None,
+                          host_budget_bytes: Optional[int] = None) -> tuple[dict[str, LayerSVD], EstimationStats]:
     """Top-k SVD of the mean gradient dL/dW over `batches` for every target, never holding more than
-    `budget_bytes` of fp32 gradient state. Returns the factors (on the model's device) and what it cost."""
+    `budget_bytes` of fp32 gradient state on the device nor more than `host_budget_bytes` (default: a quarter of the
+    available RAM) of cached block inputs on the CPU. Returns the factors (on the model's device) and what it cost."""
     start = time.perf_counter()
     device = batches[0]["input_ids"].device
     order = execution_order(model, targets, batches[0])
@@ -227,6 +248,12 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
 
     blocks, index = block_layout(model, order)
     segments = plan_segments(groups, index, len(blocks))
+    if host_budget_bytes is None:
+        host_budget_bytes = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    embedding = model.get_input_embeddings().weight
+    input_bytes = sum(b["input_ids"].numel() for b in batches) * embedding.shape[1] * embedding.element_size()
+    cache: dict[int, list] = {start: [None] * len(batches) for start in plan_cache(segments, input_bytes,
+                                                                                   host_budget_bytes)}
     results: dict[str, LayerSVD] = {}
     handles = [targets[n].register_forward_hook(on_forward(n)) for n in order]
     was_training = model.training
@@ -245,6 +272,10 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
                 hooks.append(blocks[record_at].register_forward_pre_hook(
                     lambda m, args, kwargs: _record_grad(_hidden(args, kwargs), recorded, batch_index),
                     with_kwargs=True))
+            if i == 0:  # the top group's forward passes every lower group's start: keep their inputs
+                hooks += [blocks[start].register_forward_pre_hook(
+                    lambda m, args, kwargs, kept=kept: kept.__setitem__(batch_index, _to((args, kwargs), "cpu"))
+                    if kept[batch_index] is None else None, with_kwargs=True) for start, kept in cache.items()]
             for name in segment.names:
                 state.allocate(name, shapes[name], device)
             try:
@@ -254,7 +285,8 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
                     else:
                         # one expression: a local holding the output would keep its graph's hooks, and through
                         # them this group's accumulators, alive into the next group
-                        args, kwargs = block_inputs(model, blocks[segment.start], batch)
+                        args, kwargs = (_to(cache[segment.start][batch_index], device) if segment.start in cache
+                                        else block_inputs(model, blocks[segment.start], batch))
                         run_blocks(blocks[segment.start:segment.stop], args, kwargs).backward(
                             upstream[batch_index].to(device))
                     done += 1

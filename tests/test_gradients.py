@@ -6,7 +6,8 @@ from bitsandbytes.functional import dequantize_4bit
 from frugal_loraga.config import Config, ConfigError
 from frugal_loraga.data import collate, load_examples
 from frugal_loraga.fidelity import captured_energy, exact_gradients, subspace_agreement
-from frugal_loraga.gradients import Segment, block_layout, estimate_gradient_svd, plan_groups, plan_segments
+from frugal_loraga.gradients import (Segment, block_layout, estimate_gradient_svd, plan_cache, plan_groups,
+                                     plan_segments)
 from frugal_loraga.lora import find_targets
 from frugal_loraga.models import load_model
 
@@ -86,8 +87,29 @@ def test_segments_bound_each_backward(sample_path):
     groups = [["head", "b5.mlp", "b5.attn", "b4.mlp"], ["b4.attn"], ["b1.mlp"], ["b0.mlp"]]
     assert plan_segments(groups, index, 6) == [Segment(groups[0], 4, None), Segment(groups[1], 4, 5),
                                                Segment(groups[2], 1, 4), Segment(groups[3], 0, 1)]
+    # the top group's forward keeps the highest lower starts that fit the host budget
+    assert plan_cache(plan_segments(groups, index, 6), input_bytes=10, host_budget_bytes=25) == [4, 1]
     # a group sharing the last block with the top group has no block input above it: it runs to the loss
     assert plan_segments([["b5.mlp"], ["b5.attn", "b4.mlp"]], index, 6)[1] == Segment(["b5.attn", "b4.mlp"], 4, None)
+
+
+def test_cached_block_inputs_replace_the_no_grad_forwards(tiny_model_dir, sample_path, monkeypatch):
+    """Lower groups start from the inputs the top group's forward kept on the CPU: same factors (exact SVD of the same
+    gradients), and no no-grad forward to their start blocks."""
+    model, tokenizer, targets = load(tiny_model_dir, four_bit=False)
+    batches = make_batches(model, tokenizer, sample_path)
+    budget = sum(4 * m.weight.numel() for m in targets.values()) // 3
+    reforward, stats = estimate_gradient_svd(model, targets, batches, 2 * RANK, budget, "exact", host_budget_bytes=0)
+    assert len(stats.groups) >= 3
+
+    def no_reforward(*args):
+        raise AssertionError("a lower group re-ran the forward to its start block")
+    monkeypatch.setattr("frugal_loraga.gradients.block_inputs", no_reforward)
+    cached, _ = estimate_gradient_svd(model, targets, batches, 2 * RANK, budget, "exact", host_budget_bytes=2**30)
+    for name in targets:
+        for got, expected in zip((cached[name].U, cached[name].S, cached[name].V),
+                                 (reforward[name].U, reforward[name].S, reforward[name].V)):
+            torch.testing.assert_close(got, expected)
 
 
 def test_demo_model_estimate_matches_exact_svd(sample_path):
