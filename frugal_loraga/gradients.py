@@ -221,6 +221,13 @@ def _record_grad(hidden: torch.Tensor, recorded: list, batch_index: int) -> None
         hidden.register_hook(lambda grad: recorded.__setitem__(batch_index, grad.detach().cpu()))
 
 
+def _keep_inputs(args: tuple, kwargs: dict, kept: list, batch_index: int) -> None:
+    """Keep a block's inputs for this batch on the CPU the first time it runs (not again when checkpointing
+    recomputes it)."""
+    if kept[batch_index] is None:
+        kept[batch_index] = _to((args, kwargs), "cpu")
+
+
 def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict], k: int,
                           budget_bytes: int, svd: str = "lowrank", progress: Optional[ProgressFn] = None,
                           host_budget_bytes: Optional[int] = None) -> tuple[dict[str, LayerSVD], EstimationStats]:
@@ -274,8 +281,8 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
                     with_kwargs=True))
             if i == 0:  # the top group's forward passes every lower group's start: keep their inputs
                 hooks += [blocks[start].register_forward_pre_hook(
-                    lambda m, args, kwargs, kept=kept: kept.__setitem__(batch_index, _to((args, kwargs), "cpu"))
-                    if kept[batch_index] is None else None, with_kwargs=True) for start, kept in cache.items()]
+                    lambda m, args, kwargs, kept=kept: _keep_inputs(args, kwargs, kept, batch_index), with_kwargs=True)
+                    for start, kept in cache.items()]
             for name in segment.names:
                 state.allocate(name, shapes[name], device)
             try:
