@@ -17,6 +17,7 @@ import json
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -68,9 +69,9 @@ def peer_batches(model_dir: Path, data: Path, count: int, max_length: int, devic
                       padding=True).to(device) for i in range(0, len(texts), 2)]
 
 
-def peer_qlora(model_dir: Path, data: Path, steps: int, max_length: int) -> dict:
-    """transformers + bitsandbytes NF4 + PEFT LoRA, checkpointed, paged AdamW 8-bit: 2 warm-up steps, then `steps`
-    timed steps of 2 x max_length tokens."""
+def peer_model(model_dir: Path, checkpointing: bool = True):
+    """(model, optimizer) as users set up QLoRA today: transformers + bitsandbytes NF4 (double quant) +
+    prepare_model_for_kbit_training + PEFT LoRA on all linear layers, rank 8, paged AdamW 8-bit."""
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -78,23 +79,39 @@ def peer_qlora(model_dir: Path, data: Path, steps: int, max_length: int) -> dict
                                       bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, dtype=torch.bfloat16,
                                                  device_map={"": 0})
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
     model.train()  # as a Trainer does: gradient checkpointing only acts in training mode
-    optimizer = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    tokens, seconds = 0, 0.0
+    return model, bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+
+def time_steps(step, batches: list[dict]) -> dict:
+    """step(batch) on the first 2 batches to warm up, then timed over the rest: ms/step, tokens/s, peak GiB."""
+    for batch in batches[:2]:
+        step(batch)
+    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    for step, batch in enumerate(peer_batches(model_dir, data, 2 * (steps + 2), max_length, "cuda")):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        model(**batch, labels=batch["input_ids"]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        if step >= 2:
-            tokens, seconds = tokens + int(batch["attention_mask"].sum()), seconds + time.perf_counter() - start
-    result = {"tokens_per_second": tokens / seconds, "steps": steps, "peak_memory_gib":
-              torch.cuda.max_memory_allocated() / 2**30}
+    start = time.perf_counter()
+    for batch in batches[2:]:
+        step(batch)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches[2:])
+    return {"ms_per_step": 1000 * seconds / len(batches[2:]), "tokens_per_second": tokens / seconds,
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def qlora_step(model, optimizer, batch: dict) -> None:
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def peer_qlora(model_dir: Path, data: Path, steps: int, max_length: int) -> dict:
+    """The QLoRA peer (peer_model), checkpointed: 2 warm-up steps, then `steps` timed steps of 2 x max_length."""
+    model, optimizer = peer_model(model_dir)
+    batches = peer_batches(model_dir, data, 2 * (steps + 2), max_length, "cuda")
+    result = {"steps": steps, **time_steps(partial(qlora_step, model, optimizer), batches)}
     del model, optimizer
     torch.cuda.empty_cache()
     return result

@@ -17,17 +17,17 @@ import argparse
 import gc
 import json
 import sys
-import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
-from bench_7b import make_data, make_model_dir, peer_batches  # noqa: E402
+from bench_7b import make_data, make_model_dir, peer_batches, peer_model, time_steps  # noqa: E402
 import frugal_loraga.lora  # noqa: E402
 from frugal_loraga import Config  # noqa: E402
-from frugal_loraga.init import lora_factors  # noqa: E402
+from frugal_loraga.api import initial_factors  # noqa: E402
 from frugal_loraga.lora import find_targets, inject  # noqa: E402
 from frugal_loraga.models import load_model  # noqa: E402
 from frugal_loraga.train import autocast, make_optimizer  # noqa: E402
@@ -47,13 +47,13 @@ def ours(model_dir: Path, data: Path, max_length: int, options: set[str]):
     checkpointing = "nockpt" not in options
     if "torchlora" in options:
         frugal_loraga.lora.lora_add = lora_add_reference
-    config = Config(model=str(model_dir), data=str(data), data_format="text", rank=8, max_length=max_length,
-                    optimizer="paged_adamw_8bit", gradient_checkpointing=checkpointing, progress=False)
-    model, _, device = load_model(config)
+    config = Config(model=str(model_dir), data=str(data), data_format="text", init="lora", rank=8,
+                    max_length=max_length, optimizer="paged_adamw_8bit", gradient_checkpointing=checkpointing,
+                    progress=False)
+    model, tokenizer, device = load_model(config)
     targets = find_targets(model, config.target_list(), 8, "lora")
-    generator = torch.Generator().manual_seed(0)
-    layers = inject(model, {n: (*lora_factors(m.out_features, m.in_features, 8, generator, device), None, None)
-                            for n, m in targets.items()}, config.eta)
+    factors, _ = initial_factors(model, targets, [], config, tokenizer.pad_token_id, device, None)
+    layers = inject(model, factors, config.eta)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": "reentrant" in options})
         if "reentrant" in options:
@@ -65,20 +65,7 @@ def ours(model_dir: Path, data: Path, max_length: int, options: set[str]):
 
 
 def peer(model_dir: Path, options: set[str]):
-    checkpointing = "nockpt" not in options
-    import bitsandbytes as bnb
-    from contextlib import nullcontext
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, dtype=torch.bfloat16,
-                                                 device_map={"": 0})
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
-    model.train()
-    optimizer = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    return model, optimizer, nullcontext
+    return (*peer_model(model_dir, checkpointing="nockpt" not in options), nullcontext)
 
 
 def measure(name: str, model, optimizer, context, batches: list[dict], profile: bool) -> dict:
@@ -89,18 +76,7 @@ def measure(name: str, model, optimizer, context, batches: list[dict], profile: 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for batch in batches[:2]:
-        step(batch)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for batch in batches[2:]:
-        step(batch)
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches[2:])
-    result = {"ms_per_step": 1000 * seconds / len(batches[2:]), "tokens_per_second": tokens / seconds,
-              "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+    result = time_steps(step, batches)
     if profile:
         from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity

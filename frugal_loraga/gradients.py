@@ -256,7 +256,7 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
     blocks, index = block_layout(model, order)
     segments = plan_segments(groups, index, len(blocks))
     if host_budget_bytes is None:
-        host_budget_bytes = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+        host_budget_bytes = available_ram_bytes() // 4
     embedding = model.get_input_embeddings().weight
     input_bytes = sum(b["input_ids"].numel() for b in batches) * embedding.shape[1] * embedding.element_size()
     cache: dict[int, list] = {start: [None] * len(batches) for start in plan_cache(segments, input_bytes,
@@ -315,10 +315,14 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
     return results, stats
 
 
+def available_ram_bytes() -> int:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def default_budget_bytes(device: torch.device) -> int:
     """Half of what is free now: GPU memory on CUDA (within any per-process cap), available RAM on CPU."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         capped = total * torch.cuda.get_per_process_memory_fraction(device) - torch.cuda.memory_reserved(device)
         return int(min(free, capped) * 0.5)
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.5)
+    return int(available_ram_bytes() * 0.5)
