@@ -63,7 +63,8 @@ def initial_factors(model, targets, train_examples, config: Config, pad_id: int,
                 for n, m in targets.items()}, {}
     batches = estimation_batches(train_examples, config, pad_id, device)
     budget = int(config.grad_budget_gib * 2**30) if config.grad_budget_gib else default_budget_bytes(device)
-    svds, stats = estimate_gradient_svd(model, targets, batches, 2 * config.rank, budget, config.svd, progress)
+    svds, stats = estimate_gradient_svd(model, targets, batches, 2 * config.rank, budget, config.svd, progress,
+                                        compile=config.compile and device.type == "cuda")
     log.info("gradient estimated over %d batches in %d group(s), peak gradient state %.3f GiB of %.3f GiB budget",
              stats.batches, len(stats.groups), stats.peak_state_bytes / 2**30, budget / 2**30)
     factors = {}

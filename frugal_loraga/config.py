@@ -56,7 +56,8 @@ class Config:
     gamma: float = _f(16.0, "gamma of the stable scale")
     estimation_samples: int = _f(128, "training examples used to estimate the full gradient")
     estimation_batch_size: int = _f(2, "examples per forward/backward during estimation")
-    grad_budget_gib: Optional[float] = _f(None, "GiB of fp32 gradient state held at once; default: derived from free memory")
+    grad_budget_gib: Optional[float] = _f(None, "GiB held at once by the estimate (fp32 gradients of a group of decoder "
+                                                "layers and their activations); default: half of free memory")
     svd: SvdMethod = _f("lowrank", "top-2r SVD of each gradient: lowrank (randomized, 4 power iterations) or exact")
     # --- training
     steps: int = _f(100, "optimizer steps")
@@ -69,8 +70,8 @@ class Config:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
     optimizer: Optimizer = _f("adamw", "adamw (torch) or paged_adamw_8bit (bitsandbytes, CUDA only)")
     gradient_checkpointing: bool = _f(True, "recompute activations in backward to save memory")
-    compile: bool = _f(True, "torch.compile each decoder layer for training on CUDA: about 2x faster 4-bit steps after "
-                             "a one-off compile of 10-30 s (ignored on CPU)")
+    compile: bool = _f(True, "torch.compile each decoder layer for the LoRA-GA estimate and training on CUDA: about 2x "
+                             "faster 4-bit steps after a one-off compile of 10-30 s each (ignored on CPU)")
     eval_every: int = _f(20, "steps between evaluations (0: only at the end)")
     eval_samples: int = _f(64, "at most this many eval examples per evaluation")
     save_every: int = _f(50, "steps between checkpoints (0: only at the end)")

@@ -4,14 +4,13 @@ For a linear layer y = x W^T with W of shape (m = out, n = in), over the N token
 X (N x n) and output gradients dY (N x m):   dL/dW = dY^T X   (m x n).
 W itself is not needed, so a 4-bit base works: G is the gradient at the quantized model.
 
-A forward hook on each layer of the current group hangs a hook on the layer's output; when dY arrives in backward
-it adds dY^T X into that layer's fp32 accumulator (kernels.accumulate: a Triton kernel on CUDA). It fires once per
-batch also under gradient checkpointing (only the graph that backward walks calls it). Only the current group's layers
-hold accumulators, and groups are cut so that their bytes (4 m n each) stay within the budget.
+During the estimate each target is wrapped in a GradientTap: while the layer's group is being estimated, the tap's
+backward adds dY^T X into the layer's fp32 accumulator (kernels.accumulate: a Triton kernel on CUDA, a custom op that
+torch.compile keeps in the compiled backward). Only the current group's layers hold accumulators.
 
 Groups are walked from the top of the network down, each over all batches, and each pays only for its own blocks
 (decoder layers) in backward:
-  top group   the whole forward to the loss; backward stops at the input of the block holding its lowest layer.
+  top group   the whole forward to the loss; backward stops at the input of its lowest block.
   lower group a no-grad forward stopped at its lowest block captures that block's inputs; its blocks are then run
               with grad, and backward starts from the gradient at the input of the block above them, which the group
               above recorded (kept on the CPU: batches x tokens x hidden values).
@@ -19,6 +18,10 @@ The top group's forward also keeps the lower groups' start inputs on the CPU (th
 budget), so those groups skip their no-grad forward. The estimate then costs one forward and backward of the network,
 plus a no-grad forward per group whose start did not fit, against a forward and backward per group when every group
 backpropagates from the loss.
+Groups hold whole blocks, and a backward only spans its own group's blocks, so the estimate needs no gradient
+checkpointing: the budget covers each group's accumulators (4 m n bytes a layer) and its activations (about
+tokens x (m + n) values a layer), and no block is run twice. On CUDA the blocks are compiled for the estimate: a block
+is either tapped whole or not at all, so it compiles to few graphs.
 After a group's batches, each G = (sum of dY^T X) / batches is reduced to its top-2r singular triplets and freed.
 """
 from __future__ import annotations
@@ -33,7 +36,9 @@ from torch import nn
 
 from kernels.accumulate import accumulate_outer
 
+from .blocks import block_layout, compile_blocks, no_checkpointing, uncompile_blocks
 from .config import ConfigError
+from .lora import FrozenLinear, replace
 
 ProgressFn = Callable[[str, int, int, dict], None]  # (phase, done, total, live metrics)
 
@@ -54,10 +59,11 @@ class GradientState:
     live_bytes: int = 0
     peak_bytes: int = 0
 
-    def allocate(self, name: str, shape: tuple[int, int], device: torch.device) -> None:
+    def allocate(self, name: str, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
         self.accumulators[name] = torch.zeros(shape, dtype=torch.float32, device=device)
         self.live_bytes += 4 * shape[0] * shape[1]
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        return self.accumulators[name]
 
     def release(self, name: str) -> torch.Tensor:
         accumulator = self.accumulators.pop(name)
@@ -74,6 +80,34 @@ class EstimationStats:
     seconds: float
 
 
+class _AddWeightGradient(torch.autograd.Function):
+    """y unchanged in forward; in backward, dL/dW = dY^T X (m x n) added into the accumulator, dY passed on."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, x: torch.Tensor, accumulator: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, accumulator)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, accumulator = ctx.saved_tensors
+        accumulate_outer(accumulator, dy, x)
+        return dy, None, None
+
+
+class GradientTap(FrozenLinear):
+    """A target during the estimate: y = base(x); while `accumulator` (fp32, m x n) is set, each backward adds
+    dY^T X into it. A buffer, so that a compiled block takes it as an input rather than compiling once per layer."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__(base)
+        self.register_buffer("accumulator", None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y if self.accumulator is None else _AddWeightGradient.apply(y, x, self.accumulator)
+
+
 def top_singular(G: torch.Tensor, k: int, method: str) -> LayerSVD:
     """Top-k SVD of G (m x n): exact (torch.linalg.svd) or randomized with 4 power iterations and q = 2k."""
     if method == "exact" or 2 * k >= min(G.shape):
@@ -83,21 +117,37 @@ def top_singular(G: torch.Tensor, k: int, method: str) -> LayerSVD:
     return LayerSVD(U[:, :k], S[:k], V[:, :k])
 
 
-def plan_groups(order: list[str], shapes: dict[str, tuple[int, int]], budget_bytes: int) -> list[list[str]]:
-    """Layers in reverse execution order, cut into consecutive groups whose fp32 gradients fit the budget."""
-    groups, current, used = [], [], 0
+def plan_groups(order: list[str], costs: dict[str, int], index: dict[str, Optional[int]],
+                budget_bytes: int) -> list[list[str]]:
+    """Layers in reverse execution order, cut into consecutive groups whose costs (bytes) fit the budget, never
+    inside a block: a block's layers are tapped all together or not at all."""
+    units: list[list[str]] = []  # a block's layers, or one layer outside the blocks
     for name in reversed(order):
-        size = 4 * shapes[name][0] * shapes[name][1]
+        if units and index[name] is not None and index[name] == index[units[-1][0]]:
+            units[-1].append(name)
+        else:
+            units.append([name])
+    groups, current, used = [], [], 0
+    for unit in units:
+        size = sum(costs[n] for n in unit)
         if size > budget_bytes:
-            raise ConfigError(f"grad_budget_gib={budget_bytes / 2**30:.3g} is smaller than the gradient of {name} "
-                              f"({size / 2**30:.3g} GiB); raise grad_budget_gib")
+            what = unit[0] if index[unit[0]] is None else f"decoder layer {index[unit[0]]}"
+            raise ConfigError(f"grad_budget_gib={budget_bytes / 2**30:.3g} is smaller than what the estimate holds for "
+                              f"{what} ({size / 2**30:.3g} GiB of fp32 gradients and activations); raise "
+                              "grad_budget_gib or lower estimation_batch_size")
         if current and used + size > budget_bytes:
             groups.append(current)
             current, used = [], 0
-        current.append(name)
+        current += unit
         used += size
     groups.append(current)
     return groups
+
+
+def layer_costs(shapes: dict[str, tuple[int, int]], tokens: int, element_size: int) -> dict[str, int]:
+    """Bytes the estimate holds per layer (m x n) for a batch of `tokens`: its fp32 accumulator and its activations,
+    counted as its input and output (the block's norms, attention and SwiGLU keep about as much again per layer)."""
+    return {n: 4 * m * k + 2 * tokens * (m + k) * element_size for n, (m, k) in shapes.items()}
 
 
 def execution_order(model: nn.Module, targets: dict[str, nn.Module], batch: dict) -> list[str]:
@@ -114,17 +164,6 @@ def execution_order(model: nn.Module, targets: dict[str, nn.Module], batch: dict
     return order
 
 
-def block_layout(model: nn.Module, names: list[str]) -> tuple[list[nn.Module], dict[str, Optional[int]]]:
-    """The outermost ModuleList holding targets (the decoder layers) and each target's index in it (None outside)."""
-    for prefix, module_list in model.named_modules():
-        if isinstance(module_list, nn.ModuleList):
-            index = {n: next((i for i in range(len(module_list)) if n.startswith(f"{prefix}.{i}.")), None)
-                     for n in names}
-            if any(i is not None for i in index.values()):
-                return list(module_list), index
-    return [], dict.fromkeys(names)
-
-
 @dataclass
 class Segment:
     """How one group's backward is bounded: from the input of block `start` (None: the embeddings' output) up to
@@ -134,19 +173,15 @@ class Segment:
     stop: Optional[int]
 
 
-def plan_segments(groups: list[list[str]], index: dict[str, Optional[int]], n_blocks: int) -> list[Segment]:
-    """Top-down groups -> segments. A group runs to the loss if it is the top one or holds a layer outside the
-    blocks; otherwise it runs its blocks from its lowest to just below the block the group above starts at (one block
-    further when the two groups share a block)."""
+def plan_segments(groups: list[list[str]], index: dict[str, Optional[int]]) -> list[Segment]:
+    """Top-down groups -> segments. A group runs to the loss if it is the top one, or it or the group above holds a
+    layer outside the blocks; otherwise it runs its blocks, up to the block the group above starts at."""
     segments: list[Segment] = []
     for group in groups:
         start = index[group[-1]]
         above = segments[-1] if segments else None
-        if above is None or any(index[n] is None for n in group):
-            segments.append(Segment(group, start, None))
-            continue
-        stop = index[group[0]] + 1 if above.start is None else max(index[group[0]] + 1, above.start)
-        segments.append(Segment(group, start, stop if stop < n_blocks else None))
+        to_loss = above is None or above.start is None or any(index[n] is None for n in group)
+        segments.append(Segment(group, start, None if to_loss else above.start))
     return segments
 
 
@@ -230,86 +265,80 @@ def _keep_inputs(args: tuple, kwargs: dict, kept: list, batch_index: int) -> Non
 
 def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict], k: int,
                           budget_bytes: int, svd: str = "lowrank", progress: Optional[ProgressFn] = None,
-                          host_budget_bytes: Optional[int] = None) -> tuple[dict[str, LayerSVD], EstimationStats]:
+                          host_budget_bytes: Optional[int] = None,
+                          compile: bool = False) -> tuple[dict[str, LayerSVD], EstimationStats]:
     """Top-k SVD of the mean gradient dL/dW over `batches` for every target, never holding more than
-    `budget_bytes` of fp32 gradient state on the device nor more than `host_budget_bytes` (default: a quarter of the
-    available RAM) of cached block inputs on the CPU. Returns the factors (on the model's device) and what it cost."""
+    `budget_bytes` of fp32 gradients and their blocks' activations on the device, nor more than `host_budget_bytes`
+    (default: a quarter of the available RAM) of cached block inputs on the CPU. compile: torch.compile the blocks
+    for the estimate. The model is left as it was found. Returns the factors (on the model's device) and the costs."""
     start = time.perf_counter()
     device = batches[0]["input_ids"].device
     order = execution_order(model, targets, batches[0])
     shapes = {n: (targets[n].out_features, targets[n].in_features) for n in order}
-    groups = plan_groups(order, shapes, budget_bytes)
-    state = GradientState(budget_bytes)
-
-    def on_forward(name):
-        def hook(module, inputs, output):
-            accumulator = state.accumulators.get(name)
-            if accumulator is None or not output.requires_grad:
-                return
-            x = inputs[0]
-
-            def on_grad(dy):
-                accumulate_outer(accumulator, dy, x)
-            output.register_hook(on_grad)
-        return hook
-
     blocks, index = block_layout(model, order)
-    segments = plan_segments(groups, index, len(blocks))
+    embedding = model.get_input_embeddings().weight
+    tokens = max(b["input_ids"].numel() for b in batches)
+    groups = plan_groups(order, layer_costs(shapes, tokens, embedding.element_size()), index, budget_bytes)
+    segments = plan_segments(groups, index)
     if host_budget_bytes is None:
         host_budget_bytes = available_ram_bytes() // 4
-    embedding = model.get_input_embeddings().weight
     input_bytes = sum(b["input_ids"].numel() for b in batches) * embedding.shape[1] * embedding.element_size()
     cache: dict[int, list] = {start: [None] * len(batches) for start in plan_cache(segments, input_bytes,
                                                                                    host_budget_bytes)}
+    state = GradientState(budget_bytes)
     results: dict[str, LayerSVD] = {}
-    handles = [targets[n].register_forward_hook(on_forward(n)) for n in order]
+    taps = {name: GradientTap(targets[name]) for name in order}
     was_training = model.training
+    replace(model, taps)
+    if compile:
+        compile_blocks(blocks)
     model.train()
     done, total = 0, len(groups) * len(batches)
     upstream: list[torch.Tensor] = []  # per batch: dL/d(input of block segment.stop), on the CPU
     try:
-        for i, segment in enumerate(segments):
-            record_at = segments[i + 1].stop if i + 1 < len(segments) else None
-            recorded: list[Optional[torch.Tensor]] = [None] * len(batches)
-            hooks = [] if segment.stop is not None else [
-                blocks[segment.start].register_forward_pre_hook(_cut_hook, with_kwargs=True)
-                if segment.start is not None else
-                model.get_input_embeddings().register_forward_hook(lambda module, inputs, out: out.requires_grad_())]
-            if record_at is not None and record_at != segment.stop:
-                hooks.append(blocks[record_at].register_forward_pre_hook(
-                    lambda m, args, kwargs: _record_grad(_hidden(args, kwargs), recorded, batch_index),
-                    with_kwargs=True))
-            if i == 0:  # the top group's forward passes every lower group's start: keep their inputs
-                hooks += [blocks[start].register_forward_pre_hook(
-                    lambda m, args, kwargs, kept=kept: _keep_inputs(args, kwargs, kept, batch_index), with_kwargs=True)
-                    for start, kept in cache.items()]
-            for name in segment.names:
-                state.allocate(name, shapes[name], device)
-            try:
-                for batch_index, batch in enumerate(batches):
-                    if segment.stop is None:
-                        model(**batch).loss.backward()
-                    else:
-                        # one expression: a local holding the output would keep its graph's hooks, and through
-                        # them this group's accumulators, alive into the next group
-                        args, kwargs = (_to(cache[segment.start][batch_index], device) if segment.start in cache
-                                        else block_inputs(model, blocks[segment.start], batch))
-                        run_blocks(blocks[segment.start:segment.stop], args, kwargs).backward(
-                            upstream[batch_index].to(device))
-                    done += 1
-                    if progress:
-                        progress("estimating gradients", done, total, {})
-            finally:
-                for hook in hooks:
-                    hook.remove()
-            upstream = upstream if record_at is not None and record_at == segment.stop else recorded
-            for name in segment.names:
-                G = state.release(name).div_(len(batches))
-                results[name] = top_singular(G, k, svd)
-                del G
+        with no_checkpointing(blocks):
+            for i, segment in enumerate(segments):
+                record_at = segments[i + 1].stop if i + 1 < len(segments) else None
+                recorded: list[Optional[torch.Tensor]] = [None] * len(batches)
+                hooks = [] if segment.stop is not None else [
+                    blocks[segment.start].register_forward_pre_hook(_cut_hook, with_kwargs=True)
+                    if segment.start is not None else
+                    model.get_input_embeddings().register_forward_hook(lambda module, inputs, out: out.requires_grad_())]
+                if record_at is not None:
+                    hooks.append(blocks[record_at].register_forward_pre_hook(
+                        lambda m, args, kwargs: _record_grad(_hidden(args, kwargs), recorded, batch_index),
+                        with_kwargs=True))
+                if i == 0:  # the top group's forward passes every lower group's start: keep their inputs
+                    hooks += [blocks[start].register_forward_pre_hook(
+                        lambda m, args, kwargs, kept=kept: _keep_inputs(args, kwargs, kept, batch_index),
+                        with_kwargs=True) for start, kept in cache.items()]
+                for name in segment.names:
+                    taps[name].accumulator = state.allocate(name, shapes[name], device)
+                try:
+                    for batch_index, batch in enumerate(batches):
+                        if segment.stop is None:
+                            model(**batch).loss.backward()
+                        else:
+                            args, kwargs = (_to(cache[segment.start][batch_index], device) if segment.start in cache
+                                            else block_inputs(model, blocks[segment.start], batch))
+                            run_blocks(blocks[segment.start:segment.stop], args, kwargs).backward(
+                                upstream[batch_index].to(device))
+                        done += 1
+                        if progress:
+                            progress("estimating gradients", done, total, {})
+                finally:
+                    for hook in hooks:
+                        hook.remove()
+                upstream = recorded
+                for name in segment.names:
+                    taps[name].accumulator = None
+                    G = state.release(name).div_(len(batches))
+                    results[name] = top_singular(G, k, svd)
+                    del G
     finally:
-        for h in handles:
-            h.remove()
+        if compile:
+            uncompile_blocks(blocks)
+        replace(model, targets)
         model.train(was_training)
     stats = EstimationStats(groups, budget_bytes, state.peak_bytes, len(batches), time.perf_counter() - start)
     return results, stats

@@ -5,7 +5,8 @@ base: the frozen linear layer (nn.Linear or bitsandbytes Linear4bit), W (m x n),
 A (r x n), B (m x r): trainable fp32; A0, B0: frozen copies of their initial values (LoRA-GA), empty for plain LoRA.
 At step 0 A == A0 and B == B0 bit for bit, so the two products cancel exactly and the model is unchanged.
 The sum is computed by kernels.lora.lora_add: one fused Triton shrink/expand on CUDA, the torch reference elsewhere.
-Inside torch.compile a 4-bit base is dequantized by torch ops (nf4.py) that fuse into the compiled layer.
+Inside torch.compile a 4-bit base is dequantized by torch ops (nf4.py) that fuse into the compiled layer (FrozenLinear,
+which the LoRA-GA gradient estimate wraps around its targets too).
 """
 from __future__ import annotations
 
@@ -19,33 +20,40 @@ from .config import ALL_LINEAR, ConfigError
 from .nf4 import FourBitWeight
 
 
-class LoraLinear(nn.Module):
-    def __init__(self, base: nn.Module, A: torch.Tensor, B: torch.Tensor, A0: torch.Tensor | None,
-                 B0: torch.Tensor | None, eta: float):
+class FrozenLinear(nn.Module):
+    """A frozen linear layer (nn.Linear or bitsandbytes Linear4bit) W (m x n): y = base(x). Inside torch.compile a
+    4-bit base is dequantized by torch ops (nf4.py) with bitsandbytes' casts, so that it fuses into the layer."""
+
+    def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base
-        self.eta = eta
-        self.A = nn.Parameter(A.float().clone())
-        self.B = nn.Parameter(B.float().clone())
-        empty = A.new_zeros(0)
-        self.register_buffer("A0", empty if A0 is None else A0.float().clone())
-        self.register_buffer("B0", empty if B0 is None else B0.float().clone())
         self.four_bit = FourBitWeight.of(base)
 
-    @property
-    def has_frozen(self) -> bool:
-        return self.A0.numel() > 0
-
-    def base_output(self, x: torch.Tensor) -> torch.Tensor:
-        """base(x); when compiling, a 4-bit base as dequantize + linear in torch ops, with bitsandbytes' casts."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.four_bit is not None and torch.compiler.is_compiling():
             dtype = self.four_bit.dtype
             bias = None if self.base.bias is None else self.base.bias.to(dtype)
             return F.linear(x.to(dtype), self.four_bit(), bias).to(x.dtype)
         return self.base(x)
 
+
+class LoraLinear(FrozenLinear):
+    def __init__(self, base: nn.Module, A: torch.Tensor, B: torch.Tensor, A0: torch.Tensor | None,
+                 B0: torch.Tensor | None, eta: float):
+        super().__init__(base)
+        self.eta = eta
+        self.A = nn.Parameter(A.float().clone())
+        self.B = nn.Parameter(B.float().clone())
+        empty = A.new_zeros(0)
+        self.register_buffer("A0", empty if A0 is None else A0.float().clone())
+        self.register_buffer("B0", empty if B0 is None else B0.float().clone())
+
+    @property
+    def has_frozen(self) -> bool:
+        return self.A0.numel() > 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lora_add(self.base_output(x), x, self.A, self.B, self.A0, self.B0, self.eta)
+        return lora_add(super().forward(x), x, self.A, self.B, self.A0, self.B0, self.eta)
 
 
 def find_targets(model: nn.Module, targets: list[str], rank: int, init: str) -> dict[str, nn.Module]:
@@ -72,12 +80,16 @@ def find_targets(model: nn.Module, targets: list[str], rank: int, init: str) -> 
     return found
 
 
+def replace(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Put each module in the model under its name, in place of what is there."""
+    for name, module in modules.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
 def inject(model: nn.Module, factors: dict[str, tuple], eta: float) -> dict[str, LoraLinear]:
     """Replace each named linear layer by a LoraLinear around it. factors: name -> (A, B, A0 | None, B0 | None)."""
-    layers = {}
-    for name, (A, B, A0, B0) in factors.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layers[name] = LoraLinear(getattr(parent, child), A, B, A0, B0, eta)
-        setattr(parent, child, layers[name])
+    layers = {name: LoraLinear(model.get_submodule(name), A, B, A0, B0, eta)
+              for name, (A, B, A0, B0) in factors.items()}
+    replace(model, layers)
     return layers

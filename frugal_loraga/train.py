@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from .config import Config, ConfigError
 from .data import Example, collate, micro_batch
-from .gradients import ProgressFn, block_layout
+from .blocks import block_layout, compile_blocks
+from .gradients import ProgressFn
 from .lora import LoraLinear
 
 # Fields that may change between a run and its resume without changing the result.
@@ -47,16 +48,6 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if device.type == "cuda" and dtype == torch.bfloat16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def compile_blocks(model, layers: dict[str, LoraLinear]) -> int:
-    """torch.compile each decoder layer holding adapters, in place (names and state dict unchanged): the layers share
-    one compiled graph, which fuses norms, RoPE and SwiGLU and launches the layer's kernels from generated code instead
-    of op by op from Python, the bottleneck of a 4-bit step at a few thousand tokens. Returns how many were compiled."""
-    blocks, _ = block_layout(model, list(layers))
-    for block in blocks:
-        block.compile()
-    return len(blocks)
 
 
 @torch.no_grad()
@@ -134,7 +125,7 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
                                      "metrics": metrics})
 
     if config.compile and device.type == "cuda":
-        compile_blocks(model, layers)
+        compile_blocks(block_layout(model, list(layers))[0])
     model.train()
     if eval_examples and start == 0:
         metrics["eval_loss"].append([0, evaluate(model, eval_examples, config, pad_id, device, dtype)])

@@ -63,8 +63,16 @@ def accumulate_outer_reference(acc: torch.Tensor, dy: torch.Tensor, x: torch.Ten
     return acc.addmm_(dy.reshape(-1, dy.shape[-1]).T.float(), x.reshape(-1, x.shape[-1]).float())
 
 
-def accumulate_outer(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """acc += dy^T x: the Triton kernel on CUDA, the torch reference elsewhere."""
+@torch.library.custom_op("frugal_loraga::accumulate_outer", mutates_args=("acc",))
+def accumulate_outer(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
+    """acc += dy^T x: the Triton kernel on CUDA, the torch reference elsewhere. A custom op that mutates acc, so that
+    torch.compile keeps the in-place update inside a compiled backward."""
     if acc.is_cuda:
-        return accumulate_outer_triton(acc, dy, x)
-    return accumulate_outer_reference(acc, dy, x)
+        accumulate_outer_triton(acc, dy, x)
+    else:
+        accumulate_outer_reference(acc, dy, x)
+
+
+@accumulate_outer.register_fake
+def _(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
+    return None

@@ -52,6 +52,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def deep_model_dir(tmp_path_factory) -> Path:
+    """Four decoder layers: room for several groups of whole layers in the gradient estimate."""
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama-4"), layers=4)
+
+
+@pytest.fixture(scope="session")
 def sample_path() -> Path:
     return SAMPLE
 

@@ -5,7 +5,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from kernels.accumulate import accumulate_outer_reference, accumulate_outer_triton
+from kernels.accumulate import accumulate_outer, accumulate_outer_reference, accumulate_outer_triton
 from kernels.lora import lora_add_reference, lora_add_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -37,6 +37,15 @@ def test_accumulate_outer_takes_batched_inputs_and_refuses_a_wrong_accumulator()
         accumulate_outer_triton(torch.zeros(3, 7, device=DEVICE), dy, x)
     with pytest.raises(ValueError, match="must be fp32"):
         accumulate_outer_triton(torch.zeros(7, 3, device=DEVICE, dtype=torch.bfloat16), dy, x)
+
+
+def test_accumulate_outer_op_updates_in_place_under_torch_compile_checks():
+    """The custom op torch.compile sees: schema (mutates acc only), fake tensor and autograd registrations."""
+    dy, x, acc = torch.randn(2, 5, 7, device=DEVICE), torch.randn(2, 5, 3, device=DEVICE), torch.randn(7, 3, device=DEVICE)
+    expected = accumulate_outer_reference(acc.clone(), dy, x)
+    torch.library.opcheck(accumulate_outer, (acc.clone(), dy, x))
+    accumulate_outer(acc, dy, x)
+    torch.testing.assert_close(acc, expected)
 
 
 def adapter(rank, n, m, frozen, trained=True):

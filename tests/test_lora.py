@@ -12,7 +12,8 @@ from frugal_loraga.gradients import LayerSVD
 from frugal_loraga.init import lora_ga_factors
 from frugal_loraga.lora import find_targets, inject
 from frugal_loraga.models import load_model
-from frugal_loraga.train import checkpoint_path, compile_blocks
+from frugal_loraga.blocks import compile_blocks, uncompile_blocks
+from frugal_loraga.train import checkpoint_path
 
 
 def logits(model, batch):
@@ -91,12 +92,14 @@ def lora_model(tiny_model_dir, sample_path, **settings):
 
 
 def test_compile_blocks_compiles_each_decoder_layer_in_place(tiny_model_dir, sample_path):
-    model, layers, _ = lora_model(tiny_model_dir, sample_path, load_in_4bit=False)
+    model, _, _ = lora_model(tiny_model_dir, sample_path, load_in_4bit=False)
     keys = list(model.state_dict())
-    assert compile_blocks(model, layers) == 2
-    assert all(block._compiled_call_impl is not None for block in model.model.layers)
-    assert model.model.embed_tokens._compiled_call_impl is None
+    compile_blocks(list(model.model.layers))
+    assert all("forward" in block.__dict__ for block in model.model.layers)
+    assert "forward" not in model.model.embed_tokens.__dict__
     assert list(model.state_dict()) == keys  # checkpoints and the export see the same names
+    uncompile_blocks(list(model.model.layers))
+    assert all("forward" not in block.__dict__ for block in model.model.layers)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: training compiles the decoder layers on CUDA only")
@@ -106,7 +109,7 @@ def test_compiled_layers_give_eager_loss_and_gradients(tiny_model_dir, sample_pa
     results = []
     for compiled in (False, True):
         if compiled:
-            compile_blocks(model, layers)
+            compile_blocks(list(model.model.layers))
         model.zero_grad(set_to_none=True)
         loss = model(**batch).loss
         loss.backward()

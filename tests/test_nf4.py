@@ -4,7 +4,7 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from frugal_loraga.lora import LoraLinear  # noqa: E402
+from frugal_loraga.lora import FrozenLinear  # noqa: E402
 from frugal_loraga.nf4 import FourBitWeight  # noqa: E402
 
 
@@ -38,11 +38,12 @@ def test_not_four_bit():
     assert FourBitWeight.of(torch.nn.Linear(3, 4)) is None
 
 
-def test_compiled_base_output_matches_the_bitsandbytes_layer(monkeypatch):
-    """The path LoraLinear takes under torch.compile, run eagerly: fp32 compute, so only GEMM order differs."""
+def test_compiled_frozen_linear_matches_the_bitsandbytes_layer(monkeypatch):
+    """The path LoraLinear and the estimate's taps take under torch.compile, run eagerly: fp32 compute, so only GEMM
+    order differs."""
     base = four_bit_linear(80, 72, True, torch.float32, bias=True)
-    layer = LoraLinear(base, torch.zeros(4, 72), torch.zeros(80, 4), None, None, eta=1.0)
+    layer = FrozenLinear(base)
     x = torch.randn(3, 5, 72)
     expected = base(x)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    torch.testing.assert_close(layer.base_output(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
