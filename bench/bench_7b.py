@@ -3,8 +3,9 @@ GPU whose memory is capped to emulate a consumer card. Writes bench/results/<nam
 
 Baselines measured in the same run:
 - plain LoRA training (ours) over as many micro-batches as the estimation has (one checkpointed forward/backward per
-  batch), run twice so that the second, timed one has its Triton kernels compiled: init_seconds / its train_seconds
-  is the estimation's cost ratio;
+  batch), run twice so that the second, timed one has its layers and Triton kernels compiled: init_seconds / its
+  train_seconds is the estimation's cost ratio, for the first LoRA-GA run (its compile included) and for a second
+  one (lora_ga_warm: one training step, its estimate compiled from the caches the first one filled);
 - the peer users run today: transformers + bitsandbytes NF4 + PEFT LoRA (all linear layers, rank 8), gradient
   checkpointing, paged AdamW 8-bit, at the same batch and length: tokens/s and peak memory.
 Usage: python bench/bench_7b.py --card-gib 24 --estimation-samples 128
@@ -215,6 +216,8 @@ def main():
     for label, config in [
         ("lora_ga", Config(init="lora_ga", steps=args.train_steps, grad_budget_gib=args.grad_budget_gib,
                            out=str(work / "run_ga"), **common)),
+        ("lora_ga_warm", Config(init="lora_ga", steps=1, grad_budget_gib=args.grad_budget_gib,
+                                out=str(work / "run_ga_warm"), **common)),
         ("baseline_lora_fwd_bwd_warmup", baseline),
         ("baseline_lora_fwd_bwd", baseline),
     ]:
@@ -229,6 +232,7 @@ def main():
         print(label, json.dumps(results[label]), flush=True)
     ga, base = results["lora_ga"], results["baseline_lora_fwd_bwd"]
     results["estimation_over_fwd_bwd"] = ga["init_seconds"] / base["train_seconds"]
+    results["warm_estimation_over_fwd_bwd"] = results["lora_ga_warm"]["init_seconds"] / base["train_seconds"]
     if args.peer_steps:
         peer = results["peer_peft_qlora"]
         results["ours_lora_over_peer_tokens_per_second"] = base["tokens_per_second"] / peer["tokens_per_second"]

@@ -205,6 +205,12 @@ def _cut_hook(module, args, kwargs):
     return _with_hidden(args, kwargs, _hidden(args, kwargs).detach().requires_grad_())
 
 
+def _detach_hook(module, args, kwargs):
+    """Detach the block's incoming hidden state (made to need grad by transformers when checkpointing is on): the
+    blocks below a top group's lowest block then build no graph and keep no activations."""
+    return _with_hidden(args, kwargs, _hidden(args, kwargs).detach())
+
+
 def _stop_hook(module, args, kwargs):
     raise _Reached(args, kwargs)
 
@@ -304,6 +310,8 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
                     blocks[segment.start].register_forward_pre_hook(_cut_hook, with_kwargs=True)
                     if segment.start is not None else
                     model.get_input_embeddings().register_forward_hook(lambda module, inputs, out: out.requires_grad_())]
+                if segment.stop is None and segment.start:
+                    hooks.append(blocks[0].register_forward_pre_hook(_detach_hook, with_kwargs=True))
                 if record_at is not None:
                     hooks.append(blocks[record_at].register_forward_pre_hook(
                         lambda m, args, kwargs: _record_grad(_hidden(args, kwargs), recorded, batch_index),

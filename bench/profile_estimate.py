@@ -1,0 +1,141 @@
+"""Where the LoRA-GA estimate's time and memory go on the Llama-2-7B-shaped NF4 model (run on the GPU).
+
+block     one decoder layer with all 7 targets tapped: activation bytes kept for backward per 2 x 1024 tokens (memory
+          held by the forward's outputs and graph), eager and compiled, against layer_costs' count
+estimate  the whole estimate over --samples examples: seconds per group, the SVDs' seconds, peak memory per group
+Usage: python bench/profile_estimate.py --card-gib 24 --samples 32 [--grad-budget-gib 1.4]
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
+import frugal_loraga.gradients as gradients  # noqa: E402
+from bench_7b import make_data, make_model_dir  # noqa: E402
+from frugal_loraga import Config  # noqa: E402
+from frugal_loraga.api import estimation_batches  # noqa: E402
+from frugal_loraga.blocks import block_layout, compile_blocks, uncompile_blocks  # noqa: E402
+from frugal_loraga.data import load_examples  # noqa: E402
+from frugal_loraga.gradients import GradientTap, layer_costs  # noqa: E402
+from frugal_loraga.lora import find_targets, replace  # noqa: E402
+from frugal_loraga.models import load_model  # noqa: E402
+
+GIB = 2**30
+
+
+def block_activations(model, targets, batch) -> dict:
+    """Bytes a tapped decoder layer keeps from forward to backward, for its inputs as the model gives them."""
+    blocks, index = block_layout(model, list(targets))
+    names = [n for n in targets if index[n] == 0]
+    taps = {n: GradientTap(targets[n]) for n in names}
+    replace(model, taps)
+    for n, tap in taps.items():
+        tap.accumulator = torch.zeros(tap.base.out_features, tap.base.in_features, device="cuda")
+    args, kwargs = gradients.block_inputs(model, blocks[0], batch)
+    hidden = args[0] if args else kwargs["hidden_states"]
+    result = {"layer_costs_activation_gib": sum(layer_costs({n: (t.base.out_features, t.base.in_features)},
+                                                            hidden.shape[0] * hidden.shape[1], 2)[n]
+                                                - 4 * t.base.out_features * t.base.in_features
+                                                for n, t in taps.items()) / GIB}
+    for label in ("eager", "compiled", "compiled_again"):
+        if label == "compiled":
+            compile_blocks(blocks[:1])
+        gradients.run_blocks(blocks[:1], args, kwargs).sum().backward()  # warm-up (and compile)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = gradients.run_blocks(blocks[:1], args, kwargs)
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - before
+        start = time.perf_counter()
+        out.sum().backward()
+        torch.cuda.synchronize()
+        result[label] = {"held_after_forward_gib": held / GIB,
+                         "peak_over_start_gib": (torch.cuda.max_memory_allocated() - before) / GIB,
+                         "backward_ms": 1000 * (time.perf_counter() - start)}
+        del out
+    uncompile_blocks(blocks[:1])
+    replace(model, targets)
+    return result
+
+
+def estimate(model, targets, batches, budget: int) -> dict:
+    """The estimate (compiled), timed per group and per SVD."""
+    svd_seconds, group_marks = [0.0], []
+    top_singular = gradients.top_singular
+
+    def timed_svd(G, k, method):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = top_singular(G, k, method)
+        torch.cuda.synchronize()
+        svd_seconds[0] += time.perf_counter() - start
+        return result
+
+    def progress(phase, done, total, metrics):
+        if done == 1:
+            for hook in hooks:
+                hook.remove()
+        if done % len(batches) == 0:
+            torch.cuda.synchronize()
+            group_marks.append((time.perf_counter(), torch.cuda.max_memory_allocated() / GIB))
+            torch.cuda.reset_peak_memory_stats()
+
+    gradients.top_singular = timed_svd
+    blocks, _ = block_layout(model, list(targets))
+    trace = []  # memory allocated after each block's forward, and each block's backward, in the first batch
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: trace.append((f"fwd{i}", torch.cuda.memory_allocated() / GIB)))
+             for i, b in enumerate(blocks)]
+    hooks += [b.register_full_backward_pre_hook(lambda m, g, i=i: trace.append((f"bwd{i}", torch.cuda.memory_allocated() / GIB)))
+              for i, b in enumerate(blocks)]
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    _, stats = gradients.estimate_gradient_svd(model, targets, batches, 16, budget, "lowrank", progress, compile=True)
+    torch.cuda.synchronize()
+    total = time.perf_counter() - start
+    gradients.top_singular = top_singular
+    times = [t - s for (t, _), s in zip(group_marks, [start] + [t for t, _ in group_marks[:-1]])]
+    return {"seconds": total, "svd_seconds": svd_seconds[0], "groups": len(stats.groups),
+            "blocks_per_group": [len({n.split(".")[2] for n in g}) for g in stats.groups],
+            "group_seconds": times, "group_peak_gib": [p for _, p in group_marks], "first_batch_trace": trace}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--card-gib", type=float, default=24)
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--grad-budget-gib", type=float)
+    parser.add_argument("--runs", type=int, default=2, help="estimates in a row (the first compiles)")
+    parser.add_argument("--work", default="/tmp/bench7b")
+    parser.add_argument("--name", default="profile_estimate")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = make_model_dir(work / "llama7b", 32)
+    data = make_data(work / "data.jsonl", max(args.samples, 64) + 16, words=900)
+    torch.cuda.set_per_process_memory_fraction(min(args.card_gib * GIB / torch.cuda.get_device_properties(0).total_memory, 1))
+    config = Config(model=str(model_dir), data=str(data), data_format="text", rank=8, max_length=1024,
+                    estimation_samples=args.samples, progress=False)
+    model, tokenizer, device = load_model(config)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    examples, _ = load_examples(config.data, "text", tokenizer, 1024)
+    targets = find_targets(model, config.target_list(), 8, "lora_ga")
+    batches = estimation_batches(examples, config, tokenizer.pad_token_id, device)
+    results = {"device": torch.cuda.get_device_name(), "card_gib": args.card_gib, "samples": args.samples,
+               "model_gib": torch.cuda.memory_allocated() / GIB, "block": block_activations(model, targets, batches[0])}
+    print(json.dumps(results, indent=1), flush=True)
+    budget = int(args.grad_budget_gib * GIB) if args.grad_budget_gib else gradients.default_budget_bytes(device)
+    results["budget_gib"] = budget / GIB
+    results["estimates"] = [estimate(model, targets, batches, budget) for _ in range(args.runs)]
+    out = ROOT / "bench" / "results" / f"{args.name}.json"
+    out.write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
