@@ -30,7 +30,7 @@ from frugal_loraga import Config, finetune  # noqa: E402
 from frugal_loraga.api import estimation_batches  # noqa: E402
 from frugal_loraga.data import load_examples  # noqa: E402
 from frugal_loraga.fidelity import captured_energy, exact_gradients  # noqa: E402
-from frugal_loraga.gradients import estimate_gradient_svd  # noqa: E402
+from frugal_loraga.gradients import estimate_gradient_svd, layer_costs  # noqa: E402
 from frugal_loraga.lora import find_targets  # noqa: E402
 from frugal_loraga.models import load_model  # noqa: E402
 
@@ -151,7 +151,7 @@ def peer_peft_loraga(model_dir: Path, data: Path, samples: int, max_length: int,
 
 
 def fidelity_top_block(model_dir: Path, data: Path, samples: int, max_length: int) -> dict:
-    """Captured top-16 gradient energy of our estimate (randomized SVD, one layer per group) against the exact
+    """Captured top-16 gradient energy of our estimate (randomized SVD, one group) against the exact
     autograd gradient, for the top decoder layer's 7 layers on the bf16 model: the cost of sketching at 7B shapes."""
     config = Config(model=str(model_dir), data=str(data), data_format="text", rank=8, max_length=max_length,
                     load_in_4bit=False, estimation_samples=samples, estimation_batch_size=2, progress=False)
@@ -163,7 +163,8 @@ def fidelity_top_block(model_dir: Path, data: Path, samples: int, max_length: in
     targets = {n: m for n, m in targets.items() if n.startswith(top)}
     batches = estimation_batches(examples, config, tokenizer.pad_token_id, device)
     grads = exact_gradients(model, targets, batches)
-    budget = max(4 * m.out_features * m.in_features for m in targets.values())
+    shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
+    budget = sum(layer_costs(shapes, max(b["input_ids"].numel() for b in batches), 2).values())
     svds, stats = estimate_gradient_svd(model, targets, batches, 16, budget, "lowrank")
     energy = {n.removeprefix(top): captured_energy(grads[n], svds[n].U, svds[n].V) for n in targets}
     del model, grads

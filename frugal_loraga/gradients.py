@@ -236,9 +236,15 @@ def plan_cache(segments: list[Segment], input_bytes: int, host_budget_bytes: int
 
 
 def _to(value, device):
-    """A block's inputs (tensors inside tuples, lists and dicts), detached and moved to device."""
+    """Tensors (also inside tuples, lists and dicts) detached and moved to device without stopping the CPU: from CUDA
+    into pinned CPU memory and back, copies that the CUDA stream orders with the kernels around them. Waiting for each
+    copy instead would drain the queue of kernels the CPU has launched ahead, at every block input kept and every
+    gradient recorded."""
     if isinstance(value, torch.Tensor):
-        return value.detach().to(device)
+        value = value.detach()
+        if value.is_cuda and torch.device(device).type == "cpu":
+            return torch.empty_like(value, device="cpu", pin_memory=True).copy_(value, non_blocking=True)
+        return value.to(device, non_blocking=True)
     if isinstance(value, (tuple, list)):
         return type(value)(_to(v, device) for v in value)
     if isinstance(value, dict):
@@ -259,7 +265,7 @@ def run_blocks(blocks: list[nn.Module], args: tuple, kwargs: dict) -> torch.Tens
 def _record_grad(hidden: torch.Tensor, recorded: list, batch_index: int) -> None:
     """Keep dL/d(hidden) of this batch on the CPU when backward reaches it."""
     if hidden.requires_grad:
-        hidden.register_hook(lambda grad: recorded.__setitem__(batch_index, grad.detach().cpu()))
+        hidden.register_hook(lambda grad: recorded.__setitem__(batch_index, _to(grad, "cpu")))
 
 
 def _keep_inputs(args: tuple, kwargs: dict, kept: list, batch_index: int) -> None:
@@ -330,7 +336,7 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
                             args, kwargs = (_to(cache[segment.start][batch_index], device) if segment.start in cache
                                             else block_inputs(model, blocks[segment.start], batch))
                             run_blocks(blocks[segment.start:segment.stop], args, kwargs).backward(
-                                upstream[batch_index].to(device))
+                                _to(upstream[batch_index], device))
                         done += 1
                         if progress:
                             progress("estimating gradients", done, total, {})
