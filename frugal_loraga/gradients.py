@@ -235,20 +235,22 @@ def plan_cache(segments: list[Segment], input_bytes: int, host_budget_bytes: int
     return starts[:host_budget_bytes // max(input_bytes, 1)]
 
 
-def _to(value, device):
-    """Tensors (also inside tuples, lists and dicts) detached and moved to device without stopping the CPU: from CUDA
-    into pinned CPU memory and back, copies that the CUDA stream orders with the kernels around them. Waiting for each
-    copy instead would drain the queue of kernels the CPU has launched ahead, at every block input kept and every
-    gradient recorded."""
+def _to(value, device, pinned: bool = True):
+    """Tensors (also inside tuples, lists and dicts) detached and moved to device. From CUDA to the CPU: pinned, into
+    page-locked memory by a copy that the CUDA stream orders with the kernels around it, so the CPU goes on launching;
+    else into pageable memory, a copy that waits for the kernels queued before it but locks no pages (about 0.6 s per
+    GiB, and locked pages can't be swapped). (A non-blocking .to("cpu") would pin its output too.)"""
     if isinstance(value, torch.Tensor):
         value = value.detach()
         if value.is_cuda and torch.device(device).type == "cpu":
-            return torch.empty_like(value, device="cpu", pin_memory=True).copy_(value, non_blocking=True)
+            if pinned:
+                return torch.empty_like(value, device="cpu", pin_memory=True).copy_(value, non_blocking=True)
+            return value.to("cpu")
         return value.to(device, non_blocking=True)
     if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device) for v in value)
+        return type(value)(_to(v, device, pinned) for v in value)
     if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
+        return {k: _to(v, device, pinned) for k, v in value.items()}
     return value
 
 
@@ -269,10 +271,9 @@ def _record_grad(hidden: torch.Tensor, recorded: list, batch_index: int) -> None
 
 
 def _keep_inputs(args: tuple, kwargs: dict, kept: list, batch_index: int) -> None:
-    """Keep a block's inputs for this batch on the CPU the first time it runs (not again when checkpointing
-    recomputes it)."""
-    if kept[batch_index] is None:
-        kept[batch_index] = _to((args, kwargs), "cpu")
+    """Keep a block's inputs for this batch on the CPU, in pageable memory: each is written and read once, and there
+    can be many GiB of them."""
+    kept[batch_index] = _to((args, kwargs), "cpu", pinned=False)
 
 
 def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict], k: int,
