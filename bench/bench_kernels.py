@@ -1,7 +1,8 @@
 """Each Triton kernel against its torch reference on the GPU, on Llama-2-7B layer shapes, in one run.
 
 - accumulate: acc (m x n fp32) += dY^T X over 2 x 1024 bf16 tokens (LoRA-GA's gradient accumulation),
-  vs the reference (fp32 casts + addmm_) and vs torch's bf16 GEMM with an fp32 add.
+  vs the reference (fp32 casts + addmm_), vs torch's bf16 GEMM with an fp32 add, and vs cuBLAS accumulating the
+  bf16 product into fp32 acc itself (addmm with out_dtype, beta = 1).
 - lora: the LoRA-GA adapter on a base output, forward and forward+backward, bf16 activations, r = 8 (2r with the
   frozen adapter), vs the torch reference (separate products, as LoraLinear computed before).
 Times are medians of triton.testing.do_bench; writes bench/results/kernels.json (or --out).
@@ -24,6 +25,12 @@ SHAPES = {"q_proj (4096 x 4096)": (4096, 4096), "up_proj (11008 x 4096)": (11008
           "down_proj (4096 x 11008)": (4096, 11008)}
 
 
+def accumulate_outer_cublas(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """acc += dy^T x by one cuBLAS GEMM of the 16-bit inputs into the fp32 acc (beta = 1)."""
+    return torch.addmm(acc, dy.reshape(-1, dy.shape[-1]).T, x.reshape(-1, x.shape[-1]), out_dtype=torch.float32,
+                       out=acc)
+
+
 def bench_accumulate(tokens: int) -> list[dict]:
     rows = []
     for name, (m, n) in SHAPES.items():
@@ -32,12 +39,16 @@ def bench_accumulate(tokens: int) -> list[dict]:
         acc = torch.zeros(m, n, device="cuda")
         expected = accumulate_outer_reference(acc.clone(), dy, x)
         error = (accumulate_outer_triton(acc.clone(), dy, x) - expected).abs().max().item()
+        cublas_error = (accumulate_outer_cublas(acc.clone(), dy, x) - expected).abs().max().item()
         reference = do_bench(lambda: accumulate_outer_reference(acc, dy, x))
         bf16_gemm = do_bench(lambda: acc.add_(torch.mm(dy.T, x).float()))
+        cublas = do_bench(lambda: accumulate_outer_cublas(acc, dy, x))
         triton_ms = do_bench(lambda: accumulate_outer_triton(acc, dy, x))
         rows.append({"kernel": "accumulate", "layer": name, "tokens": tokens, "reference_ms": reference,
-                     "torch_bf16_gemm_ms": bf16_gemm, "triton_ms": triton_ms, "speedup_vs_reference": reference / triton_ms,
-                     "speedup_vs_bf16_gemm": bf16_gemm / triton_ms, "max_abs_error": error})
+                     "torch_bf16_gemm_ms": bf16_gemm, "cublas_fp32_out_ms": cublas, "triton_ms": triton_ms,
+                     "speedup_vs_reference": reference / triton_ms, "speedup_vs_bf16_gemm": bf16_gemm / triton_ms,
+                     "speedup_vs_cublas_fp32_out": cublas / triton_ms, "max_abs_error": error,
+                     "cublas_max_abs_error": cublas_error})
         print(rows[-1], flush=True)
     return rows
 

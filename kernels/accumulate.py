@@ -12,16 +12,35 @@ import torch
 import triton
 import triton.language as tl
 
-from . import dot_precision
+from . import INTERPRET, dot_precision
 
 
+def _configs() -> list[triton.Config]:
+    """Tile shapes the autotuner picks from, once per layer shape and dtype (configs that do not fit in shared memory
+    are skipped by it). Under the interpreter one config: there it would time each on the CPU."""
+    shapes = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+              (64, 64, 32, 4, 3), (128, 64, 32, 4, 3)]
+    if INTERPRET:
+        shapes = shapes[:1]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_T": t, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for m, n, t, w, s in shapes]
+
+
+@triton.autotune(configs=_configs(), key=["M", "N", "PRECISION"], restore_value=["acc_ptr"])
 @triton.jit
 def _accumulate_kernel(acc_ptr, dy_ptr, x_ptr, M, N, T,
                        stride_am, stride_an, stride_dt, stride_dm, stride_xt, stride_xn,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-                       PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+                       PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_T: tl.constexpr, GROUP_M: tl.constexpr):
+    # programs walk the tiles GROUP_M rows of tiles at a time, so that the dY and X columns they read stay in L2
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (GROUP_M * tiles_n)) * GROUP_M
+    group_rows = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_rows
+    pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_t = tl.arange(0, BLOCK_T)
     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
@@ -48,13 +67,12 @@ def accumulate_outer_triton(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor
         dtype = torch.promote_types(dy.dtype, x.dtype)
         dy, x = dy.to(dtype), x.to(dtype)
     (M, N), T = acc.shape, dy.shape[0]
-    wide = dy.dtype == torch.float32
-    block_m, block_n, block_t = (64, 64, 32) if wide else (128, 128, 64)
     precision, upcast = dot_precision(dy.dtype)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _accumulate_kernel[grid](acc, dy, x, M, N, T, acc.stride(0), acc.stride(1), dy.stride(0), dy.stride(1),
-                             x.stride(0), x.stride(1), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=block_t,
-                             PRECISION=precision, UPCAST=upcast, num_warps=4 if wide else 8, num_stages=3)
+                             x.stride(0), x.stride(1), PRECISION=precision, UPCAST=upcast)
     return acc
 
 
