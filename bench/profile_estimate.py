@@ -2,10 +2,9 @@
 
 block     one decoder layer with all 7 targets tapped: activation bytes kept for backward per 2 x 1024 tokens (memory
           held by the forward's outputs and graph), eager and compiled, against layer_costs' count
-estimate  the whole estimate over --samples examples: seconds per group, the SVDs' seconds, peak memory per group;
-          once per entry of --accumulate (the first compiles), with the gradient accumulation done by the Triton
-          kernel or by cuBLAS (bench_kernels.accumulate_outer_cublas) behind the same custom op
-Usage: python bench/profile_estimate.py --card-gib 24 --samples 32 [--grad-budget-gib 1.4] [--accumulate triton,cublas]
+estimate  the whole estimate over --samples examples, --runs times in a row (the first compiles): seconds per group,
+          the SVDs' seconds, peak memory per group
+Usage: python bench/profile_estimate.py --card-gib 24 --samples 32 [--grad-budget-gib 1.4] [--no-block]
 """
 import argparse
 import json
@@ -18,9 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 import frugal_loraga.gradients as gradients  # noqa: E402
-import kernels.accumulate  # noqa: E402
 from bench_7b import make_data, make_model_dir  # noqa: E402
-from bench_kernels import accumulate_outer_cublas  # noqa: E402
 from frugal_loraga import Config  # noqa: E402
 from frugal_loraga.api import estimation_batches  # noqa: E402
 from frugal_loraga.blocks import block_layout, compile_blocks, uncompile_blocks  # noqa: E402
@@ -114,8 +111,7 @@ def main():
     parser.add_argument("--card-gib", type=float, default=24)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--grad-budget-gib", type=float)
-    parser.add_argument("--accumulate", default="triton,triton", help="one estimate per entry, in a row (the first "
-                        "compiles): triton or cublas does the gradient accumulation")
+    parser.add_argument("--runs", type=int, default=2, help="estimates in a row (the first compiles)")
     parser.add_argument("--no-block", action="store_true", help="skip the one-block activation measurement")
     parser.add_argument("--work", default="/tmp/bench7b")
     parser.add_argument("--name", default="profile_estimate")
@@ -139,11 +135,9 @@ def main():
     print(json.dumps(results, indent=1), flush=True)
     budget = int(args.grad_budget_gib * GIB) if args.grad_budget_gib else gradients.default_budget_bytes(device)
     results["budget_gib"] = budget / GIB
-    implementations = {"triton": kernels.accumulate.accumulate_outer_triton, "cublas": accumulate_outer_cublas}
     results["estimates"] = []
-    for variant in args.accumulate.split(","):
-        kernels.accumulate.accumulate_outer_triton = implementations[variant]  # what the custom op calls on CUDA
-        results["estimates"].append({"accumulate": variant, **estimate(model, targets, batches, budget)})
+    for _ in range(args.runs):
+        results["estimates"].append(estimate(model, targets, batches, budget))
         print(json.dumps({k: v for k, v in results["estimates"][-1].items() if k != "first_batch_trace"}), flush=True)
     out = ROOT / "bench" / "results" / f"{args.name}.json"
     out.write_text(json.dumps(results, indent=1))

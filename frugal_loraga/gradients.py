@@ -5,8 +5,9 @@ X (N x n) and output gradients dY (N x m):   dL/dW = dY^T X   (m x n).
 W itself is not needed, so a 4-bit base works: G is the gradient at the quantized model.
 
 During the estimate each target is wrapped in a GradientTap: while the layer's group is being estimated, the tap's
-backward adds dY^T X into the layer's fp32 accumulator (kernels.accumulate: a Triton kernel on CUDA, a custom op that
-torch.compile keeps in the compiled backward). Only the current group's layers hold accumulators.
+backward adds dY^T X into the layer's fp32 accumulator (accumulate_outer: on CUDA one cuBLAS GEMM of the 16-bit inputs
+into the fp32 accumulator, a custom op that torch.compile keeps in the compiled backward). Only the current group's
+layers hold accumulators.
 
 Groups are walked from the top of the network down, each over all batches, and each pays only for its own blocks
 (decoder layers) in backward:
@@ -33,8 +34,6 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
-
-from kernels.accumulate import accumulate_outer
 
 from .blocks import block_layout, compile_blocks, no_checkpointing, uncompile_blocks
 from .config import ConfigError
@@ -78,6 +77,25 @@ class EstimationStats:
     peak_state_bytes: int
     batches: int
     seconds: float
+
+
+@torch.library.custom_op("frugal_loraga::accumulate_outer", mutates_args=("acc",))
+def accumulate_outer(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
+    """acc (m x n, fp32) += dy^T x for dy (..., m), x (..., n), in place.
+    16-bit inputs on CUDA: one cuBLAS GEMM that adds its fp32 result into acc (beta = 1), with no fp32 copies of the
+    inputs and no m x n temporary; at Llama-2-7B shapes on an H100 it ran 1.2-1.3x faster than our autotuned Triton
+    kernel for the same product, and 11x faster than the fp32 casts (bench/bench_kernels.py). Elsewhere: addmm_ in
+    fp32. A custom op that mutates acc, so that torch.compile keeps the update inside a compiled backward."""
+    dy, x = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+    if acc.is_cuda and dy.dtype in (torch.bfloat16, torch.float16) and x.dtype == dy.dtype:
+        torch.addmm(acc, dy.T, x, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(dy.T.float(), x.float())
+
+
+@accumulate_outer.register_fake
+def _(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
+    return None
 
 
 class _AddWeightGradient(torch.autograd.Function):

@@ -10,8 +10,8 @@ from frugal_loraga.config import Config, ConfigError
 from frugal_loraga.data import collate, load_examples
 from frugal_loraga.fidelity import captured_energy, exact_gradients, subspace_agreement
 from frugal_loraga.blocks import block_layout
-from frugal_loraga.gradients import (Segment, estimate_gradient_svd, layer_costs, plan_cache, plan_groups,
-                                     plan_segments)
+from frugal_loraga.gradients import (Segment, accumulate_outer, estimate_gradient_svd, layer_costs, plan_cache,
+                                     plan_groups, plan_segments)
 from frugal_loraga.lora import find_targets
 from frugal_loraga.models import load_model
 
@@ -53,6 +53,23 @@ def assert_faithful(svds, grads, k, bar=0.99):
     for name, G in grads.items():
         energy = captured_energy(G, svds[name].U[:, :k], svds[name].V[:, :k])
         assert energy >= bar, f"{name}: captured {energy:.4f} of the exact top-{k} gradient energy"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_accumulate_outer_adds_the_weight_gradient_in_place(dtype):
+    """acc += dY^T X for batched dY (..., m) and X (..., n), against a float64 product of the same inputs; the op's
+    schema, fake tensor and in-place update as torch.compile checks them. On a GPU 16-bit inputs go through cuBLAS
+    into the fp32 acc, elsewhere through fp32 addmm_."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    dy, x = torch.randn(2, 37, 70, device=device).to(dtype), torch.randn(2, 37, 50, device=device).to(dtype)
+    acc = torch.randn(70, 50, device=device)
+    expected = acc.double() + dy.reshape(-1, 70).double().T @ x.reshape(-1, 50).double()
+    torch.library.opcheck(accumulate_outer, (acc.clone(), dy, x))
+    address = acc.data_ptr()
+    accumulate_outer(acc, dy, x)
+    assert acc.data_ptr() == address and acc.dtype == torch.float32
+    torch.testing.assert_close(acc.double(), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_streamed_estimate_matches_exact_svd_fp32(tiny_model_dir, sample_path):

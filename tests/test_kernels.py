@@ -5,7 +5,6 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from kernels.accumulate import accumulate_outer, accumulate_outer_reference, accumulate_outer_triton
 from kernels.lora import lora_add_reference, lora_add_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -14,38 +13,6 @@ TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rto
 if DEVICE == "cuda":  # there the reference rounds every product to 16 bits under autocast; the kernel keeps fp32 longer
     TOLERANCE.update({torch.bfloat16: dict(rtol=6e-2, atol=6e-2), torch.float16: dict(rtol=1e-2, atol=1e-2)})
 DTYPES = list(TOLERANCE)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens,m,n", [(37, 70, 50), (130, 33, 200), (1, 17, 9)])
-def test_accumulate_outer_matches_reference(dtype, tokens, m, n):
-    torch.manual_seed(0)
-    dy = torch.randn(tokens, m, device=DEVICE).to(dtype)
-    x = torch.randn(tokens, n, device=DEVICE).to(dtype)
-    acc = torch.randn(m, n, device=DEVICE)
-    expected = accumulate_outer_reference(acc.clone(), dy, x)
-    out = accumulate_outer_triton(acc, dy, x)
-    assert out.data_ptr() == acc.data_ptr()  # in place
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4 * tokens ** 0.5)
-
-
-def test_accumulate_outer_takes_batched_inputs_and_refuses_a_wrong_accumulator():
-    dy, x = torch.randn(2, 5, 7, device=DEVICE), torch.randn(2, 5, 3, device=DEVICE)
-    expected = accumulate_outer_reference(torch.zeros(7, 3, device=DEVICE), dy, x)
-    torch.testing.assert_close(accumulate_outer_triton(torch.zeros(7, 3, device=DEVICE), dy, x), expected)
-    with pytest.raises(ValueError, match=r"acc \(3, 7\).*does not fit.*must be fp32 \(m, n\)"):
-        accumulate_outer_triton(torch.zeros(3, 7, device=DEVICE), dy, x)
-    with pytest.raises(ValueError, match="must be fp32"):
-        accumulate_outer_triton(torch.zeros(7, 3, device=DEVICE, dtype=torch.bfloat16), dy, x)
-
-
-def test_accumulate_outer_op_updates_in_place_under_torch_compile_checks():
-    """The custom op torch.compile sees: schema (mutates acc only), fake tensor and autograd registrations."""
-    dy, x, acc = torch.randn(2, 5, 7, device=DEVICE), torch.randn(2, 5, 3, device=DEVICE), torch.randn(7, 3, device=DEVICE)
-    expected = accumulate_outer_reference(acc.clone(), dy, x)
-    torch.library.opcheck(accumulate_outer, (acc.clone(), dy, x))
-    accumulate_outer(acc, dy, x)
-    torch.testing.assert_close(acc, expected)
 
 
 def adapter(rank, n, m, frozen, trained=True):
