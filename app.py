@@ -19,6 +19,7 @@ import torch
 
 from frugal_loraga import Config, ConfigError, DataError, OutOfMemory, finetune
 from frugal_loraga.data import IGNORE, load_examples
+from frugal_loraga.gradients import available_ram_bytes
 from frugal_loraga.memory import estimate_memory_gib
 from frugal_loraga.models import resolve_model_path
 
@@ -75,11 +76,13 @@ def memory_estimate(model, load_in_4bit, rank, batch_size, max_length, init):
                         max_length=int(max_length), init=init)
     except (ConfigError, OSError) as e:
         return f"**Error:** {e}"
-    estimate = estimate_memory_gib(model_config, config)
     if torch.cuda.is_available():
-        gpu = f"{torch.cuda.get_device_name()} with {torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB"
+        card_bytes = torch.cuda.get_device_properties(0).total_memory
+        gpu = f"{torch.cuda.get_device_name()} with {card_bytes / 2**30:.1f} GiB"
     else:
+        card_bytes = available_ram_bytes()
         gpu = "no CUDA GPU detected: the run uses the CPU"
+    estimate = estimate_memory_gib(model_config, config, card_bytes)
     parts = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in estimate.items() if k != "total")
     return f"Estimated peak **{estimate['total']:.1f} GiB** ({parts} GiB) — {gpu}"
 

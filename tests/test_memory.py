@@ -1,0 +1,39 @@
+"""The app's peak-memory estimate against the peaks measured on Llama-2-7B (bench/results, H100 with a capped card)."""
+import json
+
+import pytest
+from transformers import LlamaConfig
+
+from conftest import ROOT
+from frugal_loraga.config import Config
+from frugal_loraga.memory import estimate_memory_gib
+
+LLAMA_2_7B = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000)
+
+
+def measured(name: str) -> dict:
+    return json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("card_gib,name", [(24, "bench_7b_24gib_128samples_compiled"),
+                                           (8, "bench_7b_8gib_128samples_compiled_triton")])
+def test_estimate_is_within_ten_percent_of_the_measured_7b_peaks(card_gib, name):
+    """LoRA-GA init under the default budget (half of what the weights leave), and LoRA training at 2 x 1024."""
+    run = measured(name)
+    config = Config(data="-", model="x", rank=8, batch_size=2, max_length=1024, dtype="bfloat16")
+    init = estimate_memory_gib(LLAMA_2_7B, config, card_gib * 2**30)
+    assert init["total"] == pytest.approx(run["lora_ga"]["peak_memory_init_gib"], rel=0.1)
+    training = estimate_memory_gib(LLAMA_2_7B, Config(data="-", model="x", rank=8, batch_size=2, max_length=1024,
+                                                      dtype="bfloat16", init="lora"), card_gib * 2**30)
+    assert training["lora_ga_init"] == 0
+    assert training["total"] == pytest.approx(run["baseline_lora_fwd_bwd"]["peak_memory_gib"], rel=0.1)
+
+
+def test_an_explicit_budget_bounds_the_init_and_no_card_counts_every_gradient():
+    base = dict(data="-", model="x", rank=8, batch_size=2, max_length=1024, dtype="bfloat16")
+    small = estimate_memory_gib(LLAMA_2_7B, Config(**base, grad_budget_gib=1.4), 80 * 2**30)
+    large = estimate_memory_gib(LLAMA_2_7B, Config(**base, grad_budget_gib=12), 80 * 2**30)
+    everything = estimate_memory_gib(LLAMA_2_7B, Config(**base))
+    assert small["lora_ga_init"] < 1.4 + 0.6 < large["lora_ga_init"] <= 12 + 0.6  # + the logits
+    assert everything["lora_ga_init"] > 4 * 6.4e9 / 2**30  # all 6.5 B linear weights' fp32 gradients
