@@ -36,7 +36,7 @@ def estimate_memory_gib(model_config, config: Config, card_bytes: Optional[int] 
     per_layer = sum(m * n for m, n in shapes.values())
     dtype_bytes = resolve_dtype(config, resolve_device(config)).itemsize
     weights = layers * per_layer * (NF4_BYTES_PER_PARAM if config.load_in_4bit else dtype_bytes) + 2 * vocab * h * dtype_bytes
-    init = 0.0
+    init = 0.0  # the LoRA-GA estimate
     if config.init == "lora_ga":
         estimation_tokens = config.estimation_batch_size * config.max_length
         block = sum(layer_costs(shapes, estimation_tokens, dtype_bytes).values())
@@ -48,7 +48,7 @@ def estimate_memory_gib(model_config, config: Config, card_bytes: Optional[int] 
     kept = tokens * h * dtype_bytes * layers + layer_activations if config.gradient_checkpointing else layer_activations * layers
     activations = kept + 2 * tokens * vocab * 4
     adapter = 20 * layers * config.rank * sum(m + n for m, n in shapes.values())
-    parts = {"weights": weights, "lora_ga_init": init, "training_activations": activations,
+    parts = {"weights": weights, "init_estimate": init, "training_activations": activations,
              "adapter_and_optimizer": adapter}
     result = {k: v / 2**30 for k, v in parts.items()}
     result["total"] = (weights + max(init, activations + adapter)) / 2**30

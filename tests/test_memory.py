@@ -26,7 +26,7 @@ def test_estimate_is_within_ten_percent_of_the_measured_7b_peaks(card_gib, name)
     assert init["total"] == pytest.approx(run["lora_ga"]["peak_memory_init_gib"], rel=0.1)
     training = estimate_memory_gib(LLAMA_2_7B, Config(data="-", model="x", rank=8, batch_size=2, max_length=1024,
                                                       dtype="bfloat16", init="lora"), card_gib * 2**30)
-    assert training["lora_ga_init"] == 0
+    assert training["init_estimate"] == 0
     assert training["total"] == pytest.approx(run["baseline_lora_fwd_bwd"]["peak_memory_gib"], rel=0.1)
 
 
@@ -35,5 +35,5 @@ def test_an_explicit_budget_bounds_the_init_and_no_card_counts_every_gradient():
     small = estimate_memory_gib(LLAMA_2_7B, Config(**base, grad_budget_gib=1.4), 80 * 2**30)
     large = estimate_memory_gib(LLAMA_2_7B, Config(**base, grad_budget_gib=12), 80 * 2**30)
     everything = estimate_memory_gib(LLAMA_2_7B, Config(**base))
-    assert small["lora_ga_init"] < 1.4 + 0.6 < large["lora_ga_init"] <= 12 + 0.6  # + the logits
-    assert everything["lora_ga_init"] > 4 * 6.4e9 / 2**30  # all 6.5 B linear weights' fp32 gradients
+    assert small["init_estimate"] < 1.4 + 0.6 < large["init_estimate"] <= 12 + 0.6  # + the logits
+    assert everything["init_estimate"] > 4 * 6.4e9 / 2**30  # all 6.5 B linear weights' fp32 gradients
