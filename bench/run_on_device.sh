@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU evidence, one step after another in one call on the lent GPU; each step has a time limit, and its JSON lands in
+# bench/results/ and, when $OUT is set (the device tool), is copied there with the step's log as soon as it ends.
+#   tests    the tests that take other paths on a GPU (compiled estimate, cuBLAS accumulation, kernels, LoRA, NF4)
+#   kernels  bench_kernels.py: the accumulation and the Triton LoRA-GA adapter against torch
+#   24, 8    bench_7b.py on a Llama-2-7B-shaped NF4 model, card capped at 24 / 8 GiB, 128 estimation samples
+#   peft     PEFT's own LoRA-GA on the bf16 model (needs about 36 GiB) over the same 128 samples
+#   profile24, profile8   profile_estimate.py: seconds per group and in the SVDs, at 24 / 8 GiB
+# Usage: bash bench/run_on_device.sh [step ...]   (default: tests kernels 24 8 peft)
+# bitsandbytes is not on the device image: ../shared/tools/device-wheels.sh puts its wheel in .whl/, carried there.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
+fi
+export PYTHONUNBUFFERED=1
+logs=${OUT:-/tmp/run_on_device}
+mkdir -p "$logs"
+python3 -c "import torch, triton, transformers, peft, bitsandbytes as b; print(torch.cuda.get_device_name(), 'torch',
+torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__,
+'bitsandbytes', b.__version__)"
+
+step() {  # step NAME SECONDS RESULT-JSON COMMAND...
+  local name=$1 seconds=$2 result=$3
+  shift 3
+  local start=$SECONDS
+  timeout "$seconds" "$@" >"$logs/$name.log" 2>&1
+  echo "$name: rc=$? in $((SECONDS - start)) s"
+  [ -n "$result" ] && [ -f "bench/results/$result.json" ] && cp "bench/results/$result.json" "$logs/"
+  grep -E '^(peer|lora|baseline|\{)|passed|failed|over_' "$logs/$name.log" | cut -c1-300
+}
+
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(tests kernels 24 8 peft)
+for one in "${steps[@]}"; do
+    case $one in
+      tests) step tests 150 "" python3 -m pytest -q tests/test_gradients.py tests/test_kernels.py tests/test_lora.py \
+               tests/test_nf4.py -k "not demo" ;;
+      kernels) step kernels 60 kernels python3 bench/bench_kernels.py ;;
+      24|8) step "$one" 240 "bench_7b_${one}gib_128samples_compiled" python3 bench/bench_7b.py --card-gib "$one" \
+              --estimation-samples 128 --train-steps 8 --peer-steps 8 --name "bench_7b_${one}gib_128samples_compiled" ;;
+      peft) step peft 90 peft_loraga_7b_128samples python3 bench/bench_7b.py --card-gib 80 --estimation-samples 128 \
+              --only peft_loraga --name peft_loraga_7b_128samples ;;
+      profile24|profile8) step "$one" 180 "profile_estimate_${one#profile}gib_128samples" python3 bench/profile_estimate.py \
+              --card-gib "${one#profile}" --samples 128 --no-block --name "profile_estimate_${one#profile}gib_128samples" ;;
+      *) echo "unknown step $one"; exit 2 ;;
+    esac
+done
