@@ -16,13 +16,13 @@ Groups are walked from the top of the network down, each over all batches, and e
               with grad, and backward starts from the gradient at the input of the block above them, which the group
               above recorded (kept on the CPU: batches x tokens x hidden values).
 The top group's forward also keeps the lower groups' start inputs on the CPU (the highest starts first, within a host
-budget), so those groups skip their no-grad forward. The estimate then costs one forward and backward of the network,
-plus a no-grad forward per group whose start did not fit, against a forward and backward per group when every group
-backpropagates from the loss.
+budget), so those groups skip their no-grad forward. The estimate then costs one forward of the network plus one
+forward and backward of each block (and a no-grad forward per group whose start did not fit), against a forward and
+backward of the network per group when every group backpropagates from the loss.
 Groups hold whole blocks, and a backward only spans its own group's blocks, so the estimate needs no gradient
 checkpointing: the budget covers each group's accumulators (4 m n bytes a layer) and its activations (about
-tokens x (m + n) values a layer), and no block is run twice. On CUDA the blocks are compiled for the estimate: a block
-is either tapped whole or not at all, so it compiles to few graphs.
+tokens x (m + n) values a layer), and no block is recomputed in backward. On CUDA the blocks are compiled for the
+estimate: a block is either tapped whole or not at all, so it compiles to few graphs.
 After a group's batches, each G = (sum of dY^T X) / batches is reduced to its top-2r singular triplets and freed.
 """
 from __future__ import annotations
@@ -83,7 +83,7 @@ class EstimationStats:
 def accumulate_outer(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
     """acc (m x n, fp32) += dy^T x for dy (..., m), x (..., n), in place.
     16-bit inputs on CUDA: one cuBLAS GEMM that adds its fp32 result into acc (beta = 1), with no fp32 copies of the
-    inputs and no m x n temporary; at Llama-2-7B shapes on an H100 it ran 1.2-1.3x faster than our autotuned Triton
+    inputs and no m x n temporary. At Llama-2-7B shapes on an H100 it ran 1.17-1.27x faster than our autotuned Triton
     kernel for the same product, and 11x faster than the fp32 casts (bench/bench_kernels.py). Elsewhere: addmm_ in
     fp32. A custom op that mutates acc, so that torch.compile keeps the update inside a compiled backward."""
     dy, x = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
@@ -256,8 +256,8 @@ def plan_cache(segments: list[Segment], input_bytes: int, host_budget_bytes: int
 def _to(value, device, pinned: bool = True):
     """Tensors (also inside tuples, lists and dicts) detached and moved to device. From CUDA to the CPU: pinned, into
     page-locked memory by a copy that the CUDA stream orders with the kernels around it, so the CPU goes on launching;
-    else into pageable memory, a copy that waits for the kernels queued before it but locks no pages (about 0.6 s per
-    GiB, and locked pages can't be swapped). (A non-blocking .to("cpu") would pin its output too.)"""
+    else into pageable memory, a copy that waits for the kernels queued before it but locks no pages (locking takes time
+    per GiB, and locked pages can't be swapped). (A non-blocking .to("cpu") would pin its output too.)"""
     if isinstance(value, torch.Tensor):
         value = value.detach()
         if value.is_cuda and torch.device(device).type == "cpu":
