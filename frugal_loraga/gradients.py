@@ -15,8 +15,9 @@ Groups are walked from the top of the network down, each over all batches, and e
   lower group a no-grad forward stopped at its lowest block captures that block's inputs; its blocks are then run
               with grad, and backward starts from the gradient at the input of the block above them, which the group
               above recorded (kept on the CPU: batches x tokens x hidden values).
-The top group's forward also keeps the lower groups' start inputs on the CPU (the highest starts first, within a host
-budget), so those groups skip their no-grad forward. The estimate then costs one forward of the network plus one
+The top group's forward also keeps the lower groups' start inputs on the CPU (all of them, or as many as a host
+budget holds, spread evenly), so those groups skip their no-grad forward, and the groups between run only the blocks
+from the nearest kept start below theirs. The estimate then costs one forward of the network plus one
 forward and backward of each block (and a no-grad forward per group whose start did not fit), against a forward and
 backward of the network per group when every group backpropagates from the loss.
 Groups hold whole blocks, and a backward only spans its own group's blocks, so the estimate needs no gradient
@@ -248,9 +249,28 @@ def block_inputs(model: nn.Module, block: nn.Module, batch: dict) -> tuple[tuple
 
 def plan_cache(segments: list[Segment], input_bytes: int, host_budget_bytes: int) -> list[int]:
     """The lower groups' start blocks whose inputs (input_bytes each, all batches) the top group's forward keeps on the
-    CPU: the highest first, since a no-grad forward to a higher block costs more, as many as the host budget holds."""
-    starts = sorted({s.start for s in segments[1:] if s.stop is not None}, reverse=True)
-    return starts[:host_budget_bytes // max(input_bytes, 1)]
+    CPU: all of them if the host budget holds them, else as many as it holds, spread evenly over the starts, since a
+    group whose start is not kept runs the blocks from the nearest kept start below it, or from the embeddings, which
+    give block 0's input for almost nothing (so it is never kept)."""
+    starts = sorted({s.start for s in segments[1:] if s.stop is not None} - {0})
+    room = host_budget_bytes // max(input_bytes, 1)
+    if room >= len(starts):
+        return starts
+    return [starts[round(j * (len(starts) + 1) / (room + 1)) - 1] for j in range(1, room + 1)]
+
+
+def start_inputs(model: nn.Module, blocks: list[nn.Module], start: int, batch: dict, kept: dict[int, tuple],
+                 device) -> tuple[tuple, dict]:
+    """The inputs of block `start` for `batch`: kept[start], or a no-grad run of the blocks from the nearest kept
+    start below it, or a no-grad forward of the model that stops there. kept: start -> (args, kwargs) on the CPU."""
+    if start in kept:
+        return _to(kept[start], device)
+    below = max((c for c in kept if c < start), default=None)
+    if below is None:
+        return block_inputs(model, blocks[start], batch)
+    args, kwargs = _to(kept[below], device)
+    with torch.no_grad():
+        return _with_hidden(args, kwargs, run_blocks(blocks[below:start], args, kwargs))
 
 
 def _to(value, device, pinned: bool = True):
@@ -352,8 +372,8 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
                         if segment.stop is None:
                             model(**batch).loss.backward()
                         else:
-                            args, kwargs = (_to(cache[segment.start][batch_index], device) if segment.start in cache
-                                            else block_inputs(model, blocks[segment.start], batch))
+                            kept = {start: inputs[batch_index] for start, inputs in cache.items()}
+                            args, kwargs = start_inputs(model, blocks, segment.start, batch, kept, device)
                             run_blocks(blocks[segment.start:segment.stop], args, kwargs).backward(
                                 _to(upstream[batch_index], device))
                         done += 1
@@ -363,6 +383,7 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
                     for hook in hooks:
                         hook.remove()
                 upstream = recorded
+                cache.pop(segment.start, None)  # the groups still to come start below it
                 for name in segment.names:
                     taps[name].accumulator = None
                     G = state.release(name).div_(len(batches))

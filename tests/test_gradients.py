@@ -14,6 +14,7 @@ from frugal_loraga.gradients import (Segment, accumulate_outer, estimate_gradien
                                      plan_groups, plan_segments)
 from frugal_loraga.lora import find_targets
 from frugal_loraga.models import load_model
+from conftest import make_tiny_model_dir
 
 RANK = 4
 
@@ -139,28 +140,59 @@ def test_segments_bound_each_backward(sample_path):
     groups = [["head", "b5.mlp", "b5.attn"], ["b4.mlp", "b4.attn"], ["b1.mlp"], ["b0.mlp"]]
     assert plan_segments(groups, index) == [Segment(groups[0], 5, None), Segment(groups[1], 4, 5),
                                             Segment(groups[2], 1, 4), Segment(groups[3], 0, 1)]
-    # the top group's forward keeps the highest lower starts that fit the host budget
-    assert plan_cache(plan_segments(groups, index), input_bytes=10, host_budget_bytes=25) == [4, 1]
+    # the top group's forward keeps the lower starts but block 0's (the embeddings give it), fewer on a short budget
+    assert plan_cache(plan_segments(groups, index), input_bytes=10, host_budget_bytes=25) == [1, 4]
+    assert plan_cache(plan_segments(groups, index), input_bytes=10, host_budget_bytes=15) == [4]
     # below a group that holds a layer outside the blocks and starts at the embeddings, a group runs to the loss
     assert plan_segments([["b5.mlp", "head"], ["b4.mlp"]], index)[1] == Segment(["b4.mlp"], 4, None)
 
 
-def test_cached_block_inputs_replace_the_no_grad_forwards(deep_model_dir, sample_path, monkeypatch):
-    """Lower groups start from the inputs the top group's forward kept on the CPU: same factors (exact SVD of the same
-    gradients), and no no-grad forward to their start blocks."""
-    model, tokenizer, targets = load(deep_model_dir, four_bit=False)
+def no_grad_runs_to_reach_starts(kept: list[int], starts) -> int:
+    """Blocks run without grad to get each start's input: from the nearest kept start at or below it, else from the
+    embeddings (block 0's input)."""
+    return sum(s - max([c for c in kept if c <= s], default=0) for s in starts)
+
+
+def test_kept_inputs_are_spread_so_that_the_groups_between_run_few_blocks():
+    """32 one-block groups, the top one holding block 31: with room for 8 of the lower starts kept, the groups reach
+    their starts with 39 no-grad block runs a batch, against 253 if the 8 highest were kept and the rest re-ran the
+    forward from the embeddings."""
+    index = {f"b{i}": i for i in range(32)}
+    segments = plan_segments([[f"b{i}"] for i in reversed(range(32))], index)
+    kept = plan_cache(segments, input_bytes=1, host_budget_bytes=8)
+    assert kept == [3, 7, 10, 14, 17, 21, 24, 28]
+    assert no_grad_runs_to_reach_starts(kept, range(1, 31)) == 39
+    assert no_grad_runs_to_reach_starts(list(range(23, 31)), range(1, 31)) == 253
+    assert plan_cache(segments, input_bytes=1, host_budget_bytes=0) == []
+    assert plan_cache(segments, input_bytes=1, host_budget_bytes=30) == list(range(1, 31))
+
+
+@pytest.mark.parametrize("kept_starts", [0, 2, 6])
+def test_groups_start_from_kept_inputs_and_run_the_blocks_between(tmp_path_factory, sample_path, kept_starts):
+    """Eight decoder layers, one group each. The lower groups' inputs come from what the top group's forward kept on
+    the CPU: all six starts above block 0, two of them (the groups between run the blocks from the nearest kept start
+    below), or none (each re-runs the forward from the embeddings). Same factors (exact SVD of the same gradients)
+    every time, and exactly the no-grad block runs the plan says."""
+    model_dir = make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama-8"), layers=8)
+    model, tokenizer, targets = load(model_dir, four_bit=False)
     batches = make_batches(model, tokenizer, sample_path)
     budget = one_block_budget(model, targets, batches)
-    reforward, stats = estimate_gradient_svd(model, targets, batches, 2 * RANK, budget, "exact", host_budget_bytes=0)
-    assert len(stats.groups) >= 3
-
-    def no_reforward(*args):
-        raise AssertionError("a lower group re-ran the forward to its start block")
-    monkeypatch.setattr("frugal_loraga.gradients.block_inputs", no_reforward)
-    cached, _ = estimate_gradient_svd(model, targets, batches, 2 * RANK, budget, "exact", host_budget_bytes=2**30)
+    input_bytes = sum(b["input_ids"].numel() for b in batches) * model.config.hidden_size * 4
+    runs, hooks = grad_runs(model.model.layers)
+    svds, stats = estimate_gradient_svd(model, targets, batches, 2 * RANK, budget, "exact",
+                                        host_budget_bytes=kept_starts * input_bytes)
+    for hook in hooks:
+        hook.remove()
+    assert len(stats.groups) == 8
+    kept = {6: [1, 2, 3, 4, 5, 6], 2: [2, 5], 0: []}[kept_starts]
+    top_forward = 7  # blocks 0..6 below the top group's block 7
+    order = 8  # the short forward that finds the layers' execution order, once
+    assert runs.count(False) == order + (top_forward + no_grad_runs_to_reach_starts(kept, range(1, 7))) * len(batches)
+    assert runs.count(True) == 8 * len(batches)
+    exact = estimate_gradient_svd(model, targets, batches, 2 * RANK, budget, "exact", host_budget_bytes=0)[0]
     for name in targets:
-        for got, expected in zip((cached[name].U, cached[name].S, cached[name].V),
-                                 (reforward[name].U, reforward[name].S, reforward[name].V)):
+        for got, expected in zip((svds[name].U, svds[name].S, svds[name].V),
+                                 (exact[name].U, exact[name].S, exact[name].V)):
             torch.testing.assert_close(got, expected)
 
 
