@@ -46,11 +46,11 @@ def block_activations(model, targets, batch) -> dict:
     for label in ("eager", "compiled", "compiled_again"):
         if label == "compiled":
             compile_blocks(blocks[:1])
-        gradients.run_blocks(blocks[:1], args, kwargs).sum().backward()  # warm-up (and compile)
+        gradients.run_blocks(blocks[:1], hidden, [(args, kwargs)]).sum().backward()  # warm-up (and compile)
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        out = gradients.run_blocks(blocks[:1], args, kwargs)
+        out = gradients.run_blocks(blocks[:1], hidden, [(args, kwargs)])
         torch.cuda.synchronize()
         held = torch.cuda.memory_allocated() - before
         start = time.perf_counter()

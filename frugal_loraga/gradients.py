@@ -259,43 +259,73 @@ def plan_cache(segments: list[Segment], input_bytes: int, host_budget_bytes: int
     return [starts[round(j * (len(starts) + 1) / (room + 1)) - 1] for j in range(1, room + 1)]
 
 
-def start_inputs(model: nn.Module, blocks: list[nn.Module], start: int, batch: dict, kept: dict[int, tuple],
-                 device) -> tuple[tuple, dict]:
-    """The inputs of block `start` for `batch`: kept[start], or a no-grad run of the blocks from the nearest kept
-    start below it, or a no-grad forward of the model that stops there. kept: start -> (args, kwargs) on the CPU."""
-    if start in kept:
-        return _to(kept[start], device)
-    below = max((c for c in kept if c < start), default=None)
-    if below is None:
-        return block_inputs(model, blocks[start], batch)
-    args, kwargs = _to(kept[below], device)
-    with torch.no_grad():
-        return _with_hidden(args, kwargs, run_blocks(blocks[below:start], args, kwargs))
+class KeptInputs:
+    """What the top group's forward keeps on the CPU (pageable) for the lower groups, for each batch: every block's
+    inputs besides the hidden state (attention mask, rotary embeddings, positions; they may differ between blocks, as
+    Gemma's sliding-window and global layers' do; a tensor that blocks share is kept once), and the hidden state
+    entering each of the start blocks `starts` (plan_cache)."""
+
+    def __init__(self, batches: int, blocks: int, starts: list[int]):
+        self.others: list[list] = [[None] * blocks for _ in range(batches)]  # (args, kwargs), hidden state None
+        self.hidden: dict[int, list] = {start: [None] * batches for start in starts}
+        self.copies: dict[int, dict] = {}  # per batch: what is already on the CPU
+
+    def keep(self, block: int, batch: int, args: tuple, kwargs: dict) -> None:
+        copies = self.copies.setdefault(batch, {})
+        self.others[batch][block] = _to(_with_hidden(args, kwargs, None), "cpu", pinned=False, copies=copies)
+        if block in self.hidden:
+            self.hidden[block][batch] = _to(_hidden(args, kwargs), "cpu", pinned=False)
+
+    def inputs(self, batch: int, start: int, stop: int, device) -> list[tuple[tuple, dict]]:
+        """The other inputs of blocks start .. stop - 1 for this batch, on device."""
+        copies: dict = {}
+        return [_to(self.others[batch][j], device, copies=copies) for j in range(start, stop)]
+
+    def start_hidden(self, model: nn.Module, blocks: list[nn.Module], start: int, batch_index: int, batch: dict,
+                     device) -> torch.Tensor:
+        """The hidden state entering block `start`: kept, or a no-grad run of the blocks from the nearest kept start
+        below it, or a no-grad forward of the model that stops there."""
+        if start in self.hidden:
+            return _to(self.hidden[start][batch_index], device)
+        below = max((c for c in self.hidden if c < start), default=None)
+        if below is None:
+            return _hidden(*block_inputs(model, blocks[start], batch))
+        with torch.no_grad():
+            return run_blocks(blocks[below:start], _to(self.hidden[below][batch_index], device),
+                              self.inputs(batch_index, below, start, device))
 
 
-def _to(value, device, pinned: bool = True):
+def _to(value, device, pinned: bool = True, copies: Optional[dict] = None):
     """Tensors (also inside tuples, lists and dicts) detached and moved to device. From CUDA to the CPU: pinned, into
     page-locked memory by a copy that the CUDA stream orders with the kernels around it, so the CPU goes on launching;
     else into pageable memory, a copy that waits for the kernels queued before it but locks no pages (locking takes time
-    per GiB, and locked pages can't be swapped). (A non-blocking .to("cpu") would pin its output too.)"""
+    per GiB, and locked pages can't be swapped). (A non-blocking .to("cpu") would pin its output too.)
+    copies: id(tensor) -> (tensor, moved), so that a tensor met again is moved once (the tensor is held, so its id
+    is not reused)."""
     if isinstance(value, torch.Tensor):
-        value = value.detach()
-        if value.is_cuda and torch.device(device).type == "cpu":
-            if pinned:
-                return torch.empty_like(value, device="cpu", pin_memory=True).copy_(value, non_blocking=True)
-            return value.to("cpu")
-        return value.to(device, non_blocking=True)
+        if copies is not None and id(value) in copies:
+            return copies[id(value)][1]
+        moved = value.detach()
+        if moved.is_cuda and torch.device(device).type == "cpu":
+            moved = (torch.empty_like(moved, device="cpu", pin_memory=True).copy_(moved, non_blocking=True) if pinned
+                     else moved.to("cpu"))
+        else:
+            moved = moved.to(device, non_blocking=True)
+        if copies is not None:
+            copies[id(value)] = (value, moved)
+        return moved
     if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device, pinned) for v in value)
+        return type(value)(_to(v, device, pinned, copies) for v in value)
     if isinstance(value, dict):
-        return {k: _to(v, device, pinned) for k, v in value.items()}
+        return {k: _to(v, device, pinned, copies) for k, v in value.items()}
     return value
 
 
-def run_blocks(blocks: list[nn.Module], args: tuple, kwargs: dict) -> torch.Tensor:
-    """Run consecutive blocks from the first one's captured inputs, made a leaf that needs grad; the last output."""
-    hidden = _hidden(args, kwargs).detach().requires_grad_()
-    for block in blocks:
+def run_blocks(blocks: list[nn.Module], hidden: torch.Tensor, inputs: list[tuple[tuple, dict]]) -> torch.Tensor:
+    """Run consecutive blocks from the hidden state entering the first, made a leaf that needs grad, each block with its
+    own other inputs (args, kwargs); the last output."""
+    hidden = hidden.detach().requires_grad_()
+    for block, (args, kwargs) in zip(blocks, inputs, strict=True):
         args, kwargs = _with_hidden(args, kwargs, hidden)
         out = block(*args, **kwargs)
         hidden = out[0] if isinstance(out, tuple) else out
@@ -306,12 +336,6 @@ def _record_grad(hidden: torch.Tensor, recorded: list, batch_index: int) -> None
     """Keep dL/d(hidden) of this batch on the CPU when backward reaches it."""
     if hidden.requires_grad:
         hidden.register_hook(lambda grad: recorded.__setitem__(batch_index, _to(grad, "cpu")))
-
-
-def _keep_inputs(args: tuple, kwargs: dict, kept: list, batch_index: int) -> None:
-    """Keep a block's inputs for this batch on the CPU, in pageable memory: each is written and read once, and there
-    can be many GiB of them."""
-    kept[batch_index] = _to((args, kwargs), "cpu", pinned=False)
 
 
 def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict], k: int,
@@ -334,8 +358,7 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
     if host_budget_bytes is None:
         host_budget_bytes = available_ram_bytes() // 4
     input_bytes = sum(b["input_ids"].numel() for b in batches) * embedding.shape[1] * embedding.element_size()
-    cache: dict[int, list] = {start: [None] * len(batches) for start in plan_cache(segments, input_bytes,
-                                                                                   host_budget_bytes)}
+    kept = KeptInputs(len(batches), len(blocks), plan_cache(segments, input_bytes, host_budget_bytes))
     state = GradientState(budget_bytes)
     results: dict[str, LayerSVD] = {}
     taps = {name: GradientTap(targets[name]) for name in order}
@@ -361,10 +384,10 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
                     hooks.append(blocks[record_at].register_forward_pre_hook(
                         lambda m, args, kwargs: _record_grad(_hidden(args, kwargs), recorded, batch_index),
                         with_kwargs=True))
-                if i == 0:  # the top group's forward passes every lower group's start: keep their inputs
-                    hooks += [blocks[start].register_forward_pre_hook(
-                        lambda m, args, kwargs, kept=kept: _keep_inputs(args, kwargs, kept, batch_index),
-                        with_kwargs=True) for start, kept in cache.items()]
+                if i == 0 and len(segments) > 1:  # the top group's forward runs the blocks below it: keep what
+                    hooks += [blocks[j].register_forward_pre_hook(  # the lower groups need
+                        lambda m, args, kwargs, j=j: kept.keep(j, batch_index, args, kwargs), with_kwargs=True)
+                        for j in range(segment.start or 0)]
                 for name in segment.names:
                     taps[name].accumulator = state.allocate(name, shapes[name], device)
                 try:
@@ -372,9 +395,9 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
                         if segment.stop is None:
                             model(**batch).loss.backward()
                         else:
-                            kept = {start: inputs[batch_index] for start, inputs in cache.items()}
-                            args, kwargs = start_inputs(model, blocks, segment.start, batch, kept, device)
-                            run_blocks(blocks[segment.start:segment.stop], args, kwargs).backward(
+                            hidden = kept.start_hidden(model, blocks, segment.start, batch_index, batch, device)
+                            run_blocks(blocks[segment.start:segment.stop], hidden,
+                                       kept.inputs(batch_index, segment.start, segment.stop, device)).backward(
                                 _to(upstream[batch_index], device))
                         done += 1
                         if progress:
@@ -383,7 +406,8 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
                     for hook in hooks:
                         hook.remove()
                 upstream = recorded
-                cache.pop(segment.start, None)  # the groups still to come start below it
+                kept.copies.clear()
+                kept.hidden.pop(segment.start, None)  # the groups still to come start below it
                 for name in segment.names:
                     taps[name].accumulator = None
                     G = state.release(name).div_(len(batches))
