@@ -4,7 +4,9 @@ block     one decoder layer with all 7 targets tapped: activation bytes kept for
           held by the forward's outputs and graph), eager and compiled, against layer_costs' count
 estimate  the whole estimate over --samples examples, --runs times in a row (the first compiles): seconds per group,
           the SVDs' seconds, peak memory per group
-Usage: python bench/profile_estimate.py --card-gib 24 --samples 32 [--grad-budget-gib 1.4] [--no-block]
+Usage: python bench/profile_estimate.py --card-gib 24 --samples 32 [--grad-budget-gib 1.4] [--host-budget-gib 8]
+       [--no-block]   (--host-budget-gib: how many lower groups' start inputs are kept on the CPU, trading the copies
+       for no-grad runs of the blocks between)
 """
 import argparse
 import json
@@ -65,7 +67,7 @@ def block_activations(model, targets, batch) -> dict:
     return result
 
 
-def estimate(model, targets, batches, budget: int) -> dict:
+def estimate(model, targets, batches, budget: int, host_budget) -> dict:
     """The estimate (compiled), timed per group and per SVD."""
     svd_seconds, group_marks = [0.0], []
     top_singular = gradients.top_singular
@@ -96,7 +98,8 @@ def estimate(model, targets, batches, budget: int) -> dict:
               for i, b in enumerate(blocks)]
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    _, stats = gradients.estimate_gradient_svd(model, targets, batches, 16, budget, "lowrank", progress, compile=True)
+    _, stats = gradients.estimate_gradient_svd(model, targets, batches, 16, budget, "lowrank", progress, host_budget,
+                                               compile=True)
     torch.cuda.synchronize()
     total = time.perf_counter() - start
     gradients.top_singular = top_singular
@@ -111,6 +114,8 @@ def main():
     parser.add_argument("--card-gib", type=float, default=24)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--grad-budget-gib", type=float)
+    parser.add_argument("--host-budget-gib", type=float, help="CPU memory for kept block inputs (default: a quarter "
+                        "of the available RAM)")
     parser.add_argument("--runs", type=int, default=2, help="estimates in a row (the first compiles)")
     parser.add_argument("--no-block", action="store_true", help="skip the one-block activation measurement")
     parser.add_argument("--work", default="/tmp/bench7b")
@@ -135,9 +140,11 @@ def main():
     print(json.dumps(results, indent=1), flush=True)
     budget = int(args.grad_budget_gib * GIB) if args.grad_budget_gib else gradients.default_budget_bytes(device)
     results["budget_gib"] = budget / GIB
+    host_budget = int(args.host_budget_gib * GIB) if args.host_budget_gib is not None else None
+    results["host_budget_gib"] = args.host_budget_gib
     results["estimates"] = []
     for _ in range(args.runs):
-        results["estimates"].append(estimate(model, targets, batches, budget))
+        results["estimates"].append(estimate(model, targets, batches, budget, host_budget))
         print(json.dumps({k: v for k, v in results["estimates"][-1].items() if k != "first_batch_trace"}), flush=True)
     out = ROOT / "bench" / "results" / f"{args.name}.json"
     out.write_text(json.dumps(results, indent=1))

@@ -6,6 +6,8 @@
 #   24, 8    bench_7b.py on a Llama-2-7B-shaped NF4 model, card capped at 24 / 8 GiB, 128 estimation samples
 #   peft     PEFT's own LoRA-GA on the bf16 model (needs about 36 GiB) over the same 128 samples
 #   profile24, profile8   profile_estimate.py: seconds per group and in the SVDs, at 24 / 8 GiB
+#   host8    profile_estimate.py at 8 GiB with 8 GiB of kept block inputs (8 of the 31 starts: fewer copies to the
+#            CPU, more no-grad block runs), to set against profile8
 # Usage: bash bench/run_on_device.sh [step ...]   (default: tests kernels 24 8 peft)
 # bitsandbytes is not on the device image: ../shared/tools/device-wheels.sh puts its wheel in .whl/, carried there.
 set -uo pipefail
@@ -44,6 +46,8 @@ for one in "${steps[@]}"; do
               --only peft_loraga --name peft_loraga_7b_128samples ;;
       profile24|profile8) step "$one" 180 "profile_estimate_${one#profile}gib_128samples" python3 bench/profile_estimate.py \
               --card-gib "${one#profile}" --samples 128 --no-block --name "profile_estimate_${one#profile}gib_128samples" ;;
+      host8) step host8 180 profile_estimate_8gib_128samples_host8gib python3 bench/profile_estimate.py --card-gib 8 \
+              --samples 128 --no-block --host-budget-gib 8 --name profile_estimate_8gib_128samples_host8gib ;;
       *) echo "unknown step $one"; exit 2 ;;
     esac
 done
