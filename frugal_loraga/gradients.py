@@ -384,10 +384,10 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
                     hooks.append(blocks[record_at].register_forward_pre_hook(
                         lambda m, args, kwargs: _record_grad(_hidden(args, kwargs), recorded, batch_index),
                         with_kwargs=True))
-                if i == 0 and len(segments) > 1:  # the top group's forward runs the blocks below it: keep what
-                    hooks += [blocks[j].register_forward_pre_hook(  # the lower groups need
+                if i == 0 and len(segments) > 1:  # the top group's forward runs every block: keep what the lower
+                    hooks += [blocks[j].register_forward_pre_hook(  # groups need of those below its own
                         lambda m, args, kwargs, j=j: kept.keep(j, batch_index, args, kwargs), with_kwargs=True)
-                        for j in range(segment.start or 0)]
+                        for j in range(len(blocks) if segment.start is None else segment.start)]
                 for name in segment.names:
                     taps[name].accumulator = state.allocate(name, shapes[name], device)
                 try:

@@ -196,6 +196,21 @@ def test_groups_start_from_kept_inputs_and_run_the_blocks_between(tmp_path_facto
             torch.testing.assert_close(got, expected)
 
 
+def test_output_head_in_a_group_of_its_own(deep_model_dir, sample_path):
+    """lm_head targeted, with a budget that holds it alone: the top group is the head, the group below runs from the
+    loss, and the groups under it run their blocks from inputs the head's forward kept."""
+    config = Config(model=str(deep_model_dir), data="unused", load_in_4bit=False, rank=RANK, dtype="float32",
+                    target_modules="q_proj,down_proj,lm_head")
+    model, tokenizer, _ = load_model(config)
+    targets = find_targets(model, config.target_list(), RANK, "lora_ga")
+    batches = make_batches(model, tokenizer, sample_path)
+    shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
+    head = layer_costs(shapes, max(b["input_ids"].numel() for b in batches), 4)["lm_head"]
+    svds, stats = estimate_gradient_svd(model, targets, batches, 2 * RANK, head)
+    assert stats.groups[0] == ["lm_head"] and len(stats.groups) == 5
+    assert_faithful(svds, exact_gradients(model, targets, batches), 2 * RANK)
+
+
 def test_blocks_with_inputs_of_their_own_in_several_groups():
     """Gemma 3 alternates sliding-window and global layers, each kind with its own attention mask and rotary
     embeddings. A lower group that runs two blocks gives each its own inputs: the estimate over two groups of two
