@@ -224,6 +224,11 @@ def _cut_hook(module, args, kwargs):
     return _with_hidden(args, kwargs, _hidden(args, kwargs).detach().requires_grad_())
 
 
+def _cut_input_hook(module, args):
+    """Make a layer's input a fresh leaf that needs grad: backward from the loss stops there."""
+    return (args[0].detach().requires_grad_(),) + tuple(args[1:])
+
+
 def _detach_hook(module, args, kwargs):
     """Detach the block's incoming hidden state (made to need grad by transformers when checkpointing is on): the
     blocks below a top group's lowest block then build no graph and keep no activations."""
@@ -368,18 +373,20 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
         compile_blocks(blocks)
     model.train()
     done, total = 0, len(groups) * len(batches)
+    last_in_blocks = max((p for p, name in enumerate(order) if index[name] is not None), default=-1)
     upstream: list[torch.Tensor] = []  # per batch: dL/d(input of block segment.stop), on the CPU
     try:
         with no_checkpointing(blocks):
             for i, segment in enumerate(segments):
                 record_at = segments[i + 1].stop if i + 1 < len(segments) else None
                 recorded: list[Optional[torch.Tensor]] = [None] * len(batches)
-                hooks = [] if segment.stop is not None else [
-                    blocks[segment.start].register_forward_pre_hook(_cut_hook, with_kwargs=True)
-                    if segment.start is not None else
-                    model.get_input_embeddings().register_forward_hook(lambda module, inputs, out: out.requires_grad_())]
-                if segment.stop is None and segment.start:
-                    hooks.append(blocks[0].register_forward_pre_hook(_detach_hook, with_kwargs=True))
+                hooks = []
+                if segment.stop is None:  # backward from the loss down to the group's lowest block, or layer
+                    hooks.append(blocks[segment.start].register_forward_pre_hook(_cut_hook, with_kwargs=True)
+                                 if segment.start is not None else
+                                 taps[segment.names[-1]].register_forward_pre_hook(_cut_input_hook))
+                    if segment.start or (segment.start is None and order.index(segment.names[-1]) > last_in_blocks):
+                        hooks.append(blocks[0].register_forward_pre_hook(_detach_hook, with_kwargs=True))
                 if record_at is not None:
                     hooks.append(blocks[record_at].register_forward_pre_hook(
                         lambda m, args, kwargs: _record_grad(_hidden(args, kwargs), recorded, batch_index),

@@ -197,8 +197,9 @@ def test_groups_start_from_kept_inputs_and_run_the_blocks_between(tmp_path_facto
 
 
 def test_output_head_in_a_group_of_its_own(deep_model_dir, sample_path):
-    """lm_head targeted, with a budget that holds it alone: the top group is the head, the group below runs from the
-    loss, and the groups under it run their blocks from inputs the head's forward kept."""
+    """lm_head targeted, with a budget that holds it alone: the top group is the head, whose backward stops at its
+    input (no block runs with grad for it), the group below runs from the loss, and the groups under it run their
+    blocks from inputs the head's forward kept."""
     config = Config(model=str(deep_model_dir), data="unused", load_in_4bit=False, rank=RANK, dtype="float32",
                     target_modules="q_proj,down_proj,lm_head")
     model, tokenizer, _ = load_model(config)
@@ -206,8 +207,12 @@ def test_output_head_in_a_group_of_its_own(deep_model_dir, sample_path):
     batches = make_batches(model, tokenizer, sample_path)
     shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
     head = layer_costs(shapes, max(b["input_ids"].numel() for b in batches), 4)["lm_head"]
+    runs, hooks = grad_runs(model.model.layers)
     svds, stats = estimate_gradient_svd(model, targets, batches, 2 * RANK, head)
+    for hook in hooks:
+        hook.remove()
     assert stats.groups[0] == ["lm_head"] and len(stats.groups) == 5
+    assert sum(runs) == len(model.model.layers) * len(batches)
     assert_faithful(svds, exact_gradients(model, targets, batches), 2 * RANK)
 
 
