@@ -11,7 +11,8 @@ layers hold accumulators.
 
 Groups are walked from the top of the network down, each over all batches, and each pays only for its own blocks
 (decoder layers) in backward:
-  top group   the whole forward to the loss; backward stops at the input of its lowest block.
+  top group   the whole forward to the loss; backward stops at the input of its lowest block (or of its lowest
+              layer, for a group of layers outside the blocks such as lm_head).
   lower group a no-grad forward stopped at its lowest block captures that block's inputs; its blocks are then run
               with grad, and backward starts from the gradient at the input of the block above them, which the group
               above recorded (kept on the CPU: batches x tokens x hidden values).
