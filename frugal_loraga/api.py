@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from .config import Config
 from .data import collate, load_examples, split_eval
@@ -63,8 +64,14 @@ def initial_factors(model, targets, train_examples, config: Config, pad_id: int,
                 for n, m in targets.items()}, {}
     batches = estimation_batches(train_examples, config, pad_id, device)
     budget = int(config.grad_budget_gib * 2**30) if config.grad_budget_gib else default_budget_bytes(device)
-    svds, stats = estimate_gradient_svd(model, targets, batches, 2 * config.rank, budget, config.svd, progress,
-                                        compile=config.compile and device.type == "cuda")
+    with tqdm(desc="LoRA-GA gradient estimate", unit="batch", disable=not config.progress, dynamic_ncols=True) as bar:
+        def report(phase: str, done: int, total: int, metrics: dict) -> None:
+            bar.total = total  # groups x batches, known once the groups are planned
+            bar.update(done - bar.n)
+            if progress:
+                progress(phase, done, total, metrics)
+        svds, stats = estimate_gradient_svd(model, targets, batches, 2 * config.rank, budget, config.svd, report,
+                                            compile=config.compile and device.type == "cuda")
     log.info("gradient estimated over %d batches in %d group(s), peak gradient state %.3f GiB of %.3f GiB budget",
              stats.batches, len(stats.groups), stats.peak_state_bytes / 2**30, budget / 2**30)
     factors = {}

@@ -16,6 +16,17 @@ def tiny_config(model_dir, data, out, **kw):
     return Config(**{**settings, **kw})
 
 
+def test_the_estimate_shows_a_progress_bar_and_reports_to_the_callback(tiny_model_dir, sample_path, tmp_path, capsys):
+    seen = []
+    result = finetune(tiny_config(tiny_model_dir, sample_path, tmp_path / "run", steps=1, progress=True,
+                                  grad_budget_gib=0.0015),
+                      progress=lambda phase, done, total, metrics: seen.append((phase, done, total)))
+    total = result.metrics["estimation_groups"] * result.metrics["estimation_batches"]
+    assert result.metrics["estimation_groups"] > 1
+    assert [s for s in seen if s[0] == "estimating gradients"][-1] == ("estimating gradients", total, total)
+    assert "LoRA-GA gradient estimate: 100%" in capsys.readouterr().err
+
+
 def test_interrupted_run_resumes_to_the_same_adapter(tiny_model_dir, sample_path, tmp_path):
     straight = finetune(tiny_config(tiny_model_dir, sample_path, tmp_path / "a"))
     stop = threading.Event()
