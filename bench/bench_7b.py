@@ -139,14 +139,12 @@ def peer_peft_loraga(model_dir: Path, data: Path, samples: int, max_length: int,
         torch.cuda.synchronize()
     start = time.perf_counter()
     preprocess_loraga(model, config, train_step)
-    peft_model = get_peft_model(model, config)
+    get_peft_model(model, config)
     if device == "cuda":
         torch.cuda.synchronize()
     result = {"init_seconds": time.perf_counter() - start, "samples": sum(len(b["input_ids"]) for b in batches),
               "model_dtype": "bfloat16 (PEFT's LoRA-GA refuses 4-bit models)",
               "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
-    del model, peft_model
-    gc.collect()
     return result
 
 
