@@ -274,23 +274,24 @@ class KeptInputs:
     def __init__(self, batches: int, blocks: int, starts: list[int]):
         self.others: list[list] = [[None] * blocks for _ in range(batches)]  # (args, kwargs), hidden state None
         self.hidden: dict[int, list] = {start: [None] * batches for start in starts}
-        self.copies: dict[int, dict] = {}  # per batch: what is already on the CPU
+        self.copies: dict[int, dict] = {}  # the current batch's tensors already on the CPU (and held on the GPU)
 
     def keep(self, block: int, batch: int, args: tuple, kwargs: dict) -> None:
-        copies = self.copies.setdefault(batch, {})
-        self.others[batch][block] = _to(_with_hidden(args, kwargs, None), "cpu", pinned=False, copies=copies)
+        if batch not in self.copies:  # a new batch: let the last one's GPU tensors go
+            self.copies = {batch: {}}
+        self.others[batch][block] = _to(_with_hidden(args, kwargs, None), "cpu", pinned=False,
+                                        copies=self.copies[batch])
         if block in self.hidden:
             self.hidden[block][batch] = _to(_hidden(args, kwargs), "cpu", pinned=False)
 
-    def inputs(self, batch: int, start: int, stop: int, device) -> list[tuple[tuple, dict]]:
-        """The other inputs of blocks start .. stop - 1 for this batch, on device."""
-        copies: dict = {}
+    def inputs(self, batch: int, start: int, stop: int, device, copies: dict) -> list[tuple[tuple, dict]]:
+        """The other inputs of blocks start .. stop - 1 for this batch, on device; copies: what is there already."""
         return [_to(self.others[batch][j], device, copies=copies) for j in range(start, stop)]
 
     def start_hidden(self, model: nn.Module, blocks: list[nn.Module], start: int, batch_index: int, batch: dict,
-                     device) -> torch.Tensor:
+                     device, copies: dict) -> torch.Tensor:
         """The hidden state entering block `start`: kept, or a no-grad run of the blocks from the nearest kept start
-        below it, or a no-grad forward of the model that stops there."""
+        below it, or a no-grad forward of the model that stops there. copies: as for inputs."""
         if start in self.hidden:
             return _to(self.hidden[start][batch_index], device)
         below = max((c for c in self.hidden if c < start), default=None)
@@ -298,7 +299,7 @@ class KeptInputs:
             return _hidden(*block_inputs(model, blocks[start], batch))
         with torch.no_grad():
             return run_blocks(blocks[below:start], _to(self.hidden[below][batch_index], device),
-                              self.inputs(batch_index, below, start, device))
+                              self.inputs(batch_index, below, start, device, copies))
 
 
 def _to(value, device, pinned: bool = True, copies: Optional[dict] = None):
@@ -403,9 +404,11 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
                         if segment.stop is None:
                             model(**batch).loss.backward()
                         else:
-                            hidden = kept.start_hidden(model, blocks, segment.start, batch_index, batch, device)
+                            copies: dict = {}  # the batch's other inputs move to the device once
+                            hidden = kept.start_hidden(model, blocks, segment.start, batch_index, batch, device,
+                                                       copies)
                             run_blocks(blocks[segment.start:segment.stop], hidden,
-                                       kept.inputs(batch_index, segment.start, segment.stop, device)).backward(
+                                       kept.inputs(batch_index, segment.start, segment.stop, device, copies)).backward(
                                 _to(upstream[batch_index], device))
                         done += 1
                         if progress:
