@@ -1,4 +1,5 @@
 """The streamed gradient estimate against the exact oracle: full autograd gradients + torch.linalg.svd."""
+import contextlib
 import functools
 
 import pytest
@@ -42,11 +43,17 @@ def one_block_budget(model, targets, batches):
     return max(sum(c for n, c in costs.items() if index[n] == i) for i in set(index.values()))
 
 
-def grad_runs(blocks) -> tuple[list, list]:
-    """Hooks that count the block calls whose output needs grad (builds a graph, keeps activations)."""
+@contextlib.contextmanager
+def grad_runs(blocks):
+    """Within it, the list of block calls as whether their output needs grad (builds a graph, keeps activations)."""
     runs = []
-    return runs, [b.register_forward_hook(lambda m, args, out: runs.append((out[0] if isinstance(out, tuple) else out)
-                                                                          .requires_grad)) for b in blocks]
+    hooks = [b.register_forward_hook(lambda m, args, out: runs.append((out[0] if isinstance(out, tuple) else out)
+                                                                     .requires_grad)) for b in blocks]
+    try:
+        yield runs
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def assert_faithful(svds, grads, k, bar=0.99):
@@ -90,10 +97,9 @@ def test_streamed_estimate_on_nf4_base_with_checkpointing(deep_model_dir, sample
     model4, tokenizer, targets4 = load(deep_model_dir, four_bit=True, checkpointing=True)
     batches = make_batches(model4, tokenizer, sample_path)
     modules = dict(model4.named_modules())
-    runs, hooks = grad_runs(model4.model.layers)
-    svds, stats = estimate_gradient_svd(model4, targets4, batches, 2 * RANK, one_block_budget(model4, targets4, batches))
-    for hook in hooks:
-        hook.remove()
+    budget = one_block_budget(model4, targets4, batches)
+    with grad_runs(model4.model.layers) as runs:
+        svds, stats = estimate_gradient_svd(model4, targets4, batches, 2 * RANK, budget)
     assert len(stats.groups) == 4
     assert sum(runs) == len(model4.model.layers) * len(batches)  # each block with grad once per batch, no more
     assert dict(model4.named_modules()) == modules
@@ -178,11 +184,9 @@ def test_groups_start_from_kept_inputs_and_run_the_blocks_between(tmp_path_facto
     batches = make_batches(model, tokenizer, sample_path)
     budget = one_block_budget(model, targets, batches)
     input_bytes = sum(b["input_ids"].numel() for b in batches) * model.config.hidden_size * 4
-    runs, hooks = grad_runs(model.model.layers)
-    svds, stats = estimate_gradient_svd(model, targets, batches, 2 * RANK, budget, "exact",
-                                        host_budget_bytes=kept_starts * input_bytes)
-    for hook in hooks:
-        hook.remove()
+    with grad_runs(model.model.layers) as runs:
+        svds, stats = estimate_gradient_svd(model, targets, batches, 2 * RANK, budget, "exact",
+                                            host_budget_bytes=kept_starts * input_bytes)
     assert len(stats.groups) == 8
     kept = {6: [1, 2, 3, 4, 5, 6], 2: [2, 5], 0: []}[kept_starts]
     top_forward = 7  # blocks 0..6 below the top group's block 7
@@ -207,10 +211,8 @@ def test_output_head_in_a_group_of_its_own(deep_model_dir, sample_path):
     batches = make_batches(model, tokenizer, sample_path)
     shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
     head = layer_costs(shapes, max(b["input_ids"].numel() for b in batches), 4)["lm_head"]
-    runs, hooks = grad_runs(model.model.layers)
-    svds, stats = estimate_gradient_svd(model, targets, batches, 2 * RANK, head)
-    for hook in hooks:
-        hook.remove()
+    with grad_runs(model.model.layers) as runs:
+        svds, stats = estimate_gradient_svd(model, targets, batches, 2 * RANK, head)
     assert stats.groups[0] == ["lm_head"] and len(stats.groups) == 5
     assert sum(runs) == len(model.model.layers) * len(batches)
     assert_faithful(svds, exact_gradients(model, targets, batches), 2 * RANK)
@@ -277,10 +279,8 @@ def test_demo_model_estimate_matches_exact_svd(sample_path):
     batches = make_batches(model, tokenizer, sample_path, n_batches=2, size=2)
     grads = exact_gradients(model, targets, batches)
     blocks, _ = block_layout(model, list(targets))
-    runs, hooks = grad_runs(blocks)
-    svds, stats = estimate_gradient_svd(model, targets, batches, 16, budget_bytes=2**27)
-    for hook in hooks:
-        hook.remove()
+    with grad_runs(blocks) as runs:
+        svds, stats = estimate_gradient_svd(model, targets, batches, 16, budget_bytes=2**27)
     assert len(stats.groups) > 2 and stats.peak_state_bytes <= 2**27
     assert sum(runs) == len(blocks) * len(batches)
     assert_faithful(svds, grads, 16)
