@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -40,6 +41,7 @@ from torch import nn
 from .blocks import block_layout, compile_blocks, no_checkpointing, uncompile_blocks
 from .config import ConfigError
 from .lora import FrozenLinear, replace
+from .transfers import HostTransfers
 
 ProgressFn = Callable[[str, int, int, dict], None]  # (phase, done, total, live metrics)
 
@@ -269,62 +271,88 @@ class KeptInputs:
     """What the top group's forward keeps on the CPU (pageable) for the lower groups, for each batch: every block's
     inputs besides the hidden state (attention mask, rotary embeddings, positions; they may differ between blocks, as
     Gemma's sliding-window and global layers' do; a tensor that blocks share is kept once), and the hidden state
-    entering each of the start blocks `starts` (plan_cache)."""
+    entering each of the start blocks `starts` (plan_cache). On CUDA the copies go through `transfers` (kept as futures
+    until used), and a lower group stages the next batch's start input while the GPU works on this one's."""
 
-    def __init__(self, batches: int, blocks: int, starts: list[int]):
+    def __init__(self, batches: int, blocks: int, starts: list[int], transfers: Optional[HostTransfers] = None):
         self.others: list[list] = [[None] * blocks for _ in range(batches)]  # (args, kwargs), hidden state None
         self.hidden: dict[int, list] = {start: [None] * batches for start in starts}
         self.copies: dict[int, dict] = {}  # the current batch's tensors already on the CPU (and held on the GPU)
+        self.transfers = transfers
+        self.staged: dict[tuple[int, int], Future] = {}  # (kept start, batch) -> staged for the device
 
     def keep(self, block: int, batch: int, args: tuple, kwargs: dict) -> None:
         if batch not in self.copies:  # a new batch: let the last one's GPU tensors go
             self.copies = {batch: {}}
-        self.others[batch][block] = _to(_with_hidden(args, kwargs, None), "cpu", pinned=False,
-                                        copies=self.copies[batch])
+        self.others[batch][block] = _to(_with_hidden(args, kwargs, None), "cpu", self.copies[batch], self.transfers)
         if block in self.hidden:
-            self.hidden[block][batch] = _to(_hidden(args, kwargs), "cpu", pinned=False)
+            self.hidden[block][batch] = _to(_hidden(args, kwargs), "cpu", transfers=self.transfers)
 
     def inputs(self, batch: int, start: int, stop: int, device, copies: dict) -> list[tuple[tuple, dict]]:
         """The other inputs of blocks start .. stop - 1 for this batch, on device; copies: what is there already."""
-        return [_to(self.others[batch][j], device, copies=copies) for j in range(start, stop)]
+        return [_to(self.others[batch][j], device, copies) for j in range(start, stop)]
+
+    def source(self, start: int) -> Optional[int]:
+        """The kept start that block `start`'s input is run from: itself, the nearest below, or None (embeddings)."""
+        return max((c for c in self.hidden if c <= start), default=None)
+
+    def prefetch(self, start: int, batch: int) -> None:
+        """Begin moving what start_hidden(start, batch) will need to the device's side of the ring (CUDA only)."""
+        source = self.source(start)
+        if self.transfers is not None and source is not None and batch < len(self.others):
+            key = (source, batch)
+            if key not in self.staged:
+                self.staged[key] = self.transfers.stage(self.hidden[source][batch])
+
+    def kept_hidden(self, source: int, batch: int, device) -> torch.Tensor:
+        staged = self.staged.pop((source, batch), None)
+        if staged is not None:
+            return self.transfers.to_device(staged)
+        return _to(self.hidden[source][batch], device)
 
     def start_hidden(self, model: nn.Module, blocks: list[nn.Module], start: int, batch_index: int, batch: dict,
                      device, copies: dict) -> torch.Tensor:
         """The hidden state entering block `start`: kept, or a no-grad run of the blocks from the nearest kept start
         below it, or a no-grad forward of the model that stops there. copies: as for inputs."""
-        if start in self.hidden:
-            return _to(self.hidden[start][batch_index], device)
-        below = max((c for c in self.hidden if c < start), default=None)
-        if below is None:
+        source = self.source(start)
+        if source is None:
             return _hidden(*block_inputs(model, blocks[start], batch))
+        hidden = self.kept_hidden(source, batch_index, device)
+        if source == start:
+            return hidden
         with torch.no_grad():
-            return run_blocks(blocks[below:start], _to(self.hidden[below][batch_index], device),
-                              self.inputs(batch_index, below, start, device, copies))
+            return run_blocks(blocks[source:start], hidden, self.inputs(batch_index, source, start, device, copies))
+
+    def drop(self, start: int) -> None:
+        """The groups still to come start below `start`: its kept inputs go."""
+        self.hidden.pop(start, None)
+        self.copies.clear()
 
 
-def _to(value, device, pinned: bool = True, copies: Optional[dict] = None):
-    """Tensors (also inside tuples, lists and dicts) detached and moved to device. From CUDA to the CPU: pinned, into
-    page-locked memory by a copy that the CUDA stream orders with the kernels around it, so the CPU goes on launching;
-    else into pageable memory, a copy that waits for the kernels queued before it but locks no pages (locking takes time
-    per GiB, and locked pages can't be swapped). (A non-blocking .to("cpu") would pin its output too.)
+def _to(value, device, copies: Optional[dict] = None, transfers: Optional[HostTransfers] = None):
+    """Tensors (also inside tuples, lists and dicts, or futures of them) detached and moved to device. From CUDA to
+    the CPU: through transfers into pageable memory (a future), else into page-locked memory by a copy that the CUDA
+    stream orders with the kernels around it, so the CPU goes on launching.
     copies: id(tensor) -> (tensor, moved), so that a tensor met again is moved once (the tensor is held, so its id
     is not reused)."""
+    if isinstance(value, Future):
+        value = value.result()
     if isinstance(value, torch.Tensor):
         if copies is not None and id(value) in copies:
             return copies[id(value)][1]
         moved = value.detach()
         if moved.is_cuda and torch.device(device).type == "cpu":
-            moved = (torch.empty_like(moved, device="cpu", pin_memory=True).copy_(moved, non_blocking=True) if pinned
-                     else moved.to("cpu"))
+            moved = (transfers.to_host(moved) if transfers is not None else
+                     torch.empty_like(moved, device="cpu", pin_memory=True).copy_(moved, non_blocking=True))
         else:
             moved = moved.to(device, non_blocking=True)
         if copies is not None:
             copies[id(value)] = (value, moved)
         return moved
     if isinstance(value, (tuple, list)):
-        return type(value)(_to(v, device, pinned, copies) for v in value)
+        return type(value)(_to(v, device, copies, transfers) for v in value)
     if isinstance(value, dict):
-        return {k: _to(v, device, pinned, copies) for k, v in value.items()}
+        return {k: _to(v, device, copies, transfers) for k, v in value.items()}
     return value
 
 
@@ -365,7 +393,9 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
     if host_budget_bytes is None:
         host_budget_bytes = available_ram_bytes() // 4
     input_bytes = sum(b["input_ids"].numel() for b in batches) * embedding.shape[1] * embedding.element_size()
-    kept = KeptInputs(len(batches), len(blocks), plan_cache(segments, input_bytes, host_budget_bytes))
+    transfers = HostTransfers(device, tokens * embedding.shape[1] * embedding.element_size()) if (
+        device.type == "cuda" and len(segments) > 1) else None
+    kept = KeptInputs(len(batches), len(blocks), plan_cache(segments, input_bytes, host_budget_bytes), transfers)
     state = GradientState(budget_bytes)
     results: dict[str, LayerSVD] = {}
     taps = {name: GradientTap(targets[name]) for name in order}
@@ -405,6 +435,8 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
                             model(**batch).loss.backward()
                         else:
                             copies: dict = {}  # the batch's other inputs move to the device once
+                            kept.prefetch(segment.start, batch_index)
+                            kept.prefetch(segment.start, batch_index + 1)
                             hidden = kept.start_hidden(model, blocks, segment.start, batch_index, batch, device,
                                                        copies)
                             run_blocks(blocks[segment.start:segment.stop], hidden,
@@ -417,14 +449,15 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
                     for hook in hooks:
                         hook.remove()
                 upstream = recorded
-                kept.copies.clear()
-                kept.hidden.pop(segment.start, None)  # the groups still to come start below it
+                kept.drop(segment.start)
                 for name in segment.names:
                     taps[name].accumulator = None
                     G = state.release(name).div_(len(batches))
                     results[name] = top_singular(G, k, svd)
                     del G
     finally:
+        if transfers is not None:
+            transfers.close()
         if compile:
             uncompile_blocks(blocks)
         replace(model, targets)
