@@ -47,7 +47,7 @@ def block_activations(model, targets, batch) -> dict:
                                                 for n, t in taps.items()) / GIB}
     for label in ("eager", "compiled", "compiled_again"):
         if label == "compiled":
-            compile_blocks(blocks[:1])
+            compile_blocks(blocks[:1], dynamic=False)
         gradients.run_blocks(blocks[:1], hidden, [(args, kwargs)]).sum().backward()  # warm-up (and compile)
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -62,7 +62,7 @@ def block_activations(model, targets, batch) -> dict:
                          "peak_over_start_gib": (torch.cuda.max_memory_allocated() - before) / GIB,
                          "backward_ms": 1000 * (time.perf_counter() - start)}
         del out
-    uncompile_blocks(blocks[:1])
+    uncompile_blocks(blocks[:1], dynamic=False)
     replace(model, targets)
     return result
 

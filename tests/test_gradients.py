@@ -252,8 +252,9 @@ def test_blocks_with_inputs_of_their_own_in_several_groups():
 def test_compiled_estimate_matches_eager_from_a_few_graphs(deep_model_dir, sample_path, monkeypatch):
     """The blocks compiled for the estimate (inductor on CUDA; on CPU aot_eager: dynamo and AOTAutograd as on CUDA,
     without inductor's code generation): the eager factors, with no graph break, from a few graphs for four blocks in
-    four groups, and the blocks left uncompiled. Compared as rank-k reconstructions, which singular-vector signs do not
-    change; 1e-4: compiled code may reorder fp32 sums."""
+    four groups (the batches' widths vary, so the blocks compile for any length at once: 3 graphs, where compiling
+    for the first width made 5), and the blocks left uncompiled. Compared as rank-k reconstructions, which
+    singular-vector signs do not change; 1e-4: compiled code may reorder fp32 sums."""
     model, tokenizer, targets = load(deep_model_dir, four_bit=False)
     batches = make_batches(model, tokenizer, sample_path)
     budget = one_block_budget(model, targets, batches)
@@ -265,7 +266,7 @@ def test_compiled_estimate_matches_eager_from_a_few_graphs(deep_model_dir, sampl
     compiled, stats = estimate_gradient_svd(model, targets, batches, 2 * RANK, budget, "exact", compile=True)
     assert len(stats.groups) == 4
     assert not counters["graph_break"]
-    assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
     assert all("forward" not in block.__dict__ for block in model.model.layers)
     for name in targets:
         torch.testing.assert_close(compiled[name].U * compiled[name].S @ compiled[name].V.T,
