@@ -20,6 +20,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -53,11 +54,12 @@ def make_model_dir(path: Path, layers: int) -> Path:
     return path
 
 
-def make_data(path: Path, rows: int, words: int) -> Path:
+def make_data(path: Path, rows: int, words: int, min_words: Optional[int] = None) -> Path:
+    """Rows of random words from the sample data: `words` each, or between min_words and words."""
     vocabulary = (ROOT / "data" / "sample.jsonl").read_text().split()
     rng = random.Random(0)
-    path.write_text("".join(json.dumps({"text": " ".join(rng.choices(vocabulary, k=words))}) + "\n"
-                            for _ in range(rows)))
+    path.write_text("".join(json.dumps({"text": " ".join(rng.choices(
+        vocabulary, k=words if min_words is None else rng.randint(min_words, words)))}) + "\n" for _ in range(rows)))
     return path
 
 
