@@ -7,6 +7,9 @@ Llama-2-7B layer shapes, in one run.
   cuBLAS's speed and was dropped: bench/results/kernels_accumulate_triton_vs_cublas.json.)
 - lora: the LoRA-GA adapter on a base output, forward and forward+backward, bf16 activations, r = 8 (2r with the
   frozen adapter), vs the torch reference (separate products, as LoraLinear computed before).
+- svd: the top-2r SVDs of a group's gradients (one block's 7 layers, and five blocks' 35) as svd.top_singular does
+  them (randomized, the small steps batched over the group), vs torch.svd_lowrank layer by layer with the same sketch
+  and power iterations; with the energy each captures, ||U^T G V||_F^2, ours over torch's.
 Times are medians of triton.testing.do_bench; writes bench/results/kernels.json (or --out).
 Usage: python bench/bench_kernels.py
 """
@@ -21,6 +24,7 @@ from triton.testing import do_bench
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from frugal_loraga.gradients import accumulate_outer  # noqa: E402
+from frugal_loraga.svd import top_singular  # noqa: E402
 from kernels.lora import lora_add_reference, lora_add_triton  # noqa: E402
 
 SHAPES = {"q_proj (4096 x 4096)": (4096, 4096), "up_proj (11008 x 4096)": (11008, 4096),
@@ -75,6 +79,31 @@ def bench_lora(tokens: int, rank: int) -> list[dict]:
     return rows
 
 
+def bench_svd(rank: int) -> list[dict]:
+    """Gradients with a gradient-like spectrum (s_i = i^-1/2 over 512 directions, plus noise)."""
+    block = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
+    rows = []
+    for blocks in (1, 5):
+        Gs = {}
+        for i, (m, n) in enumerate(block * blocks):
+            s = torch.arange(1, 513, device="cuda") ** -0.5
+            Gs[f"layer{i}"] = ((torch.randn(m, 512, device="cuda") * s) @ torch.randn(512, n, device="cuda") / n ** 0.5
+                               + 1e-3 * torch.randn(m, n, device="cuda"))
+        k = 2 * rank
+
+        def lowrank():
+            return {name: torch.svd_lowrank(G, q=2 * k, niter=4) for name, G in Gs.items()}
+        ours_ms, torch_ms = do_bench(lambda: top_singular(Gs, k, "lowrank")), do_bench(lowrank)
+        ours, theirs = top_singular(Gs, k, "lowrank"), lowrank()
+        energy = [float((o.U.T @ G @ o.V).pow(2).sum() / (U[:, :k].T @ G @ V[:, :k]).pow(2).sum())
+                  for G, o, (U, _, V) in zip(Gs.values(), ours.values(), theirs.values())]
+        rows.append({"kernel": "svd", "layers": len(Gs), "k": k, "ours_ms": ours_ms, "torch_svd_lowrank_ms": torch_ms,
+                     "speedup": torch_ms / ours_ms, "captured_energy_ours_over_torch_min": min(energy),
+                     "captured_energy_ours_over_torch_mean": sum(energy) / len(energy)})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=2048)
@@ -82,7 +111,8 @@ def main():
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "kernels.json"))
     args = parser.parse_args()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "accumulate": bench_accumulate(args.tokens), "lora": bench_lora(args.tokens, args.rank)}
+               "accumulate": bench_accumulate(args.tokens), "lora": bench_lora(args.tokens, args.rank),
+               "svd": bench_svd(args.rank)}
     Path(args.out).write_text(json.dumps(results, indent=1))
 
 

@@ -39,7 +39,8 @@ from frugal_loraga.api import estimation_batches, finetune  # noqa: E402
 from frugal_loraga.config import Config  # noqa: E402
 from frugal_loraga.data import load_examples, render  # noqa: E402
 from frugal_loraga.fidelity import captured_energy, exact_gradients, subspace_agreement  # noqa: E402
-from frugal_loraga.gradients import estimate_gradient_svd, top_singular  # noqa: E402
+from frugal_loraga.gradients import estimate_gradient_svd  # noqa: E402
+from frugal_loraga.svd import top_singular  # noqa: E402
 from frugal_loraga.lora import find_targets  # noqa: E402
 from frugal_loraga.models import demo_model_dir, load_model, resolve_dtype  # noqa: E402
 from frugal_loraga.train import train  # noqa: E402
@@ -174,7 +175,7 @@ def fidelity(args, data: tuple[Path, Path]) -> dict:
     batches = estimation_batches(examples, reference, tokenizer.pad_token_id, device)
     targets = find_targets(model, reference.target_list(), RANK, "lora_ga")
     grads = exact_gradients(model, targets, batches)
-    exact = {name: top_singular(G, 2 * RANK, "exact") for name, G in grads.items()}
+    exact = top_singular(grads, 2 * RANK, "exact")
     budget = int(args.ours_budget_gib * 2**30)
     variants = {"randomized SVD, grouped (fp32 base)": (model, targets, "lowrank", budget)}
     for label, config, svd in (("exact SVD, one group (bf16 base)", Config(load_in_4bit=False, **settings), "exact"),

@@ -67,7 +67,7 @@ def block_activations(model, targets, batch) -> dict:
                          "peak_over_start_gib": (torch.cuda.max_memory_allocated() - before) / GIB,
                          "backward_ms": 1000 * (time.perf_counter() - start)}
         del out
-    uncompile_blocks(blocks[:1], dynamic=False)
+    uncompile_blocks(blocks[:1])
     replace(model, targets)
     return result
 
@@ -77,10 +77,10 @@ def estimate(model, targets, batches, budget: int, host_budget) -> dict:
     svd_seconds, group_marks = [0.0], []
     top_singular = gradients.top_singular
 
-    def timed_svd(G, k, method):
+    def timed_svd(gradients_by_name, k, method):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        result = top_singular(G, k, method)
+        result = top_singular(gradients_by_name, k, method)
         torch.cuda.synchronize()
         svd_seconds[0] += time.perf_counter() - start
         return result

@@ -3,7 +3,7 @@
 # bench/results/ and, when $OUT is set (the device tool), is copied there with the step's log as soon as it ends.
 #   tests    the tests that take other paths on a GPU (compiled estimate, cuBLAS accumulation, kernels, LoRA, NF4,
 #            host transfers)
-#   kernels  bench_kernels.py: the accumulation and the Triton LoRA-GA adapter against torch
+#   kernels  bench_kernels.py: the accumulation, the Triton LoRA-GA adapter and the group SVDs against torch
 #   24, 8    bench_7b.py on a Llama-2-7B-shaped NF4 model, card capped at 24 / 8 GiB, 128 estimation samples
 #   peft     PEFT's own LoRA-GA on the bf16 model (needs about 36 GiB) over the same 128 samples
 #   profile24, profile8   profile_estimate.py: seconds per group and in the SVDs, at 24 / 8 GiB
@@ -43,7 +43,7 @@ for one in "${steps[@]}"; do
     case $one in
       tests) step tests 300 "" python3 -m pytest -q tests/test_gradients.py tests/test_kernels.py tests/test_lora.py \
                tests/test_nf4.py tests/test_transfers.py -k "not demo" ;;
-      kernels) step kernels 60 kernels python3 bench/bench_kernels.py ;;
+      kernels) step kernels 120 kernels python3 bench/bench_kernels.py ;;
       24|8) step "$one" 240 "bench_7b_${one}gib_128samples_compiled" python3 bench/bench_7b.py --card-gib "$one" \
               --estimation-samples 128 --train-steps 8 --peer-steps 8 --name "bench_7b_${one}gib_128samples_compiled" ;;
       peft) step peft 90 peft_loraga_7b_128samples python3 bench/bench_7b.py --card-gib 80 --estimation-samples 128 \

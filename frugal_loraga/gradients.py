@@ -25,7 +25,8 @@ Groups hold whole blocks, and a backward only spans its own group's blocks, so t
 checkpointing: the budget covers each group's accumulators (4 m n bytes a layer) and its activations (about
 tokens x (m + n) values a layer), and no block is recomputed in backward. On CUDA the blocks are compiled for the
 estimate: a block is either tapped whole or not at all, so it compiles to few graphs.
-After a group's batches, each G = (sum of dY^T X) / batches is reduced to its top-2r singular triplets and freed.
+After a group's batches, each G = (sum of dY^T X) / batches is reduced to its top-2r singular triplets (svd.py, the
+group's layers at once) and freed.
 """
 from __future__ import annotations
 
@@ -41,17 +42,10 @@ from torch import nn
 from .blocks import block_layout, compile_blocks, no_checkpointing, uncompile_blocks
 from .config import ConfigError
 from .lora import FrozenLinear, replace
+from .svd import LayerSVD, top_singular
 from .transfers import HostTransfers
 
 ProgressFn = Callable[[str, int, int, dict], None]  # (phase, done, total, live metrics)
-
-
-@dataclass
-class LayerSVD:
-    """Top-k singular triplets of one layer's gradient: G ~ U diag(S) V^T, U (m x k), S (k), V (n x k)."""
-    U: torch.Tensor
-    S: torch.Tensor
-    V: torch.Tensor
 
 
 @dataclass
@@ -128,15 +122,6 @@ class GradientTap(FrozenLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
         return y if self.accumulator is None else _AddWeightGradient.apply(y, x, self.accumulator)
-
-
-def top_singular(G: torch.Tensor, k: int, method: str) -> LayerSVD:
-    """Top-k SVD of G (m x n): exact (torch.linalg.svd) or randomized with 4 power iterations and q = 2k."""
-    if method == "exact" or 2 * k >= min(G.shape):
-        U, S, Vh = torch.linalg.svd(G, full_matrices=False)
-        return LayerSVD(U[:, :k], S[:k], Vh[:k].T)
-    U, S, V = torch.svd_lowrank(G, q=2 * k, niter=4)
-    return LayerSVD(U[:, :k], S[:k], V[:, :k])
 
 
 def plan_groups(order: list[str], costs: dict[str, int], index: dict[str, Optional[int]],
@@ -452,9 +437,9 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
                 kept.drop(segment.start)
                 for name in segment.names:
                     taps[name].accumulator = None
-                    G = state.release(name).div_(len(batches))
-                    results[name] = top_singular(G, k, svd)
-                    del G
+                mean_gradients = {name: state.release(name).div_(len(batches)) for name in segment.names}
+                results.update(top_singular(mean_gradients, k, svd))
+                del mean_gradients
     finally:
         if transfers is not None:
             transfers.close()

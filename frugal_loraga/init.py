@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .gradients import LayerSVD
+from .svd import LayerSVD
 
 
 def lora_ga_factors(svd: LayerSVD, rank: int, direction: str, scale: str, gamma: float,

@@ -8,7 +8,7 @@ from peft import PeftModel
 from frugal_loraga import Config, ConfigError, finetune
 from frugal_loraga.api import factors_from_checkpoint, initial_factors
 from frugal_loraga.data import collate, load_examples
-from frugal_loraga.gradients import LayerSVD
+from frugal_loraga.svd import LayerSVD
 from frugal_loraga.init import lora_ga_factors
 from frugal_loraga.lora import find_targets, inject
 from frugal_loraga.models import load_model
