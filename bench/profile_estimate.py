@@ -5,12 +5,10 @@ block     one decoder layer with all 7 targets tapped: activation bytes kept for
 estimate  the whole estimate over --samples examples, --runs times in a row (the first compiles): seconds per group,
           the SVDs' seconds, peak memory per group
 Usage: python bench/profile_estimate.py --card-gib 24 --samples 32 [--grad-budget-gib 1.4] [--host-budget-gib 8]
-       [--no-block] [--min-words 100 [--per-width]]
+       [--no-block] [--min-words 100]
   --host-budget-gib  how many lower groups' start inputs are kept on the CPU, trading the copies for no-grad runs of
                      the blocks between
-  --min-words        examples of 100 to 900 words (batches of varying widths, as real data gives) instead of 900
-  --per-width        compile the blocks for the first width they meet (a second width compiles them again, for any
-                     width), as before dynamic compiles: set the first run's time against the default's
+  --min-words        examples of 100 to 900 words (of varying lengths, as real data has) instead of 900
 Run it with TORCHINDUCTOR_CACHE_DIR set to an empty folder for the compile time of a first run on a fresh machine.
 """
 import argparse
@@ -52,7 +50,7 @@ def block_activations(model, targets, batch) -> dict:
                                                 for n, t in taps.items()) / GIB}
     for label in ("eager", "compiled", "compiled_again"):
         if label == "compiled":
-            compile_blocks(blocks[:1], dynamic=False)
+            compile_blocks(blocks[:1])
         gradients.run_blocks(blocks[:1], hidden, [(args, kwargs)]).sum().backward()  # warm-up (and compile)
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -124,7 +122,6 @@ def main():
     parser.add_argument("--runs", type=int, default=2, help="estimates in a row (the first compiles)")
     parser.add_argument("--no-block", action="store_true", help="skip the one-block activation measurement")
     parser.add_argument("--min-words", type=int, help="examples of min-words to 900 words instead of 900")
-    parser.add_argument("--per-width", action="store_true", help="compile the blocks per width (dynamic=None)")
     parser.add_argument("--work", default="/tmp/bench7b")
     parser.add_argument("--name", default="profile_estimate")
     args = parser.parse_args()
@@ -132,8 +129,6 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     model_dir = make_model_dir(work / "llama7b", 32)
     data = make_data(work / f"data{args.min_words or ''}.jsonl", max(args.samples, 64) + 16, 900, args.min_words)
-    if args.per_width:
-        gradients.compile_blocks = lambda blocks, dynamic: compile_blocks(blocks, dynamic=False)
     torch.cuda.set_per_process_memory_fraction(min(args.card_gib * GIB / torch.cuda.get_device_properties(0).total_memory, 1))
     config = Config(model=str(model_dir), data=str(data), data_format="text", rank=8, max_length=1024,
                     estimation_samples=args.samples, progress=False)
@@ -143,7 +138,7 @@ def main():
     targets = find_targets(model, config.target_list(), 8, "lora_ga")
     batches = estimation_batches(examples, config, tokenizer.pad_token_id, device)
     results = {"device": torch.cuda.get_device_name(), "card_gib": args.card_gib, "samples": args.samples,
-               "min_words": args.min_words, "per_width": args.per_width,
+               "min_words": args.min_words,
                "distinct_widths": len({b["input_ids"].shape[1] for b in batches}),
                "width_range": [min(b["input_ids"].shape[1] for b in batches), max(b["input_ids"].shape[1] for b in batches)],
                "model_gib": torch.cuda.memory_allocated() / GIB}

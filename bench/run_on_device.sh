@@ -9,9 +9,8 @@
 #   profile24, profile8   profile_estimate.py: seconds per group and in the SVDs, at 24 / 8 GiB
 #   host8    profile_estimate.py at 8 GiB with 8 GiB of kept block inputs (8 of the 31 starts: fewer copies to the
 #            CPU, more no-grad block runs), to set against profile8
-#   vary24, vary24pw   profile_estimate.py at 24 GiB on batches of varying widths (examples of 100 to 900 words), with
-#            an empty compile cache (a first run on a fresh machine): blocks compiled for any width (the engine's
-#            way), or per width as before (pw)
+#   vary24   profile_estimate.py at 24 GiB on examples of varying lengths (100 to 900 words), with an empty compile
+#            cache (a first run on a fresh machine)
 # Usage: bash bench/run_on_device.sh [step ...]   (default: tests kernels 24 8 peft)
 # bitsandbytes is not on the device image: ../shared/tools/device-wheels.sh puts its wheel in .whl/, carried there.
 set -uo pipefail
@@ -52,9 +51,9 @@ for one in "${steps[@]}"; do
               --card-gib "${one#profile}" --samples 128 --no-block --name "profile_estimate_${one#profile}gib_128samples" ;;
       host8) step host8 180 profile_estimate_8gib_128samples_host8gib python3 bench/profile_estimate.py --card-gib 8 \
               --samples 128 --no-block --host-budget-gib 8 --name profile_estimate_8gib_128samples_host8gib ;;
-      vary24|vary24pw) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step "$one" 200 "profile_estimate_24gib_128samples_$one" \
+      vary24) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step vary24 200 profile_estimate_24gib_128samples_varying_lengths \
               python3 bench/profile_estimate.py --card-gib 24 --samples 128 --no-block --min-words 100 \
-              $([ "$one" = vary24pw ] && echo --per-width) --name "profile_estimate_24gib_128samples_$one" ;;
+              --name profile_estimate_24gib_128samples_varying_lengths ;;
       *) echo "unknown step $one"; exit 2 ;;
     esac
 done

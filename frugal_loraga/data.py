@@ -13,6 +13,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -181,9 +182,11 @@ def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[lis
     return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
 
 
-def collate(examples: list[Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask (1 on tokens) and labels (-100 on pads and prompts), (B, T)."""
-    width = max(len(e.input_ids) for e in examples)
+def collate(examples: list[Example], pad_id: int, device: torch.device,
+            width: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask (1 on tokens) and labels (-100 on pads and prompts), (B, T);
+    T = width, or the longest example's length."""
+    width = width or max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)

@@ -387,7 +387,7 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
     was_training = model.training
     replace(model, taps)
     if compile:
-        compile_blocks(blocks, dynamic=len({b["input_ids"].shape[1] for b in batches}) > 1)
+        compile_blocks(blocks)
     model.train()
     done, total = 0, len(groups) * len(batches)
     last_in_blocks = max((p for p, name in enumerate(order) if index[name] is not None), default=-1)

@@ -125,8 +125,7 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
                                      "metrics": metrics})
 
     if config.compile and device.type == "cuda":
-        lengths = {len(e.input_ids) for e in train_examples + eval_examples}
-        compile_blocks(block_layout(model, list(layers))[0], dynamic=len(lengths) > 1)
+        compile_blocks(block_layout(model, list(layers))[0])
     model.train()
     if eval_examples and start == 0:
         metrics["eval_loss"].append([0, evaluate(model, eval_examples, config, pad_id, device, dtype)])
