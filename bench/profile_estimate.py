@@ -5,7 +5,7 @@ block     one decoder layer with all 7 targets tapped: activation bytes kept for
 estimate  the whole estimate over --samples examples, --runs times in a row (the first compiles): seconds per group,
           the SVDs' seconds, peak memory per group
 Usage: python bench/profile_estimate.py --card-gib 24 --samples 32 [--grad-budget-gib 1.4] [--host-budget-gib 8]
-       [--no-block] [--min-words 100]
+       [--no-block] [--min-words 100] [--eager]
   --host-budget-gib  how many lower groups' start inputs are kept on the CPU, trading the copies for no-grad runs of
                      the blocks between
   --min-words        examples of 100 to 900 words (of varying lengths, as real data has) instead of 900
@@ -70,8 +70,8 @@ def block_activations(model, targets, batch) -> dict:
     return result
 
 
-def estimate(model, targets, batches, budget: int, host_budget) -> dict:
-    """The estimate (compiled), timed per group and per SVD."""
+def estimate(model, targets, batches, budget: int, host_budget, compile: bool) -> dict:
+    """The estimate (compiled unless --eager), timed per group and per SVD."""
     svd_seconds, group_marks = [0.0], []
     top_singular = gradients.top_singular
 
@@ -102,7 +102,7 @@ def estimate(model, targets, batches, budget: int, host_budget) -> dict:
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     _, stats = gradients.estimate_gradient_svd(model, targets, batches, 16, budget, "lowrank", progress, host_budget,
-                                               compile=True)
+                                               compile=compile)
     torch.cuda.synchronize()
     total = time.perf_counter() - start
     gradients.top_singular = top_singular
@@ -122,6 +122,7 @@ def main():
     parser.add_argument("--runs", type=int, default=2, help="estimates in a row (the first compiles)")
     parser.add_argument("--no-block", action="store_true", help="skip the one-block activation measurement")
     parser.add_argument("--min-words", type=int, help="examples of min-words to 900 words instead of 900")
+    parser.add_argument("--eager", action="store_true", help="the estimate's blocks not compiled")
     parser.add_argument("--work", default="/tmp/bench7b")
     parser.add_argument("--name", default="profile_estimate")
     args = parser.parse_args()
@@ -138,7 +139,7 @@ def main():
     targets = find_targets(model, config.target_list(), 8, "lora_ga")
     batches = estimation_batches(examples, config, tokenizer.pad_token_id, device)
     results = {"device": torch.cuda.get_device_name(), "card_gib": args.card_gib, "samples": args.samples,
-               "min_words": args.min_words,
+               "min_words": args.min_words, "compiled": not args.eager,
                "distinct_widths": len({b["input_ids"].shape[1] for b in batches}),
                "width_range": [min(b["input_ids"].shape[1] for b in batches), max(b["input_ids"].shape[1] for b in batches)],
                "model_gib": torch.cuda.memory_allocated() / GIB}
@@ -151,7 +152,7 @@ def main():
     results["host_budget_gib"] = args.host_budget_gib
     results["estimates"] = []
     for _ in range(args.runs):
-        results["estimates"].append(estimate(model, targets, batches, budget, host_budget))
+        results["estimates"].append(estimate(model, targets, batches, budget, host_budget, not args.eager))
         print(json.dumps({k: v for k, v in results["estimates"][-1].items() if k != "first_batch_trace"}), flush=True)
     out = ROOT / "bench" / "results" / f"{args.name}.json"
     out.write_text(json.dumps(results, indent=1))
