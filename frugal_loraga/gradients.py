@@ -164,7 +164,7 @@ def execution_order(model: nn.Module, targets: dict[str, nn.Module], batch: dict
                for n, m in targets.items()]
     try:
         with torch.no_grad():
-            model(input_ids=batch["input_ids"][:1, :8], attention_mask=batch["attention_mask"][:1, :8])
+            model(input_ids=batch["input_ids"][:1, :8])
     finally:
         for h in handles:
             h.remove()

@@ -115,15 +115,22 @@ def test_streamed_estimate_on_nf4_base_with_checkpointing(deep_model_dir, sample
 
 
 def test_estimation_batches_share_one_width_and_the_padding_changes_no_gradient(tiny_model_dir, sample_path):
-    """The estimation batches are padded to the longest example's length (one width: the blocks compile once per
-    kind of call), and the exact gradients are those of the same batches each padded to its own longest example."""
+    """The estimation batches are padded to the longest example's length and carry no attention mask (the blocks
+    compile once per kind of call), and the exact gradients are those of the same examples in batches padded to their
+    own longest example, with their masks."""
     model, tokenizer, targets = load(tiny_model_dir, four_bit=False)
     config = Config(model=str(tiny_model_dir), data=str(sample_path), estimation_samples=12, max_length=96)
     examples, _ = load_examples(sample_path, "auto", tokenizer, 96)
     batches = estimation_batches(examples, config, tokenizer.pad_token_id, model.device)
-    own = [{k: v[:, :int(b["attention_mask"].sum(1).max())] for k, v in b.items()} for b in batches]
+    assert all(set(b) == {"input_ids", "labels"} for b in batches)
     assert len({b["input_ids"].shape[1] for b in batches}) == 1
-    assert len({b["input_ids"].shape[1] for b in own}) > 1
+    own = []
+    for b in batches:
+        mask = (b["input_ids"] != tokenizer.pad_token_id).long()  # the sample data ends no example with a pad token
+        width = int(mask.sum(1).max())
+        own.append({"input_ids": b["input_ids"][:, :width], "labels": b["labels"][:, :width],
+                    "attention_mask": mask[:, :width]})
+    assert len({b["input_ids"].shape[1] for b in own}) > 1 and any(bool((b["attention_mask"] == 0).any()) for b in own)
     padded, tight = exact_gradients(model, targets, batches), exact_gradients(model, targets, own)
     for name in targets:
         torch.testing.assert_close(padded[name], tight[name], rtol=1e-4, atol=1e-6)
