@@ -52,8 +52,9 @@ def estimation_batches(train_examples, config: Config, pad_id: int, device) -> l
     right-padded to the longest one's length, with no attention mask (input_ids and labels).
     The pads change no gradient: they come after every real token, which causal attention never lets see them, and
     they carry no loss. So the mask is not needed, and without it the attention is plain causal (flash attention),
-    and every batch has the same width and the same inputs, so each kind of block call compiles once: at
-    Llama-2-7B, batches of their own widths and masks made the first estimate 48 s against 14 s compiled (H100)."""
+    and every batch has the same width and the same inputs, so each kind of block call compiles once. At
+    Llama-2-7B on examples of 100 to 900 words, from an empty compile cache (H100), the first estimate took 48 s with
+    batches of their own widths and masks, 41 s with one width and masks, 31 s with neither (13-14 s compiled)."""
     order = list(range(len(train_examples)))
     random.Random(config.seed).shuffle(order)
     picked = [train_examples[i] for i in order[:config.estimation_samples]]
