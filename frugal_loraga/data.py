@@ -198,6 +198,14 @@ def collate(examples: list[Example], pad_id: int, device: torch.device,
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
+def causal_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model is called with for a collated batch: input_ids and labels, no attention mask. The pads are on
+    the right, after every real token, which causal attention never lets see them, and they carry no loss, so the loss
+    and every gradient are those with the mask. Without it the attention runs plain causal (flash attention), and
+    every batch gives the compiled decoder layers the same kind of inputs."""
+    return {"input_ids": batch["input_ids"], "labels": batch["labels"]}
+
+
 def micro_batch(examples: list[Example], batch_size: int, seed: int, index: int) -> list[Example]:
     """The examples of micro-batch number `index`: a seeded shuffle per epoch, so any index is reproducible."""
     per_epoch = max(len(examples) // batch_size, 1)

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import Config, ConfigError
-from .data import Example, collate, micro_batch
+from .data import Example, causal_inputs, collate, micro_batch
 from .blocks import block_layout, compile_blocks
 from .gradients import ProgressFn
 from .lora import LoraLinear
@@ -61,7 +61,7 @@ def evaluate(model, examples: list[Example], config: Config, pad_id: int, device
         batch = collate(examples[i:i + config.batch_size], pad_id, device)
         tokens = int((batch["labels"][:, 1:] != -100).sum())
         with autocast(device, dtype):
-            total_loss += model(**batch).loss.item() * tokens
+            total_loss += model(**causal_inputs(batch)).loss.item() * tokens
         total_tokens += tokens
     model.train(was_training)
     return total_loss / max(total_tokens, 1)
@@ -137,7 +137,7 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
             batch = collate(micro_batch(train_examples, config.batch_size, config.seed,
                                         step * config.grad_accum + micro), pad_id, device)
             with autocast(device, dtype):
-                loss = model(**batch).loss / config.grad_accum
+                loss = model(**causal_inputs(batch)).loss / config.grad_accum
             loss.backward()
             step_loss += loss.item()
             metrics["train_tokens"] += int(batch["attention_mask"].sum())

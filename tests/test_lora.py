@@ -7,7 +7,7 @@ from peft import PeftModel
 
 from frugal_loraga import Config, ConfigError, finetune
 from frugal_loraga.api import factors_from_checkpoint, initial_factors
-from frugal_loraga.data import collate, load_examples
+from frugal_loraga.data import causal_inputs, collate, load_examples
 from frugal_loraga.svd import LayerSVD
 from frugal_loraga.init import lora_ga_factors
 from frugal_loraga.lora import find_targets, inject
@@ -89,6 +89,23 @@ def lora_model(tiny_model_dir, sample_path, **settings):
                             for n, m in targets.items()}, config.eta)
     examples, _ = load_examples(sample_path, "auto", tokenizer, 96)
     return model, layers, collate(examples[:3], tokenizer.pad_token_id, device)
+
+
+def test_training_batches_without_the_mask_give_the_same_loss_and_gradients(tiny_model_dir, sample_path):
+    """Training calls the model without the attention mask (causal_inputs): on a right-padded batch the loss and the
+    adapters' gradients equal those with the mask."""
+    model, layers, batch = lora_model(tiny_model_dir, sample_path, load_in_4bit=False, dtype="float32")
+    assert bool((batch["attention_mask"] == 0).any())
+    results = []
+    for inputs in (batch, causal_inputs(batch)):
+        model.zero_grad(set_to_none=True)
+        loss = model(**inputs).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for layer in layers.values() for p in (layer.A, layer.B)]))
+    (masked_loss, masked_grads), (causal_loss, causal_grads) = results
+    torch.testing.assert_close(causal_loss, masked_loss, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(causal_grads, masked_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_compile_blocks_compiles_each_decoder_layer_in_place(tiny_model_dir, sample_path):
