@@ -93,7 +93,8 @@ def lora_model(tiny_model_dir, sample_path, **settings):
 
 def test_training_batches_without_the_mask_give_the_same_loss_and_gradients(tiny_model_dir, sample_path):
     """Training calls the model without the attention mask (causal_inputs): on a right-padded batch the loss and the
-    adapters' gradients equal those with the mask."""
+    adapters' gradients equal those with the mask (to 1e-3: on a GPU the two take different attention kernels; a
+    real token seeing a pad would be off by far more)."""
     model, layers, batch = lora_model(tiny_model_dir, sample_path, load_in_4bit=False, dtype="float32")
     assert bool((batch["attention_mask"] == 0).any())
     results = []
@@ -105,7 +106,7 @@ def test_training_batches_without_the_mask_give_the_same_loss_and_gradients(tiny
     (masked_loss, masked_grads), (causal_loss, causal_grads) = results
     torch.testing.assert_close(causal_loss, masked_loss, rtol=1e-5, atol=1e-6)
     for got, expected in zip(causal_grads, masked_grads):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-5)
 
 
 def test_compile_blocks_compiles_each_decoder_layer_in_place(tiny_model_dir, sample_path):
