@@ -91,19 +91,21 @@ def lora_model(tiny_model_dir, sample_path, **settings):
     return model, layers, collate(examples[:3], tokenizer.pad_token_id, device)
 
 
+def loss_and_adapter_grads(model, layers, inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(**inputs).loss
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for layer in layers.values() for p in (layer.A, layer.B)]
+
+
 def test_training_batches_without_the_mask_give_the_same_loss_and_gradients(tiny_model_dir, sample_path):
     """Training calls the model without the attention mask (causal_inputs): on a right-padded batch the loss and the
     adapters' gradients equal those with the mask (to 1e-3: on a GPU the two take different attention kernels; a
     real token seeing a pad would be off by far more)."""
     model, layers, batch = lora_model(tiny_model_dir, sample_path, load_in_4bit=False, dtype="float32")
     assert bool((batch["attention_mask"] == 0).any())
-    results = []
-    for inputs in (batch, causal_inputs(batch)):
-        model.zero_grad(set_to_none=True)
-        loss = model(**inputs).loss
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for layer in layers.values() for p in (layer.A, layer.B)]))
-    (masked_loss, masked_grads), (causal_loss, causal_grads) = results
+    masked_loss, masked_grads = loss_and_adapter_grads(model, layers, batch)
+    causal_loss, causal_grads = loss_and_adapter_grads(model, layers, causal_inputs(batch))
     torch.testing.assert_close(causal_loss, masked_loss, rtol=1e-5, atol=1e-6)
     for got, expected in zip(causal_grads, masked_grads):
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-5)
@@ -124,15 +126,9 @@ def test_compile_blocks_compiles_each_decoder_layer_in_place(tiny_model_dir, sam
 def test_compiled_layers_give_eager_loss_and_gradients(tiny_model_dir, sample_path):
     """fp32 NF4 model; tolerance 1e-4: inductor reorders the fp32 reductions of norms and softmax."""
     model, layers, batch = lora_model(tiny_model_dir, sample_path, dtype="float32")
-    results = []
-    for compiled in (False, True):
-        if compiled:
-            compile_blocks(list(model.model.layers))
-        model.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for layer in layers.values() for p in (layer.A, layer.B)]))
-    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    eager_loss, eager_grads = loss_and_adapter_grads(model, layers, batch)
+    compile_blocks(list(model.model.layers))
+    compiled_loss, compiled_grads = loss_and_adapter_grads(model, layers, batch)
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-4)
     for got, expected in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
