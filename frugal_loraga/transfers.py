@@ -30,7 +30,7 @@ def _done(value) -> Future:
     return future
 
 
-RING_BYTES = 256 * 2**20  # page-locked memory for the ring: 8 slots of a 2 x 1024-token Llama-2-7B hidden state
+RING_BYTES = 256 * 2**20  # the most page-locked memory for the ring (Llama-2-7B, 2 x 1024 tokens: 8 slots of 16 MiB)
 
 
 class HostTransfers:
