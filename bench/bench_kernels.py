@@ -82,11 +82,11 @@ def bench_lora(tokens: int, rank: int) -> list[dict]:
 def bench_svd(rank: int) -> list[dict]:
     """Gradients with a gradient-like spectrum (s_i = i^-1/2 over 512 directions, plus noise)."""
     block = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
+    s = torch.arange(1, 513, device="cuda") ** -0.5
     rows = []
     for blocks in (1, 5):
         Gs = {}
         for i, (m, n) in enumerate(block * blocks):
-            s = torch.arange(1, 513, device="cuda") ** -0.5
             Gs[f"layer{i}"] = ((torch.randn(m, 512, device="cuda") * s) @ torch.randn(512, n, device="cuda") / n ** 0.5
                                + 1e-3 * torch.randn(m, n, device="cuda"))
         k = 2 * rank

@@ -17,7 +17,7 @@ def measured(name: str) -> dict:
 
 
 @pytest.mark.parametrize("card_gib,name", [(24, "bench_7b_24gib_128samples_compiled"),
-                                           (8, "bench_7b_8gib_128samples_compiled_triton")])
+                                           (8, "bench_7b_8gib_128samples_compiled")])
 def test_estimate_is_within_ten_percent_of_the_measured_7b_peaks(card_gib, name):
     """LoRA-GA init under the default budget (half of what the weights leave), and LoRA training at 2 x 1024."""
     run = measured(name)
