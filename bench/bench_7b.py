@@ -180,6 +180,8 @@ def main():
     parser.add_argument("--train-steps", type=int, default=32, help="LoRA-GA training steps (the compile included)")
     parser.add_argument("--grad-budget-gib", type=float, help="LoRA-GA gradient state budget (default: half of free)")
     parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--min-words", type=int, help="examples of min-words to 900 words (of varying lengths, as "
+                        "real data has) instead of 900")
     parser.add_argument("--peer-steps", type=int, default=12, help="timed steps of the PEFT QLoRA peer (0: skip)")
     parser.add_argument("--only", choices=["peft_loraga", "fidelity"], help="run just this measurement: PEFT's "
                         "LoRA-GA init (bf16, ~27 GiB), or our estimate's captured energy on the top layer's weights")
@@ -190,12 +192,14 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     total = torch.cuda.get_device_properties(0).total_memory
     model_dir = make_model_dir(work / "llama7b", args.layers)
-    data = make_data(work / "data.jsonl", max(args.estimation_samples, 2 * args.peer_steps + 4, 64) + 16, words=900)
+    data = make_data(work / f"data{args.min_words or ''}.jsonl",
+                     max(args.estimation_samples, 2 * args.peer_steps + 4, 64) + 16, 900, args.min_words)
     torch.cuda.set_per_process_memory_fraction(min(args.card_gib * 2**30 / total, 1.0))
     results = {"device": torch.cuda.get_device_name(), "card_gib": args.card_gib, "layers": args.layers,
                "shape": "Llama-2-7B (h 4096, i 11008, 32 heads, vocab 32000), random weights, NF4 double quant",
-               "max_length": args.max_length, "rank": 8, "estimation_samples": args.estimation_samples,
-               "estimation_batch_size": 2, "train_batch": f"2 x {args.max_length}"}
+               "max_length": args.max_length, "min_words": args.min_words, "rank": 8,
+               "estimation_samples": args.estimation_samples, "estimation_batch_size": 2,
+               "train_batch": f"2 x {'up to ' if args.min_words else ''}{args.max_length}"}
     out = ROOT / "bench" / "results" / f"{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     common = dict(model=str(model_dir), data=str(data), data_format="text", rank=8, max_length=args.max_length,
@@ -225,10 +229,12 @@ def main():
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         start = time.perf_counter()
         metrics = finetune(config).metrics
         results[label] = {k: v for k, v in metrics.items() if not isinstance(v, list)}
         results[label]["wall_seconds"] = time.perf_counter() - start
+        results[label]["graphs_compiled"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
         out.write_text(json.dumps(results, indent=1))
         print(label, json.dumps(results[label]), flush=True)
     ga, base = results["lora_ga"], results["baseline_lora_fwd_bwd"]

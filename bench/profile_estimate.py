@@ -3,7 +3,7 @@
 block     one decoder layer with all 7 targets tapped: activation bytes kept for backward per 2 x 1024 tokens (memory
           held by the forward's outputs and graph), eager and compiled, against layer_costs' count
 estimate  the whole estimate over --samples examples, --runs times in a row (the first compiles): seconds per group,
-          the SVDs' seconds, peak memory per group
+          the SVDs' seconds, peak memory per group, and where compiling went (dynamo's compile_times and counters)
 Usage: python bench/profile_estimate.py --card-gib 24 --samples 32 [--grad-budget-gib 1.4] [--host-budget-gib 8]
        [--no-block] [--min-words 100] [--eager]
   --host-budget-gib  how many lower groups' start inputs are kept on the CPU, trading the copies for no-grad runs of
@@ -107,7 +107,10 @@ def estimate(model, targets, batches, budget: int, host_budget, compile: bool) -
     total = time.perf_counter() - start
     gradients.top_singular = top_singular
     times = [t - s for (t, _), s in zip(group_marks, [start] + [t for t, _ in group_marks[:-1]])]
-    return {"seconds": total, "svd_seconds": svd_seconds[0], "groups": len(stats.groups),
+    compile_report = {"compile_times": torch._dynamo.utils.compile_times(repr="str", aggregate=True),
+                      "counters": {k: dict(v) for k, v in torch._dynamo.utils.counters.items() if v}}
+    torch._dynamo.utils.counters.clear()
+    return {"seconds": total, **compile_report, "svd_seconds": svd_seconds[0], "groups": len(stats.groups),
             "blocks_per_group": [len({n.split(".")[2] for n in g}) for g in stats.groups],
             "group_seconds": times, "group_peak_gib": [p for _, p in group_marks], "first_batch_trace": trace}
 
@@ -133,7 +136,9 @@ def main():
     torch.cuda.set_per_process_memory_fraction(min(args.card_gib * GIB / torch.cuda.get_device_properties(0).total_memory, 1))
     config = Config(model=str(model_dir), data=str(data), data_format="text", rank=8, max_length=1024,
                     estimation_samples=args.samples, progress=False)
+    start = time.perf_counter()
     model, tokenizer, device = load_model(config)
+    load_seconds = time.perf_counter() - start
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     examples, _ = load_examples(config.data, "text", tokenizer, 1024)
     targets = find_targets(model, config.target_list(), 8, "lora_ga")
@@ -142,7 +147,7 @@ def main():
                "min_words": args.min_words, "compiled": not args.eager,
                "distinct_widths": len({b["input_ids"].shape[1] for b in batches}),
                "width_range": [min(b["input_ids"].shape[1] for b in batches), max(b["input_ids"].shape[1] for b in batches)],
-               "model_gib": torch.cuda.memory_allocated() / GIB}
+               "model_gib": torch.cuda.memory_allocated() / GIB, "load_seconds": load_seconds}
     if not args.no_block:
         results["block"] = block_activations(model, targets, batches[0])
     print(json.dumps(results, indent=1), flush=True)

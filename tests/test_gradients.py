@@ -1,6 +1,7 @@
 """The streamed gradient estimate against the exact oracle: full autograd gradients + torch.linalg.svd."""
 import contextlib
 import functools
+import os
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from frugal_loraga.api import estimation_batches
 from frugal_loraga.config import Config, ConfigError
 from frugal_loraga.data import collate, load_examples
 from frugal_loraga.fidelity import captured_energy, exact_gradients, subspace_agreement
-from frugal_loraga.blocks import block_layout
+from frugal_loraga.blocks import block_layout, compile_blocks
 from frugal_loraga.gradients import (Segment, accumulate_outer, estimate_gradient_svd, layer_costs, plan_cache,
                                      plan_groups, plan_segments)
 from frugal_loraga.lora import find_targets
@@ -295,6 +296,32 @@ def test_compiled_estimate_matches_eager_from_a_few_graphs(deep_model_dir, sampl
     for name in targets:
         torch.testing.assert_close(compiled[name].U * compiled[name].S @ compiled[name].V.T,
                                    eager[name].U * eager[name].S @ eager[name].V.T, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_blocks_cache_their_graphs_across_processes(tmp_path, monkeypatch):
+    """Compiling sees AOTAutograd's disk cache open to autograd.Functions (our taps and adapters), only while a
+    compiled block runs, and the cache lives in our cache folder unless TORCHINDUCTOR_CACHE_DIR says otherwise."""
+    seen = []
+
+    def backend(graph, example_inputs):
+        seen.append(torch._functorch.config.autograd_cache_allow_custom_autograd_functions)
+        return graph.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
+    monkeypatch.setenv("FRUGAL_LORAGA_CACHE", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "unset below; monkeypatch restores it")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    block = torch.nn.Linear(3, 2)
+    compile_blocks([block])
+    assert block(torch.ones(4, 3)).shape == (4, 2)
+    assert seen == [True]
+    assert not torch._functorch.config.autograd_cache_allow_custom_autograd_functions
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compiled")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    compile_blocks([torch.nn.Linear(3, 2)])
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+    torch._dynamo.reset()
 
 
 def test_demo_model_estimate_matches_exact_svd(sample_path):
