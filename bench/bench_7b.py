@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from conftest import make_tokenizer  # noqa: E402
 from frugal_loraga import Config, finetune  # noqa: E402
+import frugal_loraga.train as train_module  # noqa: E402
 from frugal_loraga.api import estimation_batches  # noqa: E402
+from frugal_loraga.blocks import compile_blocks  # noqa: E402
 from frugal_loraga.data import load_examples  # noqa: E402
 from frugal_loraga.fidelity import captured_energy, exact_gradients  # noqa: E402
 from frugal_loraga.gradients import estimate_gradient_svd, layer_costs  # noqa: E402
@@ -182,6 +184,8 @@ def main():
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--min-words", type=int, help="examples of min-words to 900 words (of varying lengths, as "
                         "real data has) instead of 900")
+    parser.add_argument("--first-width-graphs", action="store_true", help="training compiles its graphs for the "
+                        "first batch width met, then again for any (as before any_width), instead of for any at once")
     parser.add_argument("--peer-steps", type=int, default=12, help="timed steps of the PEFT QLoRA peer (0: skip)")
     parser.add_argument("--only", choices=["peft_loraga", "fidelity"], help="run just this measurement: PEFT's "
                         "LoRA-GA init (bf16, ~27 GiB), or our estimate's captured energy on the top layer's weights")
@@ -195,9 +199,12 @@ def main():
     data = make_data(work / f"data{args.min_words or ''}.jsonl",
                      max(args.estimation_samples, 2 * args.peer_steps + 4, 64) + 16, 900, args.min_words)
     torch.cuda.set_per_process_memory_fraction(min(args.card_gib * 2**30 / total, 1.0))
+    if args.first_width_graphs:
+        train_module.compile_blocks = lambda blocks, any_width: compile_blocks(blocks)
     results = {"device": torch.cuda.get_device_name(), "card_gib": args.card_gib, "layers": args.layers,
                "shape": "Llama-2-7B (h 4096, i 11008, 32 heads, vocab 32000), random weights, NF4 double quant",
-               "max_length": args.max_length, "min_words": args.min_words, "rank": 8,
+               "max_length": args.max_length, "min_words": args.min_words,
+               "first_width_graphs": args.first_width_graphs, "rank": 8,
                "estimation_samples": args.estimation_samples, "estimation_batch_size": 2,
                "train_batch": f"2 x {'up to ' if args.min_words else ''}{args.max_length}"}
     out = ROOT / "bench" / "results" / f"{args.name}.json"

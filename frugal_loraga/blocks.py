@@ -24,27 +24,37 @@ def block_layout(model: nn.Module, names: list[str]) -> tuple[list[nn.Module], d
     return [], dict.fromkeys(names)
 
 
-def compile_blocks(blocks: list[nn.Module]) -> None:
+def compile_blocks(blocks: list[nn.Module], any_width: bool = False) -> None:
     """torch.compile each block's forward in place: names and state dict unchanged, and hooks on the block itself stay
     eager. The blocks share compiled graphs, which fuse norms, RoPE, SwiGLU and NF4 dequantization and launch a block's
     kernels from generated code instead of op by op from Python, the bottleneck of a 4-bit step at a few thousand
-    tokens. A block compiles once per kind of call (with or without grad, tapped or not), not once per block, for the
-    first batch width it meets; a second width compiles each kind again, for any width. (Compiling for any width
-    from the start, dynamic=True, made the first 7B estimate slower: 65 s against 48 s.)
+    tokens. A block compiles once per kind of call (with or without grad, tapped or not), not once per block.
+    any_width: the graphs take any batch width (sequence length) from the first call, for batches of many widths
+    (training on examples of many lengths), which would otherwise compile each kind twice: for the first width met,
+    then for any. Without it they are compiled for the one width of the LoRA-GA estimate's batches. (Compiling
+    every dimension for any size, dynamic=True, made a first 7B estimate slower: 65 s against 48 s.)
     Compiled graphs are cached on disk for the next process: in TORCHINDUCTOR_CACHE_DIR, by default our cache folder
     (which outlives a reboot, unlike torch's in /tmp), the traced autograd of our taps and adapters (autograd.Functions)
-    included, which torch otherwise leaves out of its cache. At Llama-2-7B (H100) a first estimate spends about 12 s
-    compiling, and one in a later process about 5 s."""
+    included, which torch otherwise leaves out of its cache. At Llama-2-7B (H100) a first estimate spends 12-14 s
+    compiling, and one in a later process 2.3 s."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "compiled"))
     for block in blocks:
-        block.forward = _cached_across_processes(torch.compile(block.forward))
+        block.forward = _compiled_forward(torch.compile(block.forward), any_width)
 
 
-def _cached_across_processes(compiled):
-    """compiled, called with AOTAutograd's disk cache open to graphs holding autograd.Functions: their forward and
-    backward are traced into the graph, so the cache key covers their code."""
+def _compiled_forward(compiled, any_width: bool):
+    """compiled, called with AOTAutograd's disk cache open to graphs holding autograd.Functions (their forward and
+    backward are traced into the graph, so the cache key covers their code); any_width: with every dimension of the
+    block's tensor inputs that has the hidden state's width (dimension 1) marked as of any size."""
     @functools.wraps(compiled)
     def forward(*args, **kwargs):
+        if any_width:
+            width = (args[0] if args else kwargs["hidden_states"]).shape[1]
+            for tensor in torch.utils._pytree.tree_leaves((args, kwargs)):
+                if isinstance(tensor, torch.Tensor):
+                    for dim, size in enumerate(tensor.shape):
+                        if size == width:
+                            torch._dynamo.maybe_mark_dynamic(tensor, dim)
         with torch._functorch.config.patch(autograd_cache_allow_custom_autograd_functions=True):
             return compiled(*args, **kwargs)
     return forward

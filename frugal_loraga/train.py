@@ -125,7 +125,8 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
                                      "metrics": metrics})
 
     if config.compile and device.type == "cuda":
-        compile_blocks(block_layout(model, list(layers))[0])
+        widths = {min(len(e.input_ids), config.max_length) for e in train_examples + eval_examples}
+        compile_blocks(block_layout(model, list(layers))[0], any_width=len(widths) > 1)
     model.train()
     if eval_examples and start == 0:
         metrics["eval_loss"].append([0, evaluate(model, eval_examples, config, pad_id, device, dtype)])

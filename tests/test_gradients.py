@@ -12,7 +12,7 @@ from frugal_loraga.api import estimation_batches
 from frugal_loraga.config import Config, ConfigError
 from frugal_loraga.data import collate, load_examples
 from frugal_loraga.fidelity import captured_energy, exact_gradients, subspace_agreement
-from frugal_loraga.blocks import block_layout, compile_blocks
+from frugal_loraga.blocks import block_layout, compile_blocks, uncompile_blocks
 from frugal_loraga.gradients import (Segment, accumulate_outer, estimate_gradient_svd, layer_costs, plan_cache,
                                      plan_groups, plan_segments)
 from frugal_loraga.lora import find_targets
@@ -314,7 +314,7 @@ def test_compiled_blocks_cache_their_graphs_across_processes(tmp_path, monkeypat
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     block = torch.nn.Linear(3, 2)
     compile_blocks([block])
-    assert block(torch.ones(4, 3)).shape == (4, 2)
+    assert block(torch.ones(1, 4, 3)).shape == (1, 4, 2)
     assert seen == [True]
     assert not torch._functorch.config.autograd_cache_allow_custom_autograd_functions
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compiled")
@@ -322,6 +322,26 @@ def test_compiled_blocks_cache_their_graphs_across_processes(tmp_path, monkeypat
     compile_blocks([torch.nn.Linear(3, 2)])
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("any_width", [False, True])
+def test_blocks_compiled_for_any_width_compile_once(tiny_model_dir, any_width, monkeypatch):
+    """Batches of two widths through the compiled blocks: one graph when compiled for any width (training on examples
+    of many lengths), two otherwise (the first width's, then one for any width); the same logits either way."""
+    model, tokenizer, _ = load(tiny_model_dir, four_bit=False)
+    ids = torch.randint(3, len(tokenizer), (2, 24), device=model.device)
+    eager = [model(input_ids=ids[:, :width]).logits for width in (16, 24)]
+    torch._dynamo.reset()
+    counters.clear()
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    blocks, _ = block_layout(model, ["model.layers.0.mlp.up_proj"])
+    compile_blocks(blocks, any_width=any_width)
+    compiled = [model(input_ids=ids[:, :width]).logits for width in (16, 24)]
+    uncompile_blocks(blocks)
+    assert counters["stats"]["unique_graphs"] == (1 if any_width else 2), dict(counters["stats"])
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_demo_model_estimate_matches_exact_svd(sample_path):
