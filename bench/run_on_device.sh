@@ -14,6 +14,8 @@
 #   vary_train24  bench_7b.py at 24 GiB on examples of 100 to 900 words, from an empty compile cache: the first
 #            run's training steps, which compile their graphs for any width
 #   vary_train24_first_width  the same, with the graphs compiled for the first width met, then again for any
+#   twice24  bench_7b.py at 24 GiB (16 training steps, no peer) twice, in two processes sharing one compile cache that
+#            starts empty: what each phase spends compiling on a fresh machine and on one that has compiled before
 #   first24  profile_estimate.py at 24 GiB twice, in two processes sharing one compile cache that starts empty: a first
 #            run on a fresh machine, then a first run on a machine that has compiled before
 # Usage: bash bench/run_on_device.sh [step ...]   (default: tests kernels 24 8 peft)
@@ -63,6 +65,12 @@ for one in "${steps[@]}"; do
               TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step "$one" 300 "$name" python3 bench/bench_7b.py --card-gib 24 \
               --estimation-samples 128 --train-steps 16 --peer-steps 0 --min-words 100 --name "$name" \
               $([ "$one" = vary_train24 ] || echo --first-width-graphs) ;;
+      twice24) cache=$(mktemp -d)
+              for run in fresh_machine cache_on_disk; do
+                TORCHINDUCTOR_CACHE_DIR=$cache step "twice24_$run" 300 "bench_7b_24gib_128samples_first_run_$run" \
+                  python3 bench/bench_7b.py --card-gib 24 --estimation-samples 128 --train-steps 16 --peer-steps 0 \
+                  --name "bench_7b_24gib_128samples_first_run_$run"
+              done ;;
       first24) cache=$(mktemp -d)
               for run in fresh_machine cache_on_disk; do
                 TORCHINDUCTOR_CACHE_DIR=$cache step "first24_$run" 200 "profile_estimate_24gib_128samples_first_run_$run" \
