@@ -95,7 +95,8 @@ class Job:
     phase: str = "idle"
     done: int = 0
     total: int = 0
-    started: float = 0.0
+    phase_started: float = 0.0  # when this phase began, at unit phase_from: its pace gives the ETA
+    phase_from: int = 0
     curves: dict = field(default_factory=dict)
     message: str = ""
     adapter_dir: Path | None = None
@@ -114,7 +115,10 @@ def _run(configs: list[Config]):
         label = config.init
 
         def progress(phase, done, total, metrics, label=label):
-            JOB.phase, JOB.done, JOB.total = f"{label}: {phase}", done, total
+            phase = f"{label}: {phase}"
+            if phase != JOB.phase:
+                JOB.phase_started, JOB.phase_from = time.time(), done
+            JOB.phase, JOB.done, JOB.total = phase, done, total
             if metrics:
                 JOB.curves[label] = metrics
         try:
@@ -150,7 +154,7 @@ def start(upload, data_format, model, load_in_4bit, init, rank, alpha, use_rslor
     except (ConfigError, DataError) as e:
         return f"**Error:** {e}"
     JOB.stop.clear()
-    JOB.curves, JOB.message, JOB.adapter_dir, JOB.started = {}, "", None, time.time()
+    JOB.curves, JOB.message, JOB.adapter_dir = {}, "", None
     JOB.phase, JOB.done, JOB.total = "starting", 0, 0
     JOB.thread = threading.Thread(target=_run, args=(configs,), daemon=True)
     JOB.thread.start()
@@ -182,8 +186,8 @@ def loss_frame(rows) -> pd.DataFrame:
 def status():
     """Phase i/n with ETA, and the loss curves for the plot."""
     if JOB.total:
-        elapsed = time.time() - JOB.started
-        eta = f", ETA {elapsed / max(JOB.done, 1) * (JOB.total - JOB.done):.0f} s" if JOB.phase != "idle" else ""
+        pace = (time.time() - JOB.phase_started) / max(JOB.done - JOB.phase_from, 1)  # seconds a unit, this phase
+        eta = f", ETA {pace * (JOB.total - JOB.done):.0f} s" if JOB.phase != "idle" and JOB.done > JOB.phase_from else ""
         text = f"**{JOB.phase}** {JOB.done}/{JOB.total}{eta}. {JOB.message}"
     else:
         text = f"**{JOB.phase}** {JOB.message}"

@@ -14,8 +14,9 @@
 #   vary_train24  bench_7b.py at 24 GiB on examples of 100 to 900 words, from an empty compile cache: the first
 #            run's training steps, which compile their graphs for any width
 #   vary_train24_first_width  the same, with the graphs compiled for the first width met, then again for any
-#   twice24  bench_7b.py at 24 GiB (16 training steps, no peer) twice, in two processes sharing one compile cache that
-#            starts empty: what each phase spends compiling on a fresh machine and on one that has compiled before
+#   twice24, twice8  bench_7b.py at 24 / 8 GiB (16 training steps, no peer) twice, in two processes sharing one
+#            compile cache that starts empty: what each phase spends compiling on a fresh machine, and on one that
+#            has compiled before
 #   first24  profile_estimate.py at 24 GiB twice, in two processes sharing one compile cache that starts empty: a first
 #            run on a fresh machine, then a first run on a machine that has compiled before
 # Usage: bash bench/run_on_device.sh [step ...]   (default: tests kernels 24 8 peft)
@@ -65,11 +66,11 @@ for one in "${steps[@]}"; do
               TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step "$one" 300 "$name" python3 bench/bench_7b.py --card-gib 24 \
               --estimation-samples 128 --train-steps 16 --peer-steps 0 --min-words 100 --name "$name" \
               $([ "$one" = vary_train24 ] || echo --first-width-graphs) ;;
-      twice24) cache=$(mktemp -d)
+      twice24|twice8) cache=$(mktemp -d) card=${one#twice}
               for run in fresh_machine cache_on_disk; do
-                TORCHINDUCTOR_CACHE_DIR=$cache step "twice24_$run" 300 "bench_7b_24gib_128samples_first_run_$run" \
-                  python3 bench/bench_7b.py --card-gib 24 --estimation-samples 128 --train-steps 16 --peer-steps 0 \
-                  --name "bench_7b_24gib_128samples_first_run_$run"
+                name=bench_7b_${card}gib_128samples_first_run_$run
+                TORCHINDUCTOR_CACHE_DIR=$cache step "${one}_$run" 300 "$name" python3 bench/bench_7b.py --card-gib "$card" \
+                  --estimation-samples 128 --train-steps 16 --peer-steps 0 --name "$name"
               done ;;
       first24) cache=$(mktemp -d)
               for run in fresh_machine cache_on_disk; do

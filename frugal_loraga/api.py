@@ -99,14 +99,19 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
 
     progress(phase, done, total, metrics) is called as work advances; setting `stop` ends training after the current step
     with a checkpoint written (resume with config.resume = True)."""
-    phase = "loading the model"
+    def enter(name: str) -> str:
+        if progress:
+            progress(name, 0, 0, {})
+        return name
+
+    phase = enter("loading the model")
     try:
         torch.manual_seed(config.seed)
         model, tokenizer, device = load_model(config)
         dtype = resolve_dtype(config, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        phase = "loading data"
+        phase = enter("loading data")
         examples, report = load_examples(config.data, config.data_format, tokenizer, config.max_length)
         log.info("training data: %s", report.summary())
         if config.eval_data:

@@ -390,6 +390,8 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
         compile_blocks(blocks)
     model.train()
     done, total = 0, len(groups) * len(batches)
+    if progress:
+        progress("compiling the decoder layers" if compile else "estimating gradients", done, total, {})
     last_in_blocks = max((p for p, name in enumerate(order) if index[name] is not None), default=-1)
     upstream: list[torch.Tensor] = []  # per batch: dL/d(input of block segment.stop), on the CPU
     try:

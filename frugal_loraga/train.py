@@ -124,9 +124,12 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
                                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                      "metrics": metrics})
 
-    if config.compile and device.type == "cuda":
-        widths = {min(len(e.input_ids), config.max_length) for e in train_examples + eval_examples}
+    compiling = config.compile and device.type == "cuda"
+    if compiling:
+        widths = {len(e.input_ids) for e in train_examples + eval_examples}
         compile_blocks(block_layout(model, list(layers))[0], any_width=len(widths) > 1)
+    if progress:
+        progress("compiling the decoder layers" if compiling else "training", start, config.steps, metrics)
     model.train()
     if eval_examples and start == 0:
         metrics["eval_loss"].append([0, evaluate(model, eval_examples, config, pad_id, device, dtype)])

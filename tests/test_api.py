@@ -24,6 +24,8 @@ def test_the_estimate_shows_a_progress_bar_and_reports_to_the_callback(tiny_mode
     total = result.metrics["estimation_groups"] * result.metrics["estimation_batches"]
     assert result.metrics["estimation_groups"] > 1
     assert [s for s in seen if s[0] == "estimating gradients"][-1] == ("estimating gradients", total, total)
+    assert seen[:3] == [("loading the model", 0, 0), ("loading data", 0, 0), ("estimating gradients", 0, total)]
+    assert ("training", 0, 1) in seen and seen[-1] == ("training", 1, 1)
     assert "LoRA-GA gradient estimate: 100%" in capsys.readouterr().err
 
 

@@ -57,6 +57,16 @@ def test_train_with_baseline_plot_try_and_export(tiny_model_dir):
     assert archive.endswith(".zip") and "PeftModel.from_pretrained" in code
 
 
+def test_eta_comes_from_the_pace_of_the_current_phase(monkeypatch):
+    """Compiling, or the phase before, does not count: the ETA is this phase's seconds per unit times the units left,
+    and there is none until the phase has done a unit."""
+    monkeypatch.setattr(app, "JOB", app.Job(phase="lora_ga: training", done=4, total=10, phase_from=2,
+                                            phase_started=time.time() - 10))
+    assert "**lora_ga: training** 4/10, ETA 30 s." in app.status()[0]
+    app.JOB.done = 2
+    assert "ETA" not in app.status()[0]
+
+
 def test_stop_then_resume(tiny_model_dir):
     args = [None, "auto", str(tiny_model_dir), False, "lora", 2, 16, True, 3e-3, 200, 2, 96, 4, False]
     assert app.start(*args) == "Started."
