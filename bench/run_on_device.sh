@@ -48,7 +48,7 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests kernels 24 8 peft)
 for one in "${steps[@]}"; do
     case $one in
-      tests) step tests 300 "" python3 -m pytest -q tests/test_gradients.py tests/test_kernels.py tests/test_lora.py \
+      tests) step tests 420 "" python3 -m pytest -q tests/test_gradients.py tests/test_kernels.py tests/test_lora.py \
                tests/test_nf4.py tests/test_transfers.py tests/test_svd.py -k "not demo" ;;
       kernels) step kernels 120 kernels python3 bench/bench_kernels.py ;;
       24|8) step "$one" 240 "bench_7b_${one}gib_128samples_compiled" python3 bench/bench_7b.py --card-gib "$one" \
