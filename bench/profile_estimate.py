@@ -5,10 +5,11 @@ block     one decoder layer with all 7 targets tapped: activation bytes kept for
 estimate  the whole estimate over --samples examples, --runs times in a row (the first compiles): seconds per group,
           the SVDs' seconds, peak memory per group, and where compiling went (dynamo's compile_times and counters)
 Usage: python bench/profile_estimate.py --card-gib 24 --samples 32 [--grad-budget-gib 1.4] [--host-budget-gib 8]
-       [--no-block] [--min-words 100] [--eager]
+       [--no-block] [--min-words 100] [--max-words 900] [--one-width] [--eager]
   --host-budget-gib  how many lower groups' start inputs are kept on the CPU, trading the copies for no-grad runs of
                      the blocks between
-  --min-words        examples of 100 to 900 words (of varying lengths, as real data has) instead of 900
+  --min-words        examples of min-words to max-words (900) words, of varying lengths as real data has
+  --one-width        the estimation batches all padded to the longest example (as before), not each to its own
 Run it with TORCHINDUCTOR_CACHE_DIR set to an empty folder for the compile time of a first run on a fresh machine.
 """
 import argparse
@@ -124,7 +125,10 @@ def main():
                         "of the available RAM)")
     parser.add_argument("--runs", type=int, default=2, help="estimates in a row (the first compiles)")
     parser.add_argument("--no-block", action="store_true", help="skip the one-block activation measurement")
-    parser.add_argument("--min-words", type=int, help="examples of min-words to 900 words instead of 900")
+    parser.add_argument("--min-words", type=int, help="examples of min-words to max-words words instead of max-words")
+    parser.add_argument("--max-words", type=int, default=900)
+    parser.add_argument("--one-width", action="store_true", help="every estimation batch padded to the longest "
+                        "example (as before batches of their own widths were compiled for any width)")
     parser.add_argument("--eager", action="store_true", help="the estimate's blocks not compiled")
     parser.add_argument("--work", default="/tmp/bench7b")
     parser.add_argument("--name", default="profile_estimate")
@@ -132,7 +136,8 @@ def main():
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model_dir = make_model_dir(work / "llama7b", 32)
-    data = make_data(work / f"data{args.min_words or ''}.jsonl", max(args.samples, 64) + 16, 900, args.min_words)
+    data = make_data(work / f"data{args.min_words or ''}_{args.max_words}.jsonl", max(args.samples, 64) + 16,
+                     args.max_words, args.min_words)
     torch.cuda.set_per_process_memory_fraction(min(args.card_gib * GIB / torch.cuda.get_device_properties(0).total_memory, 1))
     config = Config(model=str(model_dir), data=str(data), data_format="text", rank=8, max_length=1024,
                     estimation_samples=args.samples, progress=False)
@@ -143,8 +148,14 @@ def main():
     examples, _ = load_examples(config.data, "text", tokenizer, 1024)
     targets = find_targets(model, config.target_list(), 8, "lora_ga")
     batches = estimation_batches(examples, config, tokenizer.pad_token_id, device)
+    if args.one_width:
+        width = max(b["input_ids"].shape[1] for b in batches)
+        batches = [{k: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=tokenizer.pad_token_id
+                                               if k == "input_ids" else -100) for k, t in b.items()} for b in batches]
     results = {"device": torch.cuda.get_device_name(), "card_gib": args.card_gib, "samples": args.samples,
-               "min_words": args.min_words, "compiled": not args.eager,
+               "min_words": args.min_words, "max_words": args.max_words, "one_width": args.one_width,
+               "tokens": sum(int((b["labels"] != -100).sum()) for b in batches),
+               "padded_tokens": sum(b["input_ids"].numel() for b in batches), "compiled": not args.eager,
                "distinct_widths": len({b["input_ids"].shape[1] for b in batches}),
                "width_range": [min(b["input_ids"].shape[1] for b in batches), max(b["input_ids"].shape[1] for b in batches)],
                "model_gib": torch.cuda.memory_allocated() / GIB, "load_seconds": load_seconds}

@@ -387,7 +387,7 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
     was_training = model.training
     replace(model, taps)
     if compile:
-        compile_blocks(blocks)
+        compile_blocks(blocks, any_width=len({b["input_ids"].shape[1] for b in batches}) > 1)
     model.train()
     done, total = 0, len(groups) * len(batches)
     if progress:
