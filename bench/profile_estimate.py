@@ -5,11 +5,12 @@ block     one decoder layer with all 7 targets tapped: activation bytes kept for
 estimate  the whole estimate over --samples examples, --runs times in a row (the first compiles): seconds per group,
           the SVDs' seconds, peak memory per group, and where compiling went (dynamo's compile_times and counters)
 Usage: python bench/profile_estimate.py --card-gib 24 --samples 32 [--grad-budget-gib 1.4] [--host-budget-gib 8]
-       [--no-block] [--min-words 100] [--max-words 900] [--one-width] [--eager]
+       [--no-block] [--min-words 100] [--max-words 900] [--own-widths] [--eager]
   --host-budget-gib  how many lower groups' start inputs are kept on the CPU, trading the copies for no-grad runs of
                      the blocks between
   --min-words        examples of min-words to max-words (900) words, of varying lengths as real data has
-  --one-width        the estimation batches all padded to the longest example (as before), not each to its own
+  --own-widths       each estimation batch cut to its own longest example (compiled for any width), not all padded
+                     to the longest one
 Run it with TORCHINDUCTOR_CACHE_DIR set to an empty folder for the compile time of a first run on a fresh machine.
 """
 import argparse
@@ -127,8 +128,8 @@ def main():
     parser.add_argument("--no-block", action="store_true", help="skip the one-block activation measurement")
     parser.add_argument("--min-words", type=int, help="examples of min-words to max-words words instead of max-words")
     parser.add_argument("--max-words", type=int, default=900)
-    parser.add_argument("--one-width", action="store_true", help="every estimation batch padded to the longest "
-                        "example (as before batches of their own widths were compiled for any width)")
+    parser.add_argument("--own-widths", action="store_true", help="each estimation batch cut to its own longest "
+                        "example, the blocks compiled for any width, instead of all padded to the longest one")
     parser.add_argument("--eager", action="store_true", help="the estimate's blocks not compiled")
     parser.add_argument("--work", default="/tmp/bench7b")
     parser.add_argument("--name", default="profile_estimate")
@@ -148,12 +149,11 @@ def main():
     examples, _ = load_examples(config.data, "text", tokenizer, 1024)
     targets = find_targets(model, config.target_list(), 8, "lora_ga")
     batches = estimation_batches(examples, config, tokenizer.pad_token_id, device)
-    if args.one_width:
-        width = max(b["input_ids"].shape[1] for b in batches)
-        batches = [{k: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=tokenizer.pad_token_id
-                                               if k == "input_ids" else -100) for k, t in b.items()} for b in batches]
+    if args.own_widths:  # the sample data ends no example with the pad token
+        widths = [int((b["input_ids"] != tokenizer.pad_token_id).sum(1).max()) for b in batches]
+        batches = [{k: t[:, :width] for k, t in b.items()} for b, width in zip(batches, widths)]
     results = {"device": torch.cuda.get_device_name(), "card_gib": args.card_gib, "samples": args.samples,
-               "min_words": args.min_words, "max_words": args.max_words, "one_width": args.one_width,
+               "min_words": args.min_words, "max_words": args.max_words, "own_widths": args.own_widths,
                "tokens": sum(int((b["labels"] != -100).sum()) for b in batches),
                "padded_tokens": sum(b["input_ids"].numel() for b in batches), "compiled": not args.eager,
                "distinct_widths": len({b["input_ids"].shape[1] for b in batches}),

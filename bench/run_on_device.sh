@@ -15,7 +15,7 @@
 #            run's training steps, which compile their graphs for any width
 #   vary_train24_first_width  the same, with the graphs compiled for the first width met, then again for any
 #   short24  profile_estimate.py at 24 GiB on examples of 50 to 550 words (90 to 1000 tokens), from an empty compile
-#            cache each: batches of their own widths compiled for any width, then all padded to one width (before)
+#            cache each: batches each cut to their own width and compiled for any width, then all of one width
 #   twice24, twice8  bench_7b.py at 24 / 8 GiB (16 training steps, no peer) twice, in two processes sharing one
 #            compile cache that starts empty: what each phase spends compiling on a fresh machine, and on one that
 #            has compiled before
@@ -72,7 +72,7 @@ for one in "${steps[@]}"; do
                 TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step "short24_$width" 200 \
                   "profile_estimate_24gib_128samples_short_${width}_width" python3 bench/profile_estimate.py --card-gib 24 \
                   --samples 128 --no-block --min-words 50 --max-words 550 --name "profile_estimate_24gib_128samples_short_${width}_width" \
-                  $([ "$width" = one ] && echo --one-width)
+                  $([ "$width" = own ] && echo --own-widths)
               done ;;
       twice24|twice8) cache=$(mktemp -d) card=${one#twice}
               for run in fresh_machine cache_on_disk; do

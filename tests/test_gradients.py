@@ -115,21 +115,26 @@ def test_streamed_estimate_on_nf4_base_with_checkpointing(deep_model_dir, sample
     assert_faithful(svds, exact_gradients(model, targets, batches), 2 * RANK)
 
 
-def test_estimation_batches_carry_no_mask_and_the_padding_changes_no_gradient(tiny_model_dir, sample_path):
-    """The estimation batches are each padded to their longest example and carry no attention mask, and their exact
-    gradients are those of the same batches with their masks."""
+def test_estimation_batches_share_one_width_and_the_padding_changes_no_gradient(tiny_model_dir, sample_path):
+    """The estimation batches are padded to the longest example's length and carry no attention mask (the blocks
+    compile once per kind of call), and the exact gradients are those of the same examples in batches padded to their
+    own longest example, with their masks."""
     model, tokenizer, targets = load(tiny_model_dir, four_bit=False)
     config = Config(model=str(tiny_model_dir), data=str(sample_path), estimation_samples=12, max_length=96)
     examples, _ = load_examples(sample_path, "auto", tokenizer, 96)
     batches = estimation_batches(examples, config, tokenizer.pad_token_id, model.device)
     assert all(set(b) == {"input_ids", "labels"} for b in batches)
-    masks = [(b["input_ids"] != tokenizer.pad_token_id).long() for b in batches]  # no sample example ends in a pad
-    assert [b["input_ids"].shape[1] for b in batches] == [int(m.sum(1).max()) for m in masks]
-    assert len({b["input_ids"].shape[1] for b in batches}) > 1 and any(bool((m == 0).any()) for m in masks)
-    masked = [{**b, "attention_mask": m} for b, m in zip(batches, masks)]
-    unmasked, tight = exact_gradients(model, targets, batches), exact_gradients(model, targets, masked)
+    assert len({b["input_ids"].shape[1] for b in batches}) == 1
+    own = []
+    for b in batches:
+        mask = (b["input_ids"] != tokenizer.pad_token_id).long()  # the sample data ends no example with a pad token
+        width = int(mask.sum(1).max())
+        own.append({"input_ids": b["input_ids"][:, :width], "labels": b["labels"][:, :width],
+                    "attention_mask": mask[:, :width]})
+    assert len({b["input_ids"].shape[1] for b in own}) > 1 and any(bool((b["attention_mask"] == 0).any()) for b in own)
+    padded, tight = exact_gradients(model, targets, batches), exact_gradients(model, targets, own)
     for name in targets:
-        torch.testing.assert_close(unmasked[name], tight[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(padded[name], tight[name], rtol=1e-4, atol=1e-6)
 
 
 def test_gradient_state_stays_within_a_small_budget(deep_model_dir, sample_path):
@@ -269,15 +274,16 @@ def test_blocks_with_inputs_of_their_own_in_several_groups():
         assert_faithful(svds, grads, 2 * RANK, bar=0.9999)
 
 
-def test_compiled_estimate_matches_eager_from_a_few_graphs(deep_model_dir, sample_path, monkeypatch):
+@pytest.mark.parametrize("width", [96, None])
+def test_compiled_estimate_matches_eager_from_a_few_graphs(deep_model_dir, sample_path, width, monkeypatch):
     """The blocks compiled for the estimate (inductor on CUDA; on CPU aot_eager: dynamo and AOTAutograd as on CUDA,
-    without inductor's code generation): the eager factors, with no graph break, from a few graphs for four blocks in
-    four groups, from batches of several widths compiled for any width (2 graphs: the top group's forward below its
-    blocks, and a tapped block), and the blocks left uncompiled. Compared as rank-k reconstructions, which
-    singular-vector signs do not change; 1e-4: compiled code may reorder fp32 sums."""
+    without inductor's code generation): the eager factors, with no graph break, from 2 graphs for four blocks in four
+    groups (the top group's forward below its blocks, and a tapped block), whether the batches share one width (as
+    the estimation batches do) or not (then compiled for any width), and the blocks left uncompiled. Compared as
+    rank-k reconstructions, which singular-vector signs do not change; 1e-4: compiled code may reorder fp32 sums."""
     model, tokenizer, targets = load(deep_model_dir, four_bit=False)
-    batches = [causal_inputs(b) for b in make_batches(model, tokenizer, sample_path)]
-    assert len({b["input_ids"].shape[1] for b in batches}) > 1
+    batches = [causal_inputs(b) for b in make_batches(model, tokenizer, sample_path, width=width)]
+    assert len({b["input_ids"].shape[1] for b in batches}) == (1 if width else 4)
     budget = one_block_budget(model, targets, batches)
     eager, _ = estimate_gradient_svd(model, targets, batches, 2 * RANK, budget, "exact")
     torch._dynamo.reset()
