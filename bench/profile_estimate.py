@@ -85,7 +85,12 @@ def estimate(model, targets, batches, budget: int, host_budget, compile: bool) -
         svd_seconds[0] += time.perf_counter() - start
         return result
 
+    batch_marks = []  # when each batch's backward returned (the CPU's view, no sync): per-width costs show here
+
     def progress(phase, done, total, metrics):
+        if done == 0:  # the walk begins
+            return
+        batch_marks.append(time.perf_counter())
         if done == 1:
             for hook in hooks:
                 hook.remove()
@@ -114,7 +119,10 @@ def estimate(model, targets, batches, budget: int, host_budget, compile: bool) -
     torch._dynamo.utils.counters.clear()
     return {"seconds": total, **compile_report, "svd_seconds": svd_seconds[0], "groups": len(stats.groups),
             "blocks_per_group": [len({n.split(".")[2] for n in g}) for g in stats.groups],
-            "group_seconds": times, "group_peak_gib": [p for _, p in group_marks], "first_batch_trace": trace}
+            "group_seconds": times, "group_peak_gib": [p for _, p in group_marks], "first_batch_trace": trace,
+            "batch_seconds": [round(t - s, 4) for t, s in zip(batch_marks, [start] + batch_marks[:-1])],
+            "allocator": {k: v for k, v in torch.cuda.memory_stats().items()
+                          if k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_ooms")}}
 
 
 def main():
