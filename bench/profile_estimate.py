@@ -139,9 +139,13 @@ def main():
     parser.add_argument("--own-widths", action="store_true", help="each estimation batch cut to its own longest "
                         "example, the blocks compiled for any width, instead of all padded to the longest one")
     parser.add_argument("--eager", action="store_true", help="the estimate's blocks not compiled")
+    parser.add_argument("--no-cudnn-attention", action="store_true", help="SDPA may not pick cuDNN's attention "
+                        "(which plans anew for each new sequence length)")
     parser.add_argument("--work", default="/tmp/bench7b")
     parser.add_argument("--name", default="profile_estimate")
     args = parser.parse_args()
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model_dir = make_model_dir(work / "llama7b", 32)
@@ -162,6 +166,7 @@ def main():
         batches = [{k: t[:, :width] for k, t in b.items()} for b, width in zip(batches, widths)]
     results = {"device": torch.cuda.get_device_name(), "card_gib": args.card_gib, "samples": args.samples,
                "min_words": args.min_words, "max_words": args.max_words, "own_widths": args.own_widths,
+               "cudnn_attention": torch.backends.cuda.cudnn_sdp_enabled(),
                "tokens": sum(int((b["labels"] != -100).sum()) for b in batches),
                "padded_tokens": sum(b["input_ids"].numel() for b in batches), "compiled": not args.eager,
                "distinct_widths": len({b["input_ids"].shape[1] for b in batches}),
