@@ -19,13 +19,15 @@ def tiny_config(model_dir, data, out, **kw):
 def test_the_estimate_shows_a_progress_bar_and_reports_to_the_callback(tiny_model_dir, sample_path, tmp_path, capsys):
     seen = []
     result = finetune(tiny_config(tiny_model_dir, sample_path, tmp_path / "run", steps=1, progress=True,
-                                  grad_budget_gib=0.0015),
+                                  grad_budget_gib=0.0015, dtype="float32"),  # fp32 costs: > 1 group
                       progress=lambda phase, done, total, metrics: seen.append((phase, done, total)))
     total = result.metrics["estimation_groups"] * result.metrics["estimation_batches"]
     assert result.metrics["estimation_groups"] > 1
     assert [s for s in seen if s[0] == "estimating gradients"][-1] == ("estimating gradients", total, total)
-    assert seen[:3] == [("loading the model", 0, 0), ("loading data", 0, 0), ("estimating gradients", 0, total)]
-    assert ("training", 0, 1) in seen and seen[-1] == ("training", 1, 1)
+    compiling = "compiling the decoder layers" if torch.cuda.is_available() else None  # compile is on by default
+    assert seen[:3] == [("loading the model", 0, 0), ("loading data", 0, 0),
+                        (compiling or "estimating gradients", 0, total)]
+    assert (compiling or "training", 0, 1) in seen and seen[-1] == ("training", 1, 1)
     assert "LoRA-GA gradient estimate: 100%" in capsys.readouterr().err
 
 
