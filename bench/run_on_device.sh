@@ -2,7 +2,7 @@
 # The GPU evidence, one step after another in one call on the lent GPU; each step has a time limit, and its JSON lands in
 # bench/results/ and, when $OUT is set (the device tool), is copied there with the step's log as soon as it ends.
 #   tests    the tests that take other paths on a GPU (compiled estimate, cuBLAS accumulation, kernels, LoRA, NF4,
-#            host transfers, group SVDs)
+#            host transfers, group SVDs, the API's compiling phases)
 #   kernels  bench_kernels.py: the accumulation, the Triton LoRA-GA adapter and the group SVDs against torch
 #   24, 8    bench_7b.py on a Llama-2-7B-shaped NF4 model, card capped at 24 / 8 GiB, 128 estimation samples
 #   peft     PEFT's own LoRA-GA on the bf16 model (needs about 36 GiB) over the same 128 samples
@@ -51,8 +51,8 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests kernels 24 8 peft)
 for one in "${steps[@]}"; do
     case $one in
-      tests) step tests 420 "" python3 -m pytest -q tests/test_gradients.py tests/test_kernels.py tests/test_lora.py \
-               tests/test_nf4.py tests/test_transfers.py tests/test_svd.py -k "not demo" ;;
+      tests) step tests 540 "" python3 -m pytest -q tests/test_gradients.py tests/test_kernels.py tests/test_lora.py \
+               tests/test_nf4.py tests/test_transfers.py tests/test_svd.py tests/test_api.py -k "not demo" ;;
       kernels) step kernels 120 kernels python3 bench/bench_kernels.py ;;
       24|8) step "$one" 240 "bench_7b_${one}gib_128samples_compiled" python3 bench/bench_7b.py --card-gib "$one" \
               --estimation-samples 128 --train-steps 8 --peer-steps 8 --name "bench_7b_${one}gib_128samples_compiled" ;;
