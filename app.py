@@ -187,7 +187,8 @@ def status():
     """Phase i/n with ETA, and the loss curves for the plot."""
     if JOB.total:
         pace = (time.time() - JOB.phase_started) / max(JOB.done - JOB.phase_from, 1)  # seconds a unit, this phase
-        eta = f", ETA {pace * (JOB.total - JOB.done):.0f} s" if JOB.phase != "idle" and JOB.done > JOB.phase_from else ""
+        running = JOB.phase != "idle" and JOB.done > JOB.phase_from
+        eta = f", ETA {pace * (JOB.total - JOB.done):.0f} s" if running else ""
         text = f"**{JOB.phase}** {JOB.done}/{JOB.total}{eta}. {JOB.message}"
     else:
         text = f"**{JOB.phase}** {JOB.message}"

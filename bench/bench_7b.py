@@ -190,8 +190,9 @@ def main():
     parser.add_argument("--train-steps", type=int, default=32, help="LoRA-GA training steps (the compile included)")
     parser.add_argument("--grad-budget-gib", type=float, help="LoRA-GA gradient state budget (default: half of free)")
     parser.add_argument("--max-length", type=int, default=1024)
-    parser.add_argument("--min-words", type=int, help="examples of min-words to 900 words (of varying lengths, as "
-                        "real data has) instead of 900")
+    parser.add_argument("--min-words", type=int, help="examples of min-words to max-words words (of varying lengths, "
+                        "as real data has) instead of max-words")
+    parser.add_argument("--max-words", type=int, default=900)
     parser.add_argument("--first-width-graphs", action="store_true", help="training compiles its graphs for the "
                         "first batch width met, then again for any (as before any_width), instead of for any at once")
     parser.add_argument("--peer-steps", type=int, default=12, help="timed steps of the PEFT QLoRA peer (0: skip)")
@@ -204,14 +205,14 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     total = torch.cuda.get_device_properties(0).total_memory
     model_dir = make_model_dir(work / "llama7b", args.layers)
-    data = make_data(work / f"data{args.min_words or ''}.jsonl",
-                     max(args.estimation_samples, 2 * args.peer_steps + 4, 64) + 16, 900, args.min_words)
+    data = make_data(work / f"data{args.min_words or ''}_{args.max_words}.jsonl",
+                     max(args.estimation_samples, 2 * args.peer_steps + 4, 64) + 16, args.max_words, args.min_words)
     torch.cuda.set_per_process_memory_fraction(min(args.card_gib * 2**30 / total, 1.0))
     if args.first_width_graphs:
         train_module.compile_blocks = lambda blocks, any_width: compile_blocks(blocks)
     results = {"device": torch.cuda.get_device_name(), "card_gib": args.card_gib, "layers": args.layers,
                "shape": "Llama-2-7B (h 4096, i 11008, 32 heads, vocab 32000), random weights, NF4 double quant",
-               "max_length": args.max_length, "min_words": args.min_words,
+               "max_length": args.max_length, "min_words": args.min_words, "max_words": args.max_words,
                "first_width_graphs": args.first_width_graphs, "rank": 8,
                "estimation_samples": args.estimation_samples, "estimation_batch_size": 2,
                "train_batch": f"2 x {'up to ' if args.min_words else ''}{args.max_length}"}
