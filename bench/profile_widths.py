@@ -1,0 +1,98 @@
+"""What a batch width (sequence length) met for the first time costs our training step, against the same width met
+again, on a Llama-2-7B-shaped NF4 model cut to a few decoder layers (run on the GPU).
+
+After two warm-up steps (which compile), the steps run batches of 2 x width random tokens, each width new to the
+process, then the same widths again: per-step ms of both passes. Real data meets a new width at most steps early on,
+since batches are cut to their longest example.
+  --eager              the decoder layers not compiled
+  --no-cudnn-attention SDPA may not pick cuDNN's attention
+  --round-to N         widths rounded up to a multiple of N (as padding batches to it would)
+  --profile            the top CPU ops of one step at a new width and of one at a width met before
+Usage: python bench/profile_widths.py --layers 8 --steps 24 [--eager] [--no-cudnn-attention] [--round-to 64]
+"""
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
+from bench_7b import make_data, make_model_dir  # noqa: E402
+from profile_train import ours  # noqa: E402
+from frugal_loraga.blocks import block_layout, compile_blocks  # noqa: E402
+
+
+def top_cpu_ops(step, batch) -> list:
+    from torch.profiler import ProfilerActivity
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(batch)
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [[e.key[:90], round(e.self_cpu_time_total / 1000, 3), e.count] for e in events[:25]]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=24, help="steps per pass, each at a width of its own")
+    parser.add_argument("--min-width", type=int, default=90)
+    parser.add_argument("--max-width", type=int, default=1000)
+    parser.add_argument("--eager", action="store_true")
+    parser.add_argument("--no-cudnn-attention", action="store_true")
+    parser.add_argument("--round-to", type=int, default=1)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--work", default="/tmp/profile_train")
+    parser.add_argument("--name", default="profile_widths")
+    args = parser.parse_args()
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = make_model_dir(work / f"llama7b_{args.layers}layers", args.layers)
+    model, optimizer, context = ours(model_dir, make_data(work / "data.jsonl", 8, words=900), 1024, set())
+    if not args.eager:
+        compile_blocks(block_layout(model, [n for n, _ in model.named_modules() if n.endswith("q_proj")])[0],
+                       any_width=True)
+    rng = random.Random(0)
+    rounded = sorted({-(-w // args.round_to) * args.round_to for w in range(args.min_width, args.max_width + 1)})
+    widths = rng.sample(rounded[:-2], min(args.steps + 1, len(rounded) - 2))
+    new, profiled_width = widths[:-1], widths[-1]  # the last is kept for the profile of a new width
+
+    def step(width):
+        ids = torch.randint(3, 32000, (2, width), device="cuda")
+        with context():
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for width in rounded[-2:]:  # warm-up (and compile), at widths the passes do not use
+        step(width)
+    torch.cuda.synchronize()
+    passes = {}
+    for label in ("new_widths", "seen_widths"):
+        milliseconds = []
+        for width in new:
+            start = time.perf_counter()
+            step(width)
+            torch.cuda.synchronize()
+            milliseconds.append(round(1000 * (time.perf_counter() - start), 2))
+        passes[label] = {"ms_per_step": sum(milliseconds) / len(milliseconds), "ms": milliseconds}
+    results = {"device": torch.cuda.get_device_name(), "layers": args.layers, "compiled": not args.eager,
+               "cudnn_attention": torch.backends.cuda.cudnn_sdp_enabled(), "round_to": args.round_to,
+               "widths": new, **passes,
+               "new_width_extra_ms": passes["new_widths"]["ms_per_step"] - passes["seen_widths"]["ms_per_step"]}
+    if args.profile:
+        results["top_cpu_ms_new_width"] = top_cpu_ops(step, profiled_width)
+        results["top_cpu_ms_seen_width"] = top_cpu_ops(step, new[0])
+    print(json.dumps({k: v for k, v in results.items() if not isinstance(v, (list, dict))}), flush=True)
+    out = ROOT / "bench" / "results" / f"{args.name}.json"
+    out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
