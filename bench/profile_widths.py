@@ -7,7 +7,8 @@ since batches are cut to their longest example.
   --eager              the decoder layers not compiled
   --no-cudnn-attention SDPA may not pick cuDNN's attention
   --round-to N         widths rounded up to a multiple of N (as padding batches to it would)
-  --profile            the top CPU ops of one step at a new width and of one at a width met before
+  --profile            the top CPU ops (CUDA runtime calls included) and Python calls of a step at a new width and
+                       of one at a width met before
 Usage: python bench/profile_widths.py --layers 8 --steps 24 [--eager] [--no-cudnn-attention] [--round-to 64]
 """
 import argparse
@@ -26,13 +27,27 @@ from profile_train import ours  # noqa: E402
 from frugal_loraga.blocks import block_layout, compile_blocks  # noqa: E402
 
 
-def top_cpu_ops(step, batch) -> list:
+def top_cpu_ops(step, width: int) -> list:
+    """The ops and CUDA runtime calls that took most CPU time in step(width): [name, ms, calls]."""
     from torch.profiler import ProfilerActivity
-    with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as prof:
-        step(batch)
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step(width)
         torch.cuda.synchronize()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     return [[e.key[:90], round(e.self_cpu_time_total / 1000, 3), e.count] for e in events[:25]]
+
+
+def top_python_calls(step, width: int) -> list:
+    """The Python functions that took most time (their own, callees included) in step(width): [where, ms, calls]."""
+    import cProfile
+    import pstats
+    profiler = cProfile.Profile()
+    profiler.runcall(step, width)
+    torch.cuda.synchronize()
+    stats = pstats.Stats(profiler).stats
+    rows = sorted(stats.items(), key=lambda item: item[1][3], reverse=True)[:40]
+    return [[f"{Path(f).name}:{line} {name}"[:100], round(1000 * cumulative, 2), calls]
+            for (f, line, name), (_, calls, _, cumulative, _) in rows]
 
 
 def main():
@@ -59,8 +74,8 @@ def main():
                        any_width=True)
     rng = random.Random(0)
     rounded = sorted({-(-w // args.round_to) * args.round_to for w in range(args.min_width, args.max_width + 1)})
-    widths = rng.sample(rounded[:-2], min(args.steps + 1, len(rounded) - 2))
-    new, profiled_width = widths[:-1], widths[-1]  # the last is kept for the profile of a new width
+    widths = rng.sample(rounded[:-2], min(args.steps + 3, len(rounded) - 2))
+    new, profiled = widths[:-3], widths[-3:]  # the last are kept for the profiles of new widths
 
     def step(width):
         ids = torch.randint(3, 32000, (2, width), device="cuda")
@@ -73,6 +88,7 @@ def main():
     for width in rounded[-2:]:  # warm-up (and compile), at widths the passes do not use
         step(width)
     torch.cuda.synchronize()
+    torch._dynamo.utils.counters.clear()
     passes = {}
     for label in ("new_widths", "seen_widths"):
         milliseconds = []
@@ -81,14 +97,19 @@ def main():
             step(width)
             torch.cuda.synchronize()
             milliseconds.append(round(1000 * (time.perf_counter() - start), 2))
-        passes[label] = {"ms_per_step": sum(milliseconds) / len(milliseconds), "ms": milliseconds}
+        passes[label] = {"ms_per_step": sum(milliseconds) / len(milliseconds), "ms": milliseconds,
+                         "compile_counters": {k: dict(v) for k, v in torch._dynamo.utils.counters.items() if v}}
+        torch._dynamo.utils.counters.clear()
     results = {"device": torch.cuda.get_device_name(), "layers": args.layers, "compiled": not args.eager,
                "cudnn_attention": torch.backends.cuda.cudnn_sdp_enabled(), "round_to": args.round_to,
                "widths": new, **passes,
                "new_width_extra_ms": passes["new_widths"]["ms_per_step"] - passes["seen_widths"]["ms_per_step"]}
     if args.profile:
-        results["top_cpu_ms_new_width"] = top_cpu_ops(step, profiled_width)
+        step(profiled[0])  # the profilers' own first-call costs
+        results["top_cpu_ms_new_width"] = top_cpu_ops(step, profiled[1])
         results["top_cpu_ms_seen_width"] = top_cpu_ops(step, new[0])
+        results["top_python_ms_new_width"] = top_python_calls(step, profiled[2])
+        results["top_python_ms_seen_width"] = top_python_calls(step, new[1])
     print(json.dumps({k: v for k, v in results.items() if not isinstance(v, (list, dict))}), flush=True)
     out = ROOT / "bench" / "results" / f"{args.name}.json"
     out.write_text(json.dumps(results, indent=1))

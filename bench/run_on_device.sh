@@ -76,8 +76,8 @@ for one in "${steps[@]}"; do
       short_train24) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step "$one" 300 bench_7b_24gib_128samples_short_examples \
               python3 bench/bench_7b.py --card-gib 24 --estimation-samples 128 --train-steps 64 --peer-steps 0 \
               --min-words 50 --max-words 550 --name bench_7b_24gib_128samples_short_examples ;;
-      widths) for variant in compiled:--profile compiled_no_cudnn:--no-cudnn-attention compiled_round64:"--round-to 64" \
-                  eager:"--eager --profile" eager_no_cudnn:"--eager --no-cudnn-attention"; do
+      widths) for variant in compiled:--profile compiled_no_cudnn:"--no-cudnn-attention --profile" \
+                  compiled_round64:"--round-to 64" eager:"--eager --profile" eager_no_cudnn:"--eager --no-cudnn-attention"; do
                 name=profile_widths_${variant%%:*}
                 step "$name" 120 "$name" python3 bench/profile_widths.py --layers 8 --steps 24 ${variant#*:} --name "$name"
               done ;;
