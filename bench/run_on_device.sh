@@ -17,7 +17,8 @@
 #   short_train24  bench_7b.py at 24 GiB on examples of 50 to 550 words (90 to 1000 tokens, most batches of a width of
 #            their own), from an empty compile cache: what new widths cost training's first steps
 #   widths   profile_widths.py (8 layers): what a batch width met for the first time costs a training step, compiled
-#            and eager, with and without cuDNN's attention, and with widths rounded up to a multiple of 64
+#            and eager, with and without cuDNN's attention, and with widths rounded up to a multiple of 64, each from an
+#            empty compile cache (torch's caches do not key on the attention backends allowed)
 #   short24  profile_estimate.py at 24 GiB on examples of 50 to 550 words (90 to 1000 tokens), from an empty compile
 #            cache each: batches each cut to their own width and compiled for any width, then all of one width
 #   short24_expandable  the own widths again, with the CUDA allocator's expandable segments
@@ -79,7 +80,8 @@ for one in "${steps[@]}"; do
       widths) for variant in compiled:--profile compiled_no_cudnn:"--no-cudnn-attention --profile" \
                   compiled_round64:"--round-to 64" eager:"--eager --profile" eager_no_cudnn:"--eager --no-cudnn-attention"; do
                 name=profile_widths_${variant%%:*}
-                step "$name" 120 "$name" python3 bench/profile_widths.py --layers 8 --steps 24 ${variant#*:} --name "$name"
+                TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step "$name" 120 "$name" python3 bench/profile_widths.py --layers 8 \
+                  --steps 24 ${variant#*:} --name "$name"
               done ;;
       short24) for width in own one; do
                 TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step "short24_$width" 200 \

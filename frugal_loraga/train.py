@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from .config import Config, ConfigError
@@ -48,6 +49,18 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if device.type == "cuda" and dtype == torch.bfloat16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def attention_for(widths: set[int]):
+    """The attention kernels that batches of these widths (sequence lengths) may use: all, or for several widths all
+    but cuDNN's. cuDNN's attention, which SDPA prefers on recent GPUs, plans its kernels anew for every sequence
+    length it meets, forward and backward: about 150 ms a new width on an H100, 2-3x an 8-layer step at 2 x 1024
+    (bench/results/profile_widths_*.json), while flash attention plans nothing (5 ms). Batches cut to their longest
+    example meet a new width at most early steps. torch's compile caches do not key on this choice, so it depends only
+    on what decides the compiled graphs: one width or any."""
+    if len(widths) <= 1:
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 @torch.no_grad()
@@ -125,43 +138,44 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
                                      "metrics": metrics})
 
     compiling = config.compile and device.type == "cuda"
+    widths = {len(e.input_ids) for e in train_examples + eval_examples}
     if compiling:
-        widths = {len(e.input_ids) for e in train_examples + eval_examples}
         compile_blocks(block_layout(model, list(layers))[0], any_width=len(widths) > 1)
     if progress:
         progress("compiling the decoder layers" if compiling else "training", start, config.steps, metrics)
     model.train()
-    if eval_examples and start == 0:
-        metrics["eval_loss"].append([0, evaluate(model, eval_examples, config, pad_id, device, dtype)])
-    bar = tqdm(total=config.steps, initial=start, desc="training", disable=not config.progress, dynamic_ncols=True)
-    for step in range(start, config.steps):
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for micro in range(config.grad_accum):
-            batch = collate(micro_batch(train_examples, config.batch_size, config.seed,
-                                        step * config.grad_accum + micro), pad_id, device)
-            with autocast(device, dtype):
-                loss = model(**causal_inputs(batch)).loss / config.grad_accum
-            loss.backward()
-            step_loss += loss.item()
-            metrics["train_tokens"] += int(batch["attention_mask"].sum())
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        done = step + 1
-        metrics["train_loss"].append([done, step_loss])
-        if eval_examples and ((config.eval_every and done % config.eval_every == 0) or done == config.steps):
-            metrics["eval_loss"].append([done, evaluate(model, eval_examples, config, pad_id, device, dtype)])
-        bar.set_postfix(loss=f"{step_loss:.4f}")
-        bar.update()
-        if progress:
-            progress("training", done, config.steps, metrics)
-        stopping = stop is not None and stop.is_set()
-        if (config.save_every and done % config.save_every == 0) or done == config.steps or stopping:
-            checkpoint(done)
-        if stopping and done < config.steps:
-            bar.close()
-            return True
-    bar.close()
-    return False
+    with attention_for(widths):
+        if eval_examples and start == 0:
+            metrics["eval_loss"].append([0, evaluate(model, eval_examples, config, pad_id, device, dtype)])
+        bar = tqdm(total=config.steps, initial=start, desc="training", disable=not config.progress, dynamic_ncols=True)
+        for step in range(start, config.steps):
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for micro in range(config.grad_accum):
+                batch = collate(micro_batch(train_examples, config.batch_size, config.seed,
+                                            step * config.grad_accum + micro), pad_id, device)
+                with autocast(device, dtype):
+                    loss = model(**causal_inputs(batch)).loss / config.grad_accum
+                loss.backward()
+                step_loss += loss.item()
+                metrics["train_tokens"] += int(batch["attention_mask"].sum())
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            done = step + 1
+            metrics["train_loss"].append([done, step_loss])
+            if eval_examples and ((config.eval_every and done % config.eval_every == 0) or done == config.steps):
+                metrics["eval_loss"].append([done, evaluate(model, eval_examples, config, pad_id, device, dtype)])
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+            bar.update()
+            if progress:
+                progress("training", done, config.steps, metrics)
+            stopping = stop is not None and stop.is_set()
+            if (config.save_every and done % config.save_every == 0) or done == config.steps or stopping:
+                checkpoint(done)
+            if stopping and done < config.steps:
+                bar.close()
+                return True
+        bar.close()
+        return False

@@ -6,8 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import frugal_loraga.train as train_module
 from frugal_loraga import Config, ConfigError, OutOfMemory, finetune
 from frugal_loraga.cli import main
+from conftest import write_jsonl
 
 
 def tiny_config(model_dir, data, out, **kw):
@@ -103,6 +105,23 @@ def test_out_of_memory_names_the_settings_to_lower(tiny_model_dir, sample_path, 
     monkeypatch.setattr("frugal_loraga.api.estimate_gradient_svd", oom)
     with pytest.raises(OutOfMemory, match="while estimating gradients.*estimation_batch_size and grad_budget_gib"):
         finetune(tiny_config(tiny_model_dir, sample_path, tmp_path))
+
+
+@pytest.mark.parametrize("several_widths", [True, False])
+def test_batches_of_several_widths_train_without_cudnn_attention(tiny_model_dir, tmp_path, monkeypatch,
+                                                                 several_widths):
+    """cuDNN's attention plans anew for each sequence length: examples of several lengths train and evaluate without
+    it, examples of one length with it, and the setting is restored afterwards."""
+    data = write_jsonl(tmp_path / "data.jsonl", [{"text": "the cat sat " * (1 + several_widths * (i % 5))}
+                                                 for i in range(24)])
+    seen = []  # (batch width, cuDNN attention allowed) per training or eval forward
+    causal_inputs = train_module.causal_inputs
+    monkeypatch.setattr(train_module, "causal_inputs", lambda batch: seen.append(
+        (batch["input_ids"].shape[1], torch.backends.cuda.cudnn_sdp_enabled())) or causal_inputs(batch))
+    finetune(tiny_config(tiny_model_dir, data, tmp_path / "run", steps=3))
+    assert (len({width for width, _ in seen}) > 1) == several_widths
+    assert {allowed for _, allowed in seen} == {not several_widths}
+    assert torch.backends.cuda.cudnn_sdp_enabled()
 
 
 def test_config_validation():
