@@ -13,6 +13,7 @@ Usage: python bench/bench_7b.py --card-gib 24 --estimation-samples 128
        python bench/bench_7b.py --card-gib 80 --estimation-samples 32 --only fidelity --name fidelity_7b
 """
 import argparse
+import contextlib
 import gc
 import json
 import random
@@ -182,6 +183,14 @@ def compile_seconds() -> float:
     return sum(float(times.get(name, 0.0)) for name in ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler"))
 
 
+def step_seconds(marks: list[tuple[str, float]]) -> list[float]:
+    """Each training step's seconds from finetune's progress reports (phase, time): the reports after the last one of
+    loading or estimating are training's, its start and then one per step (the first step's compile included)."""
+    last = max(i for i, (phase, _) in enumerate(marks) if phase not in ("compiling the decoder layers", "training"))
+    times = [t for _, t in marks[last + 1:]]
+    return [round(b - a, 4) for a, b in zip(times, times[1:])]
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--card-gib", type=float, default=24)
@@ -195,6 +204,8 @@ def main():
     parser.add_argument("--max-words", type=int, default=900)
     parser.add_argument("--first-width-graphs", action="store_true", help="training compiles its graphs for the "
                         "first batch width met, then again for any (as before any_width), instead of for any at once")
+    parser.add_argument("--cudnn-attention", action="store_true", help="training may use cuDNN's attention on "
+                        "batches of several widths too (as before train.attention_for)")
     parser.add_argument("--peer-steps", type=int, default=12, help="timed steps of the PEFT QLoRA peer (0: skip)")
     parser.add_argument("--only", choices=["peft_loraga", "fidelity"], help="run just this measurement: PEFT's "
                         "LoRA-GA init (bf16, ~27 GiB), or our estimate's captured energy on the top layer's weights")
@@ -210,10 +221,13 @@ def main():
     torch.cuda.set_per_process_memory_fraction(min(args.card_gib * 2**30 / total, 1.0))
     if args.first_width_graphs:
         train_module.compile_blocks = lambda blocks, any_width: compile_blocks(blocks)
+    if args.cudnn_attention:
+        train_module.attention_for = lambda widths: contextlib.nullcontext()
     results = {"device": torch.cuda.get_device_name(), "card_gib": args.card_gib, "layers": args.layers,
                "shape": "Llama-2-7B (h 4096, i 11008, 32 heads, vocab 32000), random weights, NF4 double quant",
                "max_length": args.max_length, "min_words": args.min_words, "max_words": args.max_words,
-               "first_width_graphs": args.first_width_graphs, "rank": 8,
+               "first_width_graphs": args.first_width_graphs, "cudnn_attention_on_several_widths": args.cudnn_attention,
+               "rank": 8,
                "estimation_samples": args.estimation_samples, "estimation_batch_size": 2,
                "train_batch": f"2 x {'up to ' if args.min_words else ''}{args.max_length}"}
     out = ROOT / "bench" / "results" / f"{args.name}.json"
@@ -248,8 +262,12 @@ def main():
         compiling = compile_seconds()
         torch._dynamo.utils.counters.clear()
         start = time.perf_counter()
-        metrics = finetune(config).metrics
+        marks = []  # (phase, time) of each progress report: the training steps' own seconds
+        metrics = finetune(config, progress=lambda phase, *_: marks.append((phase, time.perf_counter()))).metrics
         results[label] = {k: v for k, v in metrics.items() if not isinstance(v, list)}
+        results[label]["step_seconds"] = step_seconds(marks)
+        results[label]["ms_per_step_after_the_first"] = 1000 * sum(results[label]["step_seconds"][1:]) / max(
+            len(results[label]["step_seconds"]) - 1, 1)
         results[label]["wall_seconds"] = time.perf_counter() - start
         results[label]["compile_seconds"] = compile_seconds() - compiling
         results[label]["compile_counters"] = {k: dict(v) for k, v in torch._dynamo.utils.counters.items()

@@ -15,7 +15,8 @@
 #            run's training steps, which compile their graphs for any width
 #   vary_train24_first_width  the same, with the graphs compiled for the first width met, then again for any
 #   short_train24  bench_7b.py at 24 GiB on examples of 50 to 550 words (90 to 1000 tokens, most batches of a width of
-#            their own), from an empty compile cache: what new widths cost training's first steps
+#            their own), from an empty compile cache: what new widths cost training's first steps, as trained now
+#            (without cuDNN's attention) and with cuDNN's attention
 #   widths   profile_widths.py (8 layers): what a batch width met for the first time costs a training step, compiled
 #            and eager, with and without cuDNN's attention, and with widths rounded up to a multiple of 64, each from an
 #            empty compile cache (torch's caches do not key on the attention backends allowed)
@@ -74,9 +75,12 @@ for one in "${steps[@]}"; do
               TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step "$one" 300 "$name" python3 bench/bench_7b.py --card-gib 24 \
               --estimation-samples 128 --train-steps 16 --peer-steps 0 --min-words 100 --name "$name" \
               $([ "$one" = vary_train24 ] || echo --first-width-graphs) ;;
-      short_train24) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step "$one" 300 bench_7b_24gib_128samples_short_examples \
-              python3 bench/bench_7b.py --card-gib 24 --estimation-samples 128 --train-steps 64 --peer-steps 0 \
-              --min-words 50 --max-words 550 --name bench_7b_24gib_128samples_short_examples ;;
+      short_train24) for attention in flash cudnn; do
+                name=bench_7b_24gib_64samples_short_examples_$attention
+                TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step "${one}_$attention" 280 "$name" python3 bench/bench_7b.py \
+                  --card-gib 24 --estimation-samples 64 --train-steps 64 --peer-steps 0 --min-words 50 --max-words 550 \
+                  --name "$name" $([ "$attention" = cudnn ] && echo --cudnn-attention)
+              done ;;
       widths) for variant in compiled:--profile compiled_no_cudnn:"--no-cudnn-attention --profile" \
                   compiled_round64:"--round-to 64" eager:"--eager --profile" eager_no_cudnn:"--eager --no-cudnn-attention"; do
                 name=profile_widths_${variant%%:*}
