@@ -1,7 +1,7 @@
 """What a batch width (sequence length) met for the first time costs our training step, against the same width met
 again, on a Llama-2-7B-shaped NF4 model cut to a few decoder layers (run on the GPU).
 
-After two warm-up steps (which compile), the steps run batches of 2 x width random tokens, each width new to the
+After a first step (which compiles), the steps run batches of 2 x width random tokens, each width new to the
 process, then the same widths again: per-step ms of both passes. Real data meets a new width at most steps early on,
 since batches are cut to their longest example.
   --eager              the decoder layers not compiled
@@ -59,6 +59,8 @@ def main():
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--no-cudnn-attention", action="store_true")
     parser.add_argument("--round-to", type=int, default=1)
+    parser.add_argument("--warmup-width", type=int, help="the width of the first step, which compiles (default: the "
+                        "largest); the passes show any graph traced again for a later width")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--work", default="/tmp/profile_train")
     parser.add_argument("--name", default="profile_widths")
@@ -74,7 +76,7 @@ def main():
                        any_width=True)
     rng = random.Random(0)
     rounded = sorted({-(-w // args.round_to) * args.round_to for w in range(args.min_width, args.max_width + 1)})
-    widths = rng.sample(rounded[:-2], min(args.steps + 3, len(rounded) - 2))
+    widths = rng.sample([w for w in rounded if w not in (args.warmup_width, rounded[-1])], args.steps + 3)
     new, profiled = widths[:-3], widths[-3:]  # the last are kept for the profiles of new widths
 
     def step(width):
@@ -85,8 +87,7 @@ def main():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for width in rounded[-2:]:  # warm-up (and compile), at widths the passes do not use
-        step(width)
+    step(args.warmup_width or rounded[-1])  # the compile, at a width the passes do not use
     torch.cuda.synchronize()
     torch._dynamo.utils.counters.clear()
     passes = {}
@@ -102,6 +103,7 @@ def main():
         torch._dynamo.utils.counters.clear()
     results = {"device": torch.cuda.get_device_name(), "layers": args.layers, "compiled": not args.eager,
                "cudnn_attention": torch.backends.cuda.cudnn_sdp_enabled(), "round_to": args.round_to,
+               "warmup_width": args.warmup_width or rounded[-1],
                "widths": new, **passes,
                "new_width_extra_ms": passes["new_widths"]["ms_per_step"] - passes["seen_widths"]["ms_per_step"]}
     if args.profile:

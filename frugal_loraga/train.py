@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from .config import Config, ConfigError
-from .data import Example, causal_inputs, collate, micro_batch
+from .data import Example, causal_inputs, collate, micro_batch, padded_width
 from .blocks import block_layout, compile_blocks
 from .gradients import ProgressFn
 from .lora import LoraLinear
@@ -138,7 +138,7 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
                                      "metrics": metrics})
 
     compiling = config.compile and device.type == "cuda"
-    widths = {len(e.input_ids) for e in train_examples + eval_examples}
+    widths = {padded_width(len(e.input_ids)) for e in train_examples + eval_examples}
     if compiling:
         compile_blocks(block_layout(model, list(layers))[0], any_width=len(widths) > 1)
     if progress:
