@@ -17,9 +17,11 @@
 #   short_train24  bench_7b.py at 24 GiB on examples of 50 to 550 words (90 to 1000 tokens, most batches of a width of
 #            their own), from an empty compile cache: what new widths cost training's first steps, as trained now
 #            (without cuDNN's attention) and with cuDNN's attention
-#   widths   profile_widths.py (8 layers): what a batch width met for the first time costs a training step, compiled
-#            and eager, with and without cuDNN's attention, and with widths rounded up to a multiple of 64, each from an
-#            empty compile cache (torch's caches do not key on the attention backends allowed)
+#   widths   profile_widths.py (8 layers): what a batch width met for the first time costs a training step: compiled
+#            with cuDNN's attention; with flash attention on widths rounded up to a multiple of 8 (as training runs now);
+#            with flash attention from a first width that is not a multiple of 8 (the graph is traced again at the
+#            first width that is); with cuDNN's on multiples of 64; eager with and without cuDNN's. Each from an empty
+#            compile cache (torch's caches do not key on the attention backends allowed), logging recompiles
 #   short24  profile_estimate.py at 24 GiB on examples of 50 to 550 words (90 to 1000 tokens), from an empty compile
 #            cache each: batches each cut to their own width and compiled for any width, then all of one width
 #   short24_expandable  the own widths again, with the CUDA allocator's expandable segments
@@ -81,11 +83,12 @@ for one in "${steps[@]}"; do
                   --card-gib 24 --estimation-samples 64 --train-steps 64 --peer-steps 0 --min-words 50 --max-words 550 \
                   --name "$name" $([ "$attention" = cudnn ] && echo --cudnn-attention)
               done ;;
-      widths) for variant in compiled:--profile compiled_no_cudnn:"--no-cudnn-attention --profile" \
-                  compiled_round64:"--round-to 64" eager:"--eager --profile" eager_no_cudnn:"--eager --no-cudnn-attention"; do
+      widths) for variant in compiled:--profile flash_round8:"--no-cudnn-attention --round-to 8 --warmup-width 944" \
+                  flash_odd:"--no-cudnn-attention --warmup-width 943" compiled_round64:"--round-to 64" \
+                  eager:"--eager --profile" eager_no_cudnn:"--eager --no-cudnn-attention"; do
                 name=profile_widths_${variant%%:*}
-                TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step "$name" 120 "$name" python3 bench/profile_widths.py --layers 8 \
-                  --steps 24 ${variant#*:} --name "$name"
+                TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TORCH_LOGS=recompiles step "$name" 120 "$name" python3 \
+                  bench/profile_widths.py --layers 8 --steps 24 ${variant#*:} --name "$name"
               done ;;
       short24) for width in own one; do
                 TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step "short24_$width" 200 \

@@ -187,9 +187,11 @@ WIDTH_MULTIPLE = 8
 
 def padded_width(length: int) -> int:
     """The width of a batch whose longest example has `length` tokens: rounded up to a multiple of WIDTH_MULTIPLE.
-    Training's decoder layers are compiled for any width, and a graph traced at a width that is not a multiple of 8
-    was traced again, about 12 s at Llama-2-7B, at the first width that is (bench/results/bench_7b_*short_examples*);
-    it also bounds how many widths there are. The pads cost at most 7 tokens a row and change no loss."""
+    Training's decoder layers are compiled for any width, but inductor checks that flash attention's inputs are
+    aligned to 8 elements, and so guards on the width mod 8: a graph traced at a width that is not a multiple of 8 was
+    traced again at the first width that was (9 s at 8 layers, bench/results/profile_widths_flash_odd.json; a 12 s
+    step at Llama-2-7B). It also bounds how many widths there are. The pads cost at most 7 tokens a row and change no
+    loss."""
     return -(-length // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
 
 

@@ -53,11 +53,12 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 def attention_for(widths: set[int]):
     """The attention kernels that batches of these widths (sequence lengths) may use: all, or for several widths all
-    but cuDNN's. cuDNN's attention, which SDPA prefers on recent GPUs, plans its kernels anew for every sequence
-    length it meets, forward and backward: about 150 ms a new width on an H100, 2-3x an 8-layer step at 2 x 1024
-    (bench/results/profile_widths_*.json), while flash attention plans nothing (5 ms). Batches cut to their longest
-    example meet a new width at most early steps. torch's compile caches do not key on this choice, so it depends only
-    on what decides the compiled graphs: one width or any."""
+    but cuDNN's. cuDNN's attention, which SDPA prefers on recent GPUs, plans its kernels anew for each sequence length
+    it meets, forward and backward: about 200 ms a new width on an H100, where flash attention plans nothing
+    (bench/results/profile_widths_*.json). On Llama-2-7B and examples of 50-550 words, training steps took 297 ms
+    instead of 480 (bench/results/bench_7b_24gib_64samples_short_examples_*.json). Steps at widths seen before
+    take as long with either. torch's compile caches do not key on this choice, so it depends only on what decides
+    the compiled graphs: one width or any."""
     if len(widths) <= 1:
         return contextlib.nullcontext()
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
