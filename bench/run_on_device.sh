@@ -2,7 +2,8 @@
 # The GPU evidence, one step after another in one call on the lent GPU; each step has a time limit, and its JSON lands in
 # bench/results/ and, when $OUT is set (the device tool), is copied there with the step's log as soon as it ends.
 #   tests    the tests that take other paths on a GPU (compiled estimate, cuBLAS accumulation, kernels, LoRA, NF4,
-#            host transfers, group SVDs, the API's compiling phases)
+#            host transfers, group SVDs)
+#   tests_api  the API's tests on a GPU (compiling phases, the attention kernels for several widths)
 #   kernels  bench_kernels.py: the accumulation, the Triton LoRA-GA adapter and the group SVDs against torch
 #   24, 8    bench_7b.py on a Llama-2-7B-shaped NF4 model, card capped at 24 / 8 GiB, 128 estimation samples
 #   peft     PEFT's own LoRA-GA on the bf16 model (needs about 36 GiB) over the same 128 samples
@@ -30,7 +31,7 @@
 #            has compiled before
 #   first24  profile_estimate.py at 24 GiB twice, in two processes sharing one compile cache that starts empty: a first
 #            run on a fresh machine, then a first run on a machine that has compiled before
-# Usage: bash bench/run_on_device.sh [step ...]   (default: tests kernels 24 8 peft)
+# Usage: bash bench/run_on_device.sh [step ...]   (default: tests kernels 24 8 peft; tests_api in a call of its own)
 # bitsandbytes is not on the device image: ../shared/tools/device-wheels.sh puts its wheel in .whl/, carried there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,8 +60,9 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests kernels 24 8 peft)
 for one in "${steps[@]}"; do
     case $one in
-      tests) step tests 540 "" python3 -m pytest -q tests/test_gradients.py tests/test_kernels.py tests/test_lora.py \
-               tests/test_nf4.py tests/test_transfers.py tests/test_svd.py tests/test_api.py -k "not demo" ;;
+      tests) step tests 540 "" python3 -m pytest -q --durations=10 tests/test_gradients.py tests/test_kernels.py \
+               tests/test_lora.py tests/test_nf4.py tests/test_transfers.py tests/test_svd.py ;;
+      tests_api) step tests_api 540 "" python3 -m pytest -q --durations=10 tests/test_api.py -k "not demo" ;;
       kernels) step kernels 120 kernels python3 bench/bench_kernels.py ;;
       24|8) step "$one" 240 "bench_7b_${one}gib_128samples_compiled" python3 bench/bench_7b.py --card-gib "$one" \
               --estimation-samples 128 --train-steps 8 --peer-steps 8 --name "bench_7b_${one}gib_128samples_compiled" ;;
