@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU evidence, one step after another in one call on the lent GPU; each step has a time limit, and its JSON lands in
 # bench/results/ and, when $OUT is set (the device tool), is copied there with the step's log as soon as it ends.
-#   tests    the tests that take other paths on a GPU (but the demo model's: the image lacks its package) (compiled estimate, cuBLAS accumulation, kernels, LoRA, NF4,
-#            host transfers, group SVDs)
+#   tests    the tests that take other paths on a GPU (compiled estimate, cuBLAS accumulation, kernels, LoRA, NF4,
+#            host transfers, group SVDs), but the demo model's (the image lacks its package)
 #   tests_api  the API's tests on a GPU (compiling phases, the attention kernels for several widths)
 #   kernels  bench_kernels.py: the accumulation, the Triton LoRA-GA adapter and the group SVDs against torch
 #   24, 8    bench_7b.py on a Llama-2-7B-shaped NF4 model, card capped at 24 / 8 GiB, 128 estimation samples
