@@ -76,7 +76,8 @@ def main():
                        any_width=True)
     rng = random.Random(0)
     rounded = sorted({-(-w // args.round_to) * args.round_to for w in range(args.min_width, args.max_width + 1)})
-    widths = rng.sample([w for w in rounded if w not in (args.warmup_width, rounded[-1])], args.steps + 3)
+    unused = [w for w in rounded if w not in (args.warmup_width, rounded[-1])]
+    widths = rng.sample(unused, min(args.steps + 3, len(unused)))
     new, profiled = widths[:-3], widths[-3:]  # the last are kept for the profiles of new widths
 
     def step(width):

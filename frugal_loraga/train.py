@@ -54,7 +54,7 @@ def autocast(device: torch.device, dtype: torch.dtype):
 def attention_for(widths: set[int]):
     """The attention kernels that batches of these widths (sequence lengths) may use: all, or for several widths all
     but cuDNN's. cuDNN's attention, which SDPA prefers on recent GPUs, plans its kernels anew for each sequence length
-    it meets, forward and backward: about 200 ms a new width on an H100, where flash attention plans nothing
+    it meets, forward and backward: 135-200 ms a new width on an H100, where flash attention plans nothing
     (bench/results/profile_widths_*.json). On Llama-2-7B and examples of 50-550 words, training steps took 297 ms
     instead of 480 (bench/results/bench_7b_24gib_64samples_short_examples_*.json). Steps at widths seen before
     take as long with either. torch's compile caches do not key on this choice, so it depends only on what decides
