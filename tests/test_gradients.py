@@ -116,15 +116,15 @@ def test_streamed_estimate_on_nf4_base_with_checkpointing(deep_model_dir, sample
 
 
 def test_estimation_batches_share_one_width_and_the_padding_changes_no_gradient(tiny_model_dir, sample_path):
-    """The estimation batches are padded to the longest example's length and carry no attention mask (the blocks
-    compile once per kind of call), and the exact gradients are those of the same examples in batches padded to their
-    own longest example, with their masks."""
+    """The estimation batches are padded to the longest example's length, rounded up to a multiple of 8, and carry no
+    attention mask (the blocks compile once per kind of call), and the exact gradients are those of the same examples
+    in batches padded to their own longest example, with their masks."""
     model, tokenizer, targets = load(tiny_model_dir, four_bit=False)
     config = Config(model=str(tiny_model_dir), data=str(sample_path), estimation_samples=12, max_length=96)
     examples, _ = load_examples(sample_path, "auto", tokenizer, 96)
     batches = estimation_batches(examples, config, tokenizer.pad_token_id, model.device)
     assert all(set(b) == {"input_ids", "labels"} for b in batches)
-    assert len({b["input_ids"].shape[1] for b in batches}) == 1
+    assert len({b["input_ids"].shape[1] for b in batches}) == 1 and batches[0]["input_ids"].shape[1] % 8 == 0
     own = []
     for b in batches:
         mask = (b["input_ids"] != tokenizer.pad_token_id).long()  # the sample data ends no example with a pad token
