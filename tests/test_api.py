@@ -111,7 +111,8 @@ def test_out_of_memory_names_the_settings_to_lower(tiny_model_dir, sample_path, 
 def test_batches_of_several_widths_train_without_cudnn_attention(tiny_model_dir, tmp_path, monkeypatch,
                                                                  several_widths):
     """cuDNN's attention plans anew for each sequence length: examples of several lengths train and evaluate without
-    it, examples of one length with it, and the setting is restored afterwards."""
+    it, examples of one length with it, and the setting is restored afterwards. Batches are padded to a multiple of
+    8 tokens (the compiled layers guard on the width mod 8)."""
     data = write_jsonl(tmp_path / "data.jsonl", [{"text": "the cat sat " * (1 + several_widths * (i % 5))}
                                                  for i in range(24)])
     seen = []  # (batch width, cuDNN attention allowed) per training or eval forward
@@ -120,6 +121,7 @@ def test_batches_of_several_widths_train_without_cudnn_attention(tiny_model_dir,
         (batch["input_ids"].shape[1], torch.backends.cuda.cudnn_sdp_enabled())) or causal_inputs(batch))
     finetune(tiny_config(tiny_model_dir, data, tmp_path / "run", steps=3))
     assert (len({width for width, _ in seen}) > 1) == several_widths
+    assert all(width % 8 == 0 for width, _ in seen)
     assert {allowed for _, allowed in seen} == {not several_widths}
     assert torch.backends.cuda.cudnn_sdp_enabled()
 
