@@ -9,8 +9,8 @@ Usage: python bench/profile_estimate.py --card-gib 24 --samples 32 [--grad-budge
   --host-budget-gib  how many lower groups' start inputs are kept on the CPU, trading the copies for no-grad runs of
                      the blocks between
   --min-words        examples of min-words to max-words (900) words, of varying lengths as real data has
-  --own-widths       each estimation batch cut to its own longest example (compiled for any width), not all padded
-                     to the longest one
+  --own-widths       each estimation batch cut to its own longest example, padded to a multiple of 8 (compiled for
+                     any width), not all padded to the longest one
 Run it with TORCHINDUCTOR_CACHE_DIR set to an empty folder for the compile time of a first run on a fresh machine.
 """
 import argparse
@@ -28,7 +28,7 @@ from bench_7b import make_data, make_model_dir  # noqa: E402
 from frugal_loraga import Config  # noqa: E402
 from frugal_loraga.api import estimation_batches  # noqa: E402
 from frugal_loraga.blocks import block_layout, compile_blocks, uncompile_blocks  # noqa: E402
-from frugal_loraga.data import load_examples  # noqa: E402
+from frugal_loraga.data import load_examples, padded_width  # noqa: E402
 from frugal_loraga.gradients import GradientTap, layer_costs  # noqa: E402
 from frugal_loraga.lora import find_targets, replace  # noqa: E402
 from frugal_loraga.models import load_model  # noqa: E402
@@ -137,7 +137,8 @@ def main():
     parser.add_argument("--min-words", type=int, help="examples of min-words to max-words words instead of max-words")
     parser.add_argument("--max-words", type=int, default=900)
     parser.add_argument("--own-widths", action="store_true", help="each estimation batch cut to its own longest "
-                        "example, the blocks compiled for any width, instead of all padded to the longest one")
+                        "example (padded to a multiple of 8 since session 8), the blocks compiled for any width, "
+                        "instead of all padded to the longest one")
     parser.add_argument("--eager", action="store_true", help="the estimate's blocks not compiled")
     parser.add_argument("--no-cudnn-attention", action="store_true", help="SDPA may not pick cuDNN's attention "
                         "(which plans anew for each new sequence length)")
@@ -162,7 +163,7 @@ def main():
     targets = find_targets(model, config.target_list(), 8, "lora_ga")
     batches = estimation_batches(examples, config, tokenizer.pad_token_id, device)
     if args.own_widths:  # the sample data ends no example with the pad token
-        widths = [int((b["input_ids"] != tokenizer.pad_token_id).sum(1).max()) for b in batches]
+        widths = [padded_width(int((b["input_ids"] != tokenizer.pad_token_id).sum(1).max())) for b in batches]
         batches = [{k: t[:, :width] for k, t in b.items()} for b, width in zip(batches, widths)]
     results = {"device": torch.cuda.get_device_name(), "card_gib": args.card_gib, "samples": args.samples,
                "min_words": args.min_words, "max_words": args.max_words, "own_widths": args.own_widths,

@@ -26,6 +26,8 @@
 #   short24  profile_estimate.py at 24 GiB on examples of 50 to 550 words (90 to 1000 tokens), from an empty compile
 #            cache each: batches each cut to their own width and compiled for any width, then all of one width
 #   short24_expandable  the own widths again, with the CUDA allocator's expandable segments
+#   short24_flash  the own widths again (now padded to a multiple of 8), with flash attention instead of cuDNN's, as
+#            training runs batches of several widths: whether the estimate should cut its batches too (not run yet)
 #   twice24, twice8  bench_7b.py at 24 / 8 GiB (16 training steps, no peer) twice, in two processes sharing one
 #            compile cache that starts empty: what each phase spends compiling on a fresh machine, and on one that
 #            has compiled before
@@ -98,6 +100,10 @@ for one in "${steps[@]}"; do
                   --samples 128 --no-block --min-words 50 --max-words 550 --name "profile_estimate_24gib_128samples_short_${width}_width" \
                   $([ "$width" = own ] && echo --own-widths)
               done ;;
+      short24_flash) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step "$one" 200 \
+              profile_estimate_24gib_128samples_short_own_width_flash python3 bench/profile_estimate.py --card-gib 24 \
+              --samples 128 --no-block --min-words 50 --max-words 550 --own-widths --no-cudnn-attention \
+              --name profile_estimate_24gib_128samples_short_own_width_flash ;;
       short24_expandable) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step \
               "$one" 200 profile_estimate_24gib_128samples_short_own_width_expandable python3 bench/profile_estimate.py \
               --card-gib 24 --samples 128 --no-block --min-words 50 --max-words 550 --own-widths \
