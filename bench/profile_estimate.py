@@ -137,8 +137,8 @@ def main():
     parser.add_argument("--min-words", type=int, help="examples of min-words to max-words words instead of max-words")
     parser.add_argument("--max-words", type=int, default=900)
     parser.add_argument("--own-widths", action="store_true", help="each estimation batch cut to its own longest "
-                        "example, padded to a multiple of 8 (the short_own_width results predate that), the blocks compiled for any "
-                        "width, instead of all padded to the longest one")
+                        "example, padded to a multiple of 8 (the short_own_width results predate that), the blocks "
+                        "compiled for any width, instead of all padded to the longest one")
     parser.add_argument("--eager", action="store_true", help="the estimate's blocks not compiled")
     parser.add_argument("--no-cudnn-attention", action="store_true", help="SDPA may not pick cuDNN's attention "
                         "(which plans anew for each new sequence length)")
