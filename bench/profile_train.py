@@ -68,6 +68,13 @@ def peer(model_dir: Path, options: set[str]):
     return (*peer_model(model_dir, checkpointing="nockpt" not in options), nullcontext)
 
 
+def top_events(prof, attribute: str, count: int = 40) -> list:
+    """[name, ms, calls] of the profiled ops with the most time by `attribute` of torch's FunctionEventAvg (in us:
+    device_time_total, self_cpu_time_total)."""
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attribute), reverse=True)
+    return [[e.key[:90], round(getattr(e, attribute) / 1000, 3), e.count] for e in events[:count]]
+
+
 def measure(name: str, model, optimizer, context, batches: list[dict], profile: bool) -> dict:
     def step(batch):
         with context():
@@ -83,12 +90,11 @@ def measure(name: str, model, optimizer, context, batches: list[dict], profile: 
         with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             step(batches[2])
             torch.cuda.synchronize()
-        events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
-        result["top_kernels_ms"] = [[e.key[:90], round(e.device_time_total / 1000, 3), e.count] for e in events[:40]]
+        events = prof.key_averages()
+        result["top_kernels_ms"] = top_events(prof, "device_time_total")
         result["gpu_busy_ms"] = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1000
-        by_cpu = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-        result["top_cpu_self_ms"] = [[e.key[:90], round(e.self_cpu_time_total / 1000, 3), e.count] for e in by_cpu[:40]]
-        result["cpu_ms_total"] = sum(e.self_cpu_time_total for e in by_cpu) / 1000
+        result["top_cpu_self_ms"] = top_events(prof, "self_cpu_time_total")
+        result["cpu_ms_total"] = sum(e.self_cpu_time_total for e in events) / 1000
     print(name, json.dumps({k: v for k, v in result.items() if not k.startswith("top_")}), flush=True)
     return result
 

@@ -7,6 +7,7 @@ since batches are cut to their longest example.
   --eager              the decoder layers not compiled
   --no-cudnn-attention SDPA may not pick cuDNN's attention
   --round-to N         widths rounded up to a multiple of N (as padding batches to it would)
+  --warmup-width W     the first step's width (default: the largest), to see a graph traced again for a later width
   --profile            the top CPU ops (CUDA runtime calls included) and Python calls of a step at a new width and
                        of one at a width met before
 Usage: python bench/profile_widths.py --layers 8 --steps 24 [--eager] [--no-cudnn-attention] [--round-to 64]
@@ -23,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 from bench_7b import make_data, make_model_dir  # noqa: E402
-from profile_train import ours  # noqa: E402
+from profile_train import ours, top_events  # noqa: E402
 from frugal_loraga.blocks import block_layout, compile_blocks  # noqa: E402
 
 
@@ -33,8 +34,7 @@ def top_cpu_ops(step, width: int) -> list:
     with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step(width)
         torch.cuda.synchronize()
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    return [[e.key[:90], round(e.self_cpu_time_total / 1000, 3), e.count] for e in events[:25]]
+    return top_events(prof, "self_cpu_time_total", 25)
 
 
 def top_python_calls(step, width: int) -> list:
