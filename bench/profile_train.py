@@ -68,10 +68,10 @@ def peer(model_dir: Path, options: set[str]):
     return (*peer_model(model_dir, checkpointing="nockpt" not in options), nullcontext)
 
 
-def top_events(prof, attribute: str, count: int = 40) -> list:
-    """[name, ms, calls] of the profiled ops with the most time by `attribute` of torch's FunctionEventAvg (in us:
-    device_time_total, self_cpu_time_total)."""
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attribute), reverse=True)
+def top_events(events, attribute: str, count: int = 40) -> list:
+    """[name, ms, calls] of the profiler's averaged events (prof.key_averages()) with the most time by `attribute`
+    (in us: device_time_total, self_cpu_time_total)."""
+    events = sorted(events, key=lambda e: getattr(e, attribute), reverse=True)
     return [[e.key[:90], round(getattr(e, attribute) / 1000, 3), e.count] for e in events[:count]]
 
 
@@ -91,9 +91,9 @@ def measure(name: str, model, optimizer, context, batches: list[dict], profile: 
             step(batches[2])
             torch.cuda.synchronize()
         events = prof.key_averages()
-        result["top_kernels_ms"] = top_events(prof, "device_time_total")
+        result["top_kernels_ms"] = top_events(events, "device_time_total")
         result["gpu_busy_ms"] = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1000
-        result["top_cpu_self_ms"] = top_events(prof, "self_cpu_time_total")
+        result["top_cpu_self_ms"] = top_events(events, "self_cpu_time_total")
         result["cpu_ms_total"] = sum(e.self_cpu_time_total for e in events) / 1000
     print(name, json.dumps({k: v for k, v in result.items() if not k.startswith("top_")}), flush=True)
     return result

@@ -26,6 +26,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 from bench_7b import make_data, make_model_dir  # noqa: E402
 from profile_train import ours, top_events  # noqa: E402
 from frugal_loraga.blocks import block_layout, compile_blocks  # noqa: E402
+from frugal_loraga.data import padded_width  # noqa: E402
 
 
 def top_cpu_ops(step, width: int) -> list:
@@ -34,7 +35,7 @@ def top_cpu_ops(step, width: int) -> list:
     with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step(width)
         torch.cuda.synchronize()
-    return top_events(prof, "self_cpu_time_total", 25)
+    return top_events(prof.key_averages(), "self_cpu_time_total", 25)
 
 
 def top_python_calls(step, width: int) -> list:
@@ -75,7 +76,7 @@ def main():
         compile_blocks(block_layout(model, [n for n, _ in model.named_modules() if n.endswith("q_proj")])[0],
                        any_width=True)
     rng = random.Random(0)
-    rounded = sorted({-(-w // args.round_to) * args.round_to for w in range(args.min_width, args.max_width + 1)})
+    rounded = sorted({padded_width(w, args.round_to) for w in range(args.min_width, args.max_width + 1)})
     unused = [w for w in rounded if w not in (args.warmup_width, rounded[-1])]
     widths = rng.sample(unused, min(args.steps + 3, len(unused)))
     new, profiled = widths[:-3], widths[-3:]  # the last are kept for the profiles of new widths
