@@ -5,7 +5,7 @@ block     one decoder layer with all 7 targets tapped: activation bytes kept for
 estimate  the whole estimate over --samples examples, --runs times in a row (the first compiles): seconds per group,
           the SVDs' seconds, peak memory per group, and where compiling went (dynamo's compile_times and counters)
 Usage: python bench/profile_estimate.py --card-gib 24 --samples 32 [--grad-budget-gib 1.4] [--host-budget-gib 8]
-       [--no-block] [--min-words 100] [--max-words 900] [--own-widths] [--eager]
+       [--no-block] [--min-words 100] [--max-words 900] [--own-widths] [--eager] [--warm-pool] [--stacks]
   --host-budget-gib  how many lower groups' start inputs are kept on the CPU, trading the copies for no-grad runs of
                      the blocks between
   --min-words        examples of min-words to max-words (900) words, of varying lengths as real data has
@@ -14,6 +14,7 @@ Usage: python bench/profile_estimate.py --card-gib 24 --samples 32 [--grad-budge
 Run it with TORCHINDUCTOR_CACHE_DIR set to an empty folder for the compile time of a first run on a fresh machine.
 """
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -25,9 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 import frugal_loraga.gradients as gradients  # noqa: E402
 from bench_7b import make_data, make_model_dir  # noqa: E402
+from stacks import StackSampler  # noqa: E402
 from frugal_loraga import Config  # noqa: E402
 from frugal_loraga.api import estimation_batches  # noqa: E402
-from frugal_loraga.blocks import block_layout, compile_blocks, uncompile_blocks  # noqa: E402
+from frugal_loraga.blocks import block_layout, compile_blocks, start_compile_workers, uncompile_blocks  # noqa: E402
 from frugal_loraga.data import load_examples, padded_width  # noqa: E402
 from frugal_loraga.gradients import GradientTap, layer_costs  # noqa: E402
 from frugal_loraga.lora import find_targets, replace  # noqa: E402
@@ -72,8 +74,9 @@ def block_activations(model, targets, batch) -> dict:
     return result
 
 
-def estimate(model, targets, batches, budget: int, host_budget, compile: bool) -> dict:
-    """The estimate (compiled unless --eager), timed per group and per SVD."""
+def estimate(model, targets, batches, budget: int, host_budget, compile: bool, stacks: bool) -> dict:
+    """The estimate (compiled unless --eager), timed per group and per SVD; stacks: with the functions the main
+    thread spent most wall time in (a sampling profiler)."""
     svd_seconds, group_marks = [0.0], []
     top_singular = gradients.top_singular
 
@@ -108,9 +111,10 @@ def estimate(model, targets, batches, budget: int, host_budget, compile: bool) -
               for i, b in enumerate(blocks)]
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    _, stats = gradients.estimate_gradient_svd(model, targets, batches, 16, budget, "lowrank", progress, host_budget,
-                                               compile=compile)
-    torch.cuda.synchronize()
+    with StackSampler() if stacks else contextlib.nullcontext() as sampler:
+        _, stats = gradients.estimate_gradient_svd(model, targets, batches, 16, budget, "lowrank", progress,
+                                                   host_budget, compile=compile)
+        torch.cuda.synchronize()
     total = time.perf_counter() - start
     gradients.top_singular = top_singular
     times = [t - s for (t, _), s in zip(group_marks, [start] + [t for t, _ in group_marks[:-1]])]
@@ -122,7 +126,8 @@ def estimate(model, targets, batches, budget: int, host_budget, compile: bool) -
             "group_seconds": times, "group_peak_gib": [p for _, p in group_marks], "first_batch_trace": trace,
             "batch_seconds": [round(t - s, 4) for t, s in zip(batch_marks, [start] + batch_marks[:-1])],
             "allocator": {k: v for k, v in torch.cuda.memory_stats().items()
-                          if k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_ooms")}}
+                          if k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_ooms")},
+            **({"stacks": sampler.report()} if stacks else {})}
 
 
 def main():
@@ -142,6 +147,10 @@ def main():
     parser.add_argument("--eager", action="store_true", help="the estimate's blocks not compiled")
     parser.add_argument("--no-cudnn-attention", action="store_true", help="SDPA may not pick cuDNN's attention "
                         "(which plans anew for each new sequence length)")
+    parser.add_argument("--warm-pool", action="store_true", help="start the compile workers before the model loads, "
+                        "as finetune does")
+    parser.add_argument("--stacks", action="store_true", help="sample the main thread's stack: where each estimate's "
+                        "wall time goes")
     parser.add_argument("--work", default="/tmp/bench7b")
     parser.add_argument("--name", default="profile_estimate")
     args = parser.parse_args()
@@ -156,6 +165,8 @@ def main():
     config = Config(model=str(model_dir), data=str(data), data_format="text", rank=8, max_length=1024,
                     estimation_samples=args.samples, progress=False)
     start = time.perf_counter()
+    if args.warm_pool:
+        start_compile_workers()
     model, tokenizer, device = load_model(config)
     load_seconds = time.perf_counter() - start
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -172,7 +183,8 @@ def main():
                "padded_tokens": sum(b["input_ids"].numel() for b in batches), "compiled": not args.eager,
                "distinct_widths": len({b["input_ids"].shape[1] for b in batches}),
                "width_range": [min(b["input_ids"].shape[1] for b in batches), max(b["input_ids"].shape[1] for b in batches)],
-               "model_gib": torch.cuda.memory_allocated() / GIB, "load_seconds": load_seconds}
+               "model_gib": torch.cuda.memory_allocated() / GIB, "load_seconds": load_seconds,
+               "warm_pool": args.warm_pool}
     if not args.no_block:
         results["block"] = block_activations(model, targets, batches[0])
     print(json.dumps(results, indent=1), flush=True)
@@ -182,8 +194,10 @@ def main():
     results["host_budget_gib"] = args.host_budget_gib
     results["estimates"] = []
     for _ in range(args.runs):
-        results["estimates"].append(estimate(model, targets, batches, budget, host_budget, not args.eager))
-        print(json.dumps({k: v for k, v in results["estimates"][-1].items() if k != "first_batch_trace"}), flush=True)
+        results["estimates"].append(estimate(model, targets, batches, budget, host_budget, not args.eager,
+                                                args.stacks))
+        print(json.dumps({k: v for k, v in results["estimates"][-1].items() if k not in ("first_batch_trace", "stacks")}),
+              flush=True)
     out = ROOT / "bench" / "results" / f"{args.name}.json"
     out.write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))

@@ -31,6 +31,8 @@
 #   twice24, twice8  bench_7b.py at 24 / 8 GiB (16 training steps, no peer) twice, in two processes sharing one
 #            compile cache that starts empty: what each phase spends compiling on a fresh machine, and on one that
 #            has compiled before
+#   pool24   first24 (below) with the main thread's stack sampled, with inductor's compile workers started when
+#            compiling begins (torch's way) and before the model loads (finetune's way)
 #   first24  profile_estimate.py at 24 GiB twice, in two processes sharing one compile cache that starts empty: a first
 #            run on a fresh machine, then a first run on a machine that has compiled before
 # Usage: bash bench/run_on_device.sh [step ...]   (default: tests kernels 24 8 peft; tests_api in a call of its own)
@@ -113,6 +115,14 @@ for one in "${steps[@]}"; do
                 name=bench_7b_${card}gib_128samples_first_run_$run
                 TORCHINDUCTOR_CACHE_DIR=$cache step "${one}_$run" 300 "$name" python3 bench/bench_7b.py --card-gib "$card" \
                   --estimation-samples 128 --train-steps 16 --peer-steps 0 --name "$name"
+              done ;;
+      pool24) for pool in cold warm; do
+                cache=$(mktemp -d)
+                for run in fresh_machine cache_on_disk; do
+                  name=profile_estimate_24gib_128samples_first_run_${run}_pool_$pool
+                  TORCHINDUCTOR_CACHE_DIR=$cache step "pool24_${pool}_$run" 200 "$name" python3 bench/profile_estimate.py \
+                    --card-gib 24 --samples 128 --no-block --stacks $([ "$pool" = warm ] && echo --warm-pool) --name "$name"
+                done
               done ;;
       first24) cache=$(mktemp -d)
               for run in fresh_machine cache_on_disk; do

@@ -18,13 +18,14 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from .blocks import start_compile_workers
 from .config import Config
 from .data import causal_inputs, collate, load_examples, padded_width, split_eval
 from .export import export_adapter
 from .gradients import ProgressFn, default_budget_bytes, estimate_gradient_svd
 from .init import lora_factors, lora_ga_factors
 from .lora import find_targets, inject
-from .models import load_model, resolve_dtype
+from .models import load_model, resolve_device, resolve_dtype
 from .train import adapter_state, load_checkpoint, save_checkpoint, train
 
 log = logging.getLogger("frugal_loraga")
@@ -110,6 +111,8 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
     phase = enter("loading the model")
     try:
         torch.manual_seed(config.seed)
+        if config.compile and resolve_device(config).type == "cuda":
+            start_compile_workers()  # up by the time the estimate compiles
         model, tokenizer, device = load_model(config)
         dtype = resolve_dtype(config, device)
         if device.type == "cuda":

@@ -60,6 +60,13 @@ def _compiled_forward(compiled, any_width: bool):
     return forward
 
 
+def start_compile_workers() -> None:
+    """Start torch inductor's pool of compile worker processes now, so that it comes up while the model loads. torch
+    starts it at the first compile, and until its workers are up it compiles the kernels one by one in this process."""
+    from torch._inductor.async_compile import maybe_warm_pool
+    maybe_warm_pool()
+
+
 def uncompile_blocks(blocks: list[nn.Module]) -> None:
     for block in blocks:
         block.__dict__.pop("forward", None)
