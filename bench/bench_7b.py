@@ -205,7 +205,7 @@ def main():
     parser.add_argument("--first-width-graphs", action="store_true", help="training compiles its graphs for the "
                         "first batch width met, then again for any (as before any_width), instead of for any at once")
     parser.add_argument("--cudnn-attention", action="store_true", help="training may use cuDNN's attention on "
-                        "batches of several widths too (as before train.attention_for)")
+                        "batches of several widths too (as before attention_for; the estimate still leaves it out)")
     parser.add_argument("--peer-steps", type=int, default=12, help="timed steps of the PEFT QLoRA peer (0: skip)")
     parser.add_argument("--only", choices=["peft_loraga", "fidelity"], help="run just this measurement: PEFT's "
                         "LoRA-GA init (bf16, ~27 GiB), or our estimate's captured energy on the top layer's weights")

@@ -5,12 +5,12 @@ block     one decoder layer with all 7 targets tapped: activation bytes kept for
 estimate  the whole estimate over --samples examples, --runs times in a row (the first compiles): seconds per group,
           the SVDs' seconds, peak memory per group, and where compiling went (dynamo's compile_times and counters)
 Usage: python bench/profile_estimate.py --card-gib 24 --samples 32 [--grad-budget-gib 1.4] [--host-budget-gib 8]
-       [--no-block] [--min-words 100] [--max-words 900] [--own-widths] [--eager] [--warm-pool] [--stacks]
+       [--no-block] [--min-words 100] [--max-words 900] [--one-width] [--eager] [--warm-pool] [--stacks]
   --host-budget-gib  how many lower groups' start inputs are kept on the CPU, trading the copies for no-grad runs of
                      the blocks between
   --min-words        examples of min-words to max-words (900) words, of varying lengths as real data has
-  --own-widths       each estimation batch cut to its own longest example, padded to a multiple of 8 (compiled for
-                     any width), not all padded to the longest one
+  --one-width        every estimation batch padded to the longest one's width (as before session 9: one width, so
+                     compiled for that width, with cuDNN's attention), not each to its own
 Run it with TORCHINDUCTOR_CACHE_DIR set to an empty folder for the compile time of a first run on a fresh machine.
 """
 import argparse
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
@@ -30,7 +31,7 @@ from stacks import StackSampler  # noqa: E402
 from frugal_loraga import Config  # noqa: E402
 from frugal_loraga.api import estimation_batches  # noqa: E402
 from frugal_loraga.blocks import block_layout, compile_blocks, start_compile_workers, uncompile_blocks  # noqa: E402
-from frugal_loraga.data import load_examples, padded_width  # noqa: E402
+from frugal_loraga.data import IGNORE, load_examples  # noqa: E402
 from frugal_loraga.gradients import GradientTap, layer_costs  # noqa: E402
 from frugal_loraga.lora import find_targets, replace  # noqa: E402
 from frugal_loraga.models import load_model  # noqa: E402
@@ -141,9 +142,8 @@ def main():
     parser.add_argument("--no-block", action="store_true", help="skip the one-block activation measurement")
     parser.add_argument("--min-words", type=int, help="examples of min-words to max-words words instead of max-words")
     parser.add_argument("--max-words", type=int, default=900)
-    parser.add_argument("--own-widths", action="store_true", help="each estimation batch cut to its own longest "
-                        "example, padded to a multiple of 8 (the short_own_width results predate that), the blocks "
-                        "compiled for any width, instead of all padded to the longest one")
+    parser.add_argument("--one-width", action="store_true", help="every estimation batch padded to the longest "
+                        "one's width (compiled for that width, with cuDNN's attention), not each to its own")
     parser.add_argument("--eager", action="store_true", help="the estimate's blocks not compiled")
     parser.add_argument("--no-cudnn-attention", action="store_true", help="SDPA may not pick cuDNN's attention "
                         "(which plans anew for each new sequence length)")
@@ -173,11 +173,12 @@ def main():
     examples, _ = load_examples(config.data, "text", tokenizer, 1024)
     targets = find_targets(model, config.target_list(), 8, "lora_ga")
     batches = estimation_batches(examples, config, tokenizer.pad_token_id, device)
-    if args.own_widths:  # the sample data ends no example with the pad token
-        widths = [padded_width(int((b["input_ids"] != tokenizer.pad_token_id).sum(1).max())) for b in batches]
-        batches = [{k: t[:, :width] for k, t in b.items()} for b, width in zip(batches, widths)]
+    if args.one_width:
+        width = max(b["input_ids"].shape[1] for b in batches)
+        batches = [{"input_ids": F.pad(b["input_ids"], (0, width - b["input_ids"].shape[1]), value=tokenizer.pad_token_id),
+                    "labels": F.pad(b["labels"], (0, width - b["labels"].shape[1]), value=IGNORE)} for b in batches]
     results = {"device": torch.cuda.get_device_name(), "card_gib": args.card_gib, "samples": args.samples,
-               "min_words": args.min_words, "max_words": args.max_words, "own_widths": args.own_widths,
+               "min_words": args.min_words, "max_words": args.max_words, "one_width": args.one_width,
                "cudnn_attention": torch.backends.cuda.cudnn_sdp_enabled(),
                "tokens": sum(int((b["labels"] != -100).sum()) for b in batches),
                "padded_tokens": sum(b["input_ids"].numel() for b in batches), "compiled": not args.eager,

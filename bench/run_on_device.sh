@@ -23,11 +23,11 @@
 #            with flash attention from a first width that is not a multiple of 8 (the graph is traced again at the
 #            first width that is); with cuDNN's on multiples of 64; eager with and without cuDNN's. Each from an empty
 #            compile cache (torch's caches do not key on the attention backends allowed), logging recompiles
-#   short24  profile_estimate.py at 24 GiB on examples of 50 to 550 words (90 to 1000 tokens), from an empty compile
-#            cache each: batches each cut to their own width and compiled for any width, then all of one width
-#   short24_expandable  the own widths again, with the CUDA allocator's expandable segments
-#   short24_flash  the own widths again (now padded to a multiple of 8), with flash attention instead of cuDNN's, as
-#            training runs batches of several widths: whether the estimate should cut its batches too (not run yet)
+#   short24_expandable  profile_estimate.py at 24 GiB on examples of 50 to 550 words, from an empty compile cache, with
+#            the CUDA allocator's expandable segments
+#   widths24  profile_estimate.py at 24 GiB on examples of 50 to 550 words (90 to 1000 tokens), its batches of one width (with cuDNN's attention) or each
+#            of its own (flash attention), each from an empty compile cache, then again with the cache on disk, then
+#            on other data (50 to 500 words, so another longest example) with the cache on disk
 #   twice24, twice8  bench_7b.py at 24 / 8 GiB (16 training steps, no peer) twice, in two processes sharing one
 #            compile cache that starts empty: what each phase spends compiling on a fresh machine, and on one that
 #            has compiled before
@@ -96,19 +96,9 @@ for one in "${steps[@]}"; do
                 TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TORCH_LOGS=recompiles step "$name" 120 "$name" python3 \
                   bench/profile_widths.py --layers 8 --steps 24 ${variant#*:} --name "$name"
               done ;;
-      short24) for width in own one; do
-                TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step "short24_$width" 200 \
-                  "profile_estimate_24gib_128samples_short_${width}_width" python3 bench/profile_estimate.py --card-gib 24 \
-                  --samples 128 --no-block --min-words 50 --max-words 550 --name "profile_estimate_24gib_128samples_short_${width}_width" \
-                  $([ "$width" = own ] && echo --own-widths)
-              done ;;
-      short24_flash) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step "$one" 200 \
-              profile_estimate_24gib_128samples_short_own_width_flash python3 bench/profile_estimate.py --card-gib 24 \
-              --samples 128 --no-block --min-words 50 --max-words 550 --own-widths --no-cudnn-attention \
-              --name profile_estimate_24gib_128samples_short_own_width_flash ;;
       short24_expandable) PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step \
               "$one" 200 profile_estimate_24gib_128samples_short_own_width_expandable python3 bench/profile_estimate.py \
-              --card-gib 24 --samples 128 --no-block --min-words 50 --max-words 550 --own-widths \
+              --card-gib 24 --samples 128 --no-block --min-words 50 --max-words 550 \
               --name profile_estimate_24gib_128samples_short_own_width_expandable ;;
       twice24|twice8) cache=$(mktemp -d) card=${one#twice}
               for run in fresh_machine cache_on_disk; do
@@ -122,6 +112,16 @@ for one in "${steps[@]}"; do
                   name=profile_estimate_24gib_128samples_first_run_${run}_pool_$pool
                   TORCHINDUCTOR_CACHE_DIR=$cache step "pool24_${pool}_$run" 200 "$name" python3 bench/profile_estimate.py \
                     --card-gib 24 --samples 128 --no-block --stacks $([ "$pool" = warm ] && echo --warm-pool) --name "$name"
+                done
+              done ;;
+      widths24) for width in one own; do
+                cache=$(mktemp -d)
+                for run in fresh_machine:550:2 cache_on_disk:550:1 cache_on_disk_other_data:500:1; do
+                  IFS=: read -r label words runs <<<"$run"
+                  name=profile_estimate_24gib_128samples_short_${width}_width_${label}
+                  TORCHINDUCTOR_CACHE_DIR=$cache step "widths24_${width}_$label" 200 "$name" python3 \
+                    bench/profile_estimate.py --card-gib 24 --samples 128 --no-block --min-words 50 --max-words "$words" \
+                    --runs "$runs" --warm-pool --name "$name" $([ "$width" = one ] && echo --one-width)
                 done
               done ;;
       first24) cache=$(mktemp -d)

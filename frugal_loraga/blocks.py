@@ -1,5 +1,5 @@
-"""The decoder layers (blocks): finding the ones that hold the targets, compiling them, and switching off their
-gradient checkpointing for a while."""
+"""The decoder layers (blocks): finding the ones that hold the targets, compiling them, the attention kernels they may
+use, and switching off their gradient checkpointing for a while."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .models import cache_dir
 
@@ -30,8 +31,8 @@ def compile_blocks(blocks: list[nn.Module], any_width: bool = False) -> None:
     kernels from generated code instead of op by op from Python, the bottleneck of a 4-bit step at a few thousand
     tokens. A block compiles once per kind of call (with or without grad, tapped or not), not once per block.
     any_width: the graphs take any batch width (sequence length) from the first call, for batches of many widths
-    (training on examples of many lengths), which would otherwise compile each kind twice: for the first width met,
-    then for any. Without it they are compiled for the one width of the LoRA-GA estimate's batches. (Compiling
+    (examples of many lengths), which would otherwise compile each kind twice: for the first width met, then for any.
+    Without it they are compiled for the one width of the batches (examples that all reach max_length). (Compiling
     every dimension for any size, dynamic=True, made a first 7B estimate slower: 65 s against 48 s.)
     Compiled graphs are cached on disk for the next process: in TORCHINDUCTOR_CACHE_DIR, by default our cache folder
     (which outlives a reboot, unlike torch's in /tmp), the traced autograd of our taps and adapters (autograd.Functions)
@@ -58,6 +59,21 @@ def _compiled_forward(compiled, any_width: bool):
         with torch._functorch.config.patch(autograd_cache_allow_custom_autograd_functions=True):
             return compiled(*args, **kwargs)
     return forward
+
+
+def attention_for(widths: set[int]):
+    """The attention kernels that batches of these widths (sequence lengths) may use, in the estimate and in training:
+    all, or for several widths all but cuDNN's. cuDNN's attention, which SDPA prefers on recent GPUs, plans its
+    kernels anew for each sequence length it meets, forward and backward: 135-200 ms a new width on an H100, where
+    flash attention plans nothing (bench/results/profile_widths_*.json). On Llama-2-7B and examples of 50-550 words,
+    training steps took 297 ms instead of 480 (bench/results/bench_7b_24gib_64samples_short_examples_*.json). Steps at
+    widths seen before take as long with either. torch's compile caches do not key on this choice, so it depends only
+    on what decides the compiled graphs: one width or any."""
+    return contextlib.nullcontext() if len(widths) <= 1 else without_cudnn_attention()
+
+
+def without_cudnn_attention():
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def start_compile_workers() -> None:

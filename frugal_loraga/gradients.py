@@ -39,7 +39,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .blocks import block_layout, compile_blocks, no_checkpointing, uncompile_blocks
+from .blocks import (attention_for, block_layout, compile_blocks, no_checkpointing, uncompile_blocks,
+                     without_cudnn_attention)
 from .config import ConfigError
 from .lora import FrozenLinear, replace
 from .svd import LayerSVD, top_singular
@@ -158,12 +159,13 @@ def layer_costs(shapes: dict[str, tuple[int, int]], tokens: int, element_size: i
 
 
 def execution_order(model: nn.Module, targets: dict[str, nn.Module], batch: dict) -> list[str]:
-    """Target names in the order a forward pass calls them (one short no-grad forward)."""
+    """Target names in the order a forward pass calls them (one short no-grad forward, 8 tokens wide, which cuDNN's
+    attention would plan kernels for and never meet again)."""
     order: list[str] = []
     handles = [m.register_forward_hook(lambda *_, n=n: order.append(n) if n not in order else None)
                for n, m in targets.items()]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), without_cudnn_attention():
             model(input_ids=batch["input_ids"][:1, :8])
     finally:
         for h in handles:
@@ -386,8 +388,9 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
     taps = {name: GradientTap(targets[name]) for name in order}
     was_training = model.training
     replace(model, taps)
+    widths = {b["input_ids"].shape[1] for b in batches}
     if compile:
-        compile_blocks(blocks, any_width=len({b["input_ids"].shape[1] for b in batches}) > 1)
+        compile_blocks(blocks, any_width=len(widths) > 1)
     model.train()
     done, total = 0, len(groups) * len(batches)
     if progress:
@@ -395,7 +398,7 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
     last_in_blocks = max((p for p, name in enumerate(order) if index[name] is not None), default=-1)
     upstream: list[torch.Tensor] = []  # per batch: dL/d(input of block segment.stop), on the CPU
     try:
-        with no_checkpointing(blocks):
+        with no_checkpointing(blocks), attention_for(widths):
             for i, segment in enumerate(segments):
                 record_at = segments[i + 1].stop if i + 1 < len(segments) else None
                 recorded: list[Optional[torch.Tensor]] = [None] * len(batches)

@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from .config import Config, ConfigError
 from .data import Example, causal_inputs, collate, micro_batch, padded_width
-from .blocks import block_layout, compile_blocks
+from .blocks import attention_for, block_layout, compile_blocks
 from .gradients import ProgressFn
 from .lora import LoraLinear
 
@@ -49,19 +48,6 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if device.type == "cuda" and dtype == torch.bfloat16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def attention_for(widths: set[int]):
-    """The attention kernels that batches of these widths (sequence lengths) may use: all, or for several widths all
-    but cuDNN's. cuDNN's attention, which SDPA prefers on recent GPUs, plans its kernels anew for each sequence length
-    it meets, forward and backward: 135-200 ms a new width on an H100, where flash attention plans nothing
-    (bench/results/profile_widths_*.json). On Llama-2-7B and examples of 50-550 words, training steps took 297 ms
-    instead of 480 (bench/results/bench_7b_24gib_64samples_short_examples_*.json). Steps at widths seen before
-    take as long with either. torch's compile caches do not key on this choice, so it depends only on what decides
-    the compiled graphs: one width or any."""
-    if len(widths) <= 1:
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 @torch.no_grad()

@@ -6,9 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import frugal_loraga.train as train_module
+import frugal_loraga.api as api_module
 from frugal_loraga import Config, ConfigError, OutOfMemory, finetune
 from frugal_loraga.cli import main
+from frugal_loraga.gradients import GradientTap
+from frugal_loraga.models import load_model
 from conftest import write_jsonl
 
 
@@ -108,21 +110,35 @@ def test_out_of_memory_names_the_settings_to_lower(tiny_model_dir, sample_path, 
 
 
 @pytest.mark.parametrize("several_widths", [True, False])
-def test_batches_of_several_widths_train_without_cudnn_attention(tiny_model_dir, tmp_path, monkeypatch,
-                                                                 several_widths):
-    """cuDNN's attention plans anew for each sequence length: examples of several lengths train and evaluate without
-    it, examples of one length with it, and the setting is restored afterwards. Batches are padded to a multiple of
-    8 tokens (the compiled layers guard on the width mod 8)."""
+def test_batches_of_several_widths_run_without_cudnn_attention(tiny_model_dir, tmp_path, monkeypatch, several_widths):
+    """cuDNN's attention plans anew for each sequence length: on examples of several lengths the estimate, training
+    and eval run without it, on examples of one length with it (but for the estimate's short probe of the layer order,
+    never), and the setting is restored afterwards. Batches are padded to a multiple of 8 tokens (the compiled layers
+    guard on the width mod 8)."""
     data = write_jsonl(tmp_path / "data.jsonl", [{"text": "the cat sat " * (1 + several_widths * (i % 5))}
                                                  for i in range(24)])
-    seen = []  # (batch width, cuDNN attention allowed) per training or eval forward
-    causal_inputs = train_module.causal_inputs
-    monkeypatch.setattr(train_module, "causal_inputs", lambda batch: seen.append(
-        (batch["input_ids"].shape[1], torch.backends.cuda.cudnn_sdp_enabled())) or causal_inputs(batch))
+    seen = []  # (estimating, batch width, cuDNN attention allowed) per decoder layer call
+
+    def record(layer, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen.append((isinstance(layer.mlp.down_proj, GradientTap), hidden.shape[1],
+                     torch.backends.cuda.cudnn_sdp_enabled()))
+
+    def load_and_watch(config):
+        model, tokenizer, device = load_model(config)
+        for layer in model.model.layers:
+            layer.register_forward_pre_hook(record, with_kwargs=True)
+        return model, tokenizer, device
+
+    monkeypatch.setattr(api_module, "load_model", load_and_watch)
     finetune(tiny_config(tiny_model_dir, data, tmp_path / "run", steps=3))
-    assert (len({width for width, _ in seen}) > 1) == several_widths
-    assert all(width % 8 == 0 for width, _ in seen)
-    assert {allowed for _, allowed in seen} == {not several_widths}
+    probe = next(i for i, (estimating, _, _) in enumerate(seen) if estimating)  # the estimate's 8-token probe first
+    assert probe > 0 and not any(allowed for _, _, allowed in seen[:probe])
+    seen = seen[probe:]
+    assert {estimating for estimating, _, _ in seen} == {True, False}
+    assert (len({width for _, width, _ in seen}) > 1) == several_widths
+    assert all(width % 8 == 0 for _, width, _ in seen)
+    assert {allowed for _, _, allowed in seen} == {not several_widths}
     assert torch.backends.cuda.cudnn_sdp_enabled()
 
 

@@ -115,26 +115,28 @@ def test_streamed_estimate_on_nf4_base_with_checkpointing(deep_model_dir, sample
     assert_faithful(svds, exact_gradients(model, targets, batches), 2 * RANK)
 
 
-def test_estimation_batches_share_one_width_and_the_padding_changes_no_gradient(tiny_model_dir, sample_path):
-    """The estimation batches are padded to the longest example's length, rounded up to a multiple of 8, and carry no
-    attention mask (the blocks compile once per kind of call), and the exact gradients are those of the same examples
-    in batches padded to their own longest example, with their masks."""
+def test_estimation_batches_take_their_own_widths_and_the_padding_changes_no_gradient(tiny_model_dir, sample_path):
+    """Each estimation batch is padded to its own longest example, rounded up to a multiple of 8, and carries no
+    attention mask, and the exact gradients are those of the same examples in batches cut to their longest example,
+    with their masks."""
     model, tokenizer, targets = load(tiny_model_dir, four_bit=False)
     config = Config(model=str(tiny_model_dir), data=str(sample_path), estimation_samples=12, max_length=96)
     examples, _ = load_examples(sample_path, "auto", tokenizer, 96)
     batches = estimation_batches(examples, config, tokenizer.pad_token_id, model.device)
     assert all(set(b) == {"input_ids", "labels"} for b in batches)
-    assert len({b["input_ids"].shape[1] for b in batches}) == 1 and batches[0]["input_ids"].shape[1] % 8 == 0
-    own = []
+    tight = []
     for b in batches:
         mask = (b["input_ids"] != tokenizer.pad_token_id).long()  # the sample data ends no example with a pad token
-        width = int(mask.sum(1).max())
-        own.append({"input_ids": b["input_ids"][:, :width], "labels": b["labels"][:, :width],
-                    "attention_mask": mask[:, :width]})
-    assert len({b["input_ids"].shape[1] for b in own}) > 1 and any(bool((b["attention_mask"] == 0).any()) for b in own)
-    padded, tight = exact_gradients(model, targets, batches), exact_gradients(model, targets, own)
+        longest = int(mask.sum(1).max())
+        assert b["input_ids"].shape[1] == -(-longest // 8) * 8
+        tight.append({"input_ids": b["input_ids"][:, :longest], "labels": b["labels"][:, :longest],
+                      "attention_mask": mask[:, :longest]})
+    assert len({b["input_ids"].shape[1] for b in batches}) > 1
+    assert any(b["input_ids"].shape[1] > t["input_ids"].shape[1] for b, t in zip(batches, tight))
+    assert any(bool((t["attention_mask"] == 0).any()) for t in tight)
+    padded, exact = exact_gradients(model, targets, batches), exact_gradients(model, targets, tight)
     for name in targets:
-        torch.testing.assert_close(padded[name], tight[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(padded[name], exact[name], rtol=1e-4, atol=1e-6)
 
 
 def test_gradient_state_stays_within_a_small_budget(deep_model_dir, sample_path):
