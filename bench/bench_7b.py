@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from conftest import make_tokenizer  # noqa: E402
+from stacks import StackSampler  # noqa: E402
 from frugal_loraga import Config, finetune  # noqa: E402
 import frugal_loraga.train as train_module  # noqa: E402
 from frugal_loraga.api import estimation_batches  # noqa: E402
@@ -209,6 +210,8 @@ def main():
     parser.add_argument("--peer-steps", type=int, default=12, help="timed steps of the PEFT QLoRA peer (0: skip)")
     parser.add_argument("--only", choices=["peft_loraga", "fidelity"], help="run just this measurement: PEFT's "
                         "LoRA-GA init (bf16, ~27 GiB), or our estimate's captured energy on the top layer's weights")
+    parser.add_argument("--stacks", action="store_true", help="sample the main thread's stack in each of our runs: "
+                        "where its wall time goes (bench/stacks.py)")
     parser.add_argument("--work", default="/tmp/bench7b")
     parser.add_argument("--name", default="bench_7b_24gib")
     args = parser.parse_args()
@@ -263,7 +266,8 @@ def main():
         torch._dynamo.utils.counters.clear()
         start = time.perf_counter()
         marks = []  # (phase, time) of each progress report: the training steps' own seconds
-        metrics = finetune(config, progress=lambda phase, *_: marks.append((phase, time.perf_counter()))).metrics
+        with StackSampler() if args.stacks else contextlib.nullcontext() as sampler:
+            metrics = finetune(config, progress=lambda phase, *_: marks.append((phase, time.perf_counter()))).metrics
         results[label] = {k: v for k, v in metrics.items() if not isinstance(v, list)}
         results[label]["step_seconds"] = step_seconds(marks)
         results[label]["ms_per_step_after_the_first"] = 1000 * sum(results[label]["step_seconds"][1:]) / max(
@@ -272,8 +276,10 @@ def main():
         results[label]["compile_seconds"] = compile_seconds() - compiling
         results[label]["compile_counters"] = {k: dict(v) for k, v in torch._dynamo.utils.counters.items()
                                               if k in ("stats", "aot_autograd", "inductor", "recompiles")}
+        if args.stacks:
+            results[label]["stacks"] = sampler.report()
         out.write_text(json.dumps(results, indent=1))
-        print(label, json.dumps(results[label]), flush=True)
+        print(label, json.dumps({k: v for k, v in results[label].items() if k != "stacks"}), flush=True)
     ga, base = results["lora_ga"], results["baseline_lora_fwd_bwd"]
     results["estimation_over_fwd_bwd"] = ga["init_seconds"] / base["train_seconds"]
     results["warm_estimation_over_fwd_bwd"] = results["lora_ga_warm"]["init_seconds"] / base["train_seconds"]

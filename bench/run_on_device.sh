@@ -33,6 +33,9 @@
 #            has compiled before
 #   pool24   first24 (below) with the main thread's stack sampled, with inductor's compile workers started when
 #            compiling begins (torch's way) and before the model loads (finetune's way)
+#   generate  profile_generate.py (8 layers): the app's "Try" generation, with and without cuDNN's attention
+#   stacks24  bench_7b.py at 24 GiB (16 training steps, no peer) from an empty compile cache, the main thread's stack
+#            sampled in each run: where the estimate's and the training loop's wall time goes
 #   first24  profile_estimate.py at 24 GiB twice, in two processes sharing one compile cache that starts empty: a first
 #            run on a fresh machine, then a first run on a machine that has compiled before
 # Usage: bash bench/run_on_device.sh [step ...]   (default: tests kernels 24 8 peft; tests_api in a call of its own)
@@ -124,6 +127,13 @@ for one in "${steps[@]}"; do
                     --runs "$runs" --warm-pool --name "$name" $([ "$width" = one ] && echo --one-width)
                 done
               done ;;
+      generate) for attention in cudnn flash; do
+                step "generate_$attention" 120 "profile_generate_8layers_$attention" python3 bench/profile_generate.py \
+                  --layers 8 --name "profile_generate_8layers_$attention" $([ "$attention" = flash ] && echo --no-cudnn-attention)
+              done ;;
+      stacks24) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step "$one" 300 bench_7b_24gib_128samples_stacks python3 bench/bench_7b.py \
+              --card-gib 24 --estimation-samples 128 --train-steps 16 --peer-steps 0 --stacks \
+              --name bench_7b_24gib_128samples_stacks ;;
       first24) cache=$(mktemp -d)
               for run in fresh_machine cache_on_disk; do
                 TORCHINDUCTOR_CACHE_DIR=$cache step "first24_$run" 200 "profile_estimate_24gib_128samples_first_run_$run" \
