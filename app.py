@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from frugal_loraga import Config, ConfigError, DataError, OutOfMemory, finetune
+from frugal_loraga.blocks import without_cudnn_attention
 from frugal_loraga.data import IGNORE, load_examples
 from frugal_loraga.gradients import available_ram_bytes
 from frugal_loraga.memory import estimate_memory_gib
@@ -219,8 +220,8 @@ def try_prompt(prompt: str, max_new_tokens: int = 64):
         if tokenizer.chat_template else prompt
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not tokenizer.chat_template).to(_TRY_CACHE["device"])
 
-    def generate():
-        with torch.no_grad():
+    def generate():  # cuDNN's attention would plan kernels for every new length: 97 against 18 ms a token
+        with torch.no_grad(), without_cudnn_attention():  # (bench/results/profile_generate_8layers_*.json)
             out = model.generate(**inputs, max_new_tokens=int(max_new_tokens), do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
         return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

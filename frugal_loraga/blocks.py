@@ -73,6 +73,9 @@ def attention_for(widths: set[int]):
 
 
 def without_cudnn_attention():
+    """SDPA may use flash, memory-efficient or math attention, not cuDNN's: for batches of several widths, the
+    estimate's short probe, and generation (each new token a new length: 97 against 18 ms a token on 8 Llama-2-7B
+    layers, H100, bench/results/profile_generate_8layers_*.json)."""
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 

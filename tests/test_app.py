@@ -2,6 +2,7 @@
 import time
 
 import pytest
+import torch
 
 import app
 from conftest import write_jsonl
@@ -39,7 +40,7 @@ def test_memory_estimate_names_the_device(tiny_model_dir):
     assert "Error" in app.memory_estimate("/nonexistent", True, 4, 2, 128, "lora_ga")
 
 
-def test_train_with_baseline_plot_try_and_export(tiny_model_dir):
+def test_train_with_baseline_plot_try_and_export(tiny_model_dir, monkeypatch):
     args = [None, "auto", str(tiny_model_dir), False, "lora_ga", 2, 16, True, 3e-3, 4, 2, 96, 4, True]
     assert app.start(*args) == "Started."
     assert "already in progress" in app.start(*args)
@@ -51,8 +52,13 @@ def test_train_with_baseline_plot_try_and_export(tiny_model_dir):
     frame = frame.dropna()
     assert {"lora_ga train", "lora_ga eval", "lora train", "lora eval"} <= set(frame["curve"])
     assert frame[frame.curve == "lora_ga train"]["step"].tolist() == [1, 2, 3, 4]
+    allowed = []  # cuDNN's attention allowed, per attention call of the generation
+    attention = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *args, **kwargs: allowed.append(
+        torch.backends.cuda.cudnn_sdp_enabled()) or attention(*args, **kwargs))
     base, adapted = app.try_prompt("Ada has 2 apples", max_new_tokens=5)
     assert isinstance(base, str) and isinstance(adapted, str)
+    assert allowed and not any(allowed)  # each new token is a new length, which cuDNN's attention would plan for
     archive, code = app.export_zip()
     assert archive.endswith(".zip") and "PeftModel.from_pretrained" in code
 
