@@ -33,6 +33,7 @@
 #            has compiled before
 #   pool24   first24 (below) with the main thread's stack sampled, with inductor's compile workers started when
 #            compiling begins (torch's way) and before the model loads (finetune's way)
+#   short8   widths24's fresh-machine runs at 8 GiB (32 one-layer groups, their inputs through the host ring)
 #   generate  profile_generate.py (8 layers): the app's "Try" generation, with and without cuDNN's attention
 #   stacks24  bench_7b.py at 24 GiB (16 training steps, no peer) from an empty compile cache, the main thread's stack
 #            sampled in each run: where the estimate's and the training loop's wall time goes
@@ -126,6 +127,12 @@ for one in "${steps[@]}"; do
                     bench/profile_estimate.py --card-gib 24 --samples 128 --no-block --min-words 50 --max-words "$words" \
                     --runs "$runs" --warm-pool --name "$name" $([ "$width" = one ] && echo --one-width)
                 done
+              done ;;
+      short8) for width in own one; do
+                name=profile_estimate_8gib_128samples_short_${width}_width_fresh_machine
+                TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step "short8_$width" 200 "$name" python3 bench/profile_estimate.py \
+                  --card-gib 8 --samples 128 --no-block --min-words 50 --max-words 550 --warm-pool --name "$name" \
+                  $([ "$width" = one ] && echo --one-width)
               done ;;
       generate) for attention in cudnn flash; do
                 step "generate_$attention" 120 "profile_generate_8layers_$attention" python3 bench/profile_generate.py \
