@@ -40,8 +40,10 @@
 #   first24  profile_estimate.py at 24 GiB twice, in two processes sharing one compile cache that starts empty: a first
 #            run on a fresh machine, then a first run on a machine that has compiled before
 # Usage: bash bench/run_on_device.sh [step ...]   (default: tests kernels 24 8 peft; tests_api in a call of its own)
+#        SUFFIX=_session9 bash bench/run_on_device.sh peft twice24   (peft's and twice's JSON names end in $SUFFIX)
 # bitsandbytes is not on the device image: ../shared/tools/device-wheels.sh puts its wheel in .whl/, carried there.
 set -uo pipefail
+SUFFIX=${SUFFIX:-}
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -74,8 +76,8 @@ for one in "${steps[@]}"; do
       kernels) step kernels 120 kernels python3 bench/bench_kernels.py ;;
       24|8) step "$one" 240 "bench_7b_${one}gib_128samples_compiled" python3 bench/bench_7b.py --card-gib "$one" \
               --estimation-samples 128 --train-steps 8 --peer-steps 8 --name "bench_7b_${one}gib_128samples_compiled" ;;
-      peft) step peft 90 peft_loraga_7b_128samples python3 bench/bench_7b.py --card-gib 80 --estimation-samples 128 \
-              --only peft_loraga --name peft_loraga_7b_128samples ;;
+      peft) step peft 120 "peft_loraga_7b_128samples$SUFFIX" python3 bench/bench_7b.py --card-gib 80 \
+              --estimation-samples 128 --only peft_loraga --name "peft_loraga_7b_128samples$SUFFIX" ;;
       profile24|profile8) step "$one" 180 "profile_estimate_${one#profile}gib_128samples" python3 bench/profile_estimate.py \
               --card-gib "${one#profile}" --samples 128 --no-block --name "profile_estimate_${one#profile}gib_128samples" ;;
       host8) step host8 180 profile_estimate_8gib_128samples_host8gib python3 bench/profile_estimate.py --card-gib 8 \
@@ -106,7 +108,7 @@ for one in "${steps[@]}"; do
               --name profile_estimate_24gib_128samples_short_own_width_expandable ;;
       twice24|twice8) cache=$(mktemp -d) card=${one#twice}
               for run in fresh_machine cache_on_disk; do
-                name=bench_7b_${card}gib_128samples_first_run_$run
+                name=bench_7b_${card}gib_128samples_first_run_$run$SUFFIX
                 TORCHINDUCTOR_CACHE_DIR=$cache step "${one}_$run" 300 "$name" python3 bench/bench_7b.py --card-gib "$card" \
                   --estimation-samples 128 --train-steps 16 --peer-steps 0 --name "$name"
               done ;;
