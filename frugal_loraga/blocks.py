@@ -81,8 +81,14 @@ def without_cudnn_attention():
 
 def start_compile_workers() -> None:
     """Start torch inductor's pool of compile worker processes now, so that it comes up while the model loads. torch
-    starts it at the first compile, and until its workers are up it compiles the kernels one by one in this process."""
-    from torch._inductor.async_compile import maybe_warm_pool
+    starts it at the first compile, and until its workers are up it compiles the kernels one by one in this process:
+    a fresh machine's first 7B estimate took 32.7 s that way, 28.6 s with the pool started early (H100,
+    bench/results/profile_estimate_24gib_128samples_first_run_*_pool_*.json). A private torch function: a torch
+    without it just starts the pool later."""
+    try:
+        from torch._inductor.async_compile import maybe_warm_pool
+    except ImportError:
+        return
     maybe_warm_pool()
 
 
