@@ -25,9 +25,10 @@
 #            compile cache (torch's caches do not key on the attention backends allowed), logging recompiles
 #   short24_expandable  profile_estimate.py at 24 GiB on examples of 50 to 550 words, from an empty compile cache, with
 #            the CUDA allocator's expandable segments
-#   widths24  profile_estimate.py at 24 GiB on examples of 50 to 550 words (90 to 1000 tokens), its batches of one width (with cuDNN's attention) or each
-#            of its own (flash attention), each from an empty compile cache, then again with the cache on disk, then
-#            on other data (50 to 500 words, so another longest example) with the cache on disk
+#   widths24  profile_estimate.py at 24 GiB on examples of 50 to 550 words (90 to 1000 tokens), its batches of one
+#            width (with cuDNN's attention) or each of its own (flash attention), each from an empty compile cache,
+#            then again with the cache on disk, then on other data (50 to 500 words, so another longest example) with
+#            the cache on disk
 #   twice24, twice8  bench_7b.py at 24 / 8 GiB (16 training steps, no peer) twice, in two processes sharing one
 #            compile cache that starts empty: what each phase spends compiling on a fresh machine, and on one that
 #            has compiled before

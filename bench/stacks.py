@@ -34,7 +34,7 @@ class StackSampler:
         while not self._done.wait(self.interval):
             frame = sys._current_frames().get(self.thread_id)
             now = time.perf_counter()
-            weight, last = now - last, now  # the time since the last sample: longer while the profiled thread held the GIL
+            weight, last = now - last, now  # since the last sample: longer while the profiled thread held the GIL
             if frame is None:
                 continue
             self.samples += 1
