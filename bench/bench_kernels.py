@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from frugal_loraga.gradients import accumulate_outer  # noqa: E402
 from frugal_loraga.svd import top_singular  # noqa: E402
-from kernels.lora import lora_add_reference, lora_add_triton  # noqa: E402
+from frugal_loraga.kernels.lora import lora_add_reference, lora_add_triton  # noqa: E402
 
 SHAPES = {"q_proj (4096 x 4096)": (4096, 4096), "up_proj (11008 x 4096)": (11008, 4096),
           "down_proj (4096 x 11008)": (4096, 11008)}

@@ -31,7 +31,7 @@ from frugal_loraga.api import initial_factors  # noqa: E402
 from frugal_loraga.lora import find_targets, inject  # noqa: E402
 from frugal_loraga.models import load_model  # noqa: E402
 from frugal_loraga.train import autocast, make_optimizer  # noqa: E402
-from kernels.lora import lora_add_reference  # noqa: E402
+from frugal_loraga.kernels.lora import lora_add_reference  # noqa: E402
 
 
 def liger(model, loss_only: bool) -> None:

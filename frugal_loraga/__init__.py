@@ -1,6 +1,16 @@
-"""frugal-loraga: LoRA-GA fine-tuning on a 4-bit base with the gradient streamed layer group by layer group."""
-from .api import FinetuneResult, OutOfMemory, finetune
-from .config import Config, ConfigError
-from .data import DataError
+"""frugal-loraga: LoRA-GA fine-tuning on a 4-bit base with the gradient streamed layer group by layer group.
 
-__all__ = ["Config", "ConfigError", "DataError", "FinetuneResult", "OutOfMemory", "finetune"]
+Config and the errors import without torch; finetune and FinetuneResult load the engine on first use (PEP 562), so
+that `python -m frugal_loraga train --help` answers at once.
+"""
+from .config import Config
+from .errors import ConfigError, DataError, OutOfMemory, RunError
+
+__all__ = ["Config", "ConfigError", "DataError", "FinetuneResult", "OutOfMemory", "RunError", "finetune"]
+
+
+def __getattr__(name: str):
+    if name in ("finetune", "FinetuneResult"):
+        from . import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'frugal_loraga' has no attribute {name!r}")

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .blocks import start_compile_workers
 from .config import Config
 from .data import causal_inputs, collate, load_examples, split_eval
+from .errors import OutOfMemory
 from .export import export_adapter
 from .gradients import ProgressFn, default_budget_bytes, estimate_gradient_svd
 from .init import lora_factors, lora_ga_factors
@@ -29,10 +30,6 @@ from .models import load_model, resolve_device, resolve_dtype
 from .train import adapter_state, load_checkpoint, save_checkpoint, train
 
 log = logging.getLogger("frugal_loraga")
-
-
-class OutOfMemory(RuntimeError):
-    """CUDA ran out of memory; the message says which settings to lower."""
 
 
 @dataclass

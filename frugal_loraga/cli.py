@@ -8,8 +8,8 @@ import logging
 import sys
 from typing import Literal, Optional, Union, get_args, get_origin, get_type_hints
 
-from .config import Config, ConfigError
-from .data import DataError
+from .config import Config
+from .errors import ConfigError, DataError, OutOfMemory
 
 
 def _arg_type(hint):
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from .api import OutOfMemory, finetune
+    from .api import finetune
     try:
         config = Config(**{k: v for k, v in vars(args).items() if k != "command"})
         result = finetune(config)

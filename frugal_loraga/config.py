@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional, get_args, get_origin, get_type_hints
 
+from .errors import ConfigError
+
 DataFormat = Literal["auto", "alpaca", "chat", "prompt_completion", "text"]
 InitMethod = Literal["lora_ga", "lora"]
 Direction = Literal["ArB2r", "A2rBr"]
@@ -20,10 +22,6 @@ Dtype = Literal["auto", "bfloat16", "float32"]
 Device = Literal["auto", "cpu", "cuda"]
 
 ALL_LINEAR = "all-linear"
-
-
-class ConfigError(ValueError):
-    """A setting is invalid; the message says which and what to use instead."""
 
 
 def _f(default, help: str, **kw):

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError, DataError
 
 log = logging.getLogger("frugal_loraga")
 IGNORE = -100
@@ -26,10 +26,6 @@ FORMAT_COLUMNS = {"alpaca": ("instruction", "output"), "chat": ("messages",),
 PLAIN_CHAT_TEMPLATE = (
     "{% for m in messages %}### {{ m['role'] | capitalize }}:\n{{ m['content'] }}\n\n{% endfor %}"
     "{% if add_generation_prompt %}### Assistant:\n{% endif %}")
-
-
-class DataError(ValueError):
-    """The data file cannot be used; the message names the file, the line and what to fix."""
 
 
 @dataclass

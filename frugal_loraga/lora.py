@@ -4,7 +4,8 @@
 base: the frozen linear layer (nn.Linear or bitsandbytes Linear4bit), W (m x n), never requantized;
 A (r x n), B (m x r): trainable fp32; A0, B0: frozen copies of their initial values (LoRA-GA), empty for plain LoRA.
 At step 0 A == A0 and B == B0 bit for bit, so the two products cancel exactly and the model is unchanged.
-The sum is computed by kernels.lora.lora_add: one fused Triton shrink/expand on CUDA, the torch reference elsewhere.
+The sum is computed by kernels.lora.lora_add: one fused Triton shrink/expand on CUDA, the torch reference elsewhere
+(or where Triton is not installed).
 Inside torch.compile a 4-bit base is dequantized by torch ops (nf4.py) that fuse into the compiled layer (FrozenLinear,
 which the LoRA-GA gradient estimate wraps around its targets too).
 """
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.lora import lora_add
+from .kernels.lora import lora_add
 
 from .config import ALL_LINEAR, ConfigError
 from .nf4 import FourBitWeight

@@ -5,7 +5,10 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from kernels.lora import lora_add_reference, lora_add_triton
+from frugal_loraga.kernels.lora import lora_add_reference, lora_add_triton, triton
+
+pytestmark = pytest.mark.skipif(triton is None, reason="Triton is not installed (a CPU install): the kernels cannot "
+                                                       "run, not even in its interpreter")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),

@@ -13,13 +13,19 @@ reference (lora_add_reference) is LoraLinear's torch code.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from . import dot_precision
 
+try:
+    import triton
+    import triton.language as tl
+    jit = triton.jit
+except ImportError:  # a CPU install without Triton: lora_add takes the torch reference
+    triton = tl = None
+    jit = lambda kernel: kernel  # noqa: E731 (the kernels are then never launched)
 
-@triton.jit
+
+@jit
 def _shrink_kernel(x_ptr, w_ptr, w2_ptr, out_ptr, N, K, R, scale, stride_xn, stride_xk, stride_wr, stride_wk,
                    stride_w2r, stride_w2k, stride_on,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SECOND: tl.constexpr,
@@ -51,7 +57,7 @@ def _shrink_kernel(x_ptr, w_ptr, w2_ptr, out_ptr, N, K, R, scale, stride_xn, str
         tl.store(out_ptr + rows[:, None] * stride_on + R + ranks[None, :], total2 * scale, mask=out_mask)
 
 
-@triton.jit
+@jit
 def _expand_kernel(t_ptr, w_ptr, w2_ptr, src_ptr, y_ptr, N, M, R, scale, stride_tn, stride_wm, stride_wr, stride_w2m,
                    stride_w2r, stride_sn, stride_sm, stride_yn, stride_ym,
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, SECOND: tl.constexpr,
@@ -165,7 +171,7 @@ def lora_add_reference(y, x, A, B, A0, B0, eta: float) -> torch.Tensor:
 
 
 def lora_add(y, x, A, B, A0, B0, eta: float) -> torch.Tensor:
-    """The fused kernel on CUDA for ranks up to 64, the torch reference elsewhere."""
-    if y.is_cuda and A.shape[0] <= 64:
+    """The fused kernel on CUDA for ranks up to 64 (when Triton is installed), the torch reference elsewhere."""
+    if triton is not None and y.is_cuda and A.shape[0] <= 64:
         return lora_add_triton(y, x, A, B, A0, B0, eta)
     return lora_add_reference(y, x, A, B, A0, B0, eta)
