@@ -148,7 +148,7 @@ def start(upload, data_format, model, load_in_4bit, init, rank, alpha, use_rslor
                         load_in_4bit=load_in_4bit, rank=int(rank), alpha=float(alpha), use_rslora=use_rslora,
                         lr=float(lr), steps=int(steps), batch_size=int(batch_size), max_length=int(max_length),
                         estimation_samples=int(estimation_samples), eval_every=max(int(steps) // 10, 1),
-                        resume=resume, progress=False)
+                        resume=resume, overwrite=not resume, progress=False)
         configs = [Config(init=init, out=str(RUNS / init), **settings)]
         if baseline and init == "lora_ga":
             configs.append(Config(init="lora", out=str(RUNS / "lora"), **settings))

@@ -103,7 +103,7 @@ def full_finetune(config: Config):
     eval_examples, _ = load_examples(config.eval_data, config.data_format, tokenizer, config.max_length)
     metrics = {"train_loss": [], "eval_loss": [], "train_tokens": 0}
     start = time.perf_counter()
-    train(model, {}, train_examples, eval_examples, config, tokenizer.pad_token_id, device,
+    train(model, {}, train_examples, eval_examples, config, {}, tokenizer.pad_token_id, device,
           resolve_dtype(config, device), metrics, params=list(model.parameters()))
     metrics["tokens_per_second"] = metrics["train_tokens"] / (time.perf_counter() - start)
     return metrics, model, tokenizer, device

@@ -20,14 +20,15 @@ from tqdm.auto import tqdm
 
 from .blocks import start_compile_workers
 from .config import Config
-from .data import causal_inputs, collate, load_examples, split_eval
+from .checkpoint import atomic_write, check_outputs, load_checkpoint, run_inputs, save_checkpoint
+from .data import Example, causal_inputs, collate, load_examples, split_eval
 from .errors import OutOfMemory
 from .export import export_adapter
 from .gradients import ProgressFn, default_budget_bytes, estimate_gradient_svd
 from .init import lora_factors, lora_ga_factors
 from .lora import find_targets, inject
-from .models import load_model, resolve_device, resolve_dtype
-from .train import adapter_state, load_checkpoint, save_checkpoint, train
+from .models import load_base, load_tokenizer, release, resolve_device, resolve_dtype, resolve_model_path
+from .train import adapter_state, train
 
 log = logging.getLogger("frugal_loraga")
 
@@ -98,35 +99,35 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
              stop: Optional[threading.Event] = None) -> FinetuneResult:
     """Run LoRA-GA (or LoRA) fine-tuning as configured; returns the adapter folder and the metrics.
 
-    progress(phase, done, total, metrics) is called as work advances; setting `stop` ends training after the current step
-    with a checkpoint written (resume with config.resume = True)."""
+    Bad settings, data and model folders are refused (ConfigError, DataError) before the model loads. progress(phase,
+    done, total, metrics) is called as work advances; setting `stop` ends training after the current step with a
+    checkpoint written (resume with config.resume = True). When it returns or raises, nothing of its model is left
+    in memory, with Python's cyclic garbage collector on or off."""
     def enter(name: str) -> str:
         if progress:
             progress(name, 0, 0, {})
         return name
 
-    phase = enter("loading the model")
+    phase = enter("loading data")
+    model = None
     try:
+        check_outputs(config)
+        model_path = resolve_model_path(config.model, config.trust_remote_code)
+        tokenizer = load_tokenizer(model_path, config.trust_remote_code)
+        train_examples, eval_examples = load_data(config, tokenizer)
+        state = load_checkpoint(config, inputs := run_inputs(config, model_path))
+        phase = enter("loading the model")
         torch.manual_seed(config.seed)
         if config.compile and resolve_device(config).type == "cuda":
             start_compile_workers()  # up by the time the estimate compiles
-        model, tokenizer, device = load_model(config)
+        model, device = load_base(config, model_path)
         dtype = resolve_dtype(config, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        phase = enter("loading data")
-        examples, report = load_examples(config.data, config.data_format, tokenizer, config.max_length)
-        log.info("training data: %s", report.summary())
-        if config.eval_data:
-            train_examples = examples
-            eval_examples, _ = load_examples(config.eval_data, config.data_format, tokenizer, config.max_length)
-        else:
-            train_examples, eval_examples = split_eval(examples, config.eval_fraction, config.seed)
         targets = find_targets(model, config.target_list(), config.rank, config.init)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         pad_id = tokenizer.pad_token_id
-        state = load_checkpoint(config)
         if state is not None:
             metrics = state["metrics"]
             factors = factors_from_checkpoint(state["adapter"], device)
@@ -140,22 +141,39 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
                        **init_metrics}
         layers = inject(model, factors, config.eta)
         if state is None:
-            save_checkpoint(config.out, {"config": config.to_dict(), "step": 0, "metrics": metrics,
+            save_checkpoint(config.out, {"config": config.to_dict(), "inputs": inputs, "step": 0, "metrics": metrics,
                                          "adapter": adapter_state(layers)})
         phase = "training"
         start = time.perf_counter()
-        stopped = train(model, layers, train_examples, eval_examples, config, pad_id, device, dtype, metrics,
+        stopped = train(model, layers, train_examples, eval_examples, config, inputs, pad_id, device, dtype, metrics,
                         resume_state=state, progress=progress, stop=stop)
+        metrics["train_seconds"] += time.perf_counter() - start
+        metrics["tokens_per_second"] = metrics["train_tokens"] / max(metrics["train_seconds"], 1e-9)
+        metrics["peak_memory_gib"] = peak_memory_gib(device)
+        adapter_dir = export_adapter(layers, config, model.name_or_path, Path(config.out) / "adapter")
+        write_metrics(metrics, config)
+        return FinetuneResult(adapter_dir, metrics, stopped)
     except torch.cuda.OutOfMemoryError as e:
         raise OutOfMemory(f"CUDA ran out of memory while {phase}. Lower batch_size or max_length, keep "
                           "gradient_checkpointing and load_in_4bit on, or for the init lower estimation_batch_size "
                           "and grad_budget_gib.") from e
-    metrics["train_seconds"] += time.perf_counter() - start
-    metrics["tokens_per_second"] = metrics["train_tokens"] / max(metrics["train_seconds"], 1e-9)
-    metrics["peak_memory_gib"] = peak_memory_gib(device)
-    out = Path(config.out)
-    adapter_dir = export_adapter(layers, config, model.name_or_path, out / "adapter")
-    for path in {out / "metrics.json", *([Path(config.metrics_json)] if config.metrics_json else [])}:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(metrics, indent=1))
-    return FinetuneResult(adapter_dir, metrics, stopped)
+    finally:
+        if model is not None:
+            release(model)
+
+
+def load_data(config: Config, tokenizer) -> tuple[list[Example], list[Example]]:
+    """The training and eval examples: eval_data's, or eval_fraction split off the training data."""
+    examples, report = load_examples(config.data, config.data_format, tokenizer, config.max_length)
+    log.info("training data: %s", report.summary())
+    if not config.eval_data:
+        return split_eval(examples, config.eval_fraction, config.seed)
+    return examples, load_examples(config.eval_data, config.data_format, tokenizer, config.max_length)[0]
+
+
+def write_metrics(metrics: dict, config: Config) -> None:
+    """out/metrics.json, then the metrics_json copy (checked writable before the run)."""
+    text = json.dumps(metrics, indent=1)
+    paths = [Path(config.out) / "metrics.json"] + ([Path(config.metrics_json)] if config.metrics_json else [])
+    for path in dict.fromkeys(paths):
+        atomic_write(path, lambda tmp: tmp.write_text(text))

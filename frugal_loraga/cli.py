@@ -1,4 +1,6 @@
-"""Command line: `python -m frugal_loraga train --model demo --data FILE ...`; one flag per Config field."""
+"""Command line: `frugal-loraga train --model demo --data FILE ...` (or `python -m frugal_loraga`); one flag per Config
+field. Exit codes: 0 done (or stopped with a checkpoint), 2 bad input (settings, data, model folder, out of memory:
+the message says what to change), 1 a failure during the run (a full disk, training that diverged)."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +11,7 @@ import sys
 from typing import Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 from .config import Config
-from .errors import ConfigError, DataError, OutOfMemory
+from .errors import ConfigError, DataError, OutOfMemory, RunError
 
 
 def _arg_type(hint):
@@ -22,7 +24,7 @@ def _arg_type(hint):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m frugal_loraga", description="LoRA-GA fine-tuning on one GPU")
+    parser = argparse.ArgumentParser(prog="frugal-loraga", description="LoRA-GA fine-tuning on one GPU")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="initialise (LoRA-GA or LoRA), train and export a PEFT adapter",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -38,16 +40,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """'--lr -1e-4' -> '--lr=-1e-4': argparse takes a value that starts with '-' and is not a plain negative integer
+    or decimal for a flag, so the setting would not reach Config, whose message says what is allowed."""
+    joined: list[str] = []
+    for arg in argv:
+        if joined and joined[-1].startswith("--") and "=" not in joined[-1] and arg.startswith("-") \
+                and _is_number(arg):
+            joined[-1] = f"{joined[-1]}={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_negative_values(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from .api import finetune
     try:
         config = Config(**{k: v for k, v in vars(args).items() if k != "command"})
+        from .api import finetune  # torch loads here, not for --help
         result = finetune(config)
     except (ConfigError, DataError, OutOfMemory) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     summary = {k: v for k, v in result.metrics.items() if not isinstance(v, list)}
     print(json.dumps({"adapter": str(result.adapter_dir), **summary}, indent=1))
     return 0

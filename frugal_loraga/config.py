@@ -6,6 +6,7 @@ Every field carries its default and a one-line help text (used for `--help` and 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional, get_args, get_origin, get_type_hints
 
@@ -78,7 +79,9 @@ class Config:
     # --- output
     out: str = _f("runs/latest", "output folder: adapter/, checkpoint/, metrics.json")
     metrics_json: Optional[str] = _f(None, "also write the metrics JSON here")
-    resume: bool = _f(False, "continue from out/checkpoint if it exists")
+    resume: bool = _f(False, "continue the run in out from its checkpoint (out/checkpoint)")
+    overwrite: bool = _f(False, "start a new run in an out folder that holds one, replacing its checkpoint, adapter and "
+                                "metrics (other files there are left alone)")
     progress: bool = _f(True, "show tqdm progress bars")
 
     def __post_init__(self):
@@ -92,19 +95,22 @@ class Config:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ["alpha", "lr", "gamma"]:
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ConfigError(f"{name} must be a positive finite number, got {getattr(self, name)}")
         for name in ["eval_every", "save_every", "weight_decay", "max_grad_norm"]:
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.grad_budget_gib is not None and not self.grad_budget_gib > 0:
+        if self.grad_budget_gib is not None and not 0 < self.grad_budget_gib < math.inf:
             raise ConfigError(f"grad_budget_gib must be positive, got {self.grad_budget_gib}")
         if not self.data:
             raise ConfigError("no training data: set data to a .jsonl, .json, .csv or .txt file")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume and overwrite exclude each other: resume continues the run in out, overwrite "
+                              "replaces it; choose one")
         if not self.target_list():
             raise ConfigError("target_modules is empty: name module suffixes such as q_proj,v_proj, or all-linear")
 

@@ -7,21 +7,22 @@ Plain LoRA exports as is (rank r, alpha).
 """
 from __future__ import annotations
 
+import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 
+from .checkpoint import atomic_write
 from .config import Config
 from .lora import LoraLinear
 
 
 def export_adapter(layers: dict[str, LoraLinear], config: Config, base_model: str, out_dir: str | Path) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors into out_dir (replaced atomically)."""
+    """Write adapter_config.json + adapter_model.safetensors into out_dir, each replaced atomically; any other file
+    in out_dir is left alone."""
     out_dir = Path(out_dir)
     frozen = any(layer.has_frozen for layer in layers.values())
     tensors = {}
@@ -35,11 +36,8 @@ def export_adapter(layers: dict[str, LoraLinear], config: Config, base_model: st
     alpha = config.alpha * ((math.sqrt(2) if config.use_rslora else 2) if frozen else 1)
     peft_config = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=config.use_rslora, lora_dropout=0.0, bias="none",
                              target_modules=sorted(layers), task_type="CAUSAL_LM", base_model_name_or_path=base_model)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    peft_config.save_pretrained(tmp)
-    save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    config_json = json.dumps(peft_config.to_dict(), indent=2, sort_keys=True, default=sorted)  # sets as lists
+    atomic_write(out_dir / "adapter_config.json", lambda tmp: tmp.write_text(config_json))
+    atomic_write(out_dir / "adapter_model.safetensors",
+                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     return out_dir

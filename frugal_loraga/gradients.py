@@ -461,9 +461,13 @@ def available_ram_bytes() -> int:
 
 
 def default_budget_bytes(device: torch.device) -> int:
-    """Half of what is free now: GPU memory on CUDA (within any per-process cap), available RAM on CPU."""
+    """Half of what is free now: GPU memory on CUDA (within any per-process cap), available RAM on CPU. On CUDA the
+    blocks torch's allocator keeps cached but unused (an earlier run's, in the same process) count as free: the
+    estimate reuses them, so a second run gets the budget the first one got."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        capped = total * torch.cuda.get_per_process_memory_fraction(device) - torch.cuda.memory_reserved(device)
-        return int(min(free, capped) * 0.5)
+        allocated = torch.cuda.memory_allocated(device)
+        cached = torch.cuda.memory_reserved(device) - allocated
+        capped = total * torch.cuda.get_per_process_memory_fraction(device) - allocated
+        return int(min(free + cached, capped) * 0.5)
     return int(available_ram_bytes() * 0.5)

@@ -70,9 +70,11 @@ def find_targets(model: nn.Module, targets: list[str], rank: int, init: str) -> 
             if not isinstance(module, nn.Linear):
                 raise ConfigError(f"target {name} is a {type(module).__name__}; only linear layers can be adapted")
             found[name] = module
-    if not found:
-        suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ConfigError(f"no module matches target_modules={','.join(targets)}; linear layers here: {', '.join(suffixes)}")
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    unmatched = [t for t in targets if t != ALL_LINEAR and not any(n == t or n.endswith("." + t) for n in found)]
+    if not found or unmatched:
+        raise ConfigError(f"no module matches target_modules {', '.join(unmatched or targets)}; "
+                          f"linear layers here: {', '.join(suffixes)} (or all-linear)")
     need = 2 * rank if init == "lora_ga" else rank
     for name, module in found.items():
         if need > min(module.in_features, module.out_features):

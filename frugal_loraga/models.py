@@ -1,22 +1,35 @@
 """Loading the base model and tokenizer: the embedded demo model, local folders, hub ids; NF4 by default.
 
-Weights load through safetensors only, and trust_remote_code stays off unless the config asks for it.
+Weights load through safetensors only, and trust_remote_code stays off unless the config asks for it. A bad local
+folder (an encoder, a broken config.json, missing tokenizer files, truncated weights, code it would have to run) is
+refused with a ConfigError before any weights load.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+from torch import nn
+import transformers
+from huggingface_hub import constants as hf_constants, try_to_load_from_cache
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-from .config import Config, ConfigError
+from .config import Config
+from .errors import ConfigError
 
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DECODER_ONLY = "frugal-loraga fine-tunes decoder-only causal language models (Llama, Qwen, Mistral, Gemma, ...)"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model")
 
 
 def cache_dir() -> Path:
@@ -65,35 +78,165 @@ def resolve_dtype(config: Config, device: torch.device) -> torch.dtype:
     return getattr(torch, config.dtype)
 
 
+def _read_json(file: Path) -> dict:
+    """The JSON object in file; ConfigError naming the file when it is not one."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(f"{file} is not valid JSON ({e}); replace it with the original model's file") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file} holds a JSON {type(data).__name__}, not an object; replace it with the original "
+                          "model's file")
+    return data
+
+
+def _read_model_config(path: Path, trust_remote_code: bool):
+    """The folder's transformers config, refusing configs that need code which is not trusted or not installed."""
+    file = path / "config.json"
+    raw = _read_json(file)
+    model_type = raw.get("model_type")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        if "auto_map" not in raw:
+            raise ConfigError(f"{file} names model_type {model_type!r}, which transformers {transformers.__version__} "
+                              "does not know; upgrade transformers (pip install -U transformers) or use another model")
+        if not trust_remote_code:
+            raise ConfigError(f"{path} needs its own Python code (auto_map in config.json); if you trust it, set "
+                              "trust_remote_code (--trust-remote-code)")
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # remote code may raise anything
+        raise ConfigError(f"transformers cannot read {file}: {e}") from e
+
+
+def _check_causal(path: Path, model_config, trust_remote_code: bool) -> None:
+    """Refuses encoders and encoder-decoders (transformers maps 'bert' to a causal class too) and non-causal models."""
+    model_type = model_config.model_type
+    if model_config.is_encoder_decoder:
+        kind = "an encoder-decoder"
+    elif model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(model_config, "is_decoder", False):
+        kind = "an encoder"
+    elif model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
+        kind = "which is not a causal language model"
+    else:
+        return
+    architectures = ", ".join(model_config.architectures or [])
+    named = f" ({architectures})" if architectures else ""
+    raise ConfigError(f"{path} holds a '{model_type}' model{named}, {kind}; {DECODER_ONLY}")
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """What is wrong with a .safetensors file's header or size, or None; reads the header only, not the tensors."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            if not 2 <= header_size <= min(size - 8, 100_000_000):
+                return f"its header size field reads {header_size} bytes but the file has {size}"
+            header = json.loads(f.read(header_size))
+        end = max((t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"), default=0)
+    except Exception as e:  # any malformed header: bad JSON, wrong types, missing keys
+        return f"its header does not parse ({type(e).__name__}: {e})"
+    if 8 + header_size + end != size:
+        return f"its header lists {8 + header_size + end} bytes but the file has {size}"
+    return None
+
+
+def _check_weights(path: Path) -> None:
+    """Safetensors weights only; every shard listed in the index present, every file's size matching its header."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"{path} has no .safetensors weights; only safetensors load (convert with "
+                          "model.save_pretrained(folder, safe_serialization=True))")
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        missing = sorted({shard for shard in _read_json(index).get("weight_map", {}).values()
+                          if not (path / shard).is_file()})
+        if missing:
+            raise ConfigError(f"{path} lacks {', '.join(missing)}, listed in {index.name}; download or copy it again")
+    for file in files:
+        problem = _safetensors_problem(file)
+        if problem:
+            raise ConfigError(f"{file} is truncated or corrupt: {problem}; download or save it again")
+
+
 def _check_local_folder(path: Path, trust_remote_code: bool) -> None:
+    """Refuses, without loading weights, a folder that is not a decoder-only causal LM with sound safetensors."""
     if not path.is_dir():
         raise ConfigError(f"model folder {path} does not exist; give 'demo', a local folder, or a hub id (org/name)")
     if not (path / "config.json").exists():
         raise ConfigError(f"{path} has no config.json: it is not a Hugging Face model folder")
-    model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if model_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
-        raise ConfigError(f"{path} holds a '{model_config.model_type}' model, which is not a causal language model")
-    if not any(path.glob("*.safetensors")):
-        raise ConfigError(f"{path} has no .safetensors weights; only safetensors load (convert with "
-                          "model.save_pretrained(folder, safe_serialization=True))")
+    _check_causal(path, _read_model_config(path, trust_remote_code), trust_remote_code)
+    _check_weights(path)
+
+
+def _check_hub_id(name: str) -> None:
+    """Refuses an invalid hub id, and at once one that is not cached while the hub's host does not resolve (offline),
+    instead of the minute of retries that transformers would spend before failing."""
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+    except ValueError as e:  # HFValidationError
+        raise ConfigError(f"'{name}' is neither a local folder nor a valid hub id ({e})") from e
+    host = urlparse(hf_constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        raise ConfigError(f"'{name}' is not a local folder, and the Hugging Face hub ({host}) cannot be reached to "
+                          f"download it ({e}); connect to the network, or give a local model folder or 'demo'") from e
 
 
 def resolve_model_path(name: str, trust_remote_code: bool = False) -> str:
-    """'demo' -> the cached demo folder; a local folder is checked; 'org/name' is left to the hub."""
+    """'demo' -> the cached demo folder; a local folder is checked (ConfigError when bad) without loading weights;
+    'org/name' is left to the hub once it is known to be cached or reachable."""
     if name == "demo":
         return str(demo_model_dir())
     path = Path(name).expanduser()
     if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         _check_local_folder(path, trust_remote_code)
         return str(path)
+    _check_hub_id(name)
     return name
 
 
+def _tokenizer_problem(path: str, error: Exception) -> str:
+    """Why the tokenizer did not load and what to do: a hub failure, missing files, or broken ones."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return (f"could not load the tokenizer of '{path}' from the Hugging Face hub ({error}); check the name and "
+                "the network, or give a local model folder or 'demo'")
+    if not any((folder / name).exists() for name in TOKENIZER_FILES) and not any(folder.glob("*.tiktoken")):
+        return (f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); copy them from the original "
+                "model folder")
+    return f"the tokenizer in {path} does not load ({error}); copy its files again from the original model folder"
+
+
+def load_tokenizer(path: str, trust_remote_code: bool):
+    """The model's tokenizer, its pad token set to eos when it has none; ConfigError when it does not load."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # a missing or broken tokenizer surfaces as OSError, ValueError, KeyError, ...
+        raise ConfigError(_tokenizer_problem(path, e)) from e
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"the tokenizer of {path} has neither a pad nor an eos token; add one "
+                              "(tokenizer.add_special_tokens) and save it again")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(config: Config):
-    """Returns (model, tokenizer, device). All base parameters are frozen; use_cache is off for training."""
+    """Returns (model, tokenizer, device): the folder and the tokenizer checked, then the weights loaded (load_base)."""
+    path = resolve_model_path(config.model, config.trust_remote_code)
+    tokenizer = load_tokenizer(path, config.trust_remote_code)
+    model, device = load_base(config, path)
+    return model, tokenizer, device
+
+
+def load_base(config: Config, path: str):
+    """Returns (model, device) for a checked model path (resolve_model_path). All base parameters are frozen;
+    use_cache is off for training."""
     device = resolve_device(config)
     dtype = resolve_dtype(config, device)
-    path = resolve_model_path(config.model, config.trust_remote_code)
     kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=config.trust_remote_code,
                   device_map={"": device.index if device.type == "cuda" else "cpu"})
     if config.load_in_4bit:
@@ -104,12 +247,9 @@ def load_model(config: Config):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise ConfigError(f"could not load model '{config.model}': {e}. Offline? Use a local folder or 'demo'") from e
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
@@ -118,4 +258,15 @@ def load_model(config: Config):
         # kernel has no backward, so gradients through the base would be silently lost after any evaluation.
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-    return model, tokenizer, device
+    return model, device
+
+
+def release(model: nn.Module) -> None:
+    """Break the reference cycle that keeps a 4-bit model's weights alive after its last reference goes, until
+    Python's cyclic collector happens to run: bitsandbytes' Params4bit points back at its Linear4bit (weight.module).
+    finetune calls it when it is done with its model, so that the next run in the process (the app's) finds the GPU
+    memory free."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if getattr(weight, "module", None) is module:
+            weight.module = None

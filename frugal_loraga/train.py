@@ -8,23 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import threading
-from pathlib import Path
 from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config, ConfigError
+from .checkpoint import save_checkpoint
+from .config import Config
+from .errors import ConfigError, RunError
 from .data import Example, causal_inputs, collate, micro_batch, padded_width
-from .blocks import attention_for, block_layout, compile_blocks
+from .blocks import attention_for, block_layout, compile_blocks, uncompile_blocks
 from .gradients import ProgressFn
 from .lora import LoraLinear
-
-# Fields that may change between a run and its resume without changing the result.
-RESUMABLE_CHANGES = {"resume", "progress", "metrics_json", "save_every", "device", "compile"}
-
 
 def lr_factor(step: int, config: Config) -> float:
     """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then the schedule to 0."""
@@ -67,46 +63,17 @@ def evaluate(model, examples: list[Example], config: Config, pad_id: int, device
     return total_loss / max(total_tokens, 1)
 
 
-def checkpoint_path(out: str) -> Path:
-    return Path(out) / "checkpoint" / "state.pt"
-
-
-def save_checkpoint(out: str, state: dict) -> None:
-    """Write to a temporary file, flush to disk, then rename over the old checkpoint: never a half-written one."""
-    path = checkpoint_path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(config: Config) -> Optional[dict]:
-    """The run's checkpoint if resuming and one exists; refuses one written with different settings."""
-    path = checkpoint_path(config.out)
-    if not config.resume or not path.exists():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    now = config.to_dict()
-    changed = sorted(k for k, v in state["config"].items() if k not in RESUMABLE_CHANGES and now.get(k) != v)
-    if changed:
-        raise ConfigError(f"cannot resume {path}: it was written with other settings for {', '.join(changed)}; "
-                          "use the same settings or a new out folder")
-    return state
-
-
 def adapter_state(layers: dict[str, LoraLinear]) -> dict:
     return {name: {k: t.detach().cpu() for k, t in (("A", l.A), ("B", l.B), ("A0", l.A0), ("B0", l.B0))}
             for name, l in layers.items()}
 
 
 def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], eval_examples: list[Example],
-          config: Config, pad_id: int, device: torch.device, dtype: torch.dtype, metrics: dict,
+          config: Config, inputs: dict, pad_id: int, device: torch.device, dtype: torch.dtype, metrics: dict,
           resume_state: Optional[dict] = None, progress: Optional[ProgressFn] = None,
           stop: Optional[threading.Event] = None, params: Optional[list[torch.nn.Parameter]] = None) -> bool:
     """Train to config.steps, filling metrics (train_loss, eval_loss as [step, loss]). True if stopped early.
+    Checkpoints record `inputs` (checkpoint.run_inputs), what a resume must match.
 
     params: what the optimizer updates; default the adapters' A and B (the benchmarks pass all weights for full
     fine-tuning, with no layers)."""
@@ -120,49 +87,66 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
         start = resume_state["step"]
 
     def checkpoint(step):
-        save_checkpoint(config.out, {"config": config.to_dict(), "step": step, "adapter": adapter_state(layers),
+        save_checkpoint(config.out, {"config": config.to_dict(), "inputs": inputs, "step": step,
+                                     "adapter": adapter_state(layers),
                                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                      "metrics": metrics})
 
     compiling = config.compile and device.type == "cuda"
     widths = {padded_width(len(e.input_ids)) for e in train_examples + eval_examples}
+    blocks = block_layout(model, list(layers))[0]
     if compiling:
-        compile_blocks(block_layout(model, list(layers))[0], any_width=len(widths) > 1)
+        compile_blocks(blocks, any_width=len(widths) > 1)
     if progress:
         progress("compiling the decoder layers" if compiling else "training", start, config.steps, metrics)
     model.train()
-    with attention_for(widths):
-        if eval_examples and start == 0:
-            metrics["eval_loss"].append([0, evaluate(model, eval_examples, config, pad_id, device, dtype)])
-        bar = tqdm(total=config.steps, initial=start, desc="training", disable=not config.progress, dynamic_ncols=True)
-        for step in range(start, config.steps):
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for micro in range(config.grad_accum):
-                batch = collate(micro_batch(train_examples, config.batch_size, config.seed,
-                                            step * config.grad_accum + micro), pad_id, device)
-                with autocast(device, dtype):
-                    loss = model(**causal_inputs(batch)).loss / config.grad_accum
-                loss.backward()
-                step_loss += loss.item()
-                metrics["train_tokens"] += int(batch["attention_mask"].sum())
-            if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            done = step + 1
-            metrics["train_loss"].append([done, step_loss])
-            if eval_examples and ((config.eval_every and done % config.eval_every == 0) or done == config.steps):
-                metrics["eval_loss"].append([done, evaluate(model, eval_examples, config, pad_id, device, dtype)])
-            bar.set_postfix(loss=f"{step_loss:.4f}")
-            bar.update()
-            if progress:
-                progress("training", done, config.steps, metrics)
-            stopping = stop is not None and stop.is_set()
-            if (config.save_every and done % config.save_every == 0) or done == config.steps or stopping:
-                checkpoint(done)
-            if stopping and done < config.steps:
-                bar.close()
-                return True
-        bar.close()
+    saved = start  # the step of the last checkpoint: the run saved step 0 before training
+    bar = tqdm(total=config.steps, initial=start, desc="training", disable=not config.progress, dynamic_ncols=True)
+    try:
+        with attention_for(widths):
+            if eval_examples and start == 0:
+                metrics["eval_loss"].append([0, evaluate(model, eval_examples, config, pad_id, device, dtype)])
+            for step in range(start, config.steps):
+                optimizer.zero_grad(set_to_none=True)
+                step_loss = 0.0
+                for micro in range(config.grad_accum):
+                    batch = collate(micro_batch(train_examples, config.batch_size, config.seed,
+                                                step * config.grad_accum + micro), pad_id, device)
+                    with autocast(device, dtype):
+                        loss = model(**causal_inputs(batch)).loss / config.grad_accum
+                    loss.backward()
+                    step_loss += loss.item()
+                    metrics["train_tokens"] += int(batch["attention_mask"].sum())
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm \
+                    else None
+                check_finite(step + 1, step_loss, grad_norm, config, saved)
+                optimizer.step()
+                scheduler.step()
+                done = step + 1
+                metrics["train_loss"].append([done, step_loss])
+                if eval_examples and ((config.eval_every and done % config.eval_every == 0) or done == config.steps):
+                    metrics["eval_loss"].append([done, evaluate(model, eval_examples, config, pad_id, device, dtype)])
+                bar.set_postfix(loss=f"{step_loss:.4f}")
+                bar.update()
+                if progress:
+                    progress("training", done, config.steps, metrics)
+                stopping = stop is not None and stop.is_set()
+                if (config.save_every and done % config.save_every == 0) or done == config.steps or stopping:
+                    checkpoint(done)
+                    saved = done
+                if stopping and done < config.steps:
+                    return True
         return False
+    finally:
+        bar.close()
+        if compiling:
+            uncompile_blocks(blocks)
+
+
+def check_finite(step: int, loss: float, grad_norm: Optional[torch.Tensor], config: Config, saved: int) -> None:
+    """Stop before an optimizer step that would make the adapter NaN: a loss or gradient norm that is not finite."""
+    bad = f"loss {loss}" if not math.isfinite(loss) else \
+        f"gradient norm {grad_norm.item()}" if grad_norm is not None and not torch.isfinite(grad_norm) else None
+    if bad:
+        raise RunError(f"training diverged at step {step} ({bad}): lr={config.lr:g} is too high for this run; lower lr "
+                       f"and start again. The checkpoint of step {saved} is kept; no adapter was exported")

@@ -10,7 +10,7 @@ import frugal_loraga.api as api_module
 from frugal_loraga import Config, ConfigError, OutOfMemory, finetune
 from frugal_loraga.cli import main
 from frugal_loraga.gradients import GradientTap
-from frugal_loraga.models import load_model
+from frugal_loraga.models import load_base
 from conftest import write_jsonl
 
 
@@ -29,7 +29,7 @@ def test_the_estimate_shows_a_progress_bar_and_reports_to_the_callback(tiny_mode
     assert result.metrics["estimation_groups"] > 1
     assert [s for s in seen if s[0] == "estimating gradients"][-1] == ("estimating gradients", total, total)
     compiling = "compiling the decoder layers" if torch.cuda.is_available() else None  # compile is on by default
-    assert seen[:3] == [("loading the model", 0, 0), ("loading data", 0, 0),
+    assert seen[:3] == [("loading data", 0, 0), ("loading the model", 0, 0),
                         (compiling or "estimating gradients", 0, total)]
     assert (compiling or "training", 0, 1) in seen and seen[-1] == ("training", 1, 1)
     assert "LoRA-GA gradient estimate: 100%" in capsys.readouterr().err
@@ -52,7 +52,7 @@ def test_interrupted_run_resumes_to_the_same_adapter(tiny_model_dir, sample_path
 
 def test_resume_with_other_settings_is_refused(tiny_model_dir, sample_path, tmp_path):
     finetune(tiny_config(tiny_model_dir, sample_path, tmp_path, steps=2))
-    with pytest.raises(ConfigError, match="written with other settings for lr, rank"):
+    with pytest.raises(ConfigError, match="written with other settings or inputs for lr, rank"):
         finetune(tiny_config(tiny_model_dir, sample_path, tmp_path, steps=2, rank=2, lr=1e-3, resume=True))
 
 
@@ -124,13 +124,13 @@ def test_batches_of_several_widths_run_without_cudnn_attention(tiny_model_dir, t
         seen.append((isinstance(layer.mlp.down_proj, GradientTap), hidden.shape[1],
                      torch.backends.cuda.cudnn_sdp_enabled()))
 
-    def load_and_watch(config):
-        model, tokenizer, device = load_model(config)
+    def load_and_watch(config, path):
+        model, device = load_base(config, path)
         for layer in model.model.layers:
             layer.register_forward_pre_hook(record, with_kwargs=True)
-        return model, tokenizer, device
+        return model, device
 
-    monkeypatch.setattr(api_module, "load_model", load_and_watch)
+    monkeypatch.setattr(api_module, "load_base", load_and_watch)
     finetune(tiny_config(tiny_model_dir, data, tmp_path / "run", steps=3))
     probe = next(i for i, (estimating, _, _) in enumerate(seen) if estimating)  # the estimate's 8-token probe first
     assert probe > 0 and not any(allowed for _, _, allowed in seen[:probe])

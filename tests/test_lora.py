@@ -13,7 +13,7 @@ from frugal_loraga.init import lora_ga_factors
 from frugal_loraga.lora import find_targets, inject
 from frugal_loraga.models import load_model
 from frugal_loraga.blocks import compile_blocks, uncompile_blocks
-from frugal_loraga.train import checkpoint_path
+from frugal_loraga.checkpoint import checkpoint_path
 
 
 def logits(model, batch):
@@ -139,8 +139,10 @@ def test_target_errors(tiny_model_dir):
     model, _, _ = load_model(config)
     with pytest.raises(ConfigError, match="embed_tokens is a Embedding; only linear layers"):
         find_targets(model, ["embed_tokens"], 4, "lora_ga")
-    with pytest.raises(ConfigError, match="no module matches target_modules=attn_q.*q_proj"):
+    with pytest.raises(ConfigError, match="no module matches target_modules attn_q; linear layers here: .*q_proj"):
         find_targets(model, ["attn_q"], 4, "lora_ga")
+    with pytest.raises(ConfigError, match="no module matches target_modules nonexistent; linear layers here"):
+        find_targets(model, ["q_proj", "nonexistent"], 4, "lora_ga")  # a typo in one of several is not ignored
     with pytest.raises(ConfigError, match="rank 40 is too large.*needs 80 <= 64; lower rank"):
         find_targets(model, ["q_proj"], 40, "lora_ga")
     assert set(find_targets(model, ["q_proj", "v_proj"], 16, "lora_ga")) == {

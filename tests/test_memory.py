@@ -2,10 +2,12 @@
 import json
 
 import pytest
+import torch
 from transformers import LlamaConfig
 
 from conftest import ROOT
 from frugal_loraga.config import Config
+from frugal_loraga.gradients import default_budget_bytes
 from frugal_loraga.memory import estimate_memory_gib
 
 LLAMA_2_7B = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -37,3 +39,15 @@ def test_an_explicit_budget_bounds_the_init_and_no_card_counts_every_gradient():
     everything = estimate_memory_gib(LLAMA_2_7B, Config(**base))
     assert small["init_estimate"] < 1.4 + 0.6 < large["init_estimate"] <= 12 + 0.6  # + the logits
     assert everything["init_estimate"] > 4 * 6.4e9 / 2**30  # all 6.5 B linear weights' fp32 gradients
+
+
+def test_the_default_budget_counts_the_allocators_cache_as_free(monkeypatch):
+    """A second run in one process finds the first one's blocks cached by torch's allocator (reserved, not allocated):
+    they are free to reuse, so it gets the budget the first run got (an 8 GiB card refused the second run before)."""
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (100 * gib, 140 * gib))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 8 / 140)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 4 * gib)  # the second run's model
+    for reserved in (4 * gib, 7 * gib):  # first run: nothing cached; second: 3 GiB cached by the first
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device, reserved=reserved: reserved)
+        assert default_budget_bytes(torch.device("cuda", 0)) == 2 * gib  # half of the 4 GiB the cap leaves

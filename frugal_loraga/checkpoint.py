@@ -1,0 +1,119 @@
+"""The run folder: what a run writes (out/checkpoint/state.pt, out/adapter/, out/metrics.json), checked before the slow
+work, written atomically, and read back to resume.
+
+A checkpoint is {"config", "inputs", "step", "metrics", "adapter"[, "optimizer", "scheduler"]}. "inputs" identifies
+what the run was trained on by content, not by how a path was spelled: the model folder resolved, and a SHA-256 of
+each data file. A resume must match them and every setting that changes the result (all but RESUMABLE_CHANGES).
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .config import Config
+from .errors import ConfigError, RunError
+
+# Fields that may change between a run and its resume without changing the result. The paths (out, data, eval_data,
+# model) are compared through `inputs` instead: the same file spelled another way, or at another path, is the same.
+RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "metrics_json", "save_every", "device", "compile", "out",
+                     "data", "eval_data", "model"}
+
+
+def checkpoint_path(out: str | Path) -> Path:
+    return Path(out) / "checkpoint" / "state.pt"
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def run_inputs(config: Config, model_path: str) -> dict:
+    """What the run learns from, by content: the model (a local folder resolved, or a hub id) and the data's hashes."""
+    local = Path(model_path).expanduser()
+    return {"model": str(local.resolve()) if local.exists() else model_path,
+            "data": file_sha256(config.data),
+            "eval_data": file_sha256(config.eval_data) if config.eval_data else None}
+
+
+def _probe_writable(folder: Path, what: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ConfigError(f"cannot write {what} in {folder}: {e.strerror or e}; choose a folder you can write to") from e
+
+
+def check_outputs(config: Config) -> None:
+    """Before any slow work: the out folder and the metrics file can be written, and the out folder holds no other run
+    that this one would replace (unless resuming it or asked to overwrite), or holds one to resume."""
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={out} is a file, not a folder; choose a folder for the run")
+    for part in ("adapter", "checkpoint"):
+        if (out / part).exists() and not (out / part).is_dir():
+            raise ConfigError(f"{out / part} is a file, but the run writes a folder there; move it or choose another out")
+    _probe_writable(out, "the run")
+    if config.metrics_json:
+        metrics = Path(config.metrics_json)
+        if metrics.is_dir():
+            raise ConfigError(f"metrics_json={metrics} is a folder; give a file path such as {metrics / 'metrics.json'}")
+        _probe_writable(metrics.parent, "the metrics file")
+    existing = checkpoint_path(out).exists()
+    if config.resume and not existing:
+        raise ConfigError(f"nothing to resume: {checkpoint_path(out)} does not exist; start a new run without resume, "
+                          "or point out at the folder of the run to continue")
+    if existing and not config.resume and not config.overwrite:
+        raise ConfigError(f"{out} already holds a run ({checkpoint_path(out)}); continue it with resume "
+                          "(--resume), choose another out folder, or replace it with overwrite (--overwrite)")
+
+
+def load_checkpoint(config: Config, inputs: dict) -> Optional[dict]:
+    """The run's checkpoint when resuming; refuses one written with other settings or on other inputs."""
+    if not config.resume:
+        return None
+    path = checkpoint_path(config.out)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    now = config.to_dict()
+    changed = sorted(k for k, v in state["config"].items() if k not in RESUMABLE_CHANGES and now.get(k) != v)
+    changed += sorted(k for k, v in state.get("inputs", {}).items() if inputs.get(k) != v)
+    if changed:
+        raise ConfigError(f"cannot resume {path}: it was written with other settings or inputs for "
+                          f"{', '.join(changed)}; use the same settings and files, or a new out folder")
+    return state
+
+
+def atomic_write(path: Path, write: Callable[[Path], None], last_good: str = "") -> None:
+    """write(tmp) then rename tmp over path: a reader sees the old file or the new one, never half of one. A full disk
+    (or any OS error) leaves the old file as it was and becomes a RunError that says so."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        full = e.errno == errno.ENOSPC
+        raise RunError(f"could not write {path}: {e.strerror or e}. {last_good or 'The previous file is unchanged.'} "
+                       + ("Free disk space, then resume." if full else "")) from e
+
+
+def save_checkpoint(out: str | Path, state: dict) -> None:
+    """Write the checkpoint atomically, flushed to disk."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    path = checkpoint_path(out)
+    atomic_write(path, write, f"The last checkpoint ({path}) is intact." if path.exists() else "")

@@ -1,0 +1,202 @@
+"""Bad model folders are refused with a ConfigError that says what is wrong and what to do, before any weights load."""
+import json
+import shutil
+import socket
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig, BertConfig, BertForMaskedLM, T5Config
+
+from conftest import make_tokenizer
+from frugal_loraga import Config, ConfigError
+from frugal_loraga import models
+from frugal_loraga.models import load_model, load_tokenizer, resolve_model_path
+
+
+def weights_only(src, dst):
+    """A copy of a model folder with its config and weights but no tokenizer files."""
+    dst.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(src / name, dst / name)
+    return dst
+
+
+def config_folder(path, config, weights=True):
+    """A folder with config.json and, if asked, a small valid safetensors file (the checks never look at tensors)."""
+    config.save_pretrained(path)
+    if weights:
+        save_file({"w": torch.zeros(4)}, str(path / "model.safetensors"))
+    return path
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2",
+                                        "gpt_neox", "opt", "falcon", "olmo2", "granite", "mixtral", "qwen2_moe"])
+def test_decoder_only_families_are_accepted(tmp_path, model_type):
+    folder = config_folder(tmp_path / model_type, AutoConfig.for_model(model_type))
+    assert resolve_model_path(str(folder)) == str(folder)
+
+
+def test_the_tiny_llama_passes_every_check(tiny_model_dir):
+    assert resolve_model_path(str(tiny_model_dir)) == str(tiny_model_dir)
+    assert load_tokenizer(str(tiny_model_dir), False).pad_token is not None
+
+
+def test_bert_is_refused_as_an_encoder(tmp_path):
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
+    BertForMaskedLM(config).save_pretrained(tmp_path / "bert", safe_serialization=True)
+    with pytest.raises(ConfigError, match=r"bert holds a 'bert' model \(BertForMaskedLM\), an encoder; frugal-loraga "
+                                          r"fine-tunes decoder-only causal language models \(Llama, Qwen, Mistral"):
+        resolve_model_path(str(tmp_path / "bert"))
+
+
+def test_bert_saved_as_a_decoder_is_accepted(tmp_path):
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, is_decoder=True)
+    assert resolve_model_path(str(config_folder(tmp_path / "bert", config)))
+
+
+def test_encoder_decoder_is_refused(tmp_path):
+    folder = config_folder(tmp_path / "t5", T5Config(d_model=32, num_layers=1), weights=False)
+    with pytest.raises(ConfigError, match=r"holds a 't5' model, an encoder-decoder; frugal-loraga fine-tunes "
+                                          r"decoder-only"):
+        resolve_model_path(str(folder))
+
+
+def test_malformed_config_json_is_named(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(ConfigError, match=r"config\.json is not valid JSON \(Expecting property name enclosed in "
+                                          r"double quotes: line 1 column 24 \(char 23\)\); replace it with the "
+                                          r"original model's file"):
+        resolve_model_path(str(tmp_path))
+
+
+def test_config_json_that_is_not_an_object(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"config\.json holds a JSON list, not an object"):
+        resolve_model_path(str(tmp_path))
+
+
+def test_unknown_model_type_says_upgrade(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "mything"}')
+    with pytest.raises(ConfigError, match=r"names model_type 'mything', which transformers \S+ does not know; "
+                                          r"upgrade transformers \(pip install -U transformers\)"):
+        resolve_model_path(str(tmp_path))
+
+
+def test_remote_code_folder_asks_for_trust(tmp_path):
+    auto_map = {"AutoConfig": "configuration_my.MyConfig", "AutoModelForCausalLM": "modeling_my.MyModel"}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mything", "auto_map": auto_map}))
+    with pytest.raises(ConfigError, match=r"needs its own Python code \(auto_map in config\.json\); if you trust it, "
+                                          r"set trust_remote_code \(--trust-remote-code\)"):
+        resolve_model_path(str(tmp_path))
+
+
+def test_missing_tokenizer_files(tiny_model_dir, tmp_path):
+    folder = weights_only(tiny_model_dir, tmp_path / "no-tokenizer")
+    assert resolve_model_path(str(folder)) == str(folder)
+    with pytest.raises(ConfigError, match=r"no-tokenizer has no tokenizer files \(tokenizer\.json, tokenizer\.model, "
+                                          r"vocab\.json, \.\.\.\); copy them from the original model folder"):
+        load_tokenizer(str(folder), False)
+
+
+def test_broken_tokenizer_file(tiny_model_dir, tmp_path):
+    folder = weights_only(tiny_model_dir, tmp_path / "broken")
+    (folder / "tokenizer.json").write_text("not json")
+    with pytest.raises(ConfigError, match=r"the tokenizer in \S+broken does not load \(.+\); copy its files again"):
+        load_tokenizer(str(folder), False)
+
+
+def test_pad_token_defaults_to_eos(tmp_path):
+    tokenizer = make_tokenizer()
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_tokenizer(str(tmp_path), False)
+    assert loaded.pad_token == loaded.eos_token == "</s>"
+
+
+def test_tokenizer_without_pad_or_eos_is_refused(tmp_path):
+    tokenizer = make_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token = None
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"has neither a pad nor an eos token; add one"):
+        load_tokenizer(str(tmp_path), False)
+
+
+def test_truncated_safetensors_is_named(tiny_model_dir, tmp_path):
+    folder = tmp_path / "truncated"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = folder / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(ConfigError, match=rf"truncated/model\.safetensors is truncated or corrupt: its header lists "
+                                          rf"{size} bytes but the file has {size // 2}; download or save it again"):
+        resolve_model_path(str(folder))
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"abc", r"its header size field reads \d+ bytes but the file has 3"),
+    ((5).to_bytes(8, "little") + b"{oops", r"its header does not parse \(JSONDecodeError: "),
+    ((2).to_bytes(8, "little") + b"[]", r"its header does not parse \(AttributeError: "),
+])
+def test_corrupt_safetensors_header(tmp_path, content, problem):
+    config_folder(tmp_path, AutoConfig.for_model("llama"), weights=False)
+    (tmp_path / "model.safetensors").write_bytes(content)
+    with pytest.raises(ConfigError, match=r"model\.safetensors is truncated or corrupt: " + problem):
+        resolve_model_path(str(tmp_path))
+
+
+def test_missing_shard_is_named(tmp_path):
+    config_folder(tmp_path, AutoConfig.for_model("llama"))
+    weight_map = {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ConfigError, match=r"lacks model-00002-of-00002\.safetensors, listed in "
+                                          r"model\.safetensors\.index\.json; download or copy it again"):
+        resolve_model_path(str(tmp_path))
+
+
+def test_weights_check_reads_only_the_headers(tmp_path):
+    """A 16 GiB (sparse) safetensors file is checked in well under a second: the tensors are never read."""
+    config_folder(tmp_path, AutoConfig.for_model("llama"), weights=False)
+    data_bytes = 16 << 30
+    header = json.dumps({"w": {"dtype": "F32", "shape": [data_bytes // 4], "data_offsets": [0, data_bytes]}}).encode()
+    weights = tmp_path / "model.safetensors"
+    with open(weights, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + data_bytes)
+    start = time.perf_counter()
+    assert resolve_model_path(str(tmp_path)) == str(tmp_path)
+    assert time.perf_counter() - start < 0.5
+    with open(weights, "r+b") as f:
+        f.truncate(8 + len(header) + data_bytes - 1)
+    with pytest.raises(ConfigError, match="is truncated or corrupt"):
+        resolve_model_path(str(tmp_path))
+
+
+def test_load_model_refuses_before_loading_weights(tiny_model_dir, tmp_path, sample_path, monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded before the folder was refused")
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", no_load)
+    folder = weights_only(tiny_model_dir, tmp_path / "no-tokenizer")
+    with pytest.raises(ConfigError, match="has no tokenizer files"):
+        load_model(Config(model=str(folder), data=str(sample_path), device="cpu", load_in_4bit=False))
+
+
+def test_offline_hub_id_fails_at_once(monkeypatch):
+    def offline(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", offline)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"'frugal-loraga-test/no-such-model' is not a local folder, and the Hugging "
+                                          r"Face hub \(\S+\) cannot be reached to download it \(.*\); "
+                                          r"connect to the network, or give a local model folder or 'demo'"):
+        resolve_model_path("frugal-loraga-test/no-such-model")
+    assert time.perf_counter() - start < 1
+
+
+def test_invalid_hub_id(monkeypatch):
+    with pytest.raises(ConfigError, match=r"'org--x/name' is neither a local folder nor a valid hub id"):
+        resolve_model_path("org--x/name")

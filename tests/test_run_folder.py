@@ -1,0 +1,172 @@
+"""What a run writes and keeps: bad settings and out folders refused before the model loads (exit code 2), no file
+lost (the user's, or the last checkpoint when the disk fills), resume that compares what was trained on by content,
+training that diverges stopped before it exports NaNs, and nothing of the model left in memory when a run ends."""
+import errno
+import gc
+import json
+import re
+import threading
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import frugal_loraga.api as api_module
+from frugal_loraga import Config, ConfigError, RunError, finetune
+from frugal_loraga.checkpoint import checkpoint_path
+from frugal_loraga.cli import join_negative_values, main
+from conftest import write_jsonl
+
+
+def tiny_config(model_dir, data, out, **kw):
+    settings = dict(model=str(model_dir), data=str(data), rank=2, steps=2, lr=3e-3, estimation_samples=4,
+                    eval_every=1, save_every=1, out=str(out), progress=False)
+    return Config(**{**settings, **kw})
+
+
+def cli(model_dir, data, out, *args):
+    return main(["train", "--model", str(model_dir), "--data", str(data), "--steps", "2", "--rank", "2",
+                 "--estimation-samples", "4", "--out", str(out), "--no-progress", *args])
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fails the test if the run gets as far as loading the model."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was refused")
+    monkeypatch.setattr(api_module, "load_base", refuse)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr", "inf"], r"lr must be a positive finite number, got inf"),
+    (["--lr", "nan"], r"lr must be a positive finite number, got nan"),
+    (["--lr", "-1e-4"], r"lr must be a positive finite number, got -0.0001"),
+    (["--resume"], r"nothing to resume: .*checkpoint/state.pt does not exist"),
+    (["--resume", "--overwrite"], r"resume and overwrite exclude each other"),
+])
+def test_bad_settings_exit_2_before_the_model_loads(tiny_model_dir, sample_path, tmp_path, capsys, no_model_load,
+                                                     args, message):
+    assert cli(tiny_model_dir, sample_path, tmp_path / "run", *args) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_negative_numbers_reach_the_config_as_values():
+    assert join_negative_values(["--lr", "-1e-4", "--seed", "-3", "--out", "-x"]) == \
+        ["--lr=-1e-4", "--seed=-3", "--out", "-x"]
+
+
+def test_a_typo_in_one_of_several_targets_is_refused(tiny_model_dir, sample_path, tmp_path, capsys):
+    assert cli(tiny_model_dir, sample_path, tmp_path / "run", "--target-modules", "q_proj,nonexistent") == 2
+    assert "no module matches target_modules nonexistent; linear layers here: " in capsys.readouterr().err
+
+
+def test_unwritable_outputs_are_refused_first(tiny_model_dir, sample_path, tmp_path, capsys, no_model_load):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("mine")
+    assert cli(tiny_model_dir, sample_path, a_file) == 2
+    assert f"out={a_file} is a file, not a folder" in capsys.readouterr().err
+    assert cli(tiny_model_dir, sample_path, a_file / "run") == 2  # under a file: cannot be created
+    assert re.search(r"cannot write the run in .*file.txt/run: Not a directory", capsys.readouterr().err)
+    assert cli(tiny_model_dir, sample_path, tmp_path / "run", "--metrics-json", str(tmp_path)) == 2
+    assert f"metrics_json={tmp_path} is a folder" in capsys.readouterr().err
+    assert cli(tiny_model_dir, sample_path, tmp_path / "run2", "--metrics-json", str(a_file / "m.json")) == 2
+    assert "cannot write the metrics file in" in capsys.readouterr().err
+    (tmp_path / "run3").mkdir()
+    (tmp_path / "run3" / "adapter").write_text("mine")
+    assert cli(tiny_model_dir, sample_path, tmp_path / "run3") == 2
+    assert "adapter is a file, but the run writes a folder there" in capsys.readouterr().err
+    assert a_file.read_text() == "mine" and (tmp_path / "run3" / "adapter").read_text() == "mine"
+
+
+def test_a_finished_run_is_not_replaced_without_overwrite(tiny_model_dir, sample_path, tmp_path):
+    out = tmp_path / "run"
+    first = finetune(tiny_config(tiny_model_dir, sample_path, out, load_in_4bit=False))
+    (out / "adapter" / "README.md").write_text("my notes")  # a file the run did not write
+    before = checkpoint_path(out).read_bytes()
+    with pytest.raises(ConfigError, match=r"already holds a run .*resume \(--resume\).*overwrite \(--overwrite\)"):
+        finetune(tiny_config(tiny_model_dir, sample_path, out, load_in_4bit=False, lr=1e-3))
+    assert checkpoint_path(out).read_bytes() == before
+    second = finetune(tiny_config(tiny_model_dir, sample_path, out, load_in_4bit=False, lr=1e-3, overwrite=True))
+    assert second.metrics["train_loss"] != first.metrics["train_loss"]
+    assert (out / "adapter" / "README.md").read_text() == "my notes"
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_resume_compares_paths_resolved_and_data_by_content(tiny_model_dir, sample_path, tmp_path, monkeypatch):
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(sample_path.read_bytes())
+    stop = threading.Event()
+    finetune(tiny_config(tiny_model_dir, data, tmp_path / "run", steps=4, load_in_4bit=False),
+             progress=lambda phase, done, total, metrics: phase == "training" and done == 1 and stop.set(), stop=stop)
+    monkeypatch.chdir(tmp_path)
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(data.read_bytes())
+    resumed = finetune(tiny_config(tiny_model_dir, "copy.jsonl", "run/", steps=4, load_in_4bit=False, resume=True))
+    assert [s for s, _ in resumed.metrics["train_loss"]] == [1, 2, 3, 4]
+    data.write_text(data.read_text().replace("apples", "pears"))  # other data at the same path
+    with pytest.raises(ConfigError, match="other settings or inputs for data; use the same settings and files"):
+        finetune(tiny_config(tiny_model_dir, data, "run", steps=4, load_in_4bit=False, resume=True))
+
+
+def test_a_full_disk_keeps_the_last_checkpoint(tiny_model_dir, sample_path, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    save = torch.save
+    calls = []
+
+    def fill_up(obj, f, *args, **kwargs):
+        calls.append(obj["step"])
+        if obj["step"] == 2:
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", fill_up)
+    assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--save-every", "1") == 1
+    err = capsys.readouterr().err
+    assert re.search(r"could not write .*state.pt: No space left on device. The last checkpoint \(.*state.pt\) is "
+                     r"intact. Free disk space, then resume.", err), err
+    assert calls == [0, 1, 2]
+    monkeypatch.setattr(torch, "save", save)
+    assert torch.load(checkpoint_path(out), weights_only=True)["step"] == 1
+    assert [p.name for p in checkpoint_path(out).parent.iterdir()] == ["state.pt"]
+    assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--save-every", "1", "--resume") == 0
+
+
+def test_training_that_diverges_stops_before_exporting_nans(tiny_model_dir, sample_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--lr", "1e30", "--steps", "4",
+               "--init", "lora") == 1
+    assert re.search(r"training diverged at step \d \((loss|gradient norm) (nan|inf)\): lr=1e\+30 is too high for this "
+                     r"run; lower lr and start again. The checkpoint of step \d is kept; no adapter was exported",
+                     capsys.readouterr().err)
+    assert not (out / "adapter").exists()
+    adapter = torch.load(checkpoint_path(out), weights_only=True)["adapter"]
+    assert all(torch.isfinite(t).all() for layer in adapter.values() for t in layer.values())
+
+
+def four_bit_weights_alive() -> int:
+    return sum(type(o) is bnb.nn.Params4bit for o in gc.get_objects())
+
+
+@pytest.mark.parametrize("ending", ["finished", "stopped", "failed"])
+def test_nothing_of_the_model_outlives_the_run_with_gc_off(tiny_model_dir, sample_path, tmp_path, monkeypatch, ending):
+    """bitsandbytes' 4-bit weights point back at their layer, a reference cycle that only the cyclic collector
+    frees: on an 8 GB card a second run in the same process (the app) then found the first one's model still there."""
+    stop = threading.Event()
+    stop.set()
+    if ending == "failed":
+        monkeypatch.setattr(api_module, "export_adapter", lambda *a: (_ for _ in ()).throw(RunError("disk")))
+    gc.collect()
+    assert four_bit_weights_alive() == 0
+    gc.disable()
+    try:
+        config = tiny_config(tiny_model_dir, sample_path, tmp_path / "run", steps=3)
+        if ending == "failed":
+            with pytest.raises(RunError):
+                finetune(config)
+        else:
+            assert finetune(config, stop=stop if ending == "stopped" else None).stopped == (ending == "stopped")
+        assert four_bit_weights_alive() == 0
+    finally:
+        gc.enable()
