@@ -7,6 +7,7 @@ a span get labels, all others -100. Chat templates come from the tokenizer (a pl
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import random
@@ -17,6 +18,11 @@ from typing import Optional
 
 import torch
 
+try:  # what a chat template raises to refuse messages (e.g. roles that do not alternate)
+    from jinja2 import TemplateError
+except ImportError:  # chat templates need jinja2; without it there is nothing of theirs to catch
+    TemplateError = ()
+
 from .errors import ConfigError, DataError
 
 log = logging.getLogger("frugal_loraga")
@@ -26,6 +32,12 @@ FORMAT_COLUMNS = {"alpaca": ("instruction", "output"), "chat": ("messages",),
 PLAIN_CHAT_TEMPLATE = (
     "{% for m in messages %}### {{ m['role'] | capitalize }}:\n{{ m['content'] }}\n\n{% endfor %}"
     "{% if add_generation_prompt %}### Assistant:\n{% endif %}")
+TEXT_COLUMNS = {"alpaca": ("instruction", "input", "output"), "prompt_completion": ("prompt", "completion"),
+                "text": ("text",)}  # the text fields of each format but chat, in the order they are rendered
+# A token is rarely longer than 32 characters, so max_length tokens fit in max_length * 32 characters; text cut
+# beyond that only shortens an example that max_length truncates anyway, and bounds the tokenizer's work on it.
+MAX_CHARS_PER_TOKEN = 32
+CSV_CELL_LIMIT = 2**31 - 1  # csv's default is 131072 characters a cell; a long text is bounded when tokenized
 
 
 @dataclass
@@ -52,45 +64,111 @@ class DataReport:
 
 def read_records(path: str | Path) -> list[dict]:
     """Rows of a .jsonl / .json / .csv file as dicts; a .txt file gives one {"text": paragraph} per paragraph."""
+    return read_located(path)[0]
+
+
+def read_located(path: str | Path) -> tuple[list[dict], list[str]]:
+    """The records of a data file and where each one is, for messages: "name.jsonl line 3", "name.json record 3"."""
     path = Path(path)
+    raw = read_text(path)
+    parse = PARSERS.get(path.suffix.lower())
+    if parse is None:
+        raise DataError(f"{path.name}: unsupported file type '{path.suffix.lower()}'; use .jsonl, .json, .csv or .txt")
+    located = parse(raw, path.name)
+    if not located:
+        raise DataError(f"{path.name} holds no examples; add at least one record")
+    return [record for _, record in located], [place for place, _ in located]
+
+
+def read_text(path: Path) -> str:
+    """The file's text as UTF-8; a byte-order mark (as Excel writes) is dropped."""
+    if path.is_dir():
+        raise DataError(f"data path {path} is a directory, not a file; give a .jsonl, .json, .csv or .txt file")
     if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
+        raise DataError(f"data file {path} does not exist; check the path")
     try:
-        raw = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read {path} as UTF-8 text: {e}") from e
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        records = []
-        for number, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path.name} line {number}: malformed JSON ({e.msg}); fix or remove that line") from e
-            if not isinstance(record, dict):
-                raise DataError(f"{path.name} line {number}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
-    elif suffix == ".json":
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"cannot read {path} as UTF-8 text (byte {e.start} is not UTF-8); "
+                        "save the file as UTF-8") from e
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from e
+
+
+def parse_jsonl(raw: str, name: str) -> list[tuple[str, dict]]:
+    """One JSON object per line. Lines end at "\n" only: JSON strings may hold U+2028, U+2029 and U+0085."""
+    located = []
+    for number, line in enumerate(raw.split("\n"), 1):
+        line = line.removesuffix("\r")
+        if not line.strip():
+            continue
         try:
-            records = json.loads(raw)
+            record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path.name} line {e.lineno}: malformed JSON ({e.msg})") from e
-        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-            raise DataError(f"{path.name}: expected a JSON list of objects")
-    elif suffix == ".csv":
-        records = list(csv.DictReader(raw.splitlines()))
-    elif suffix == ".txt":
-        records = [{"text": p.strip()} for p in re.split(r"\n\s*\n", raw) if p.strip()]
-    else:
-        raise DataError(f"{path.name}: unsupported file type '{suffix}'; use .jsonl, .json, .csv or .txt")
-    if not records:
-        raise DataError(f"{path.name} holds no examples")
-    return records
+            raise DataError(f"{name} line {number}: malformed JSON ({e.msg}); fix or remove that line") from e
+        if not isinstance(record, dict):
+            raise DataError(f"{name} line {number}: expected a JSON object {{...}}, got {describe(record)}; "
+                            "put one record object on each line")
+        located.append((f"{name} line {number}", record))
+    return located
+
+
+def parse_json(raw: str, name: str) -> list[tuple[str, dict]]:
+    """A JSON list of objects."""
+    try:
+        records = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{name} line {e.lineno}: malformed JSON ({e.msg}); fix it") from e
+    if not isinstance(records, list):
+        raise DataError(f"{name}: expected a JSON list of objects, but the file holds {describe(records)}; "
+                        "put the records in a list [{...}, {...}], or give a .jsonl file with one object per line")
+    for number, record in enumerate(records, 1):
+        if not isinstance(record, dict):
+            raise DataError(f"{name}: expected a JSON list of objects, but record {number} is {describe(record)}")
+    return [(f"{name} record {number}", record) for number, record in enumerate(records, 1)]
+
+
+def parse_csv(raw: str, name: str) -> list[tuple[str, dict]]:
+    """A header row of column names, then one record a row; quoted cells keep their commas and newlines."""
+    reader = csv.reader(io.StringIO(raw, newline=""), strict=True)
+    located, end, previous = [], 0, csv.field_size_limit(CSV_CELL_LIMIT)
+    try:
+        header = next(reader, [])
+        end = reader.line_num
+        for row in reader:
+            start, end = end + 1, reader.line_num
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DataError(f"{name} line {start}: {len(row)} cells, but the header has {len(header)} columns; "
+                                "put quotes around cells that hold commas")
+            located.append((f"{name} line {start}", dict(zip(header, row))))
+    except csv.Error as e:
+        raise DataError(f"{name} line {end + 1}: not valid CSV ({e}); "
+                        "check the quotes of the row that starts there") from e
+    finally:
+        csv.field_size_limit(previous)
+    return located
+
+
+def parse_txt(raw: str, name: str) -> list[tuple[str, dict]]:
+    """One {"text": paragraph} per paragraph; paragraphs are separated by blank lines."""
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", raw) if p.strip()]
+    return [(f"{name} paragraph {number}", {"text": p}) for number, p in enumerate(paragraphs, 1)]
+
+
+PARSERS = {".jsonl": parse_jsonl, ".json": parse_json, ".csv": parse_csv, ".txt": parse_txt}
+KINDS = {type(None): "null", bool: "a boolean", int: "a number (int)", float: "a number (float)", str: "text",
+         list: "a list", dict: "an object"}
+
+
+def describe(value) -> str:
+    """What kind of JSON value this is, for messages: "a number (int)", "a list", "null", ..."""
+    return KINDS.get(type(value), type(value).__name__)
 
 
 def detect_format(records: list[dict]) -> str:
+    """The format whose columns the first record has."""
     keys = set(records[0])
     for name in ("chat", "alpaca", "prompt_completion", "text"):
         if set(FORMAT_COLUMNS[name]) <= keys:
@@ -99,12 +177,66 @@ def detect_format(records: list[dict]) -> str:
                     "messages (chat), prompt/completion, or text")
 
 
-def check_columns(records: list[dict], fmt: str) -> None:
-    for number, record in enumerate(records, 1):
-        missing = [c for c in FORMAT_COLUMNS[fmt] if record.get(c) is None]
+def check_columns(records: list[dict], fmt: str, places: list[str]) -> None:
+    """Raise DataError at the first record that lacks a column the format needs or holds a non-string where text
+    belongs. alpaca's input may be absent, null or empty."""
+    for place, record in zip(places, records):
+        missing = [c for c in FORMAT_COLUMNS[fmt] if c not in record]
         if missing:
-            raise DataError(f"record {number}: missing column {', '.join(missing)} needed by the {fmt} format "
+            raise DataError(f"{place}: missing column {', '.join(missing)} needed by the {fmt} format "
                             f"(it has {sorted(record)})")
+        if fmt == "chat":
+            check_messages(record["messages"], place)
+            continue
+        for column in TEXT_COLUMNS[fmt]:
+            if column in FORMAT_COLUMNS[fmt] or record.get(column) is not None:
+                require_text(record[column], place, f"column '{column}'", column)
+
+
+def check_messages(messages, place: str) -> None:
+    """Raise DataError unless messages is a list of {"role": str, "content": str} objects."""
+    shape = '{"role": ..., "content": ...}'
+    if not isinstance(messages, list):
+        raise DataError(f"{place}: column 'messages' holds {describe(messages)}, not a list; "
+                        f"messages must be a list of {shape} objects")
+    for number, message in enumerate(messages, 1):
+        if not isinstance(message, dict):
+            raise DataError(f"{place}: message {number} is {describe(message)}, not a {shape} object")
+        for key in ("role", "content"):
+            if key not in message:
+                raise DataError(f"{place}: message {number} has no '{key}'; every message needs a role and a content")
+            require_text(message[key], place, f"message {number}'s {key}", f"message's {key}")
+
+
+def require_text(value, place: str, what: str, every: str) -> None:
+    """Raise DataError unless value is a string: "<place>: <what> holds a number (int), not text; ..."."""
+    if not isinstance(value, str):
+        raise DataError(f"{place}: {what} holds {describe(value)}, not text; every {every} must be a string")
+
+
+def clip_record(record: dict, fmt: str, max_length: int) -> tuple[dict, bool]:
+    """The record with its text fields cut, in the order they are rendered, to max_length * MAX_CHARS_PER_TOKEN
+    characters in all (and a chat to its first max_length messages), and whether anything was cut. What is cut lies
+    past max_length tokens, so this bounds the tokenizer's work on a huge record without changing its example."""
+    limit = max_length * MAX_CHARS_PER_TOKEN
+    if fmt == "chat":
+        messages = record["messages"][:max_length]
+        contents = [m["content"] for m in messages]
+        kept = clip_texts(contents, limit)
+        clipped = {**record, "messages": [{**m, "content": c} for m, c in zip(messages, kept)]}
+        return clipped, len(messages) < len(record["messages"]) or sum(map(len, contents)) > limit
+    columns = [c for c in TEXT_COLUMNS[fmt] if record.get(c)]
+    texts = [record[c] for c in columns]
+    return {**record, **dict(zip(columns, clip_texts(texts, limit)))}, sum(map(len, texts)) > limit
+
+
+def clip_texts(texts: list[str], limit: int) -> list[str]:
+    """The texts cut so that together they hold at most `limit` characters, the first ones kept first."""
+    kept = []
+    for text in texts:
+        kept.append(text[:limit])
+        limit -= len(kept[-1])
+    return kept
 
 
 def render(record: dict, fmt: str, tokenizer) -> tuple[str, list[tuple[int, int]]]:
@@ -118,8 +250,6 @@ def render(record: dict, fmt: str, tokenizer) -> tuple[str, list[tuple[int, int]
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
     else:
         messages = record["messages"]
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages):
-            raise DataError("chat records need messages: a list of {role, content} objects")
     template = tokenizer.chat_template or PLAIN_CHAT_TEMPLATE
     chat = lambda ms, gen=False: tokenizer.apply_chat_template(ms, chat_template=template, tokenize=False,
                                                                add_generation_prompt=gen)
@@ -131,20 +261,27 @@ def render(record: dict, fmt: str, tokenizer) -> tuple[str, list[tuple[int, int]
     return text, spans
 
 
-def tokenize(records: list[dict], fmt: str, tokenizer, max_length: int) -> tuple[list[Example], DataReport]:
+def tokenize(records: list[dict], fmt: str, tokenizer, max_length: int,
+             places: list[str]) -> tuple[list[Example], DataReport]:
+    """Examples of at most max_length tokens, labels only on response tokens; the report counts what was cut."""
     if not tokenizer.is_fast:
         raise ConfigError("a fast tokenizer (tokenizer.json) is needed to place the loss mask")
     report, examples = DataReport(fmt), []
     templated = fmt in ("alpaca", "chat")
-    for record in records:
-        text, spans = render(record, fmt, tokenizer)
+    for place, record in zip(places, records):
+        record, clipped = clip_record(record, fmt, max_length)
+        try:
+            text, spans = render(record, fmt, tokenizer)
+        except TemplateError as e:
+            raise DataError(f"{place}: the tokenizer's chat template refused the messages ({e}); "
+                            "fix their roles or order") from e
         encoded = tokenizer(text, add_special_tokens=not templated, return_offsets_mapping=True)
         ids = list(encoded["input_ids"])
         labels = [i if any(s <= a < e for s, e in spans) else IGNORE for i, (a, _) in zip(ids, encoded["offset_mapping"])]
         if not templated and tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
             labels.append(tokenizer.eos_token_id)
-        if len(ids) > max_length:
+        if clipped or len(ids) > max_length:
             report.truncated += 1
             ids, labels = ids[:max_length], labels[:max_length]
         if all(label == IGNORE for label in labels[1:]):
@@ -162,10 +299,11 @@ def tokenize(records: list[dict], fmt: str, tokenizer, max_length: int) -> tuple
 
 
 def load_examples(path, fmt: str, tokenizer, max_length: int) -> tuple[list[Example], DataReport]:
-    records = read_records(path)
+    """Read, check and tokenize a data file; every bad input gives a DataError naming the file and the record."""
+    records, places = read_located(path)
     fmt = detect_format(records) if fmt == "auto" else fmt
-    check_columns(records, fmt)
-    return tokenize(records, fmt, tokenizer, max_length)
+    check_columns(records, fmt, places)
+    return tokenize(records, fmt, tokenizer, max_length, places)
 
 
 def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:

@@ -149,7 +149,12 @@ def test_config_validation():
         Config(data="x", warmup_ratio=1.5)
     with pytest.raises(ConfigError, match="no training data"):
         Config()
+    with pytest.raises(ConfigError, match="lr must be a positive finite number, got inf"):
+        Config(data="x", lr=float("inf"))
     assert Config(data="x", alpha=16, rank=4).eta == 8.0
+    cpu, cuda = Config(data="x").for_device("cpu"), Config(data="x").for_device("cuda")
+    assert (cpu.estimation_samples, cpu.eval_samples, cuda.estimation_samples, cuda.eval_samples) == (16, 16, 128, 64)
+    assert Config(data="x", estimation_samples=32).for_device("cpu").estimation_samples == 32
     assert Config(data="x", alpha=16, rank=4, use_rslora=False).eta == 4.0
 
 

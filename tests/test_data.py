@@ -1,9 +1,13 @@
 """Data formats, loss masks, and the messages bad data files get."""
+import json
+import re
+import time
+
 import pytest
 
 from conftest import make_tokenizer, write_jsonl
-from frugal_loraga.data import (IGNORE, DataError, detect_format, load_examples, micro_batch, read_records,
-                                split_eval)
+from frugal_loraga.data import (IGNORE, MAX_CHARS_PER_TOKEN, DataError, clip_record, detect_format, load_examples,
+                                micro_batch, read_records, split_eval)
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +68,26 @@ def test_long_texts_are_truncated_and_counted(tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize("content,name,fmt,message", [
-    (None, "missing.jsonl", "auto", "missing.jsonl does not exist"),
-    ("", "empty.jsonl", "auto", "empty.jsonl holds no examples"),
+    (None, "missing.jsonl", "auto", "missing.jsonl does not exist; check the path"),
+    ("", "empty.jsonl", "auto", "empty.jsonl holds no examples; add at least one record"),
+    ("instruction,output\n", "header.csv", "auto", "header.csv holds no examples; add at least one record"),
+    ("", "empty.csv", "auto", "empty.csv holds no examples"),
+    ("prompt,completion\nQ1,A1,extra\n", "cells.csv", "auto",
+     "cells.csv line 2: 3 cells, but the header has 2 columns; put quotes around cells that hold commas"),
+    ('prompt,completion\nQ0,A0\n"Q1,A1\n', "quote.csv", "auto",
+     r"quote.csv line 3: not valid CSV \(unexpected end of data\); check the quotes of the row that starts there"),
+    ('{"data": [{"text": "a"}]}', "object.json", "auto",
+     r"object.json: expected a JSON list of objects, but the file holds an object; put the records in a list"),
+    ('{"text": "ok"}\n["a", "b"]\n', "array.jsonl", "auto",
+     r"array.jsonl line 2: expected a JSON object \{...\}, got a list; put one record object on each line"),
     ('{"text": "ok"}\n{"text": broken\n', "bad.jsonl", "auto", r"bad.jsonl line 2: malformed JSON"),
     ('[1, 2]', "list.json", "auto", "expected a JSON list of objects"),
     ('{"question": "q", "answer": "a"}\n', "cols.jsonl", "auto", r"cannot tell the format from the columns \['answer', 'question'\]"),
-    ('{"instruction": "i", "output": "o"}\n{"instruction": "i"}\n', "miss.jsonl", "alpaca", "record 2: missing column output"),
+    ('{"instruction": "i", "output": "o"}\n{"instruction": "i"}\n', "miss.jsonl", "alpaca",
+     "miss.jsonl line 2: missing column output"),
     ("a,b\n1,2\n", "data.parquet", "auto", "unsupported file type '.parquet'"),
-    (b"\xff\xfe\x00bad", "bin.jsonl", "auto", "cannot read .* as UTF-8"),
+    (b"\xff\xfe\x00bad", "bin.jsonl", "auto", r"cannot read .*bin.jsonl as UTF-8 text \(byte 0 is not UTF-8\); save "),
+    ("caf\xe9".encode("latin-1"), "latin.csv", "auto", r"latin.csv as UTF-8 text \(byte 3 .*save the file as UTF-8"),
     ('{"instruction": "%s", "output": "x"}\n' % ("long " * 80), "cut.jsonl", "auto", "no usable examples.*raise max_length"),
 ])
 def test_bad_data_files_get_clear_messages(tokenizer, tmp_path, content, name, fmt, message):
@@ -82,6 +98,135 @@ def test_bad_data_files_get_clear_messages(tokenizer, tmp_path, content, name, f
         path.write_text(content)
     with pytest.raises(DataError, match=message):
         load_examples(path, fmt, tokenizer, 64)
+
+
+def test_a_directory_is_named_as_one(tokenizer, tmp_path):
+    with pytest.raises(DataError, match=re.escape(f"data path {tmp_path} is a directory, not a file; give a .jsonl, "
+                                                  ".json, .csv or .txt file")):
+        load_examples(tmp_path, "auto", tokenizer, 64)
+
+
+def test_csv_with_a_byte_order_mark_loads_as_alpaca(tokenizer, tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes("instruction,output\r\nAdd 2 and 3.,5\r\n".encode("utf-8-sig"))
+    assert read_records(path) == [{"instruction": "Add 2 and 3.", "output": "5"}]
+    (example,), report = load_examples(path, "auto", tokenizer, 64)
+    assert report.format == "alpaca" and "5" in response_text(tokenizer, example)
+
+
+def test_csv_cells_keep_their_quoted_newlines_and_commas(tmp_path):
+    path = tmp_path / "multi.csv"
+    path.write_text('prompt,completion\n"Line one\nline two, still",A1\nQ2,"x\n\ny"\n', encoding="utf-8")
+    assert read_records(path) == [{"prompt": "Line one\nline two, still", "completion": "A1"},
+                                  {"prompt": "Q2", "completion": "x\n\ny"}]
+
+
+def test_a_csv_cell_longer_than_the_csv_module_default_loads(tokenizer, tmp_path):
+    path = tmp_path / "long.csv"
+    path.write_text("text\n" + "word " * 40_000 + "\n", encoding="utf-8")
+    examples, report = load_examples(path, "auto", tokenizer, 64)
+    assert len(examples) == 1 and report.truncated == 1
+
+
+def test_jsonl_strings_keep_unicode_line_separators(tokenizer, tmp_path):
+    output = "one\u2028two\u2029three\u0085four"
+    path = tmp_path / "separators.jsonl"
+    path.write_text(json.dumps({"instruction": "Join.", "output": output}, ensure_ascii=False) + "\r\n"
+                    + json.dumps({"instruction": "Again.", "output": "x"}) + "\n", encoding="utf-8")
+    assert "\u2028" in path.read_text(encoding="utf-8")  # written raw, not escaped
+    records = read_records(path)
+    assert len(records) == 2 and records[0]["output"] == output
+    assert len(load_examples(path, "auto", tokenizer, 128)[0]) == 2
+
+
+SHAPE = re.escape('{"role": ..., "content": ...}')
+
+
+@pytest.mark.parametrize("rows,fmt,message", [
+    ([{"instruction": 5, "output": "x"}], "auto",
+     r"t.jsonl line 1: column 'instruction' holds a number \(int\), not text; every instruction must be a string"),
+    ([{"text": "ok"}, {"text": "ok"}, {"text": 1.5}], "auto",
+     r"t.jsonl line 3: column 'text' holds a number \(float\), not text; every text must be a string"),
+    ([{"instruction": "i", "input": ["a"], "output": "o"}], "auto", "line 1: column 'input' holds a list, not text"),
+    ([{"instruction": "i", "output": None}], "auto", "line 1: column 'output' holds null, not text"),
+    ([{"prompt": "p", "completion": True}], "auto", "line 1: column 'completion' holds a boolean, not text"),
+    ([{"text": {"a": 1}}], "auto", "line 1: column 'text' holds an object, not text"),
+    ([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 20}]}], "auto",
+     r"t.jsonl line 1: message 2's content holds a number \(int\), not text; every message's content must be a string"),
+    ([{"messages": [{"role": None, "content": "q"}]}], "auto", "message 1's role holds null, not text"),
+    ([{"messages": "hello"}], "auto",
+     f"t.jsonl line 1: column 'messages' holds text, not a list; messages must be a list of {SHAPE} objects"),
+    ([{"messages": ["hello"]}], "auto", f"t.jsonl line 1: message 1 is text, not a {SHAPE} object"),
+    ([{"messages": [{"content": "hi"}]}], "auto",
+     "t.jsonl line 1: message 1 has no 'role'; every message needs a role and a content"),
+])
+def test_non_text_values_name_the_file_line_column_and_type(tokenizer, tmp_path, rows, fmt, message):
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    with pytest.raises(DataError, match=message):
+        load_examples(path, fmt, tokenizer, 64)
+
+
+def test_json_records_are_numbered_and_jsonl_records_get_their_line(tokenizer, tmp_path):
+    (tmp_path / "d.json").write_text('[{"instruction": "i", "output": "o"}, {"instruction": "i", "output": 3}]')
+    with pytest.raises(DataError, match=r"d.json record 2: column 'output' holds a number \(int\)"):
+        load_examples(tmp_path / "d.json", "auto", tokenizer, 64)
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n\n\n{"text": 7}\n')
+    with pytest.raises(DataError, match="d.jsonl line 4: column 'text'"):
+        load_examples(tmp_path / "d.jsonl", "auto", tokenizer, 64)
+
+
+def test_alpaca_input_may_be_absent_empty_or_null(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "inputs.jsonl", [{"instruction": "a", "output": "b"},
+                                                   {"instruction": "a", "input": "", "output": "b"},
+                                                   {"instruction": "a", "input": None, "output": "b"}])
+    assert len(load_examples(path, "auto", tokenizer, 64)[0]) == 3
+
+
+def test_a_chat_template_that_refuses_the_messages_gives_a_data_error(tmp_path):
+    strict = make_tokenizer()
+    strict.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "a"},
+                                                            {"role": "user", "content": "b"}]}])
+    with pytest.raises(DataError, match=r"c.jsonl line 1: the tokenizer's chat template refused the messages "
+                                        r"\(Conversation roles must alternate user/assistant\); fix their roles"):
+        load_examples(path, "chat", strict, 64)
+
+
+class RecordingTokenizer:
+    """A tokenizer that notes the length of every text it is called on."""
+
+    def __init__(self, inner):
+        self.inner, self.lengths = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, text, **kwargs):
+        self.lengths.append(len(text))
+        return self.inner(text, **kwargs)
+
+
+def test_a_huge_record_is_cut_before_it_is_tokenized(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "huge.jsonl", [{"text": "word " * 1_000_000}])  # one 5 MB line
+    recording = RecordingTokenizer(tokenizer)
+    started = time.monotonic()
+    (example,), report = load_examples(path, "auto", recording, 64)
+    assert time.monotonic() - started < 20  # a guard only: it takes well under a second
+    assert len(example.input_ids) == 64 and report.truncated == 1
+    assert recording.lengths and max(recording.lengths) <= 64 * MAX_CHARS_PER_TOKEN
+
+
+def test_clipping_keeps_the_first_characters_in_render_order_and_says_when_it_cut():
+    limit = 4 * MAX_CHARS_PER_TOKEN
+    record = {"instruction": "i" * (limit - 10), "input": "", "output": "o" * 100}
+    clipped, cut = clip_record(record, "alpaca", 4)
+    assert cut and clipped == {"instruction": "i" * (limit - 10), "input": "", "output": "o" * 10}
+    assert clip_record({"text": "t" * limit}, "text", 4) == ({"text": "t" * limit}, False)
+    chat = {"messages": [{"role": "user", "content": "u" * (limit - 1)}, {"role": "assistant", "content": "a"}]}
+    clipped, cut = clip_record(chat, "chat", 4)
+    assert not cut and clipped == chat
+    clipped, cut = clip_record({"messages": chat["messages"] * 3}, "chat", 4)
+    assert cut and len(clipped["messages"]) == 4 and clipped["messages"][2]["content"] == ""
 
 
 def test_split_and_batches_are_seeded_and_cover_the_data():

@@ -3,6 +3,7 @@ frugal_loraga, and once installed its CLI runs from any folder, with --help answ
 import email
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -15,9 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    """Built from a copy of the tree: setuptools builds in the source folder, whose build/ could hold stale modules."""
     out = tmp_path_factory.mktemp("wheel")
+    source = out / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "runs", "*.egg-info", "__pycache__",
+                                                                 ".whl", "bench", "tests", "docs"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
-                    str(ROOT)], check=True, cwd=out)
+                    str(source)], check=True, cwd=out)
     return next(out.glob("frugal_loraga-*.whl"))
 
 
