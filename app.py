@@ -6,6 +6,7 @@ The page runs the same finetune(Config) as the API and CLI, one job at a time in
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import shutil
 import threading
@@ -14,21 +15,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
+import gradio.utils
 import pandas as pd
 import torch
 
-from frugal_loraga import Config, ConfigError, DataError, OutOfMemory, finetune
+from frugal_loraga import Config, ConfigError, DataError, OutOfMemory, RunError, finetune
 from frugal_loraga.blocks import without_cudnn_attention
 from frugal_loraga.data import IGNORE, load_examples
 from frugal_loraga.gradients import available_ram_bytes
 from frugal_loraga.memory import estimate_memory_gib
-from frugal_loraga.models import resolve_model_path
+from frugal_loraga.models import load_tokenizer, resolve_model_path
 
 ROOT = Path(__file__).resolve().parent
 SAMPLE = ROOT / "data" / "sample.jsonl"
 RUNS = ROOT / "runs" / "app"
+UPLOADS = Path(gradio.utils.get_upload_folder())  # where Gradio puts what the page uploads
+MODEL_ROOTS = [ROOT / "models"]  # local model folders the page may name: below these (python app.py --models-dir)
 MAX_UPLOAD_BYTES = 50 * 2**20
 ALLOWED = {".jsonl", ".json", ".csv", ".txt"}
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def sanitize_name(name: str) -> str:
@@ -38,10 +43,13 @@ def sanitize_name(name: str) -> str:
 
 
 def store_upload(path: str | None) -> Path:
-    """Copy an uploaded file under the run folder with a sanitized name; the sample when nothing is uploaded."""
+    """Copy a file uploaded through this page under the run folder with a sanitized name; the sample when nothing is
+    uploaded. A path the page did not upload (a client can send any) is refused: the app reads no other file."""
     if not path:
         return SAMPLE
-    source = Path(path)
+    source = Path(path).resolve()
+    if not source.is_relative_to(UPLOADS.resolve()) or not source.is_file():
+        raise DataError("only files uploaded through this page can be used; upload the data file again")
     if source.suffix.lower() not in ALLOWED:
         raise DataError(f"{source.name}: unsupported file type; upload .jsonl, .json, .csv or .txt")
     if source.stat().st_size > MAX_UPLOAD_BYTES:
@@ -52,12 +60,26 @@ def store_upload(path: str | None) -> Path:
     return target
 
 
+def checked_model(model: str) -> str:
+    """The model field's value if the page may use it: 'demo', a hub id, or a folder below MODEL_ROOTS. Any other
+    path gets the same message whether or not it exists, so the page reveals nothing of the server's folders."""
+    model = model.strip()
+    path = Path(model).expanduser().resolve()
+    inside = any(path.is_relative_to(root.resolve()) for root in MODEL_ROOTS)
+    if model == "demo" or (HUB_ID.fullmatch(model) and not inside):
+        return model
+    if not inside:
+        roots = ", ".join(str(root) for root in MODEL_ROOTS)
+        raise ConfigError(f"the page loads 'demo', a hub id (org/name) or a model folder below {roots}; put the "
+                          "folder there, or start the app with --models-dir pointing at its parent")
+    return str(path)
+
+
 def preview(upload, data_format, model, max_length):
     """First rows as the model sees them (the loss-bearing part in [[...]]) and token statistics."""
-    from transformers import AutoTokenizer
     try:
         path = store_upload(upload)
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model))
+        tokenizer = load_tokenizer(resolve_model_path(checked_model(model)), trust_remote_code=False)
         examples, report = load_examples(path, data_format, tokenizer, int(max_length))
     except (ConfigError, DataError, OSError) as e:
         return f"**Error:** {e}"
@@ -72,7 +94,7 @@ def preview(upload, data_format, model, max_length):
 def memory_estimate(model, load_in_4bit, rank, batch_size, max_length, init):
     from transformers import AutoConfig
     try:
-        model_config = AutoConfig.from_pretrained(resolve_model_path(model))
+        model_config = AutoConfig.from_pretrained(resolve_model_path(checked_model(model)))
         config = Config(data="-", model=model, load_in_4bit=load_in_4bit, rank=int(rank), batch_size=int(batch_size),
                         max_length=int(max_length), init=init)
     except (ConfigError, OSError) as e:
@@ -108,6 +130,8 @@ class Job:
 
 
 JOB = Job()
+START = threading.Lock()
+log = logging.getLogger("frugal_loraga.app")
 
 
 def _run(configs: list[Config]):
@@ -124,8 +148,12 @@ def _run(configs: list[Config]):
                 JOB.curves[label] = metrics
         try:
             result = finetune(config, progress=progress, stop=JOB.stop)
-        except (ConfigError, DataError, OutOfMemory) as e:
+        except (ConfigError, DataError, OutOfMemory, RunError) as e:
             JOB.message = f"**Error:** {e}"
+            break
+        except Exception as e:  # not foreseen: the page says so, the server log has the traceback
+            log.exception("the %s run failed", label)
+            JOB.message = f"**Error:** the {label} run failed unexpectedly ({type(e).__name__}: {e}); see the log"
             break
         JOB.curves[label] = result.metrics
         if config.init == "lora_ga" or JOB.adapter_dir is None:
@@ -140,11 +168,10 @@ def _run(configs: list[Config]):
 
 def start(upload, data_format, model, load_in_4bit, init, rank, alpha, use_rslora, lr, steps, batch_size,
           max_length, estimation_samples, baseline, resume=False):
-    """Start (or resume) a run in the background; refuses while one is running."""
-    if JOB.busy():
-        return "A run is already in progress: wait for it or press Stop."
+    """Start (or resume) a run in the background; refuses while one is running. The check and the start are one
+    step under a lock, so that two Starts at the same moment cannot both pass it."""
     try:
-        settings = dict(data=str(store_upload(upload)), data_format=data_format, model=model,
+        settings = dict(data=str(store_upload(upload)), data_format=data_format, model=checked_model(model),
                         load_in_4bit=load_in_4bit, rank=int(rank), alpha=float(alpha), use_rslora=use_rslora,
                         lr=float(lr), steps=int(steps), batch_size=int(batch_size), max_length=int(max_length),
                         estimation_samples=int(estimation_samples), eval_every=max(int(steps) // 10, 1),
@@ -154,11 +181,16 @@ def start(upload, data_format, model, load_in_4bit, init, rank, alpha, use_rslor
             configs.append(Config(init="lora", out=str(RUNS / "lora"), **settings))
     except (ConfigError, DataError) as e:
         return f"**Error:** {e}"
-    JOB.stop.clear()
-    JOB.curves, JOB.message, JOB.adapter_dir = {}, "", None
-    JOB.phase, JOB.done, JOB.total = "starting", 0, 0
-    JOB.thread = threading.Thread(target=_run, args=(configs,), daemon=True)
-    JOB.thread.start()
+    except (TypeError, ValueError) as e:  # an empty or non-numeric field
+        return f"**Error:** every number field needs a number ({e})"
+    with START:
+        if JOB.busy():
+            return "A run is already in progress: wait for it or press Stop."
+        JOB.stop.clear()
+        JOB.curves, JOB.message, JOB.adapter_dir = {}, "", None
+        JOB.phase, JOB.done, JOB.total = "starting", 0, 0
+        JOB.thread = threading.Thread(target=_run, args=(configs,), daemon=True)
+        JOB.thread.start()
     return "Started."
 
 
@@ -305,6 +337,9 @@ if __name__ == "__main__":
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="ask Gradio for a public share link")
+    parser.add_argument("--models-dir", action="append", default=[], help="a folder whose model folders the page "
+                        "may load (repeatable; default: ./models); 'demo' and hub ids always work")
     args = parser.parse_args()
+    MODEL_ROOTS[:] = [Path(d).expanduser() for d in args.models_dir] or MODEL_ROOTS
     build_ui().queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port,
                                                          share=args.share, max_file_size="50mb")

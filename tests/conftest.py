@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random Llama with a small BPE tokenizer saved as a safetensors folder, and data files."""
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,9 @@ def sample_path() -> Path:
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

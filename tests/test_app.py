@@ -1,16 +1,21 @@
 """The web app's handlers end to end on a tiny model: upload, preview, start, refuse a second start, plot, try, export."""
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import app
-from conftest import write_jsonl
+from conftest import free_port, write_jsonl
 
 
 @pytest.fixture(autouse=True)
-def runs_in_tmp(tmp_path, monkeypatch):
+def runs_in_tmp(tmp_path, tmp_path_factory, monkeypatch):
+    """Runs under tmp_path; files there count as uploaded, and the tests' model folders may be named."""
     monkeypatch.setattr(app, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(app, "UPLOADS", tmp_path)
+    monkeypatch.setattr(app, "MODEL_ROOTS", [tmp_path_factory.getbasetemp()])
 
 
 def test_uploads_are_sanitized_size_limited_and_typed(tmp_path, monkeypatch):
@@ -85,6 +90,74 @@ def test_stop_then_resume(tiny_model_dir):
     app.JOB.stop.set()
     app.JOB.thread.join(60)
     assert app.JOB.curves["lora"]["train_loss"][0][0] == 1
+
+
+def test_only_uploaded_files_are_read(tmp_path, tiny_model_dir, monkeypatch):
+    secret = write_jsonl(tmp_path.parent / "secret.jsonl", [{"text": "the server's secret"}])
+    for handler in (lambda: app.preview(str(secret), "auto", str(tiny_model_dir), 128),
+                    lambda: app.start(str(secret), "auto", str(tiny_model_dir), False, "lora", 2, 16, True, 3e-3, 1, 2,
+                                      96, 4, False)):
+        text = handler()
+        assert "only files uploaded through this page can be used" in text and "secret" not in text
+    assert not (tmp_path / "runs" / "uploads").exists()
+
+
+def test_a_client_cannot_preview_a_server_file(tmp_path, tiny_model_dir, monkeypatch):
+    """The attack: a remote client posts a FileData naming a server path it never uploaded. (gradio_client would
+    upload its own local copy of such a path first, which on the server's machine looks like a server file read.)"""
+    import gradio.utils
+    import httpx
+    monkeypatch.setattr(app, "UPLOADS", Path(gradio.utils.get_upload_folder()))
+    secret = write_jsonl(tmp_path / "secret.jsonl", [{"text": "the server's secret"}])
+    port = free_port()
+    ui = app.build_ui()
+    ui.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    try:
+        url = f"http://127.0.0.1:{port}/gradio_api/call/preview"
+        event = httpx.post(url, json={"data": [{"path": str(secret), "meta": {"_type": "gradio.FileData"}}, "auto",
+                                               str(tiny_model_dir), 128]}).json()["event_id"]
+        shown = httpx.get(f"{url}/{event}", timeout=60).text
+    finally:
+        ui.close()
+    assert "event: error" in shown and "secret" not in shown
+    assert not (tmp_path / "runs" / "uploads").exists()
+
+
+def test_model_field_reveals_no_server_folder(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(app, "MODEL_ROOTS", [tiny_model_dir])
+    (tmp_path / "exists").mkdir()
+    seen = {app.memory_estimate(path, True, 4, 2, 128, "lora_ga") for path in
+            (str(tmp_path / "exists"), str(tmp_path / "missing"), "/etc", "/nonexistent")}
+    assert len(seen) == 1 and "the page loads 'demo', a hub id (org/name) or a model folder below" in seen.pop()
+    assert "Estimated peak" in app.memory_estimate(str(tiny_model_dir), True, 4, 2, 128, "lora_ga")
+
+
+def test_simultaneous_starts_run_one_job(tiny_model_dir):
+    barrier = threading.Barrier(5)
+    answers = []
+
+    def press():
+        barrier.wait()
+        answers.append(app.start(None, "auto", str(tiny_model_dir), False, "lora", 2, 16, True, 3e-3, 2, 2, 96, 4,
+                                 False))
+    presses = [threading.Thread(target=press) for _ in range(5)]
+    for thread in presses:
+        thread.start()
+    for thread in presses:
+        thread.join()
+    app.JOB.thread.join(120)
+    assert sorted(answers)[-1] == "Started." and answers.count("Started.") == 1
+    assert all("already in progress" in a for a in answers if a != "Started.")
+
+
+def test_unexpected_errors_reach_the_page(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(app, "finetune", lambda *a, **k: 1 / 0)
+    assert app.start(None, "auto", str(tiny_model_dir), False, "lora", 2, 16, True, 3e-3, 2, 2, 96, 4, False) == \
+        "Started."
+    app.JOB.thread.join(60)
+    assert "**Error:** the lora run failed unexpectedly (ZeroDivisionError: division by zero)" in app.status()[0]
+    assert "every number field needs a number" in app.start(None, "auto", str(tiny_model_dir), False, "lora", None,
+                                                            16, True, 3e-3, 2, 2, 96, 4, False)
 
 
 def test_ui_builds():

@@ -3,26 +3,20 @@ sees every loss curve drawn in its colour. UPDATE_SCREENSHOT=1 saves the page to
 temporary folder, so a test run leaves the tree clean). Skipped where Chromium or Playwright is not installed."""
 import os
 import shutil
-import socket
 
 import pytest
 
 import app
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 CHROMIUM = shutil.which("chromium")
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_browser_upload_train_and_plot(tiny_model_dir, sample_path, tmp_path, monkeypatch):
     monkeypatch.setattr(app, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(app, "MODEL_ROOTS", [tiny_model_dir])
     port = free_port()
     ui = app.build_ui()
     ui.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
