@@ -159,7 +159,8 @@ def _run(configs: list[Config]):
         if config.init == "lora_ga" or JOB.adapter_dir is None:
             JOB.adapter_dir = result.adapter_dir
         if result.stopped:
-            JOB.message = "Stopped; a checkpoint was saved. Press Resume to continue."
+            JOB.message = ("Stopped; a checkpoint was saved. Press Resume to continue." if result.adapter_dir else
+                           "Stopped during the LoRA-GA estimate; nothing was saved. Press Train to start again.")
             break
     else:
         JOB.message = "Finished."
@@ -202,7 +203,7 @@ def stop():
     if not JOB.busy():
         return "Nothing is running."
     JOB.stop.set()
-    return "Stopping after the current step (a checkpoint is written)..."
+    return "Stopping after the current training step (a checkpoint is written) or estimation batch..."
 
 
 CURVE_COLORS = {"lora_ga train": "#ea580c", "lora_ga eval": "#9a3412", "lora train": "#60a5fa", "lora eval": "#1e40af"}
@@ -225,9 +226,16 @@ def status():
         text = f"**{JOB.phase}** {JOB.done}/{JOB.total}{eta}. {JOB.message}"
     else:
         text = f"**{JOB.phase}** {JOB.message}"
+    if JOB.busy() and JOB.stop.is_set():
+        text += " Stop requested: the run ends after the current step or batch."
     rows = [(step, loss, f"{label} {split}") for label, metrics in JOB.curves.items()
             for split in ("train", "eval") for step, loss in metrics.get(f"{split}_loss", [])]
     return text, loss_frame(rows)
+
+
+def poll():
+    """The status, and the timer kept running only while a job runs: an idle page makes no requests."""
+    return (*status(), gr.Timer(active=JOB.busy()))
 
 
 _TRY_CACHE: dict = {}
@@ -305,6 +313,7 @@ def build_ui() -> gr.Blocks:
             baseline = gr.Checkbox(value=False, label="Also train plain LoRA for comparison")
         with gr.Row():
             start_button, stop_button, resume_button = gr.Button("Train", variant="primary"), gr.Button("Stop"), gr.Button("Resume")
+        notice_box = gr.Markdown()  # what a button answers; the status below is redrawn while a job runs
         status_box = gr.Markdown("**idle**")
         plot = gr.LinePlot(loss_frame([]), x="step", y="loss", color="curve", color_map=CURVE_COLORS, label="Loss")
         gr.Markdown("### Try")
@@ -323,10 +332,12 @@ def build_ui() -> gr.Blocks:
         for component in (model, load_in_4bit, rank, batch_size, max_length, init):
             component.change(memory_estimate, [model, load_in_4bit, rank, batch_size, max_length, init], memory_box)
         ui.load(memory_estimate, [model, load_in_4bit, rank, batch_size, max_length, init], memory_box)
-        start_button.click(start, run_inputs, status_box)
-        resume_button.click(resume, run_inputs, status_box)
-        stop_button.click(stop, None, status_box)
-        gr.Timer(1.0).tick(status, None, [status_box, plot])
+        timer = gr.Timer(1.0, active=False)
+        timer.tick(poll, None, [status_box, plot, timer])
+        ui.load(poll, None, [status_box, plot, timer])  # a reloaded page picks up a running job
+        start_button.click(start, run_inputs, notice_box).then(poll, None, [status_box, plot, timer])
+        resume_button.click(resume, run_inputs, notice_box).then(poll, None, [status_box, plot, timer])
+        stop_button.click(stop, None, notice_box).then(poll, None, [status_box, plot, timer])
         try_button.click(try_prompt, prompt, [base_out, adapter_out])
         export_button.click(export_zip, None, [export_file, export_code])
     return ui

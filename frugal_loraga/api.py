@@ -35,7 +35,7 @@ log = logging.getLogger("frugal_loraga")
 
 @dataclass
 class FinetuneResult:
-    adapter_dir: Path
+    adapter_dir: Optional[Path]  # None when stopped during the LoRA-GA estimate: nothing was saved
     metrics: dict
     stopped: bool
 
@@ -62,8 +62,13 @@ def estimation_batches(train_examples, config: Config, pad_id: int, device) -> l
     return [causal_inputs(collate(picked[i:i + size], pad_id, device)) for i in range(0, len(picked), size)]
 
 
-def initial_factors(model, targets, train_examples, config: Config, pad_id: int, device, progress) -> tuple[dict, dict]:
-    """name -> (A, B, A0, B0) and the init metrics."""
+class StoppedInEstimate(Exception):
+    """The stop switch was set during the LoRA-GA estimate (checked after each batch)."""
+
+
+def initial_factors(model, targets, train_examples, config: Config, pad_id: int, device, progress,
+                    stop: Optional[threading.Event] = None) -> tuple[dict, dict]:
+    """name -> (A, B, A0, B0) and the init metrics; raises StoppedInEstimate once `stop` is set."""
     if config.init == "lora":
         generator = torch.Generator().manual_seed(config.seed)
         return {n: (*lora_factors(m.out_features, m.in_features, config.rank, generator, device), None, None)
@@ -76,6 +81,8 @@ def initial_factors(model, targets, train_examples, config: Config, pad_id: int,
             bar.update(done - bar.n)
             if progress:
                 progress(phase, done, total, metrics)
+            if stop is not None and stop.is_set():
+                raise StoppedInEstimate
         svds, stats = estimate_gradient_svd(model, targets, batches, 2 * config.rank, budget, config.svd, report,
                                             compile=config.compile and device.type == "cuda")
     log.info("gradient estimated over %d batches in %d group(s), peak gradient state %.3f GiB of %.3f GiB budget",
@@ -101,7 +108,8 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
 
     Bad settings, data and model folders are refused (ConfigError, DataError) before the model loads. progress(phase,
     done, total, metrics) is called as work advances; setting `stop` ends training after the current step with a
-    checkpoint written (resume with config.resume = True). When it returns or raises, nothing of its model is left
+    checkpoint written (resume with config.resume = True), or the LoRA-GA estimate after the current batch, with
+    nothing written (adapter_dir None). When it returns or raises, nothing of its model is left
     in memory, with Python's cyclic garbage collector on or off."""
     def enter(name: str) -> str:
         if progress:
@@ -136,7 +144,8 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         else:
             phase = "estimating gradients (LoRA-GA init)"
             start = time.perf_counter()
-            factors, init_metrics = initial_factors(model, targets, train_examples, config, pad_id, device, progress)
+            factors, init_metrics = initial_factors(model, targets, train_examples, config, pad_id, device, progress,
+                                                    stop)
             metrics = {"train_loss": [], "eval_loss": [], "train_tokens": 0, "train_seconds": 0.0,
                        "init_seconds": time.perf_counter() - start, "peak_memory_init_gib": peak_memory_gib(device),
                        **init_metrics}
@@ -154,6 +163,8 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         adapter_dir = export_adapter(layers, config, model.name_or_path, Path(config.out) / "adapter")
         write_metrics(metrics, config)
         return FinetuneResult(adapter_dir, metrics, stopped)
+    except StoppedInEstimate:
+        return FinetuneResult(None, {}, stopped=True)
     except torch.cuda.OutOfMemoryError as e:
         raise OutOfMemory(f"CUDA ran out of memory while {phase}. Lower batch_size or max_length, keep "
                           "gradient_checkpointing and load_in_4bit on, or for the init lower estimation_batch_size "

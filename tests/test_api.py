@@ -50,6 +50,18 @@ def test_interrupted_run_resumes_to_the_same_adapter(tiny_model_dir, sample_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_stop_ends_the_estimate_after_the_current_batch(tiny_model_dir, sample_path, tmp_path):
+    stop, batches = threading.Event(), []
+
+    def progress(phase, done, total, metrics):
+        if phase == "estimating gradients" and done:
+            batches.append(done)
+            stop.set()
+    result = finetune(tiny_config(tiny_model_dir, sample_path, tmp_path / "run"), progress=progress, stop=stop)
+    assert result.stopped and result.adapter_dir is None and batches == [1]
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
 def test_resume_with_other_settings_is_refused(tiny_model_dir, sample_path, tmp_path):
     finetune(tiny_config(tiny_model_dir, sample_path, tmp_path, steps=2))
     with pytest.raises(ConfigError, match="written with other settings or inputs for lr, rank"):

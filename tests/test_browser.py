@@ -36,6 +36,11 @@ def test_browser_upload_train_and_plot(tiny_model_dir, sample_path, tmp_path, mo
             page.get_by_role("button", name="Train", exact=True).click()
             page.get_by_text("Finished.").wait_for(timeout=120_000)
             page.wait_for_timeout(2500)  # one more timer tick draws the final curve
+            assert page.get_by_text("Started.").is_visible()  # the button's answer outlives the status redraws
+            requests = []
+            page.on("request", lambda request: requests.append(request.url))
+            page.wait_for_timeout(3000)
+            assert requests == []  # idle: the status timer stops with the job
             assert app.JOB.curves["lora_ga"]["train_loss"][-1][0] == app.JOB.curves["lora"]["train_loss"][-1][0] == 6
             lines = page.locator('path[aria-roledescription="line mark"]')
             drawn = {lines.nth(i).get_attribute("aria-label").split("curve: ")[-1]: lines.nth(i)

@@ -1,0 +1,137 @@
+"""Trying a trained adapter: greedy generation from one prompt with the base model and with the adapter.
+
+The prompt is fed the way the run's data was trained (data.render / data.tokenize): a chat turn for alpaca and chat
+data, the raw text for text and prompt_completion data. A Generator holds at most one loaded model, keyed by the
+base model and the adapter's file contents, so that an adapter retrained into the same folder is loaded again.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .blocks import without_cudnn_attention
+from .config import Config
+from .data import PLAIN_CHAT_TEMPLATE, detect_format, read_records
+from .models import load_model, release
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what export_adapter writes
+
+
+def prompt_text(tokenizer, prompt: str, data_format: str) -> tuple[str, bool]:
+    """The text to feed for `prompt` and whether the tokenizer adds its special tokens, as data.tokenize trained
+    `data_format`: alpaca and chat as a user turn in the chat template (the tokenizer's, else PLAIN_CHAT_TEMPLATE)
+    with the assistant's turn opened, no special tokens added; text and prompt_completion as the raw prompt, with the
+    tokenizer's special tokens (a BOS, for most)."""
+    if data_format not in ("alpaca", "chat"):
+        return prompt, True
+    messages = [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, chat_template=tokenizer.chat_template or PLAIN_CHAT_TEMPLATE,
+                                         tokenize=False, add_generation_prompt=True)
+    return text, False
+
+
+def run_format(config: Config) -> str:
+    """The data format a run trained with: config.data_format, or the one detected from its data file when auto."""
+    if config.data_format != "auto":
+        return config.data_format
+    return detect_format(read_records(config.data))
+
+
+def adapter_digest(adapter_dir: str | Path) -> str:
+    """A SHA-256 of the adapter's config and weights: it changes whenever a run writes a new adapter there."""
+    digest = hashlib.sha256()
+    for name in ADAPTER_FILES:
+        with open(Path(adapter_dir) / name, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
+
+
+@dataclass
+class Completion:
+    """One generation: the new text, its token ids, and whether max_new_tokens cut it (no end-of-sequence token)."""
+    text: str
+    tokens: list[int]
+    cut: bool
+
+
+class Generator:
+    """Holds at most one base model with an adapter loaded, for generating with and without the adapter.
+
+    load(config, adapter_dir) loads the run's base (models.load_model) and its adapter (peft), unless the same base
+    and the same adapter contents are loaded already; a different one replaces it, released first, so that two
+    models are never held at once. release() frees it (before training, so that the run finds the memory free).
+    Calls are serialised by a lock: two Try clicks at once do not load two models."""
+
+    def __init__(self):
+        self.key: Optional[tuple] = None  # (model, load settings, adapter folder, adapter digest) of what is loaded
+        self.model = None  # peft.PeftModel
+        self.tokenizer = None
+        self.device: Optional[torch.device] = None
+        self.data_format: Optional[str] = None
+        self.loads = 0  # how many times a model was loaded
+        self._format_of: Optional[tuple] = None  # (data, data_format) that data_format was found for
+        self._lock = threading.RLock()
+
+    def load(self, config: Config, adapter_dir: str | Path) -> None:
+        """Make the run's base model with the adapter in adapter_dir the one loaded."""
+        from peft import PeftModel
+        adapter_dir = Path(adapter_dir).resolve()
+        key = (config.model, config.load_in_4bit, config.dtype, config.device, config.trust_remote_code,
+               str(adapter_dir))
+        with self._lock:
+            if (config.data, config.data_format) != self._format_of:
+                self.data_format, self._format_of = run_format(config), (config.data, config.data_format)
+            if key == self.key:
+                return
+            self.release()
+            model, tokenizer, device = load_model(config)
+            self.model = PeftModel.from_pretrained(model, adapter_dir).eval()
+            self.tokenizer, self.device, self.key = tokenizer, device, key
+            self.loads += 1
+
+    def release(self) -> None:
+        """Free the loaded model, its GPU memory included; nothing is held afterwards."""
+        with self._lock:
+            model, self.model, self.tokenizer, self.key = self.model, None, None, None
+            if model is None:
+                return
+            release(model)  # bitsandbytes' weight <-> module cycle
+            del model
+            gc.collect()  # any other cycle through the model, so that its memory is free now
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def generate(self, prompt: str, max_new_tokens: int = 64) -> dict[str, Completion]:
+        """Greedy completions of `prompt` by the base model ("base") and with the adapter ("adapter"); load first."""
+        with self._lock:
+            if self.model is None:
+                raise RuntimeError("no model is loaded: call load(config, adapter_dir) first")
+            with self.model.disable_adapter():
+                base = self._complete(prompt, int(max_new_tokens))
+            return {"base": base, "adapter": self._complete(prompt, int(max_new_tokens))}
+
+    def _complete(self, prompt: str, max_new_tokens: int) -> Completion:
+        tokenizer = self.tokenizer
+        text, special = prompt_text(tokenizer, prompt, self.data_format)
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=special).to(self.device)
+        eos = self._eos_ids()
+        # cuDNN's attention would plan kernels for every new length: 97 against 18 ms a token
+        with torch.no_grad(), without_cudnn_attention():  # (bench/results/profile_generate_8layers_*.json)
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                      eos_token_id=sorted(eos) or None, pad_token_id=tokenizer.pad_token_id)
+        tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
+        cut = not tokens or tokens[-1] not in eos  # nothing stops greedy decoding early but an end-of-sequence token
+        return Completion(tokenizer.decode(tokens, skip_special_tokens=True), tokens, cut)
+
+    def _eos_ids(self) -> set[int]:
+        """The tokens that end a generation: the model's generation config's and the tokenizer's end-of-sequence."""
+        configured = self.model.generation_config.eos_token_id
+        ids = set(configured if isinstance(configured, (list, tuple)) else [configured])
+        ids.add(self.tokenizer.eos_token_id)
+        return {i for i in ids if i is not None}
