@@ -20,7 +20,8 @@ import pandas as pd
 import torch
 
 from frugal_loraga import Config, ConfigError, DataError, OutOfMemory, RunError, finetune
-from frugal_loraga.blocks import without_cudnn_attention
+from frugal_loraga.config import DEFAULT_LR
+from frugal_loraga.generate import Generator
 from frugal_loraga.data import IGNORE, load_examples
 from frugal_loraga.gradients import available_ram_bytes
 from frugal_loraga.memory import estimate_memory_gib
@@ -123,7 +124,7 @@ class Job:
     curves: dict = field(default_factory=dict)
     message: str = ""
     adapter_dir: Path | None = None
-    config: Config | None = None
+    config: Config | None = None  # the run that wrote adapter_dir
 
     def busy(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
@@ -136,7 +137,6 @@ log = logging.getLogger("frugal_loraga.app")
 
 def _run(configs: list[Config]):
     for config in configs:
-        JOB.config = config
         label = config.init
 
         def progress(phase, done, total, metrics, label=label):
@@ -157,7 +157,7 @@ def _run(configs: list[Config]):
             break
         JOB.curves[label] = result.metrics
         if config.init == "lora_ga" or JOB.adapter_dir is None:
-            JOB.adapter_dir = result.adapter_dir
+            JOB.adapter_dir, JOB.config = result.adapter_dir, config
         if result.stopped:
             JOB.message = ("Stopped; a checkpoint was saved. Press Resume to continue." if result.adapter_dir else
                            "Stopped during the LoRA-GA estimate; nothing was saved. Press Train to start again.")
@@ -178,8 +178,8 @@ def start(upload, data_format, model, load_in_4bit, init, rank, alpha, use_rslor
                         estimation_samples=int(estimation_samples), eval_every=max(int(steps) // 10, 1),
                         resume=resume, overwrite=not resume, progress=False)
         configs = [Config(init=init, out=str(RUNS / init), **settings)]
-        if baseline and init == "lora_ga":
-            configs.append(Config(init="lora", out=str(RUNS / "lora"), **settings))
+        if baseline and init == "lora_ga":  # at LoRA's own learning rate
+            configs.append(Config(init="lora", out=str(RUNS / "lora"), **{**settings, "lr": DEFAULT_LR["lora"]}))
     except (ConfigError, DataError) as e:
         return f"**Error:** {e}"
     except (TypeError, ValueError) as e:  # an empty or non-numeric field
@@ -187,6 +187,7 @@ def start(upload, data_format, model, load_in_4bit, init, rank, alpha, use_rslor
     with START:
         if JOB.busy():
             return "A run is already in progress: wait for it or press Stop."
+        TRY.release()  # a Train after a Try gets the whole card
         JOB.stop.clear()
         JOB.curves, JOB.message, JOB.adapter_dir = {}, "", None
         JOB.phase, JOB.done, JOB.total = "starting", 0, 0
@@ -238,36 +239,20 @@ def poll():
     return (*status(), gr.Timer(active=JOB.busy()))
 
 
-_TRY_CACHE: dict = {}
+TRY = Generator()  # holds the model of the last Try; released before a run starts
 
 
 def try_prompt(prompt: str, max_new_tokens: int = 64):
-    """Greedy generation from the same prompt with the base model and with the trained adapter."""
+    """Greedy generation from the same prompt with the base model and with the trained adapter, the prompt formatted
+    as that run's data was trained."""
     if JOB.adapter_dir is None or JOB.config is None:
         return "Train first: there is no adapter yet.", ""
     if JOB.busy():
         return "A run is in progress; try again when it has finished.", ""
-    from peft import PeftModel
-    from frugal_loraga.models import load_model
-    key = str(JOB.adapter_dir)
-    if _TRY_CACHE.get("key") != key:
-        model, tokenizer, device = load_model(JOB.config)
-        _TRY_CACHE.update(key=key, model=PeftModel.from_pretrained(model, JOB.adapter_dir), tokenizer=tokenizer,
-                          device=device)
-    model, tokenizer = _TRY_CACHE["model"], _TRY_CACHE["tokenizer"]
-    messages = [{"role": "user", "content": prompt}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) \
-        if tokenizer.chat_template else prompt
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not tokenizer.chat_template).to(_TRY_CACHE["device"])
-
-    def generate():  # cuDNN's attention would plan kernels for every new length: 97 against 18 ms a token
-        with torch.no_grad(), without_cudnn_attention():  # (bench/results/profile_generate_8layers_*.json)
-            out = model.generate(**inputs, max_new_tokens=int(max_new_tokens), do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-        return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    with model.disable_adapter():
-        base = generate()
-    return base, generate()
+    TRY.load(JOB.config, JOB.adapter_dir)
+    outputs = TRY.generate(prompt, int(max_new_tokens))
+    return tuple(out.text + (f"\n[cut at {int(max_new_tokens)} new tokens]" if out.cut else "")
+                 for out in (outputs["base"], outputs["adapter"]))
 
 
 def export_zip():
@@ -304,13 +289,13 @@ def build_ui() -> gr.Blocks:
             rank = gr.Number(value=defaults.rank, label="Rank", precision=0)
             alpha = gr.Number(value=defaults.alpha, label="Alpha")
             use_rslora = gr.Checkbox(value=defaults.use_rslora, label="rsLoRA")
-            lr = gr.Number(value=defaults.lr, label="Learning rate")
+            lr = gr.Number(value=DEFAULT_LR[defaults.init], label="Learning rate")
         with gr.Row():
             steps = gr.Number(value=30, label="Steps", precision=0)
             batch_size = gr.Number(value=defaults.batch_size, label="Batch", precision=0)
             max_length = gr.Number(value=256, label="Max length", precision=0)
             estimation_samples = gr.Number(value=16, label="Estimation samples", precision=0)
-            baseline = gr.Checkbox(value=False, label="Also train plain LoRA for comparison")
+            baseline = gr.Checkbox(value=False, label="Also train plain LoRA for comparison, at LoRA's learning rate")
         with gr.Row():
             start_button, stop_button, resume_button = gr.Button("Train", variant="primary"), gr.Button("Stop"), gr.Button("Resume")
         notice_box = gr.Markdown()  # what a button answers; the status below is redrawn while a job runs
@@ -332,6 +317,7 @@ def build_ui() -> gr.Blocks:
         for component in (model, load_in_4bit, rank, batch_size, max_length, init):
             component.change(memory_estimate, [model, load_in_4bit, rank, batch_size, max_length, init], memory_box)
         ui.load(memory_estimate, [model, load_in_4bit, rank, batch_size, max_length, init], memory_box)
+        init.change(lambda method: DEFAULT_LR[method], init, lr)  # each method's own learning rate
         timer = gr.Timer(1.0, active=False)
         timer.tick(poll, None, [status_box, plot, timer])
         ui.load(poll, None, [status_box, plot, timer])  # a reloaded page picks up a running job

@@ -97,7 +97,7 @@ def full_finetune(config: Config):
     """Every weight trained by the same loop as the adapters (train.train with params = all weights)."""
     torch.manual_seed(config.seed)
     model, tokenizer, device = load_model(config)
-    config = config.for_device(device.type)
+    config = config.resolve(device.type)
     for p in model.parameters():
         p.requires_grad_(True)
     train_examples, _ = load_examples(config.data, config.data_format, tokenizer, config.max_length)

@@ -119,7 +119,7 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
     phase = enter("loading data")
     model = None
     try:
-        config = config.for_device(resolve_device(config).type)
+        config = config.resolve(resolve_device(config).type)
         check_outputs(config)
         model_path = resolve_model_path(config.model, config.trust_remote_code)
         tokenizer = load_tokenizer(model_path, config.trust_remote_code)

@@ -83,7 +83,7 @@ class Generator:
         from peft import PeftModel
         adapter_dir = Path(adapter_dir).resolve()
         key = (config.model, config.load_in_4bit, config.dtype, config.device, config.trust_remote_code,
-               str(adapter_dir))
+               str(adapter_dir), adapter_digest(adapter_dir))
         with self._lock:
             if (config.data, config.data_format) != self._format_of:
                 self.data_format, self._format_of = run_format(config), (config.data, config.data_format)

@@ -387,17 +387,17 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
     results: dict[str, LayerSVD] = {}
     taps = {name: GradientTap(targets[name]) for name in order}
     was_training = model.training
-    replace(model, taps)
     widths = {b["input_ids"].shape[1] for b in batches}
-    if compile:
-        compile_blocks(blocks, any_width=len(widths) > 1)
-    model.train()
     done, total = 0, len(groups) * len(batches)
-    if progress:
-        progress("compiling the decoder layers" if compile else "estimating gradients", done, total, {})
     last_in_blocks = max((p for p, name in enumerate(order) if index[name] is not None), default=-1)
     upstream: list[torch.Tensor] = []  # per batch: dL/d(input of block segment.stop), on the CPU
-    try:
+    try:  # from here on the model is changed; the finally below restores it, whatever raises (a progress callback too)
+        replace(model, taps)
+        if compile:
+            compile_blocks(blocks, any_width=len(widths) > 1)
+        model.train()
+        if progress:
+            progress("compiling the decoder layers" if compile else "estimating gradients", done, total, {})
         with no_checkpointing(blocks), attention_for(widths):
             for i, segment in enumerate(segments):
                 record_at = segments[i + 1].stop if i + 1 < len(segments) else None

@@ -164,9 +164,11 @@ def test_config_validation():
     with pytest.raises(ConfigError, match="lr must be a positive finite number, got inf"):
         Config(data="x", lr=float("inf"))
     assert Config(data="x", alpha=16, rank=4).eta == 8.0
-    cpu, cuda = Config(data="x").for_device("cpu"), Config(data="x").for_device("cuda")
+    cpu, cuda = Config(data="x").resolve("cpu"), Config(data="x").resolve("cuda")
     assert (cpu.estimation_samples, cpu.eval_samples, cuda.estimation_samples, cuda.eval_samples) == (16, 16, 128, 64)
-    assert Config(data="x", estimation_samples=32).for_device("cpu").estimation_samples == 32
+    assert Config(data="x", estimation_samples=32).resolve("cpu").estimation_samples == 32
+    assert (Config(data="x").resolve("cpu").lr, Config(data="x", init="lora").resolve("cpu").lr) == (3e-5, 3e-4)
+    assert Config(data="x", lr=1e-3).resolve("cuda").lr == 1e-3
     assert Config(data="x", alpha=16, rank=4, use_rslora=False).eta == 4.0
 
 

@@ -370,3 +370,19 @@ def test_fidelity_measures_on_known_bases():
     assert subspace_agreement(eye[:, :2], eye[:, :2]) == pytest.approx(1.0)
     assert subspace_agreement(eye[:, :2], eye[:, 1:3]) == pytest.approx(0.5)
     assert subspace_agreement(eye[:, :2], eye[:, 2:]) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_progress_callback_that_raises_leaves_the_model_as_it_was(tiny_model_dir, sample_path, compiled):
+    """A stop (the app's) raises from the progress callback, first called before any batch: the model keeps its own
+    layers and eager forwards, with no tap left in it (a compiled forward left on a block holds the model alive)."""
+    model, tokenizer, targets = load(tiny_model_dir, four_bit=False)
+    batches = make_batches(model, tokenizer, sample_path, n_batches=2)
+
+    def stop(*args):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        estimate_gradient_svd(model, targets, batches, 2 * RANK, 2**30, progress=stop,
+                              compile=compiled and torch.cuda.is_available())
+    assert all(model.get_submodule(name) is module for name, module in targets.items())
+    assert not any("forward" in block.__dict__ for block in model.model.layers)
