@@ -6,6 +6,7 @@ The page runs the same finetune(Config) as the API and CLI, one job at a time in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import re
 import shutil
@@ -16,16 +17,19 @@ from pathlib import Path
 
 import gradio as gr
 import gradio.utils
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 import pandas as pd
 import torch
 
 from frugal_loraga import Config, ConfigError, DataError, OutOfMemory, RunError, finetune
 from frugal_loraga.config import DEFAULT_LR
+from frugal_loraga.checkpoint import read_record
 from frugal_loraga.generate import Generator
 from frugal_loraga.data import IGNORE, load_examples
 from frugal_loraga.gradients import available_ram_bytes
 from frugal_loraga.memory import estimate_memory_gib
 from frugal_loraga.models import load_tokenizer, resolve_model_path
+from frugal_loraga.runs import list_runs, run_config
 
 ROOT = Path(__file__).resolve().parent
 SAMPLE = ROOT / "data" / "sample.jsonl"
@@ -34,7 +38,6 @@ UPLOADS = Path(gradio.utils.get_upload_folder())  # where Gradio puts what the p
 MODEL_ROOTS = [ROOT / "models"]  # local model folders the page may name: below these (python app.py --models-dir)
 MAX_UPLOAD_BYTES = 50 * 2**20
 ALLOWED = {".jsonl", ".json", ".csv", ".txt"}
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def sanitize_name(name: str) -> str:
@@ -43,9 +46,10 @@ def sanitize_name(name: str) -> str:
     return clean or "upload.jsonl"
 
 
-def store_upload(path: str | None) -> Path:
-    """Copy a file uploaded through this page under the run folder with a sanitized name; the sample when nothing is
-    uploaded. A path the page did not upload (a client can send any) is refused: the app reads no other file."""
+def store_upload(path: str | None, run_folder: Path) -> Path:
+    """Copy a file uploaded through this page into the run's folder (data/) with a sanitized name; the sample when
+    nothing is uploaded. A path the page did not upload (a client can send any) is refused: the app reads no other
+    file."""
     if not path:
         return SAMPLE
     source = Path(path).resolve()
@@ -55,10 +59,19 @@ def store_upload(path: str | None) -> Path:
         raise DataError(f"{source.name}: unsupported file type; upload .jsonl, .json, .csv or .txt")
     if source.stat().st_size > MAX_UPLOAD_BYTES:
         raise DataError(f"{source.name} is larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
-    target = RUNS / "uploads" / sanitize_name(source.name)
+    target = run_folder / "data" / sanitize_name(source.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
     return target
+
+
+def is_hub_id(name: str) -> bool:
+    """A valid Hugging Face repo id (org/name) that names no path here, relative ('../x') or not."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return "/" in name and ".." not in name.split("/") and not Path(name).exists()
 
 
 def checked_model(model: str) -> str:
@@ -67,7 +80,7 @@ def checked_model(model: str) -> str:
     model = model.strip()
     path = Path(model).expanduser().resolve()
     inside = any(path.is_relative_to(root.resolve()) for root in MODEL_ROOTS)
-    if model == "demo" or (HUB_ID.fullmatch(model) and not inside):
+    if model == "demo" or (is_hub_id(model) and not inside):
         return model
     if not inside:
         roots = ", ".join(str(root) for root in MODEL_ROOTS)
@@ -79,7 +92,7 @@ def checked_model(model: str) -> str:
 def preview(upload, data_format, model, max_length):
     """First rows as the model sees them (the loss-bearing part in [[...]]) and token statistics."""
     try:
-        path = store_upload(upload)
+        path = store_upload(upload, RUNS / "previews")
         tokenizer = load_tokenizer(resolve_model_path(checked_model(model)), trust_remote_code=False)
         examples, report = load_examples(path, data_format, tokenizer, int(max_length))
     except (ConfigError, DataError, OSError) as e:
@@ -123,8 +136,7 @@ class Job:
     phase_from: int = 0
     curves: dict = field(default_factory=dict)
     message: str = ""
-    adapter_dir: Path | None = None
-    config: Config | None = None  # the run that wrote adapter_dir
+    run: str = ""  # the name of the job's main run (its folder below RUNS)
 
     def busy(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
@@ -156,10 +168,9 @@ def _run(configs: list[Config]):
             JOB.message = f"**Error:** the {label} run failed unexpectedly ({type(e).__name__}: {e}); see the log"
             break
         JOB.curves[label] = result.metrics
-        if config.init == "lora_ga" or JOB.adapter_dir is None:
-            JOB.adapter_dir, JOB.config = result.adapter_dir, config
         if result.stopped:
-            JOB.message = ("Stopped; a checkpoint was saved. Press Resume to continue." if result.adapter_dir else
+            JOB.message = ("Stopped; a checkpoint was saved. Select the run and press Resume to continue."
+                           if result.adapter_dir else
                            "Stopped during the LoRA-GA estimate; nothing was saved. Press Train to start again.")
             break
     else:
@@ -168,36 +179,81 @@ def _run(configs: list[Config]):
 
 
 def start(upload, data_format, model, load_in_4bit, init, rank, alpha, use_rslora, lr, steps, batch_size,
-          max_length, estimation_samples, baseline, resume=False):
-    """Start (or resume) a run in the background; refuses while one is running. The check and the start are one
-    step under a lock, so that two Starts at the same moment cannot both pass it."""
+          max_length, estimation_samples, baseline, run_name=""):
+    """Start a new named run (and its plain-LoRA baseline, run_name-lora) in its own folder below RUNS."""
+    name = sanitize_name(run_name.strip()) if run_name and run_name.strip() else \
+        f"{init}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        settings = dict(data=str(store_upload(upload)), data_format=data_format, model=checked_model(model),
+        for taken in (name, f"{name}-lora") if baseline and init == "lora_ga" else (name,):
+            if read_record(RUNS / taken) is not None:
+                raise ConfigError(f"a run named {taken} exists; choose another name, or select it under Runs and "
+                                  "press Resume")
+        settings = dict(data_format=data_format, model=checked_model(model),
                         load_in_4bit=load_in_4bit, rank=int(rank), alpha=float(alpha), use_rslora=use_rslora,
                         lr=float(lr), steps=int(steps), batch_size=int(batch_size), max_length=int(max_length),
                         estimation_samples=int(estimation_samples), eval_every=max(int(steps) // 10, 1),
-                        resume=resume, overwrite=not resume, progress=False)
-        configs = [Config(init=init, out=str(RUNS / init), **settings)]
+                        progress=False)
+        data = str(store_upload(upload, RUNS / name))
+        configs = [Config(init=init, data=data, out=str(RUNS / name), **settings)]
         if baseline and init == "lora_ga":  # at LoRA's own learning rate
-            configs.append(Config(init="lora", out=str(RUNS / "lora"), **{**settings, "lr": DEFAULT_LR["lora"]}))
+            configs.append(Config(init="lora", data=data, out=str(RUNS / f"{name}-lora"),
+                                  **{**settings, "lr": DEFAULT_LR["lora"]}))
     except (ConfigError, DataError) as e:
         return f"**Error:** {e}"
     except (TypeError, ValueError) as e:  # an empty or non-numeric field
         return f"**Error:** every number field needs a number ({e})"
+    return launch(name, configs)
+
+
+def resume(selected: str):
+    """Continue the selected run with the settings read from its own folder (after a reload or a restart too)."""
+    try:
+        config = dataclasses.replace(run_config(run_folder(selected)), resume=True, overwrite=False)
+    except (ConfigError, FileNotFoundError) as e:
+        return f"**Error:** {e}"
+    return launch(selected, [config])
+
+
+def launch(name: str, configs: list[Config]) -> str:
+    """Run the configs one after another in the background; refuses while a job runs. The check and the start are
+    one step under a lock, so that two Starts at the same moment cannot both pass it."""
     with START:
         if JOB.busy():
             return "A run is already in progress: wait for it or press Stop."
         TRY.release()  # a Train after a Try gets the whole card
         JOB.stop.clear()
-        JOB.curves, JOB.message, JOB.adapter_dir = {}, "", None
+        JOB.curves, JOB.message, JOB.run = {}, "", name
         JOB.phase, JOB.done, JOB.total = "starting", 0, 0
         JOB.thread = threading.Thread(target=_run, args=(configs,), daemon=True)
         JOB.thread.start()
-    return "Started."
+    return f"Started {name}."
 
 
-def resume(*args):
-    return start(*args, resume=True)
+def run_folder(selected: str) -> Path:
+    """The folder of a run named in the list: a folder directly below RUNS that holds a run record."""
+    folder = RUNS / sanitize_name(selected or "")
+    if not selected or read_record(folder) is None:
+        raise ConfigError("select a run under Runs first")
+    return folder
+
+
+def delete_run(selected: str) -> str:
+    """Remove a run's folder: what the app wrote for it (record, checkpoint, adapter, metrics, data copy)."""
+    try:
+        folder = run_folder(selected)
+    except ConfigError as e:
+        return f"**Error:** {e}"
+    with START:
+        if JOB.busy():
+            return "A run is in progress: stop it before deleting runs."
+        shutil.rmtree(folder)
+    return f"Deleted {folder.name}."
+
+
+def runs_table() -> pd.DataFrame:
+    """The runs below RUNS, the last updated first."""
+    columns = ["name", "status", "init", "steps", "train_loss", "eval_loss", "adapter", "message"]
+    return pd.DataFrame([{c: row[c] for c in columns} for row in list_runs(RUNS)], columns=columns).round(4)
 
 
 def stop():
@@ -234,32 +290,52 @@ def status():
     return text, loss_frame(rows)
 
 
-def poll():
-    """The status, and the timer kept running only while a job runs: an idle page makes no requests."""
-    return (*status(), gr.Timer(active=JOB.busy()))
+def poll(selected: str = ""):
+    """The status, the runs and the run selected (the job's, when none is), and the timer kept running only while a
+    job runs: an idle page makes no requests."""
+    running = JOB.busy()  # before the status: a job that ends in between is drawn finished at the next call
+    table = runs_table()
+    names = list(table["name"])
+    chosen = selected if selected in names else (JOB.run if JOB.run in names else (names[0] if names else None))
+    return (*status(), gr.Timer(active=running), table, gr.Dropdown(choices=names, value=chosen))
 
 
 TRY = Generator()  # holds the model of the last Try; released before a run starts
 
 
-def try_prompt(prompt: str, max_new_tokens: int = 64):
-    """Greedy generation from the same prompt with the base model and with the trained adapter, the prompt formatted
-    as that run's data was trained."""
-    if JOB.adapter_dir is None or JOB.config is None:
-        return "Train first: there is no adapter yet.", ""
-    if JOB.busy():
-        return "A run is in progress; try again when it has finished.", ""
-    TRY.load(JOB.config, JOB.adapter_dir)
-    outputs = TRY.generate(prompt, int(max_new_tokens))
+def try_prompt(prompt: str, max_new_tokens: int = 64, selected: str = ""):
+    """Greedy generation from the same prompt with the base model and with the selected run's adapter, the prompt
+    formatted as that run's data was trained."""
+    try:
+        folder = run_folder(selected)
+    except ConfigError as e:
+        return f"Train first, or {e}.", ""
+    if not (folder / "adapter" / "adapter_model.safetensors").exists():
+        return f"{folder.name} has no adapter yet: resume it to the end, or stop it after a step.", ""
+    with START:  # no Train starts while the Try model loads, and no Try loads one while a Train runs
+        if JOB.busy():
+            return "A run is in progress; try again when it has finished.", ""
+        try:
+            TRY.load(run_config(folder), folder / "adapter")
+            outputs = TRY.generate(prompt, int(max_new_tokens))
+        except (ConfigError, DataError, torch.cuda.OutOfMemoryError) as e:
+            TRY.release()
+            return f"Error: {e}", ""
     return tuple(out.text + (f"\n[cut at {int(max_new_tokens)} new tokens]" if out.cut else "")
                  for out in (outputs["base"], outputs["adapter"]))
 
 
-def export_zip():
-    if JOB.adapter_dir is None:
-        return None, "Train first: there is no adapter yet."
-    archive = shutil.make_archive(str(RUNS / "adapter"), "zip", JOB.adapter_dir)
-    base = JOB.config.model if JOB.config.model != "demo" else str(resolve_model_path("demo"))
+def export_zip(selected: str = ""):
+    """The selected run's adapter as a zip, and the code that loads it."""
+    try:
+        folder = run_folder(selected)
+    except ConfigError as e:
+        return None, f"Train first, or {e}."
+    if not (folder / "adapter" / "adapter_model.safetensors").exists():
+        return None, f"{folder.name} has no adapter yet."
+    archive = shutil.make_archive(str(folder / f"{folder.name}-adapter"), "zip", folder / "adapter")
+    model = run_config(folder).model
+    base = str(resolve_model_path("demo")) if model == "demo" else model
     code = ("```python\nfrom transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n"
             f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), 'adapter_folder')\n```")
     return archive, code
@@ -297,35 +373,43 @@ def build_ui() -> gr.Blocks:
             estimation_samples = gr.Number(value=16, label="Estimation samples", precision=0)
             baseline = gr.Checkbox(value=False, label="Also train plain LoRA for comparison, at LoRA's learning rate")
         with gr.Row():
-            start_button, stop_button, resume_button = gr.Button("Train", variant="primary"), gr.Button("Stop"), gr.Button("Resume")
+            run_name = gr.Textbox(label="Run name (empty: the method and the time)")
+            start_button, stop_button = gr.Button("Train", variant="primary"), gr.Button("Stop")
         notice_box = gr.Markdown()  # what a button answers; the status below is redrawn while a job runs
         status_box = gr.Markdown("**idle**")
         plot = gr.LinePlot(loss_frame([]), x="step", y="loss", color="curve", color_map=CURVE_COLORS, label="Loss")
-        gr.Markdown("### Try")
+        gr.Markdown("### Runs")
+        runs = gr.Dataframe(runs_table(), label="Runs in runs/app (the last updated first)", interactive=False)
+        with gr.Row():
+            selected = gr.Dropdown(label="Run", choices=list(runs_table()["name"]), allow_custom_value=False)
+            resume_button, delete_button = gr.Button("Resume"), gr.Button("Delete")
+        gr.Markdown("### Try (the run selected above)")
         with gr.Row():
             prompt = gr.Textbox(label="Prompt", value="Ada has 12 apples and buys 30 more. How many apples does Ada have now?")
             try_button = gr.Button("Generate")
         with gr.Row():
             base_out, adapter_out = gr.Textbox(label="Base model"), gr.Textbox(label="With adapter")
-        gr.Markdown("### Export")
+        gr.Markdown("### Export (the run selected above)")
         export_button = gr.Button("Download adapter (.zip)")
         export_file, export_code = gr.File(label="Adapter"), gr.Markdown()
 
         run_inputs = [upload, data_format, model, load_in_4bit, init, rank, alpha, use_rslora, lr, steps, batch_size,
-                      max_length, estimation_samples, baseline]
+                      max_length, estimation_samples, baseline, run_name]
         preview_button.click(preview, [upload, data_format, model, max_length], preview_box)
         for component in (model, load_in_4bit, rank, batch_size, max_length, init):
             component.change(memory_estimate, [model, load_in_4bit, rank, batch_size, max_length, init], memory_box)
         ui.load(memory_estimate, [model, load_in_4bit, rank, batch_size, max_length, init], memory_box)
         init.change(lambda method: DEFAULT_LR[method], init, lr)  # each method's own learning rate
         timer = gr.Timer(1.0, active=False)
-        timer.tick(poll, None, [status_box, plot, timer])
-        ui.load(poll, None, [status_box, plot, timer])  # a reloaded page picks up a running job
-        start_button.click(start, run_inputs, notice_box).then(poll, None, [status_box, plot, timer])
-        resume_button.click(resume, run_inputs, notice_box).then(poll, None, [status_box, plot, timer])
-        stop_button.click(stop, None, notice_box).then(poll, None, [status_box, plot, timer])
-        try_button.click(try_prompt, prompt, [base_out, adapter_out])
-        export_button.click(export_zip, None, [export_file, export_code])
+        shown = [status_box, plot, timer, runs, selected]
+        timer.tick(poll, selected, shown)
+        ui.load(poll, selected, shown)  # a reloaded page picks up the runs and a running job
+        start_button.click(start, run_inputs, notice_box).then(poll, selected, shown)
+        resume_button.click(resume, selected, notice_box).then(poll, selected, shown)
+        stop_button.click(stop, None, notice_box).then(poll, selected, shown)
+        delete_button.click(delete_run, selected, notice_box).then(poll, selected, shown)
+        try_button.click(lambda text, run: try_prompt(text, 64, run), [prompt, selected], [base_out, adapter_out])
+        export_button.click(export_zip, selected, [export_file, export_code])
     return ui
 
 

@@ -51,6 +51,7 @@ def ours(model_dir: Path, data: Path, max_length: int, options: set[str]):
                     max_length=max_length, optimizer="paged_adamw_8bit", gradient_checkpointing=checkpointing,
                     progress=False)
     model, tokenizer, device = load_model(config)
+    config = config.resolve(device.type)  # the lr and sample counts finetune would use
     targets = find_targets(model, config.target_list(), 8, "lora")
     factors, _ = initial_factors(model, targets, [], config, tokenizer.pad_token_id, device, None)
     layers = inject(model, factors, config.eta)

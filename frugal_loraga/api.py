@@ -1,6 +1,6 @@
 """finetune(config): the one function behind the Python API, the CLI and the app.
 
-load model -> load data -> initial factors (LoRA-GA: streamed gradient + top-2r SVD; or plain LoRA) -> inject
+check the out folder, model folder and data -> load model -> initial factors (LoRA-GA: streamed gradient + top-2r SVD; or plain LoRA) -> inject
 -> checkpoint -> train -> export PEFT adapter + metrics JSON.
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 
 from .blocks import start_compile_workers
 from .config import Config
-from .checkpoint import atomic_write, check_outputs, load_checkpoint, run_inputs, save_checkpoint
+from .checkpoint import atomic_write, check_outputs, load_checkpoint, run_inputs, save_checkpoint, write_record
 from .data import Example, causal_inputs, collate, load_examples, split_eval
-from .errors import OutOfMemory
+from .errors import OutOfMemory, RunError
 from .export import export_adapter
 from .gradients import ProgressFn, default_budget_bytes, estimate_gradient_svd
 from .init import lora_factors, lora_ga_factors
@@ -117,14 +117,15 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         return name
 
     phase = enter("loading data")
-    model = None
+    model = inputs = None
     try:
-        config = config.resolve(resolve_device(config).type)
         check_outputs(config)
         model_path = resolve_model_path(config.model, config.trust_remote_code)
         tokenizer = load_tokenizer(model_path, config.trust_remote_code)
         train_examples, eval_examples = load_data(config, tokenizer)
         state = load_checkpoint(config, inputs := run_inputs(config, model_path))
+        config = config.resolve(resolve_device(config).type, state["config"] if state else None)
+        write_record(config, inputs, "running")
         phase = enter("loading the model")
         torch.manual_seed(config.seed)
         if config.compile and resolve_device(config).type == "cuda":
@@ -162,16 +163,32 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         metrics["peak_memory_gib"] = peak_memory_gib(device)
         adapter_dir = export_adapter(layers, config, model.name_or_path, Path(config.out) / "adapter")
         write_metrics(metrics, config)
+        write_record(config, inputs, "stopped" if stopped else "finished")
         return FinetuneResult(adapter_dir, metrics, stopped)
     except StoppedInEstimate:
+        write_record(config, inputs, "stopped", "stopped during the LoRA-GA estimate: nothing to resume")
         return FinetuneResult(None, {}, stopped=True)
     except torch.cuda.OutOfMemoryError as e:
-        raise OutOfMemory(f"CUDA ran out of memory while {phase}. Lower batch_size or max_length, keep "
-                          "gradient_checkpointing and load_in_4bit on, or for the init lower estimation_batch_size "
-                          "and grad_budget_gib.") from e
+        error = OutOfMemory(f"CUDA ran out of memory while {phase}. Lower batch_size or max_length, keep "
+                            "gradient_checkpointing and load_in_4bit on, or for the init lower estimation_batch_size "
+                            "and grad_budget_gib.")
+        fail(config, inputs, error)
+        raise error from e
+    except Exception as e:
+        fail(config, inputs, e)
+        raise
     finally:
         if model is not None:
             release(model)
+
+
+def fail(config: Config, inputs: Optional[dict], error: Exception) -> None:
+    """Mark the run failed in its record, once it has one (bad input found before that leaves none)."""
+    if inputs is not None:
+        try:
+            write_record(config, inputs, "failed", str(error) or type(error).__name__)
+        except RunError:  # the disk that failed the run may refuse the record too: the error raised says it all
+            pass
 
 
 def load_data(config: Config, tokenizer) -> tuple[list[Example], list[Example]]:

@@ -1,5 +1,8 @@
-"""The run folder: what a run writes (out/checkpoint/state.pt, out/adapter/, out/metrics.json), checked before the slow
-work, written atomically, and read back to resume.
+"""The run folder: what a run writes (out/run.json, out/checkpoint/state.pt, out/adapter/, out/metrics.json), checked
+before the slow work, written atomically, and read back to resume.
+
+out/run.json is the run's record, small enough to list many runs by: its settings (Config, resolved), what it learns
+from (inputs), and its status: running, stopped, finished or failed (with the message).
 
 A checkpoint is {"config", "inputs", "step", "metrics", "adapter"[, "optimizer", "scheduler"]}. "inputs" identifies
 what the run was trained on by content, not by how a path was spelled: the model folder resolved, and a SHA-256 of
@@ -9,8 +12,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,7 +28,12 @@ from .errors import ConfigError, RunError
 # Fields that may change between a run and its resume without changing the result. The paths (out, data, eval_data,
 # model) are compared through `inputs` instead: the same file spelled another way, or at another path, is the same.
 RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "metrics_json", "save_every", "device", "compile", "out",
-                     "data", "eval_data", "model"}
+                     "data", "eval_data", "model",
+                     "estimation_samples", "estimation_batch_size", "grad_budget_gib", "svd"}  # a resume's factors
+# come from the checkpoint, so the estimate's settings do not matter there
+
+
+RECORD = "run.json"
 
 
 def checkpoint_path(out: str | Path) -> Path:
@@ -85,7 +96,8 @@ def load_checkpoint(config: Config, inputs: dict) -> Optional[dict]:
     path = checkpoint_path(config.out)
     state = torch.load(path, map_location="cpu", weights_only=True)
     now = config.to_dict()
-    changed = sorted(k for k, v in state["config"].items() if k not in RESUMABLE_CHANGES and now.get(k) != v)
+    changed = sorted(k for k, v in state["config"].items()  # a setting left None takes the checkpoint's (resolve)
+                     if k not in RESUMABLE_CHANGES and now.get(k) is not None and now.get(k) != v)
     changed += sorted(k for k, v in state.get("inputs", {}).items() if inputs.get(k) != v)
     if changed:
         raise ConfigError(f"cannot resume {path}: it was written with other settings or inputs for "
@@ -101,10 +113,11 @@ def atomic_write(path: Path, write: Callable[[Path], None], last_good: str = "")
     try:
         write(tmp)
         os.replace(tmp, path)
-    except OSError as e:
+    except Exception as e:  # torch and safetensors report a full disk in errors of their own, not as OSError
         tmp.unlink(missing_ok=True)
-        full = e.errno == errno.ENOSPC
-        raise RunError(f"could not write {path}: {e.strerror or e}. {last_good or 'The previous file is unchanged.'} "
+        full = getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(path.parent).free < 2**20
+        reason = getattr(e, "strerror", None) or ("No space left on device" if full else str(e))
+        raise RunError(f"could not write {path}: {reason}. {last_good or 'The previous file is unchanged.'} "
                        + ("Free disk space, then resume." if full else "")) from e
 
 
@@ -117,3 +130,19 @@ def save_checkpoint(out: str | Path, state: dict) -> None:
             os.fsync(f.fileno())
     path = checkpoint_path(out)
     atomic_write(path, write, f"The last checkpoint ({path}) is intact." if path.exists() else "")
+
+
+def write_record(config: Config, inputs: dict, status: str, message: str = "") -> None:
+    """out/run.json with the run's settings, inputs and status (running, stopped, finished, failed)."""
+    record = {"config": config.to_dict(), "inputs": inputs, "status": status, "message": message,
+              "updated": time.time()}
+    atomic_write(Path(config.out) / RECORD, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
+
+
+def read_record(out: str | Path) -> Optional[dict]:
+    """The run's record, or None where there is none (or it does not parse)."""
+    try:
+        record = json.loads((Path(out) / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and {"config", "status"} <= set(record) else None

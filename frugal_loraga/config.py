@@ -125,13 +125,16 @@ class Config:
         """LoRA scaling eta: alpha / sqrt(r) with rsLoRA, else alpha / r."""
         return self.alpha / (self.rank ** 0.5 if self.use_rslora else self.rank)
 
-    def resolve(self, device_type: str) -> "Config":
-        """A copy with the settings left as None filled in; finetune runs with it. The learning rate is the init
-        method's; the CPU gets fewer estimation and eval samples (a 135M model takes seconds a batch on two cores)."""
-        cpu = device_type == "cpu"
-        return dataclasses.replace(self, lr=self.lr or DEFAULT_LR[self.init],
-                                   estimation_samples=self.estimation_samples or (16 if cpu else 128),
-                                   eval_samples=self.eval_samples or (16 if cpu else 64))
+    def resolve(self, device_type: str, previous: Optional[dict] = None) -> "Config":
+        """A copy with the settings left as None filled in; finetune runs with it. A resumed run takes them from the
+        settings it was started with (`previous`, its checkpoint's), so that a resume on another machine continues
+        the same run. Otherwise the learning rate is the init method's, and the CPU gets fewer estimation and eval
+        samples (a 135M model takes seconds a batch on two cores)."""
+        cpu, previous = device_type == "cpu", previous or {}
+        return dataclasses.replace(
+            self, lr=self.lr or previous.get("lr") or DEFAULT_LR[self.init],
+            estimation_samples=self.estimation_samples or previous.get("estimation_samples") or (16 if cpu else 128),
+            eval_samples=self.eval_samples or previous.get("eval_samples") or (16 if cpu else 64))
 
     def target_list(self) -> list[str]:
         return [t.strip() for t in self.target_modules.split(",") if t.strip()]

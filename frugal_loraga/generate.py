@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from .blocks import without_cudnn_attention
+from .checkpoint import file_sha256
 from .config import Config
 from .data import PLAIN_CHAT_TEMPLATE, detect_format, read_records
 from .models import load_model, release
@@ -45,11 +46,7 @@ def run_format(config: Config) -> str:
 
 def adapter_digest(adapter_dir: str | Path) -> str:
     """A SHA-256 of the adapter's config and weights: it changes whenever a run writes a new adapter there."""
-    digest = hashlib.sha256()
-    for name in ADAPTER_FILES:
-        with open(Path(adapter_dir) / name, "rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
-    return digest.hexdigest()
+    return hashlib.sha256("".join(file_sha256(Path(adapter_dir) / name) for name in ADAPTER_FILES).encode()).hexdigest()
 
 
 @dataclass

@@ -117,8 +117,7 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
                     loss.backward()
                     step_loss += loss.item()
                     metrics["train_tokens"] += int(batch["attention_mask"].sum())
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm \
-                    else None
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)  # inf: no clip
                 check_finite(step + 1, step_loss, grad_norm, config, saved)
                 optimizer.step()
                 scheduler.step()
@@ -143,10 +142,11 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
             uncompile_blocks(blocks)
 
 
-def check_finite(step: int, loss: float, grad_norm: Optional[torch.Tensor], config: Config, saved: int) -> None:
+def check_finite(step: int, loss: float, grad_norm: torch.Tensor, config: Config, saved: int) -> None:
     """Stop before an optimizer step that would make the adapter NaN: a loss or gradient norm that is not finite."""
     bad = f"loss {loss}" if not math.isfinite(loss) else \
-        f"gradient norm {grad_norm.item()}" if grad_norm is not None and not torch.isfinite(grad_norm) else None
+        f"gradient norm {grad_norm.item()}" if not torch.isfinite(grad_norm) else None
     if bad:
         raise RunError(f"training diverged at step {step} ({bad}): lr={config.lr:g} is too high for this run; lower lr "
-                       f"and start again. The checkpoint of step {saved} is kept; no adapter was exported")
+                       "and start again with overwrite (--overwrite) or another out folder. The checkpoint of step "
+                       f"{saved} is kept; no adapter was exported")

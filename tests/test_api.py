@@ -169,6 +169,9 @@ def test_config_validation():
     assert Config(data="x", estimation_samples=32).resolve("cpu").estimation_samples == 32
     assert (Config(data="x").resolve("cpu").lr, Config(data="x", init="lora").resolve("cpu").lr) == (3e-5, 3e-4)
     assert Config(data="x", lr=1e-3).resolve("cuda").lr == 1e-3
+    started = {"lr": 1e-3, "estimation_samples": 128, "eval_samples": 64}  # a run started on a GPU, resumed on a CPU
+    resumed = Config(data="x").resolve("cpu", started)
+    assert (resumed.lr, resumed.estimation_samples, resumed.eval_samples) == (1e-3, 128, 64)
     assert Config(data="x", alpha=16, rank=4, use_rslora=False).eta == 4.0
 
 

@@ -20,15 +20,15 @@ def runs_in_tmp(tmp_path, tmp_path_factory, monkeypatch):
 
 def test_uploads_are_sanitized_size_limited_and_typed(tmp_path, monkeypatch):
     source = write_jsonl(tmp_path / "..evil name;rm -rf.jsonl", [{"text": "hi"}])
-    stored = app.store_upload(str(source))
-    assert stored.parent == tmp_path / "runs" / "uploads" and stored.name == "evil_name_rm_-rf.jsonl"
+    stored = app.store_upload(str(source), tmp_path / "runs" / "r")
+    assert stored.parent == tmp_path / "runs" / "r" / "data" and stored.name == "evil_name_rm_-rf.jsonl"
     assert app.sanitize_name("../../etc/passwd") == "passwd"
     (tmp_path / "x.exe").write_text("x")
     with pytest.raises(app.DataError, match="unsupported file type"):
-        app.store_upload(str(tmp_path / "x.exe"))
+        app.store_upload(str(tmp_path / "x.exe"), tmp_path / "runs" / "r")
     monkeypatch.setattr(app, "MAX_UPLOAD_BYTES", 2)
     with pytest.raises(app.DataError, match="larger than"):
-        app.store_upload(str(source))
+        app.store_upload(str(source), tmp_path / "runs" / "r")
 
 
 def test_preview_shows_masked_rows_and_line_numbered_errors(tiny_model_dir, tmp_path):
@@ -47,8 +47,8 @@ def test_memory_estimate_names_the_device(tiny_model_dir):
 
 def test_train_with_baseline_plot_try_and_export(tiny_model_dir, monkeypatch):
     args = [None, "auto", str(tiny_model_dir), False, "lora_ga", 2, 16, True, 3e-3, 4, 2, 96, 4, True]
-    assert app.start(*args) == "Started."
-    assert "already in progress" in app.start(*args)
+    assert app.start(*args, "first") == "Started first."
+    assert "already in progress" in app.start(*args, "second")
     deadline = time.time() + 120
     while app.JOB.busy() and time.time() < deadline:
         time.sleep(0.2)
@@ -57,15 +57,20 @@ def test_train_with_baseline_plot_try_and_export(tiny_model_dir, monkeypatch):
     frame = frame.dropna()
     assert {"lora_ga train", "lora_ga eval", "lora train", "lora eval"} <= set(frame["curve"])
     assert frame[frame.curve == "lora_ga train"]["step"].tolist() == [1, 2, 3, 4]
+    runs = app.runs_table()
+    assert set(runs["name"]) == {"first", "first-lora"} and set(runs["status"]) == {"finished"}
+    assert "a run named first exists" in app.start(*args, "first")
     allowed = []  # cuDNN's attention allowed, per attention call of the generation
     attention = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *args, **kwargs: allowed.append(
         torch.backends.cuda.cudnn_sdp_enabled()) or attention(*args, **kwargs))
-    base, adapted = app.try_prompt("Ada has 2 apples", max_new_tokens=5)
-    assert isinstance(base, str) and isinstance(adapted, str)
+    base, adapted = app.try_prompt("Ada has 2 apples", 5, "first")
+    assert base.endswith("[cut at 5 new tokens]") and isinstance(adapted, str)
     assert allowed and not any(allowed)  # each new token is a new length, which cuDNN's attention would plan for
-    archive, code = app.export_zip()
-    assert archive.endswith(".zip") and "PeftModel.from_pretrained" in code
+    archive, code = app.export_zip("first-lora")
+    assert archive.endswith("first-lora-adapter.zip") and "PeftModel.from_pretrained" in code
+    assert app.try_prompt("x", 5, "")[0].startswith("Train first, or select a run")
+    assert app.delete_run("first-lora") == "Deleted first-lora." and list(app.runs_table()["name"]) == ["first"]
 
 
 def test_eta_comes_from_the_pace_of_the_current_phase(monkeypatch):
@@ -78,18 +83,20 @@ def test_eta_comes_from_the_pace_of_the_current_phase(monkeypatch):
     assert "ETA" not in app.status()[0]
 
 
-def test_stop_then_resume(tiny_model_dir):
-    args = [None, "auto", str(tiny_model_dir), False, "lora", 2, 16, True, 3e-3, 200, 2, 96, 4, False]
-    assert app.start(*args) == "Started."
+def test_stop_then_resume_from_the_runs_own_folder(tiny_model_dir):
+    args = [None, "auto", str(tiny_model_dir), False, "lora", 2, 16, True, 3e-3, 200, 2, 96, 4, False, "long"]
+    assert app.start(*args) == "Started long."
     while app.JOB.phase != "lora: training" and app.JOB.busy():
         time.sleep(0.05)
     assert app.stop().startswith("Stopping")
     app.JOB.thread.join(60)
-    assert "Press Resume" in app.status()[0]
-    assert app.resume(*args) == "Started."
+    assert "press Resume" in app.status()[0]
+    assert app.runs_table().set_index("name").loc["long", "status"] == "stopped"
+    assert app.resume("long") == "Started long."  # nothing from the form: the settings come from runs/long
     app.JOB.stop.set()
     app.JOB.thread.join(60)
     assert app.JOB.curves["lora"]["train_loss"][0][0] == 1
+    assert "select a run under Runs first" in app.resume("nonexistent")
 
 
 def test_only_uploaded_files_are_read(tmp_path, tiny_model_dir, monkeypatch):
@@ -99,7 +106,7 @@ def test_only_uploaded_files_are_read(tmp_path, tiny_model_dir, monkeypatch):
                                       96, 4, False)):
         text = handler()
         assert "only files uploaded through this page can be used" in text and "secret" not in text
-    assert not (tmp_path / "runs" / "uploads").exists()
+    assert not list((tmp_path / "runs").rglob("secret*"))
 
 
 def test_a_client_cannot_preview_a_server_file(tmp_path, tiny_model_dir, monkeypatch):
@@ -120,14 +127,17 @@ def test_a_client_cannot_preview_a_server_file(tmp_path, tiny_model_dir, monkeyp
     finally:
         ui.close()
     assert "event: error" in shown and "secret" not in shown
-    assert not (tmp_path / "runs" / "uploads").exists()
+    assert not list((tmp_path / "runs").rglob("secret*"))
 
 
 def test_model_field_reveals_no_server_folder(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setattr(app, "MODEL_ROOTS", [tiny_model_dir])
     (tmp_path / "exists").mkdir()
+    (tmp_path / "sub" / "x").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "sub")  # relative paths shaped like hub ids (org/name) must not slip through
     seen = {app.memory_estimate(path, True, 4, 2, 128, "lora_ga") for path in
-            (str(tmp_path / "exists"), str(tmp_path / "missing"), "/etc", "/nonexistent")}
+            (str(tmp_path / "exists"), str(tmp_path / "missing"), "/etc", "/nonexistent", "../exists", "../missing",
+             "../sub", "x/..", "./x")}
     assert len(seen) == 1 and "the page loads 'demo', a hub id (org/name) or a model folder below" in seen.pop()
     assert "Estimated peak" in app.memory_estimate(str(tiny_model_dir), True, 4, 2, 128, "lora_ga")
 
@@ -136,24 +146,24 @@ def test_simultaneous_starts_run_one_job(tiny_model_dir):
     barrier = threading.Barrier(5)
     answers = []
 
-    def press():
+    def press(name):
         barrier.wait()
         answers.append(app.start(None, "auto", str(tiny_model_dir), False, "lora", 2, 16, True, 3e-3, 2, 2, 96, 4,
-                                 False))
-    presses = [threading.Thread(target=press) for _ in range(5)]
+                                 False, name))
+    presses = [threading.Thread(target=press, args=(f"run{i}",)) for i in range(5)]
     for thread in presses:
         thread.start()
     for thread in presses:
         thread.join()
     app.JOB.thread.join(120)
-    assert sorted(answers)[-1] == "Started." and answers.count("Started.") == 1
-    assert all("already in progress" in a for a in answers if a != "Started.")
+    started = [a for a in answers if a.startswith("Started")]
+    assert len(started) == 1 and all("already in progress" in a for a in answers if a not in started)
 
 
 def test_unexpected_errors_reach_the_page(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(app, "finetune", lambda *a, **k: 1 / 0)
-    assert app.start(None, "auto", str(tiny_model_dir), False, "lora", 2, 16, True, 3e-3, 2, 2, 96, 4, False) == \
-        "Started."
+    assert app.start(None, "auto", str(tiny_model_dir), False, "lora", 2, 16, True, 3e-3, 2, 2, 96, 4, False, "x") == \
+        "Started x."
     app.JOB.thread.join(60)
     assert "**Error:** the lora run failed unexpectedly (ZeroDivisionError: division by zero)" in app.status()[0]
     assert "every number field needs a number" in app.start(None, "auto", str(tiny_model_dir), False, "lora", None,

@@ -36,7 +36,7 @@ def test_browser_upload_train_and_plot(tiny_model_dir, sample_path, tmp_path, mo
             page.get_by_role("button", name="Train", exact=True).click()
             page.get_by_text("Finished.").wait_for(timeout=120_000)
             page.wait_for_timeout(2500)  # one more timer tick draws the final curve
-            assert page.get_by_text("Started.").is_visible()  # the button's answer outlives the status redraws
+            assert page.get_by_text("Started lora_ga-").is_visible()  # the button's answer outlives the status redraws
             requests = []
             page.on("request", lambda request: requests.append(request.url))
             page.wait_for_timeout(3000)
@@ -50,6 +50,12 @@ def test_browser_upload_train_and_plot(tiny_model_dir, sample_path, tmp_path, mo
             assert drawn["lora train"].get_attribute("d").count("L") == 5  # a segment between each of 6 steps
             legend = page.locator('[aria-roledescription="legend"] text').all_text_contents()
             assert set(app.CURVE_COLORS) <= set(legend), legend
+            page.reload(wait_until="networkidle")  # the runs and the selection come back with the page
+            table = page.get_by_label("Runs in runs/app (the last updated first)")
+            playwright.expect(table).to_contain_text(app.JOB.run)
+            playwright.expect(table).to_contain_text("finished")
+            page.get_by_role("button", name="Generate").click()
+            playwright.expect(page.get_by_label("With adapter")).not_to_have_value("", timeout=60_000)
             shot = ROOT / "docs" if os.environ.get("UPDATE_SCREENSHOT") == "1" else tmp_path
             page.screenshot(path=str(shot / "screenshot.png"), full_page=True)
             browser.close()

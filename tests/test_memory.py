@@ -51,3 +51,6 @@ def test_the_default_budget_counts_the_allocators_cache_as_free(monkeypatch):
     for reserved in (4 * gib, 7 * gib):  # first run: nothing cached; second: 3 GiB cached by the first
         monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device, reserved=reserved: reserved)
         assert default_budget_bytes(torch.device("cuda", 0)) == 2 * gib  # half of the 4 GiB the cap leaves
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1 * gib, 140 * gib))  # the card itself is full
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)
+    assert default_budget_bytes(torch.device("cuda", 0)) == 2 * gib  # 1 GiB free + 3 GiB cached by the last run

@@ -1,8 +1,9 @@
 """What a run writes and keeps: bad settings and out folders refused before the model loads (exit code 2), no file
 lost (the user's, or the last checkpoint when the disk fills), resume that compares what was trained on by content,
 training that diverges stopped before it exports NaNs, and nothing of the model left in memory when a run ends."""
-import errno
+import dataclasses
 import gc
+import shutil
 import json
 import re
 import threading
@@ -10,13 +11,13 @@ import threading
 import bitsandbytes as bnb
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import frugal_loraga.api as api_module
-from frugal_loraga import Config, ConfigError, RunError, finetune
-from frugal_loraga.checkpoint import checkpoint_path
+import frugal_loraga.checkpoint as checkpoint_module
+from frugal_loraga import Config, ConfigError, DataError, RunError, finetune
+from frugal_loraga.checkpoint import checkpoint_path, read_record
+from frugal_loraga.runs import list_runs, run_config
 from frugal_loraga.cli import join_negative_values, main
-from conftest import write_jsonl
 
 
 def tiny_config(model_dir, data, out, **kw):
@@ -117,9 +118,11 @@ def test_a_full_disk_keeps_the_last_checkpoint(tiny_model_dir, sample_path, tmp_
 
     def fill_up(obj, f, *args, **kwargs):
         calls.append(obj["step"])
-        if obj["step"] == 2:
+        if obj["step"] == 2:  # as torch reports a full disk: not an OSError
             f.write(b"half a checkpoint")
-            raise OSError(errno.ENOSPC, "No space left on device")
+            monkeypatch.setattr(checkpoint_module.shutil, "disk_usage",
+                                lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 512 vs 448")
         save(obj, f, *args, **kwargs)
     monkeypatch.setattr(torch, "save", fill_up)
     assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--save-every", "1") == 1
@@ -138,7 +141,8 @@ def test_training_that_diverges_stops_before_exporting_nans(tiny_model_dir, samp
     assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--lr", "1e30", "--steps", "4",
                "--init", "lora") == 1
     assert re.search(r"training diverged at step \d \((loss|gradient norm) (nan|inf)\): lr=1e\+30 is too high for this "
-                     r"run; lower lr and start again. The checkpoint of step \d is kept; no adapter was exported",
+                     r"run; lower lr and start again with overwrite \(--overwrite\) or another out folder. The "
+                     r"checkpoint of step \d is kept; no adapter was exported",
                      capsys.readouterr().err)
     assert not (out / "adapter").exists()
     adapter = torch.load(checkpoint_path(out), weights_only=True)["adapter"]
@@ -170,3 +174,29 @@ def test_nothing_of_the_model_outlives_the_run_with_gc_off(tiny_model_dir, sampl
         assert four_bit_weights_alive() == 0
     finally:
         gc.enable()
+
+
+def test_each_run_keeps_a_record_that_lists_and_resumes_it(tiny_model_dir, sample_path, tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    stop = threading.Event()
+    finetune(tiny_config(tiny_model_dir, sample_path, root / "stopped", steps=3, load_in_4bit=False),
+             progress=lambda phase, done, total, metrics: phase == "training" and done == 1 and stop.set(), stop=stop)
+    finetune(tiny_config(tiny_model_dir, sample_path, root / "finished", load_in_4bit=False))
+    monkeypatch.setattr(api_module, "export_adapter", lambda *a: (_ for _ in ()).throw(RunError("the disk is full")))
+    with pytest.raises(RunError):
+        finetune(tiny_config(tiny_model_dir, sample_path, root / "failed", load_in_4bit=False))
+    with pytest.raises(DataError):  # a bad data file is refused before the run has a record: none is written
+        finetune(tiny_config(tiny_model_dir, tmp_path / "missing.jsonl", root / "refused"))
+    rows = {row["name"]: row for row in list_runs(root)}
+    assert set(rows) == {"stopped", "finished", "failed"}
+    assert (rows["stopped"]["status"], rows["stopped"]["steps"], rows["stopped"]["adapter"]) == ("stopped", "1/3", True)
+    assert (rows["finished"]["status"], rows["finished"]["steps"]) == ("finished", "2/2")
+    assert rows["finished"]["eval_loss"] == json.loads((root / "finished" / "metrics.json").read_text())["eval_loss"][-1][1]
+    assert (rows["failed"]["status"], rows["failed"]["message"]) == ("failed", "the disk is full")
+    assert [row["name"] for row in list_runs(root)][:1] == ["failed"]  # the last updated first
+    monkeypatch.undo()
+    config = run_config(root / "stopped")  # the settings from the folder alone, as after an app restart
+    assert config.steps == 3 and config.lr == 3e-3 and config.estimation_samples == 4
+    resumed = finetune(dataclasses.replace(config, resume=True))
+    assert [s for s, _ in resumed.metrics["train_loss"]] == [1, 2, 3]
+    assert read_record(root / "stopped")["status"] == "finished"

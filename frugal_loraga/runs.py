@@ -1,0 +1,48 @@
+"""The runs below a folder, as the app lists them: each run folder's record (checkpoint.RECORD) and metrics, and the
+settings to resume one with, read from its own folder (so a resume needs nothing from the page that started it)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from .checkpoint import read_record
+from .config import Config
+
+
+def run_config(folder: str | Path) -> Config:
+    """The settings a run was started with (resolved), from its record; fields this version does not know are left
+    out, fields it added since keep their defaults."""
+    record = read_record(folder)
+    if record is None:
+        raise FileNotFoundError(f"{folder} holds no run (no {Path(folder) / 'run.json'})")
+    names = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in record["config"].items() if k in names})
+
+
+def final_loss(metrics: dict, key: str):
+    """The last [step, loss] of a curve's loss, or None."""
+    curve = metrics.get(key) or []
+    return curve[-1][1] if curve else None
+
+
+def list_runs(root: str | Path) -> list[dict]:
+    """One row per run folder directly below root, the last updated first: name, status, method, model, steps
+    done and asked, final train and eval loss, and whether an adapter was exported."""
+    rows = []
+    for folder in sorted(p for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []:
+        record = read_record(folder)
+        if record is None:
+            continue
+        try:
+            metrics = json.loads((folder / "metrics.json").read_text())
+        except (OSError, ValueError):
+            metrics = {}
+        config = record["config"]
+        steps_done = (metrics.get("train_loss") or [[0]])[-1][0]
+        rows.append({"name": folder.name, "status": record["status"], "init": config["init"], "model": config["model"],
+                     "steps": f"{steps_done}/{config['steps']}", "train_loss": final_loss(metrics, "train_loss"),
+                     "eval_loss": final_loss(metrics, "eval_loss"),
+                     "adapter": (folder / "adapter" / "adapter_model.safetensors").exists(),
+                     "message": record.get("message", ""), "updated": record["updated"]})
+    return sorted(rows, key=lambda row: row["updated"], reverse=True)
