@@ -253,7 +253,11 @@ def delete_run(selected: str) -> str:
 def runs_table() -> pd.DataFrame:
     """The runs below RUNS, the last updated first."""
     columns = ["name", "status", "init", "steps", "train_loss", "eval_loss", "adapter", "message"]
-    return pd.DataFrame([{c: row[c] for c in columns} for row in list_runs(RUNS)], columns=columns).round(4)
+    rows = [{c: row[c] for c in columns} for row in list_runs(RUNS)]
+    for row in rows:  # a run's record says running, but no job runs here: its process ended before it could say so
+        if row["status"] == "running" and not JOB.busy():
+            row["status"] = "interrupted"
+    return pd.DataFrame(rows, columns=columns).round(4)
 
 
 def stop():

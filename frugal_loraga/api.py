@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from .blocks import start_compile_workers
 from .config import Config
-from .checkpoint import atomic_write, check_outputs, load_checkpoint, run_inputs, save_checkpoint, write_record
+from .checkpoint import (atomic_write, check_outputs, clear_previous_run, load_checkpoint, run_inputs, save_checkpoint,
+                         write_record)
 from .data import Example, causal_inputs, collate, load_examples, split_eval
 from .errors import OutOfMemory, RunError
 from .export import export_adapter
@@ -125,6 +126,8 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         train_examples, eval_examples = load_data(config, tokenizer)
         state = load_checkpoint(config, inputs := run_inputs(config, model_path))
         config = config.resolve(resolve_device(config).type, state["config"] if state else None)
+        if config.overwrite:
+            clear_previous_run(config.out)
         write_record(config, inputs, "running")
         phase = enter("loading the model")
         torch.manual_seed(config.seed)

@@ -57,9 +57,13 @@ def run_inputs(config: Config, model_path: str) -> dict:
 
 
 def _probe_writable(folder: Path, what: str) -> None:
+    """Refuse a folder that could not be created or written, without creating it: a temporary file in the folder,
+    or in its nearest existing ancestor when it does not exist yet (a bad input leaves no empty folder behind)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory")
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
         raise ConfigError(f"cannot write {what} in {folder}: {e.strerror or e}; choose a folder you can write to") from e
@@ -87,6 +91,15 @@ def check_outputs(config: Config) -> None:
     if existing and not config.resume and not config.overwrite:
         raise ConfigError(f"{out} already holds a run ({checkpoint_path(out)}); continue it with resume "
                           "(--resume), choose another out folder, or replace it with overwrite (--overwrite)")
+
+
+def clear_previous_run(out: str | Path) -> None:
+    """Remove what an earlier run wrote in out (its record, checkpoint, adapter files and metrics), for a run started
+    there with overwrite, so that the folder never mixes two runs' files. Anything else in out stays."""
+    out = Path(out)
+    for path in (out / RECORD, checkpoint_path(out), out / "metrics.json", out / "adapter" / "adapter_config.json",
+                 out / "adapter" / "adapter_model.safetensors"):
+        path.unlink(missing_ok=True)
 
 
 def load_checkpoint(config: Config, inputs: dict) -> Optional[dict]:

@@ -170,5 +170,13 @@ def test_unexpected_errors_reach_the_page(tiny_model_dir, monkeypatch):
                                                             16, True, 3e-3, 2, 2, 96, 4, False)
 
 
+def test_a_run_whose_process_ended_shows_as_interrupted(tmp_path):
+    folder = tmp_path / "runs" / "killed"
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text('{"config": {"init": "lora", "model": "demo", "steps": 9}, "status": "running", '
+                                     '"updated": 0}')
+    assert app.runs_table().set_index("name").loc["killed", "status"] == "interrupted"
+
+
 def test_ui_builds():
     assert app.build_ui() is not None

@@ -50,6 +50,7 @@ def test_bad_settings_exit_2_before_the_model_loads(tiny_model_dir, sample_path,
                                                      args, message):
     assert cli(tiny_model_dir, sample_path, tmp_path / "run", *args) == 2
     assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()  # refused input leaves no empty folder behind
 
 
 def test_negative_numbers_reach_the_config_as_values():
@@ -80,7 +81,7 @@ def test_unwritable_outputs_are_refused_first(tiny_model_dir, sample_path, tmp_p
     assert a_file.read_text() == "mine" and (tmp_path / "run3" / "adapter").read_text() == "mine"
 
 
-def test_a_finished_run_is_not_replaced_without_overwrite(tiny_model_dir, sample_path, tmp_path):
+def test_a_finished_run_is_not_replaced_without_overwrite(tiny_model_dir, sample_path, tmp_path, monkeypatch):
     out = tmp_path / "run"
     first = finetune(tiny_config(tiny_model_dir, sample_path, out, load_in_4bit=False))
     (out / "adapter" / "README.md").write_text("my notes")  # a file the run did not write
@@ -93,6 +94,11 @@ def test_a_finished_run_is_not_replaced_without_overwrite(tiny_model_dir, sample
     assert (out / "adapter" / "README.md").read_text() == "my notes"
     assert sorted(p.name for p in (out / "adapter").iterdir()) == [
         "README.md", "adapter_config.json", "adapter_model.safetensors"]
+    monkeypatch.setattr(api_module, "export_adapter", lambda *a: (_ for _ in ()).throw(RunError("the disk is full")))
+    with pytest.raises(RunError):  # an overwrite that fails leaves no file of the run it replaced
+        finetune(tiny_config(tiny_model_dir, sample_path, out, load_in_4bit=False, lr=2e-3, overwrite=True))
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["README.md"]
+    assert not (out / "metrics.json").exists() and read_record(out)["status"] == "failed"
 
 
 def test_resume_compares_paths_resolved_and_data_by_content(tiny_model_dir, sample_path, tmp_path, monkeypatch):
