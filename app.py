@@ -37,6 +37,7 @@ RUNS = ROOT / "runs" / "app"
 UPLOADS = Path(gradio.utils.get_upload_folder())  # where Gradio puts what the page uploads
 MODEL_ROOTS = [ROOT / "models"]  # local model folders the page may name: below these (python app.py --models-dir)
 MAX_UPLOAD_BYTES = 50 * 2**20
+HELP = {f.name: f.metadata["help"] for f in dataclasses.fields(Config)}  # the CLI's --help texts, as field tips
 ALLOWED = {".jsonl", ".json", ".csv", ".txt"}
 
 
@@ -102,7 +103,8 @@ def preview(upload, data_format, model, max_length):
         prompt = tokenizer.decode([i for i, l in zip(e.input_ids, e.labels) if l == IGNORE])
         target = tokenizer.decode([i for i, l in zip(e.input_ids, e.labels) if l != IGNORE])
         rows.append(f"```\n{prompt}[[{target}]]\n```")
-    return f"**{path.name}**: {report.summary()}\n\n" + "\n".join(rows)
+    return (f"**{path.name}**: {report.summary()}\n\nThe first rows as the model sees them; the loss is on the part in "
+            "[[ ]] (the answers), the rest is context.\n\n" + "\n".join(rows))
 
 
 def memory_estimate(model, load_in_4bit, rank, batch_size, max_length, init):
@@ -147,7 +149,18 @@ START = threading.Lock()
 log = logging.getLogger("frugal_loraga.app")
 
 
+def summary(label: str, result) -> str:
+    """One finished run in a line: final losses, time, speed, peak memory and where its adapter is."""
+    m = result.metrics
+    losses = ", ".join(f"{split} loss {m[key][-1][1]:.4f}" for split, key in (("train", "train_loss"),
+                                                                                ("eval", "eval_loss")) if m.get(key))
+    return (f"- **{label}**: {losses}; init {m.get('init_seconds', 0):.0f} s, training {m['train_seconds']:.0f} s "
+            f"({m['tokens_per_second']:.0f} tokens/s), peak {m['peak_memory_gib']:.2f} GiB; adapter in "
+            f"`{result.adapter_dir}`")
+
+
 def _run(configs: list[Config]):
+    done = []
     for config in configs:
         label = config.init
 
@@ -168,13 +181,15 @@ def _run(configs: list[Config]):
             JOB.message = f"**Error:** the {label} run failed unexpectedly ({type(e).__name__}: {e}); see the log"
             break
         JOB.curves[label] = result.metrics
+        if not result.stopped:
+            done.append(summary(label, result))
         if result.stopped:
             JOB.message = ("Stopped; a checkpoint was saved. Select the run and press Resume to continue."
                            if result.adapter_dir else
                            "Stopped during the LoRA-GA estimate; nothing was saved. Press Train to start again.")
             break
     else:
-        JOB.message = "Finished."
+        JOB.message = "Finished.\n\n" + "\n".join(done)
     JOB.phase = "idle"
 
 
@@ -355,26 +370,30 @@ def build_ui() -> gr.Blocks:
                 upload = gr.File(label="Data file (.jsonl .json .csv .txt); empty = shipped sample",
                                  file_types=sorted(ALLOWED), type="filepath")
                 data_format = gr.Dropdown(["auto", "alpaca", "chat", "prompt_completion", "text"], value="auto",
+                                          info=HELP["data_format"],
                                           label="Format")
                 preview_button = gr.Button("Preview")
                 preview_box = gr.Markdown()
             with gr.Column():
                 gr.Markdown("### Model")
-                model = gr.Textbox(value="demo", label="Model: 'demo', a local folder, or a hub id")
-                load_in_4bit = gr.Checkbox(value=True, label="4-bit (NF4)")
+                model = gr.Textbox(value="demo", label="Model: 'demo', a local folder, or a hub id",
+                                   info="a folder must be below ./models (or python app.py --models-dir DIR)")
+                load_in_4bit = gr.Checkbox(value=True, label="4-bit (NF4)", info=HELP["load_in_4bit"])
                 memory_box = gr.Markdown()
         gr.Markdown("### Train")
         with gr.Row():
-            init = gr.Radio(["lora_ga", "lora"], value="lora_ga", label="Init")
-            rank = gr.Number(value=defaults.rank, label="Rank", precision=0)
-            alpha = gr.Number(value=defaults.alpha, label="Alpha")
-            use_rslora = gr.Checkbox(value=defaults.use_rslora, label="rsLoRA")
-            lr = gr.Number(value=DEFAULT_LR[defaults.init], label="Learning rate")
+            init = gr.Radio(["lora_ga", "lora"], value="lora_ga", label="Init", info="lora_ga: A and B start from the "
+                            "SVD of the full fine-tuning gradient, estimated on a few batches; lora: random A, zero B")
+            rank = gr.Number(value=defaults.rank, label="Rank", precision=0, info=HELP["rank"])
+            alpha = gr.Number(value=defaults.alpha, label="Alpha", info="the adapter's scale: " + HELP["use_rslora"])
+            use_rslora = gr.Checkbox(value=defaults.use_rslora, label="rsLoRA", info=HELP["use_rslora"])
+            lr = gr.Number(value=DEFAULT_LR[defaults.init], label="Learning rate", info=HELP["lr"])
         with gr.Row():
-            steps = gr.Number(value=30, label="Steps", precision=0)
-            batch_size = gr.Number(value=defaults.batch_size, label="Batch", precision=0)
-            max_length = gr.Number(value=256, label="Max length", precision=0)
-            estimation_samples = gr.Number(value=16, label="Estimation samples", precision=0)
+            steps = gr.Number(value=30, label="Steps", precision=0, info=HELP["steps"])
+            batch_size = gr.Number(value=defaults.batch_size, label="Batch", precision=0, info=HELP["batch_size"])
+            max_length = gr.Number(value=256, label="Max length", precision=0, info=HELP["max_length"])
+            estimation_samples = gr.Number(value=16, label="Estimation samples", precision=0,
+                                           info=HELP["estimation_samples"])
             baseline = gr.Checkbox(value=False, label="Also train plain LoRA for comparison, at LoRA's learning rate")
         with gr.Row():
             run_name = gr.Textbox(label="Run name (empty: the method and the time)")

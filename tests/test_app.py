@@ -1,4 +1,5 @@
 """The web app's handlers end to end on a tiny model: upload, preview, start, refuse a second start, plot, try, export."""
+import re
 import threading
 import time
 from pathlib import Path
@@ -54,6 +55,8 @@ def test_train_with_baseline_plot_try_and_export(tiny_model_dir, monkeypatch):
         time.sleep(0.2)
     text, frame = app.status()
     assert "Finished" in text, text
+    assert re.search(r"\*\*lora_ga\*\*: train loss \d\.\d{4}, eval loss \d\.\d{4}; init \d+ s, training \d+ s \(\d+ "
+                     r"tokens/s\), peak \d+\.\d\d GiB; adapter in `.*first/adapter`", text), text
     frame = frame.dropna()
     assert {"lora_ga train", "lora_ga eval", "lora train", "lora eval"} <= set(frame["curve"])
     assert frame[frame.curve == "lora_ga train"]["step"].tolist() == [1, 2, 3, 4]
