@@ -24,6 +24,7 @@ import torch
 from frugal_loraga import Config, ConfigError, DataError, OutOfMemory, RunError, finetune
 from frugal_loraga.config import DEFAULT_LR
 from frugal_loraga.checkpoint import read_record
+from frugal_loraga.cli import command_line
 from frugal_loraga.generate import Generator
 from frugal_loraga.data import IGNORE, load_examples
 from frugal_loraga.gradients import available_ram_bytes
@@ -193,6 +194,30 @@ def _run(configs: list[Config]):
     JOB.phase = "idle"
 
 
+def form_settings(data_format, model, load_in_4bit, rank, alpha, use_rslora, lr, steps, batch_size, max_length,
+                  estimation_samples) -> dict:
+    """The Config settings the form's fields give (raises TypeError / ValueError on an empty or non-numeric one)."""
+    return dict(data_format=data_format, model=checked_model(model), load_in_4bit=load_in_4bit, rank=int(rank),
+                alpha=float(alpha), use_rslora=use_rslora, lr=float(lr), steps=int(steps), batch_size=int(batch_size),
+                max_length=int(max_length), estimation_samples=int(estimation_samples),
+                eval_every=max(int(steps) // 10, 1), progress=False)
+
+
+def show_command(upload, data_format, model, load_in_4bit, init, rank, alpha, use_rslora, lr, steps, batch_size,
+                 max_length, estimation_samples, baseline, run_name=""):
+    """The CLI command that runs what Train would (its main run; the data as the file you uploaded)."""
+    try:
+        settings = form_settings(data_format, model, load_in_4bit, rank, alpha, use_rslora, lr, steps, batch_size,
+                                 max_length, estimation_samples)
+        name = sanitize_name(run_name.strip()) if run_name and run_name.strip() else init
+        config = Config(init=init, data=Path(upload).name if upload else str(SAMPLE), out=f"runs/{name}", **settings)
+    except (ConfigError, DataError) as e:
+        return f"**Error:** {e}"
+    except (TypeError, ValueError) as e:
+        return f"**Error:** every number field needs a number ({e})"
+    return f"```bash\n{command_line(config)}\n```"
+
+
 def start(upload, data_format, model, load_in_4bit, init, rank, alpha, use_rslora, lr, steps, batch_size,
           max_length, estimation_samples, baseline, run_name=""):
     """Start a new named run (and its plain-LoRA baseline, run_name-lora) in its own folder below RUNS."""
@@ -203,11 +228,8 @@ def start(upload, data_format, model, load_in_4bit, init, rank, alpha, use_rslor
             if read_record(RUNS / taken) is not None:
                 raise ConfigError(f"a run named {taken} exists; choose another name, or select it under Runs and "
                                   "press Resume")
-        settings = dict(data_format=data_format, model=checked_model(model),
-                        load_in_4bit=load_in_4bit, rank=int(rank), alpha=float(alpha), use_rslora=use_rslora,
-                        lr=float(lr), steps=int(steps), batch_size=int(batch_size), max_length=int(max_length),
-                        estimation_samples=int(estimation_samples), eval_every=max(int(steps) // 10, 1),
-                        progress=False)
+        settings = form_settings(data_format, model, load_in_4bit, rank, alpha, use_rslora, lr, steps, batch_size,
+                                 max_length, estimation_samples)
         data = str(store_upload(upload, RUNS / name))
         configs = [Config(init=init, data=data, out=str(RUNS / name), **settings)]
         if baseline and init == "lora_ga":  # at LoRA's own learning rate
@@ -398,6 +420,8 @@ def build_ui() -> gr.Blocks:
         with gr.Row():
             run_name = gr.Textbox(label="Run name (empty: the method and the time)")
             start_button, stop_button = gr.Button("Train", variant="primary"), gr.Button("Stop")
+        command_button = gr.Button("Show the equivalent CLI command", size="sm")
+        command_box = gr.Markdown()
         notice_box = gr.Markdown()  # what a button answers; the status below is redrawn while a job runs
         status_box = gr.Markdown("**idle**")
         plot = gr.LinePlot(loss_frame([]), x="step", y="loss", color="curve", color_map=CURVE_COLORS, label="Loss")
@@ -419,6 +443,7 @@ def build_ui() -> gr.Blocks:
         run_inputs = [upload, data_format, model, load_in_4bit, init, rank, alpha, use_rslora, lr, steps, batch_size,
                       max_length, estimation_samples, baseline, run_name]
         preview_button.click(preview, [upload, data_format, model, max_length], preview_box)
+        command_button.click(show_command, run_inputs, command_box)
         for component in (model, load_in_4bit, rank, batch_size, max_length, init):
             component.change(memory_estimate, [model, load_in_4bit, rank, batch_size, max_length, init], memory_box)
         ui.load(memory_estimate, [model, load_in_4bit, rank, batch_size, max_length, init], memory_box)

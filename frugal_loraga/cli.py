@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shlex
 import sys
 from typing import Literal, Optional, Union, get_args, get_origin, get_type_hints
 
@@ -77,3 +78,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     summary = {k: v for k, v in result.metrics.items() if not isinstance(v, list)}
     print(json.dumps({"adapter": str(result.adapter_dir), **summary}, indent=1))
     return 0
+
+
+def command_line(config: Config) -> str:
+    """The `frugal-loraga train` command that builds this config: a flag for each setting that differs from its
+    default (the app's "show the CLI command")."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    words = ["frugal-loraga", "train"]
+    for name, value in config.to_dict().items():
+        if value == defaults[name]:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + flag[2:])
+        else:
+            words += [flag, shlex.quote(str(value))]
+    return " ".join(words)

@@ -181,5 +181,16 @@ def test_a_run_whose_process_ended_shows_as_interrupted(tmp_path):
     assert app.runs_table().set_index("name").loc["killed", "status"] == "interrupted"
 
 
+def test_the_cli_command_of_the_form_runs_the_same_settings(tiny_model_dir):
+    shown = app.show_command(None, "auto", str(tiny_model_dir), False, "lora_ga", 4, 16, True, 3e-5, 12, 2, 96, 8,
+                             False, "my run")
+    assert shown.startswith("```bash\nfrugal-loraga train --model ") and shown.endswith("\n```")
+    for flag in ("--no-load-in-4bit", "--rank 4", "--lr 3e-05", "--steps 12", "--max-length 96",
+                 "--estimation-samples 8", "--out runs/my_run", f"--data {app.SAMPLE}"):
+        assert flag in shown, flag
+    assert "every number field needs a number" in app.show_command(None, "auto", "demo", True, "lora", None, 16, True,
+                                                                    3e-4, 12, 2, 96, 8, False)
+
+
 def test_ui_builds():
     assert app.build_ui() is not None

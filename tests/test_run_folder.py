@@ -3,9 +3,10 @@ lost (the user's, or the last checkpoint when the disk fills), resume that compa
 training that diverges stopped before it exports NaNs, and nothing of the model left in memory when a run ends."""
 import dataclasses
 import gc
-import shutil
 import json
 import re
+import shlex
+import shutil
 import threading
 
 import bitsandbytes as bnb
@@ -17,7 +18,7 @@ import frugal_loraga.checkpoint as checkpoint_module
 from frugal_loraga import Config, ConfigError, DataError, RunError, finetune
 from frugal_loraga.checkpoint import checkpoint_path, read_record
 from frugal_loraga.runs import list_runs, run_config
-from frugal_loraga.cli import join_negative_values, main
+from frugal_loraga.cli import build_parser, command_line, join_negative_values, main
 
 
 def tiny_config(model_dir, data, out, **kw):
@@ -51,6 +52,16 @@ def test_bad_settings_exit_2_before_the_model_loads(tiny_model_dir, sample_path,
     assert cli(tiny_model_dir, sample_path, tmp_path / "run", *args) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "run").exists()  # refused input leaves no empty folder behind
+
+
+def test_the_command_line_of_a_config_builds_the_same_config():
+    config = Config(data="my data.jsonl", rank=16, lr=2e-5, use_rslora=False, compile=False,
+                    target_modules="q_proj,v_proj", eval_data="held out.jsonl", grad_budget_gib=1.5)
+    line = command_line(config)
+    assert line.startswith("frugal-loraga train --data 'my data.jsonl' ") and "--no-use-rslora" in line
+    args = build_parser().parse_args(join_negative_values(shlex.split(line)[1:]))
+    assert Config(**{k: v for k, v in vars(args).items() if k != "command"}) == config
+    assert command_line(Config(data="x")) == "frugal-loraga train --data x"
 
 
 def test_negative_numbers_reach_the_config_as_values():
