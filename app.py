@@ -391,8 +391,8 @@ def build_ui() -> gr.Blocks:
                 gr.Markdown("### Data")
                 upload = gr.File(label="Data file (.jsonl .json .csv .txt); empty = shipped sample",
                                  file_types=sorted(ALLOWED), type="filepath")
-                data_format = gr.Dropdown(["auto", "alpaca", "chat", "prompt_completion", "text"], value="auto",
-                                          info=HELP["data_format"],
+                data_format = gr.Dropdown(["auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text"],
+                                          value="auto", info=HELP["data_format"],
                                           label="Format")
                 preview_button = gr.Button("Preview")
                 preview_box = gr.Markdown()

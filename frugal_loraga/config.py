@@ -12,7 +12,7 @@ from typing import Literal, Optional, get_args, get_origin, get_type_hints
 
 from .errors import ConfigError
 
-DataFormat = Literal["auto", "alpaca", "chat", "prompt_completion", "text"]
+DataFormat = Literal["auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text"]
 InitMethod = Literal["lora_ga", "lora"]
 Direction = Literal["ArB2r", "A2rBr"]
 Scale = Literal["stable", "gd", "unit"]
@@ -42,7 +42,8 @@ class Config:
     trust_remote_code: bool = _f(False, "run Python code shipped with the model folder (off: only safetensors weights load)")
     # --- data
     data: str = _f("", "training data: .jsonl, .json, .csv or .txt")
-    data_format: DataFormat = _f("auto", "alpaca, chat (messages), prompt_completion, text, or auto-detect")
+    data_format: DataFormat = _f("auto", "alpaca, chat (messages), sharegpt (conversations), prompt_completion, text, "
+                                         "or auto-detect")
     eval_data: Optional[str] = _f(None, "held-out data file; default: split eval_fraction off the training data")
     eval_fraction: float = _f(0.1, "fraction of the data held out for eval when no eval_data is given")
     max_length: int = _f(512, "tokens per example; longer examples are truncated (and counted)")

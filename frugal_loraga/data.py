@@ -27,7 +27,7 @@ from .errors import ConfigError, DataError
 
 log = logging.getLogger("frugal_loraga")
 IGNORE = -100
-FORMAT_COLUMNS = {"alpaca": ("instruction", "output"), "chat": ("messages",),
+FORMAT_COLUMNS = {"alpaca": ("instruction", "output"), "chat": ("messages",), "sharegpt": ("conversations",),
                   "prompt_completion": ("prompt", "completion"), "text": ("text",)}
 PLAIN_CHAT_TEMPLATE = (
     "{% for m in messages %}### {{ m['role'] | capitalize }}:\n{{ m['content'] }}\n\n{% endfor %}"
@@ -170,11 +170,41 @@ def describe(value) -> str:
 def detect_format(records: list[dict]) -> str:
     """The format whose columns the first record has."""
     keys = set(records[0])
-    for name in ("chat", "alpaca", "prompt_completion", "text"):
+    for name in ("chat", "sharegpt", "alpaca", "prompt_completion", "text"):
         if set(FORMAT_COLUMNS[name]) <= keys:
             return name
     raise DataError(f"cannot tell the format from the columns {sorted(keys)}; expected instruction/output (alpaca), "
-                    "messages (chat), prompt/completion, or text")
+                    "messages (chat), conversations (sharegpt), prompt/completion, or text")
+
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant"}
+
+
+def from_sharegpt(records: list[dict], places: list[str]) -> list[dict]:
+    """ShareGPT records, {"conversations": [{"from": "human" | "gpt" | "system", "value": text}, ...]}, as chat
+    records, {"messages": [{"role": "user" | "assistant" | "system", "content": text}, ...]}."""
+    shape = '{"from": ..., "value": ...}'
+    chats = []
+    for place, record in zip(places, records):
+        if "conversations" not in record:
+            raise DataError(f"{place}: missing column conversations needed by the sharegpt format (it has "
+                            f"{sorted(record)})")
+        turns = record["conversations"]
+        if not isinstance(turns, list):
+            raise DataError(f"{place}: column 'conversations' holds {describe(turns)}, not a list; ShareGPT "
+                            f"conversations are a list of {shape} objects")
+        messages = []
+        for number, turn in enumerate(turns, 1):
+            if not isinstance(turn, dict) or not {"from", "value"} <= set(turn):
+                raise DataError(f"{place}: turn {number} is not a {shape} object")
+            role = SHAREGPT_ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
+            if role is None:
+                raise DataError(f"{place}: turn {number} is from {turn['from']!r}; ShareGPT turns are from "
+                                f"{', '.join(SHAREGPT_ROLES)}")
+            messages.append({"role": role, "content": turn["value"]})
+        chats.append({"messages": messages})
+    return chats
 
 
 def check_columns(records: list[dict], fmt: str, places: list[str]) -> None:
@@ -302,6 +332,8 @@ def load_examples(path, fmt: str, tokenizer, max_length: int) -> tuple[list[Exam
     """Read, check and tokenize a data file; every bad input gives a DataError naming the file and the record."""
     records, places = read_located(path)
     fmt = detect_format(records) if fmt == "auto" else fmt
+    if fmt == "sharegpt":
+        records, fmt = from_sharegpt(records, places), "chat"
     check_columns(records, fmt, places)
     return tokenize(records, fmt, tokenizer, max_length, places)
 

@@ -29,7 +29,7 @@ def prompt_text(tokenizer, prompt: str, data_format: str) -> tuple[str, bool]:
     `data_format`: alpaca and chat as a user turn in the chat template (the tokenizer's, else PLAIN_CHAT_TEMPLATE)
     with the assistant's turn opened, no special tokens added; text and prompt_completion as the raw prompt, with the
     tokenizer's special tokens (a BOS, for most)."""
-    if data_format not in ("alpaca", "chat"):
+    if data_format not in ("alpaca", "chat", "sharegpt"):
         return prompt, True
     messages = [{"role": "user", "content": prompt}]
     text = tokenizer.apply_chat_template(messages, chat_template=tokenizer.chat_template or PLAIN_CHAT_TEMPLATE,

@@ -237,3 +237,31 @@ def test_split_and_batches_are_seeded_and_cover_the_data():
     epoch = [x for i in range(4) for x in micro_batch(train, 2, seed=3, index=i)]
     assert sorted(epoch) == sorted(train)
     assert micro_batch(train, 2, seed=3, index=7) == micro_batch(train, 2, seed=3, index=7)
+
+
+def test_sharegpt_conversations_load_as_the_same_chat(tokenizer, tmp_path):
+    turns = [("system", "Be brief."), ("human", "Add 2 and 3."), ("gpt", "5"), ("human", "And 4?"), ("gpt", "9")]
+    sharegpt = write_jsonl(tmp_path / "s.jsonl", [{"conversations": [{"from": f, "value": v} for f, v in turns]}])
+    roles = {"system": "system", "human": "user", "gpt": "assistant"}
+    chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": roles[f], "content": v} for f, v in turns]}])
+    assert detect_format(read_records(sharegpt)) == "sharegpt"
+    ours, report = load_examples(sharegpt, "auto", tokenizer, 256)
+    theirs, _ = load_examples(chat, "chat", tokenizer, 256)
+    assert (ours[0].input_ids, ours[0].labels) == (theirs[0].input_ids, theirs[0].labels)
+    assert report.examples == 1
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"conversations": "hi"}, r"s.jsonl line 1: column 'conversations' holds text, not a list; ShareGPT conversations "
+                              r"are a list of \{\"from\": ..., \"value\": ...\} objects"),
+    ({"conversations": [{"from": "human"}]}, r"s.jsonl line 1: turn 1 is not a \{\"from\": ..., \"value\": ...\} object"),
+    ({"conversations": [{"from": "bot", "value": "x"}]}, r"turn 1 is from 'bot'; ShareGPT turns are from system, "
+                                                         r"human, user, gpt, assistant, model"),
+    ({"conversations": [{"from": "human", "value": 3}]}, r"message 1's content holds a number \(int\), not text"),
+])
+def test_bad_sharegpt_records_get_clear_messages(tokenizer, tmp_path, record, message):
+    path = write_jsonl(tmp_path / "s.jsonl", [record])
+    with pytest.raises(DataError, match=message):
+        load_examples(path, "sharegpt", tokenizer, 64)
+    with pytest.raises(DataError, match="missing column conversations needed by the sharegpt format"):
+        load_examples(write_jsonl(tmp_path / "m.jsonl", [{"text": "x"}]), "sharegpt", tokenizer, 64)
