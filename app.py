@@ -444,9 +444,12 @@ def build_ui() -> gr.Blocks:
                       max_length, estimation_samples, baseline, run_name]
         preview_button.click(preview, [upload, data_format, model, max_length], preview_box)
         command_button.click(show_command, run_inputs, command_box)
-        for component in (model, load_in_4bit, rank, batch_size, max_length, init):
-            component.change(memory_estimate, [model, load_in_4bit, rank, batch_size, max_length, init], memory_box)
-        ui.load(memory_estimate, [model, load_in_4bit, rank, batch_size, max_length, init], memory_box)
+        estimate_inputs = [model, load_in_4bit, rank, batch_size, max_length, init]
+        for component in (load_in_4bit, rank, batch_size, max_length, init):
+            component.change(memory_estimate, estimate_inputs, memory_box)
+        for event in (model.submit, model.blur):  # not on every keystroke: a hub id would be looked up for each
+            event(memory_estimate, estimate_inputs, memory_box)
+        ui.load(memory_estimate, estimate_inputs, memory_box)
         init.change(lambda method: DEFAULT_LR[method], init, lr)  # each method's own learning rate
         timer = gr.Timer(1.0, active=False)
         shown = [status_box, plot, timer, runs, selected]

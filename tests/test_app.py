@@ -192,5 +192,8 @@ def test_the_cli_command_of_the_form_runs_the_same_settings(tiny_model_dir):
                                                                     3e-4, 12, 2, 96, 8, False)
 
 
-def test_ui_builds():
-    assert app.build_ui() is not None
+def test_the_model_field_is_looked_up_when_left_not_on_every_keystroke():
+    ui = app.build_ui()
+    model = next(b for b in ui.blocks.values() if getattr(b, "label", "") == "Model: 'demo', a local folder, or a hub id")
+    events = {event for fn in ui.fns.values() for block_id, event in fn.targets if block_id == model._id}
+    assert events == {"submit", "blur"}  # a hub id typed letter by letter would be looked up for each
