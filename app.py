@@ -23,7 +23,7 @@ import torch
 
 from frugal_loraga import Config, ConfigError, DataError, OutOfMemory, RunError, finetune
 from frugal_loraga.config import DEFAULT_LR
-from frugal_loraga.checkpoint import read_record
+from frugal_loraga.checkpoint import has_adapter, read_record
 from frugal_loraga.cli import command_line
 from frugal_loraga.generate import Generator
 from frugal_loraga.data import IGNORE, load_examples
@@ -194,6 +194,11 @@ def _run(configs: list[Config]):
     JOB.phase = "idle"
 
 
+def run_name_or(run_name: str | None, default: str) -> str:
+    """The run's folder name: the one typed, sanitized, or the default when none is."""
+    return sanitize_name(run_name.strip()) if run_name and run_name.strip() else default
+
+
 def form_settings(data_format, model, load_in_4bit, rank, alpha, use_rslora, lr, steps, batch_size, max_length,
                   estimation_samples) -> dict:
     """The Config settings the form's fields give (raises TypeError / ValueError on an empty or non-numeric one)."""
@@ -209,7 +214,7 @@ def show_command(upload, data_format, model, load_in_4bit, init, rank, alpha, us
     try:
         settings = form_settings(data_format, model, load_in_4bit, rank, alpha, use_rslora, lr, steps, batch_size,
                                  max_length, estimation_samples)
-        name = sanitize_name(run_name.strip()) if run_name and run_name.strip() else init
+        name = run_name_or(run_name, init)
         config = Config(init=init, data=Path(upload).name if upload else str(SAMPLE), out=f"runs/{name}", **settings)
     except (ConfigError, DataError) as e:
         return f"**Error:** {e}"
@@ -221,8 +226,7 @@ def show_command(upload, data_format, model, load_in_4bit, init, rank, alpha, us
 def start(upload, data_format, model, load_in_4bit, init, rank, alpha, use_rslora, lr, steps, batch_size,
           max_length, estimation_samples, baseline, run_name=""):
     """Start a new named run (and its plain-LoRA baseline, run_name-lora) in its own folder below RUNS."""
-    name = sanitize_name(run_name.strip()) if run_name and run_name.strip() else \
-        f"{init}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = run_name_or(run_name, f"{init}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         for taken in (name, f"{name}-lora") if baseline and init == "lora_ga" else (name,):
             if read_record(RUNS / taken) is not None:
@@ -351,7 +355,7 @@ def try_prompt(prompt: str, max_new_tokens: int = 64, selected: str = ""):
         folder = run_folder(selected)
     except ConfigError as e:
         return f"Train first, or {e}.", ""
-    if not (folder / "adapter" / "adapter_model.safetensors").exists():
+    if not has_adapter(folder):
         return f"{folder.name} has no adapter yet: resume it to the end, or stop it after a step.", ""
     with START:  # no Train starts while the Try model loads, and no Try loads one while a Train runs
         if JOB.busy():
@@ -372,7 +376,7 @@ def export_zip(selected: str = ""):
         folder = run_folder(selected)
     except ConfigError as e:
         return None, f"Train first, or {e}."
-    if not (folder / "adapter" / "adapter_model.safetensors").exists():
+    if not has_adapter(folder):
         return None, f"{folder.name} has no adapter yet."
     archive = shutil.make_archive(str(folder / f"{folder.name}-adapter"), "zip", folder / "adapter")
     model = run_config(folder).model

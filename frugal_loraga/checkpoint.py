@@ -34,6 +34,7 @@ RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "metrics_json", "save_ev
 
 
 RECORD = "run.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what export_adapter writes in out/adapter
 
 
 def checkpoint_path(out: str | Path) -> Path:
@@ -93,12 +94,17 @@ def check_outputs(config: Config) -> None:
                           "(--resume), choose another out folder, or replace it with overwrite (--overwrite)")
 
 
+def has_adapter(out: str | Path) -> bool:
+    """Whether the run in out has exported an adapter."""
+    return (Path(out) / "adapter" / ADAPTER_FILES[1]).exists()
+
+
 def clear_previous_run(out: str | Path) -> None:
     """Remove what an earlier run wrote in out (its record, checkpoint, adapter files and metrics), for a run started
     there with overwrite, so that the folder never mixes two runs' files. Anything else in out stays."""
     out = Path(out)
-    for path in (out / RECORD, checkpoint_path(out), out / "metrics.json", out / "adapter" / "adapter_config.json",
-                 out / "adapter" / "adapter_model.safetensors"):
+    adapter = [out / "adapter" / name for name in ADAPTER_FILES]
+    for path in (out / RECORD, checkpoint_path(out), out / "metrics.json", *adapter):
         path.unlink(missing_ok=True)
 
 

@@ -15,7 +15,7 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 
-from .checkpoint import atomic_write
+from .checkpoint import ADAPTER_FILES, atomic_write
 from .config import Config
 from .lora import LoraLinear
 
@@ -37,7 +37,7 @@ def export_adapter(layers: dict[str, LoraLinear], config: Config, base_model: st
     peft_config = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=config.use_rslora, lora_dropout=0.0, bias="none",
                              target_modules=sorted(layers), task_type="CAUSAL_LM", base_model_name_or_path=base_model)
     config_json = json.dumps(peft_config.to_dict(), indent=2, sort_keys=True, default=sorted)  # sets as lists
-    atomic_write(out_dir / "adapter_config.json", lambda tmp: tmp.write_text(config_json))
-    atomic_write(out_dir / "adapter_model.safetensors",
-                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    config_file, weights_file = ADAPTER_FILES
+    atomic_write(out_dir / config_file, lambda tmp: tmp.write_text(config_json))
+    atomic_write(out_dir / weights_file, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     return out_dir

@@ -16,12 +16,10 @@ from typing import Optional
 import torch
 
 from .blocks import without_cudnn_attention
-from .checkpoint import file_sha256
+from .checkpoint import ADAPTER_FILES, file_sha256
 from .config import Config
 from .data import PLAIN_CHAT_TEMPLATE, detect_format, read_records
 from .models import load_model, release
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what export_adapter writes
 
 
 def prompt_text(tokenizer, prompt: str, data_format: str) -> tuple[str, bool]:

@@ -6,7 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .checkpoint import read_record
+from .checkpoint import has_adapter, read_record
 from .config import Config
 
 
@@ -43,6 +43,6 @@ def list_runs(root: str | Path) -> list[dict]:
         rows.append({"name": folder.name, "status": record["status"], "init": config["init"], "model": config["model"],
                      "steps": f"{steps_done}/{config['steps']}", "train_loss": final_loss(metrics, "train_loss"),
                      "eval_loss": final_loss(metrics, "eval_loss"),
-                     "adapter": (folder / "adapter" / "adapter_model.safetensors").exists(),
+                     "adapter": has_adapter(folder),
                      "message": record.get("message", ""), "updated": record["updated"]})
     return sorted(rows, key=lambda row: row["updated"], reverse=True)
