@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_type_hints
 
 import gradio as gr
 import gradio.utils
@@ -22,14 +23,15 @@ import pandas as pd
 import torch
 
 from frugal_loraga import Config, ConfigError, DataError, OutOfMemory, RunError, finetune
-from frugal_loraga.config import DEFAULT_LR
+from frugal_loraga.config import DEFAULT_LR, field_type
 from frugal_loraga.checkpoint import has_adapter, read_record
 from frugal_loraga.cli import command_line
+from frugal_loraga.eta import JobClock, format_seconds
 from frugal_loraga.generate import Generator
 from frugal_loraga.data import IGNORE, load_examples
 from frugal_loraga.gradients import available_ram_bytes
-from frugal_loraga.memory import estimate_memory_gib
-from frugal_loraga.models import load_tokenizer, resolve_model_path
+from frugal_loraga.memory import estimate_memory_gib, fit_advice
+from frugal_loraga.models import cached_model_ids, load_tokenizer, resolve_model_path
 from frugal_loraga.runs import list_runs, run_config
 
 ROOT = Path(__file__).resolve().parent
@@ -40,6 +42,10 @@ MODEL_ROOTS = [ROOT / "models"]  # local model folders the page may name: below 
 MAX_UPLOAD_BYTES = 50 * 2**20
 HELP = {f.name: f.metadata["help"] for f in dataclasses.fields(Config)}  # the CLI's --help texts, as field tips
 ALLOWED = {".jsonl", ".json", ".csv", ".txt"}
+SETTINGS = ["data_format", "columns", "chat_template", "model", "load_in_4bit", "init", "rank", "alpha", "use_rslora",
+            "lr", "steps", "batch_size", "max_length", "estimation_samples", "grad_accum", "schedule", "warmup_ratio",
+            "target_modules", "seed", "estimation_batch_size", "grad_budget_gib", "compile"]  # Config fields on the form
+FORM = ["upload", "eval_upload", *SETTINGS, "baseline", "run_name"]  # the Train form, in the order handlers take it
 
 
 def sanitize_name(name: str) -> str:
@@ -91,14 +97,25 @@ def checked_model(model: str) -> str:
     return str(path)
 
 
-def preview(upload, data_format, model, max_length):
+def model_choices() -> list[str]:
+    """What the model field offers: the demo, the model folders below MODEL_ROOTS and the hub models in the local
+    Hugging Face cache (they load offline)."""
+    folders = sorted(str(p.parent) for root in MODEL_ROOTS for p in root.glob("*/config.json"))
+    return ["demo", *folders, *cached_model_ids()]
+
+
+def preview(upload, data_format, model, max_length, columns=None, chat_template="model"):
     """First rows as the model sees them (the loss-bearing part in [[...]]) and token statistics."""
     try:
         path = store_upload(upload, RUNS / "previews")
+        config = Config(data=str(path), data_format=data_format, columns=columns or None, chat_template=chat_template)
         tokenizer = load_tokenizer(resolve_model_path(checked_model(model)), trust_remote_code=False)
-        examples, report = load_examples(path, data_format, tokenizer, int(max_length))
+        examples, report = load_examples(path, data_format, tokenizer, int(max_length), config.column_map(),
+                                         chat_template)
     except (ConfigError, DataError, OSError) as e:
         return f"**Error:** {e}"
+    except (TypeError, ValueError) as e:
+        return f"**Error:** max length needs a number ({e})"
     rows = []
     for e in examples[:3]:
         prompt = tokenizer.decode([i for i, l in zip(e.input_ids, e.labels) if l == IGNORE])
@@ -108,14 +125,19 @@ def preview(upload, data_format, model, max_length):
             "[[ ]] (the answers), the rest is context.\n\n" + "\n".join(rows))
 
 
-def memory_estimate(model, load_in_4bit, rank, batch_size, max_length, init):
+def memory_estimate(model, load_in_4bit, rank, batch_size, max_length, init, estimation_batch_size=2,
+                    grad_budget_gib=None):
+    """The estimated peak by part, and whether it fits this machine's card (or RAM) with what to lower if not."""
     from transformers import AutoConfig
     try:
         model_config = AutoConfig.from_pretrained(resolve_model_path(checked_model(model)))
         config = Config(data="-", model=model, load_in_4bit=load_in_4bit, rank=int(rank), batch_size=int(batch_size),
-                        max_length=int(max_length), init=init)
+                        max_length=int(max_length), init=init, estimation_batch_size=int(estimation_batch_size),
+                        grad_budget_gib=grad_budget_gib or None)
     except (ConfigError, OSError) as e:
         return f"**Error:** {e}"
+    except (TypeError, ValueError) as e:
+        return f"**Error:** every number field needs a number ({e})"
     if torch.cuda.is_available():
         card_bytes = torch.cuda.get_device_properties(0).total_memory
         gpu = f"{torch.cuda.get_device_name()} with {card_bytes / 2**30:.1f} GiB"
@@ -124,7 +146,8 @@ def memory_estimate(model, load_in_4bit, rank, batch_size, max_length, init):
         gpu = "no CUDA GPU detected: the run uses the CPU"
     estimate = estimate_memory_gib(model_config, config, card_bytes)
     parts = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in estimate.items() if k != "total")
-    return f"Estimated peak **{estimate['total']:.1f} GiB** ({parts} GiB) — {gpu}"
+    return (f"Estimated peak **{estimate['total']:.1f} GiB** ({parts} GiB) — {gpu}: "
+            f"**{fit_advice(estimate, card_bytes / 2**30)}**")
 
 
 @dataclass
@@ -135,8 +158,7 @@ class Job:
     phase: str = "idle"
     done: int = 0
     total: int = 0
-    phase_started: float = 0.0  # when this phase began, at unit phase_from: its pace gives the ETA
-    phase_from: int = 0
+    clock: JobClock | None = None  # the whole job's time left
     curves: dict = field(default_factory=dict)
     message: str = ""
     run: str = ""  # the name of the job's main run (its folder below RUNS)
@@ -162,14 +184,12 @@ def summary(label: str, result) -> str:
 
 def _run(configs: list[Config]):
     done = []
-    for config in configs:
+    for index, config in enumerate(configs):
         label = config.init
 
-        def progress(phase, done, total, metrics, label=label):
-            phase = f"{label}: {phase}"
-            if phase != JOB.phase:
-                JOB.phase_started, JOB.phase_from = time.time(), done
-            JOB.phase, JOB.done, JOB.total = phase, done, total
+        def progress(phase, done, total, metrics, label=label, index=index):
+            JOB.clock.update(index, phase, done, total)
+            JOB.phase, JOB.done, JOB.total = f"{label}: {phase}", done, total
             if metrics:
                 JOB.curves[label] = metrics
         try:
@@ -196,53 +216,78 @@ def _run(configs: list[Config]):
 
 def run_name_or(run_name: str | None, default: str) -> str:
     """The run's folder name: the one typed, sanitized, or the default when none is."""
-    return sanitize_name(run_name.strip()) if run_name and run_name.strip() else default
+    return sanitize_name(run_name.strip()) if isinstance(run_name, str) and run_name.strip() else default
 
 
-def form_settings(data_format, model, load_in_4bit, rank, alpha, use_rslora, lr, steps, batch_size, max_length,
-                  estimation_samples) -> dict:
-    """The Config settings the form's fields give (raises TypeError / ValueError on an empty or non-numeric one)."""
-    return dict(data_format=data_format, model=checked_model(model), load_in_4bit=load_in_4bit, rank=int(rank),
-                alpha=float(alpha), use_rslora=use_rslora, lr=float(lr), steps=int(steps), batch_size=int(batch_size),
-                max_length=int(max_length), estimation_samples=int(estimation_samples),
-                eval_every=max(int(steps) // 10, 1), progress=False)
+KINDS = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}
 
 
-def show_command(upload, data_format, model, load_in_4bit, init, rank, alpha, use_rslora, lr, steps, batch_size,
-                 max_length, estimation_samples, baseline, run_name=""):
-    """The CLI command that runs what Train would (its main run; the data as the file you uploaded)."""
+def form_value(name: str, value):
+    """A form field's value as its Config setting's type; an empty optional box is None (its default)."""
+    kind, _, optional = field_type(get_type_hints(Config)[name])
+    if optional and value in (None, ""):
+        return None
+    if kind in (int, float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+            if kind is float or number.is_integer():
+                return kind(number)
+        except (TypeError, ValueError):
+            pass
+    elif isinstance(value, kind):
+        return value
+    raise ConfigError(f"{name} needs {KINDS[kind]}, got {value!r}")
+
+
+def form_settings(form: dict) -> dict:
+    """The Config settings the form gives, each checked to be of its kind (ConfigError names the field) before
+    anything runs."""
+    settings = {name: form_value(name, form[name]) for name in SETTINGS}
+    return {**settings, "model": checked_model(settings["model"]), "eval_every": max(settings["steps"] // 10, 1),
+            "progress": False}
+
+
+def form_configs(form: dict, name: str, stored: bool) -> list[Config]:
+    """The run's Config (and its plain-LoRA baseline's, at LoRA's learning rate, when asked) from the form. stored:
+    the uploads are copied into the run's folder; else the configs name them as uploaded (the CLI command)."""
+    settings = form_settings(form)
+    if stored:
+        data, eval_data = store_upload(form["upload"], RUNS / name), form["eval_upload"] and str(
+            store_upload(form["eval_upload"], RUNS / name))
+    else:
+        data, eval_data = Path(form["upload"]).name if form["upload"] else SAMPLE, form["eval_upload"] and Path(
+            form["eval_upload"]).name
+    out = RUNS if stored else Path("runs")
+    configs = [Config(data=str(data), eval_data=eval_data or None, out=str(out / name), **settings)]
+    if form["baseline"] and settings["init"] == "lora_ga":
+        configs.append(dataclasses.replace(configs[0], init="lora", lr=DEFAULT_LR["lora"],
+                                           out=str(out / f"{name}-lora")))
+    return configs
+
+
+def show_command(*values):
+    """The CLI command that runs what Train would (its main run; the data as the files you uploaded)."""
+    form = dict(zip(FORM, values))
     try:
-        settings = form_settings(data_format, model, load_in_4bit, rank, alpha, use_rslora, lr, steps, batch_size,
-                                 max_length, estimation_samples)
-        name = run_name_or(run_name, init)
-        config = Config(init=init, data=Path(upload).name if upload else str(SAMPLE), out=f"runs/{name}", **settings)
+        config = form_configs(form, run_name_or(form["run_name"], form["init"]), stored=False)[0]
     except (ConfigError, DataError) as e:
         return f"**Error:** {e}"
-    except (TypeError, ValueError) as e:
-        return f"**Error:** every number field needs a number ({e})"
     return f"```bash\n{command_line(config)}\n```"
 
 
-def start(upload, data_format, model, load_in_4bit, init, rank, alpha, use_rslora, lr, steps, batch_size,
-          max_length, estimation_samples, baseline, run_name=""):
+def start(*values):
     """Start a new named run (and its plain-LoRA baseline, run_name-lora) in its own folder below RUNS."""
-    name = run_name_or(run_name, f"{init}-{time.strftime('%Y%m%d-%H%M%S')}")
+    form = dict(zip(FORM, values))
+    name = run_name_or(form["run_name"], f"{form['init']}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
-        for taken in (name, f"{name}-lora") if baseline and init == "lora_ga" else (name,):
+        for taken in (name, f"{name}-lora") if form["baseline"] and form["init"] == "lora_ga" else (name,):
             if read_record(RUNS / taken) is not None:
                 raise ConfigError(f"a run named {taken} exists; choose another name, or select it under Runs and "
                                   "press Resume")
-        settings = form_settings(data_format, model, load_in_4bit, rank, alpha, use_rslora, lr, steps, batch_size,
-                                 max_length, estimation_samples)
-        data = str(store_upload(upload, RUNS / name))
-        configs = [Config(init=init, data=data, out=str(RUNS / name), **settings)]
-        if baseline and init == "lora_ga":  # at LoRA's own learning rate
-            configs.append(Config(init="lora", data=data, out=str(RUNS / f"{name}-lora"),
-                                  **{**settings, "lr": DEFAULT_LR["lora"]}))
+        form_settings(form)  # every field checked before a file is copied
+        configs = form_configs(form, name, stored=True)
     except (ConfigError, DataError) as e:
         return f"**Error:** {e}"
-    except (TypeError, ValueError) as e:  # an empty or non-numeric field
-        return f"**Error:** every number field needs a number ({e})"
     return launch(name, configs)
 
 
@@ -265,6 +310,7 @@ def launch(name: str, configs: list[Config]) -> str:
         JOB.stop.clear()
         JOB.curves, JOB.message, JOB.run = {}, "", name
         JOB.phase, JOB.done, JOB.total = "starting", 0, 0
+        JOB.clock = JobClock.for_runs(configs, "cuda" if torch.cuda.is_available() else "cpu")
         JOB.thread = threading.Thread(target=_run, args=(configs,), daemon=True)
         JOB.thread.start()
     return f"Started {name}."
@@ -308,7 +354,7 @@ def stop():
     return "Stopping after the current training step (a checkpoint is written) or estimation batch..."
 
 
-CURVE_COLORS = {"lora_ga train": "#ea580c", "lora_ga eval": "#9a3412", "lora train": "#60a5fa", "lora eval": "#1e40af"}
+CURVE_COLORS = {"lora_ga train": "#ff7f0e", "lora_ga eval": "#d62728", "lora train": "#1f77b4", "lora eval": "#9467bd"}
 
 
 def loss_frame(rows) -> pd.DataFrame:
@@ -319,17 +365,25 @@ def loss_frame(rows) -> pd.DataFrame:
     return frame.astype({"step": "int64", "loss": "float64", "curve": "str"})
 
 
+def gpu_memory() -> str:
+    """What the card holds now: this process's reserved memory of the card's total."""
+    if not torch.cuda.is_available():
+        return ""
+    total = torch.cuda.get_device_properties(0).total_memory
+    return f" GPU memory {torch.cuda.memory_reserved() / 2**30:.1f} of {total / 2**30:.1f} GiB."
+
+
 def status():
-    """Phase i/n with ETA, and the loss curves for the plot."""
-    if JOB.total:
-        pace = (time.time() - JOB.phase_started) / max(JOB.done - JOB.phase_from, 1)  # seconds a unit, this phase
-        running = JOB.phase != "idle" and JOB.done > JOB.phase_from
-        eta = f", ETA {pace * (JOB.total - JOB.done):.0f} s" if running else ""
-        text = f"**{JOB.phase}** {JOB.done}/{JOB.total}{eta}. {JOB.message}"
-    else:
-        text = f"**{JOB.phase}** {JOB.message}"
-    if JOB.busy() and JOB.stop.is_set():
-        text += " Stop requested: the run ends after the current step or batch."
+    """Phase i/n, the whole job's time left and the GPU memory held, and the loss curves for the plot."""
+    text = f"**{JOB.phase}**"
+    if JOB.busy():
+        text += f" {JOB.done}/{JOB.total}" if JOB.total else ""
+        left = JOB.clock.seconds_left() if JOB.clock else None
+        text += f", about {format_seconds(left)} left for the whole job." if left is not None else "."
+        text += gpu_memory()
+        if JOB.stop.is_set():
+            text += " Stop requested: the run ends after the current step or batch."
+    text += f" {JOB.message}" if JOB.message else ""
     rows = [(step, loss, f"{label} {split}") for label, metrics in JOB.curves.items()
             for split in ("train", "eval") for step, loss in metrics.get(f"{split}_loss", [])]
     return text, loss_frame(rows)
@@ -342,7 +396,9 @@ def poll(selected: str = ""):
     table = runs_table()
     names = list(table["name"])
     chosen = selected if selected in names else (JOB.run if JOB.run in names else (names[0] if names else None))
-    return (*status(), gr.Timer(active=running), table, gr.Dropdown(choices=names, value=chosen))
+    text, frame = status()
+    plot = gr.LinePlot(frame, visible=bool(frame["loss"].notna().any()))  # no empty axes before the first loss
+    return text, plot, gr.Timer(active=running), table, gr.Dropdown(choices=names, value=chosen)
 
 
 TRY = Generator()  # holds the model of the last Try; released before a run starts
@@ -388,6 +444,7 @@ def export_zip(selected: str = ""):
 
 def build_ui() -> gr.Blocks:
     defaults = Config(data=str(SAMPLE))
+    number = lambda name, label, **kw: gr.Number(value=getattr(defaults, name), label=label, info=HELP[name], **kw)
     with gr.Blocks(title="frugal-loraga") as ui:
         gr.Markdown("# frugal-loraga\nLoRA-GA fine-tuning on a 4-bit model: drop in data, press Train, watch it learn.")
         with gr.Row():
@@ -396,31 +453,52 @@ def build_ui() -> gr.Blocks:
                 upload = gr.File(label="Data file (.jsonl .json .csv .txt); empty = shipped sample",
                                  file_types=sorted(ALLOWED), type="filepath")
                 data_format = gr.Dropdown(["auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text"],
-                                          value="auto", info=HELP["data_format"],
-                                          label="Format")
+                                          value="auto", info=HELP["data_format"], label="Format")
+                with gr.Row():
+                    columns = gr.Textbox(label="Column mapping (when auto-detection fails)", info=HELP["columns"],
+                                         placeholder="instruction=question,output=answer")
+                    chat_template = gr.Radio(["model", "plain"], value=defaults.chat_template, label="Chat template",
+                                             info=HELP["chat_template"])
                 preview_button = gr.Button("Preview")
                 preview_box = gr.Markdown()
             with gr.Column():
                 gr.Markdown("### Model")
-                model = gr.Textbox(value="demo", label="Model: 'demo', a local folder, or a hub id",
-                                   info="a folder must be below ./models (or python app.py --models-dir DIR)")
+                model = gr.Dropdown(model_choices(), value="demo", allow_custom_value=True,
+                                    label="Model: 'demo', a local folder, or a hub id",
+                                    info="the list: the demo, folders below ./models (python app.py --models-dir DIR) "
+                                         "and the models in your Hugging Face cache; or type a hub id")
                 load_in_4bit = gr.Checkbox(value=True, label="4-bit (NF4)", info=HELP["load_in_4bit"])
                 memory_box = gr.Markdown()
         gr.Markdown("### Train")
         with gr.Row():
             init = gr.Radio(["lora_ga", "lora"], value="lora_ga", label="Init", info="lora_ga: A and B start from the "
                             "SVD of the full fine-tuning gradient, estimated on a few batches; lora: random A, zero B")
-            rank = gr.Number(value=defaults.rank, label="Rank", precision=0, info=HELP["rank"])
+            rank = number("rank", "Rank", precision=0)
             alpha = gr.Number(value=defaults.alpha, label="Alpha", info="the adapter's scale: " + HELP["use_rslora"])
             use_rslora = gr.Checkbox(value=defaults.use_rslora, label="rsLoRA", info=HELP["use_rslora"])
             lr = gr.Number(value=DEFAULT_LR[defaults.init], label="Learning rate", info=HELP["lr"])
         with gr.Row():
             steps = gr.Number(value=30, label="Steps", precision=0, info=HELP["steps"])
-            batch_size = gr.Number(value=defaults.batch_size, label="Batch", precision=0, info=HELP["batch_size"])
+            batch_size = number("batch_size", "Batch", precision=0)
             max_length = gr.Number(value=256, label="Max length", precision=0, info=HELP["max_length"])
             estimation_samples = gr.Number(value=16, label="Estimation samples", precision=0,
                                            info=HELP["estimation_samples"])
             baseline = gr.Checkbox(value=False, label="Also train plain LoRA for comparison, at LoRA's learning rate")
+        with gr.Accordion("Advanced", open=False):
+            with gr.Row():
+                grad_accum = number("grad_accum", "Gradient accumulation", precision=0)
+                schedule = gr.Dropdown(["cosine", "linear", "constant"], value=defaults.schedule, label="Schedule",
+                                       info=HELP["schedule"])
+                warmup_ratio = number("warmup_ratio", "Warmup ratio")
+                seed = number("seed", "Seed", precision=0)
+            with gr.Row():
+                target_modules = gr.Textbox(value=defaults.target_modules, label="Target modules",
+                                            info=HELP["target_modules"])
+                estimation_batch_size = number("estimation_batch_size", "Estimation batch", precision=0)
+                grad_budget_gib = gr.Number(value=None, label="Gradient budget (GiB)", info=HELP["grad_budget_gib"])
+                compile_on = gr.Checkbox(value=defaults.compile, label="Compile (CUDA)", info=HELP["compile"])
+            eval_upload = gr.File(label="Eval data file (empty: " + HELP["eval_data"].split("default: ")[-1] + ")",
+                                  file_types=sorted(ALLOWED), type="filepath")
         with gr.Row():
             run_name = gr.Textbox(label="Run name (empty: the method and the time)")
             start_button, stop_button = gr.Button("Train", variant="primary"), gr.Button("Stop")
@@ -428,7 +506,9 @@ def build_ui() -> gr.Blocks:
         command_box = gr.Markdown()
         notice_box = gr.Markdown()  # what a button answers; the status below is redrawn while a job runs
         status_box = gr.Markdown("**idle**")
-        plot = gr.LinePlot(loss_frame([]), x="step", y="loss", color="curve", color_map=CURVE_COLORS, label="Loss")
+        plot = gr.LinePlot(loss_frame([]), x="step", y="loss", color="curve", color_map=CURVE_COLORS, label="Loss",
+                           x_title="optimizer step", y_title="loss", x_axis_format="d", y_axis_format=".2f",
+                           visible=False)
         gr.Markdown("### Runs")
         runs = gr.Dataframe(runs_table(), label="Runs in runs/app (the last updated first)", interactive=False)
         with gr.Row():
@@ -444,14 +524,23 @@ def build_ui() -> gr.Blocks:
         export_button = gr.Button("Download adapter (.zip)")
         export_file, export_code = gr.File(label="Adapter"), gr.Markdown()
 
-        run_inputs = [upload, data_format, model, load_in_4bit, init, rank, alpha, use_rslora, lr, steps, batch_size,
-                      max_length, estimation_samples, baseline, run_name]
-        preview_button.click(preview, [upload, data_format, model, max_length], preview_box)
-        command_button.click(show_command, run_inputs, command_box)
-        estimate_inputs = [model, load_in_4bit, rank, batch_size, max_length, init]
-        for component in (load_in_4bit, rank, batch_size, max_length, init):
+        named = dict(upload=upload, eval_upload=eval_upload, data_format=data_format, columns=columns,
+                     chat_template=chat_template, model=model, load_in_4bit=load_in_4bit, init=init, rank=rank,
+                     alpha=alpha, use_rslora=use_rslora, lr=lr, steps=steps, batch_size=batch_size,
+                     max_length=max_length, estimation_samples=estimation_samples, grad_accum=grad_accum,
+                     schedule=schedule, warmup_ratio=warmup_ratio, target_modules=target_modules, seed=seed,
+                     estimation_batch_size=estimation_batch_size, grad_budget_gib=grad_budget_gib, compile=compile_on,
+                     baseline=baseline, run_name=run_name)
+        form = [named[name] for name in FORM]
+        preview_inputs = [upload, data_format, model, max_length, columns, chat_template]
+        preview_button.click(preview, preview_inputs, preview_box)
+        upload.change(preview, preview_inputs, preview_box)  # a new file, or none (the sample), is shown at once
+        command_button.click(show_command, form, command_box)
+        estimate_inputs = [model, load_in_4bit, rank, batch_size, max_length, init, estimation_batch_size,
+                           grad_budget_gib]
+        for component in (load_in_4bit, rank, batch_size, max_length, init, estimation_batch_size, grad_budget_gib):
             component.change(memory_estimate, estimate_inputs, memory_box)
-        for event in (model.submit, model.blur):  # not on every keystroke: a hub id would be looked up for each
+        for event in (model.select, model.blur):  # not on every keystroke: a hub id would be looked up for each
             event(memory_estimate, estimate_inputs, memory_box)
         ui.load(memory_estimate, estimate_inputs, memory_box)
         init.change(lambda method: DEFAULT_LR[method], init, lr)  # each method's own learning rate
@@ -459,7 +548,7 @@ def build_ui() -> gr.Blocks:
         shown = [status_box, plot, timer, runs, selected]
         timer.tick(poll, selected, shown)
         ui.load(poll, selected, shown)  # a reloaded page picks up the runs and a running job
-        start_button.click(start, run_inputs, notice_box).then(poll, selected, shown)
+        start_button.click(start, form, notice_box).then(poll, selected, shown)
         resume_button.click(resume, selected, notice_box).then(poll, selected, shown)
         stop_button.click(stop, None, notice_box).then(poll, selected, shown)
         delete_button.click(delete_run, selected, notice_box).then(poll, selected, shown)

@@ -164,6 +164,7 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         metrics["train_seconds"] += time.perf_counter() - start
         metrics["tokens_per_second"] = metrics["train_tokens"] / max(metrics["train_seconds"], 1e-9)
         metrics["peak_memory_gib"] = peak_memory_gib(device)
+        phase = enter("saving the adapter")
         adapter_dir = export_adapter(layers, config, model.name_or_path, Path(config.out) / "adapter")
         write_metrics(metrics, config)
         write_record(config, inputs, "stopped" if stopped else "finished")
@@ -196,11 +197,13 @@ def fail(config: Config, inputs: Optional[dict], error: Exception) -> None:
 
 def load_data(config: Config, tokenizer) -> tuple[list[Example], list[Example]]:
     """The training and eval examples: eval_data's, or eval_fraction split off the training data."""
-    examples, report = load_examples(config.data, config.data_format, tokenizer, config.max_length)
+    examples, report = load_examples(config.data, config.data_format, tokenizer, config.max_length,
+                                     config.column_map(), config.chat_template)
     log.info("training data: %s", report.summary())
     if not config.eval_data:
         return split_eval(examples, config.eval_fraction, config.seed)
-    return examples, load_examples(config.eval_data, config.data_format, tokenizer, config.max_length)[0]
+    return examples, load_examples(config.eval_data, config.data_format, tokenizer, config.max_length,
+                                   config.column_map(), config.chat_template)[0]
 
 
 def write_metrics(metrics: dict, config: Config) -> None:

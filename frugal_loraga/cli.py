@@ -9,19 +9,10 @@ import json
 import logging
 import shlex
 import sys
-from typing import Literal, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Optional, get_type_hints
 
-from .config import Config
+from .config import Config, field_type
 from .errors import ConfigError, DataError, OutOfMemory, RunError
-
-
-def _arg_type(hint):
-    """(argparse type, choices) for a Config field's type hint."""
-    if get_origin(hint) is Union:  # Optional[X]
-        hint = next(a for a in get_args(hint) if a is not type(None))
-    if get_origin(hint) is Literal:
-        return str, list(get_args(hint))
-    return hint, None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     hints = get_type_hints(Config)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        kind, choices = _arg_type(hints[f.name])
+        kind, choices, _ = field_type(hints[f.name])
         if kind is bool:
             train.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
         else:

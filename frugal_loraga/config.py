@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional, get_args, get_origin, get_type_hints
+from typing import Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 from .errors import ConfigError
 
@@ -21,11 +21,23 @@ Schedule = Literal["cosine", "linear", "constant"]
 Optimizer = Literal["adamw", "paged_adamw_8bit"]
 Dtype = Literal["auto", "bfloat16", "float32"]
 Device = Literal["auto", "cpu", "cuda"]
+ChatTemplate = Literal["model", "plain"]
+FORMAT_COLUMN_NAMES = ("instruction", "input", "output", "messages", "conversations", "prompt", "completion", "text")
 
 ALL_LINEAR = "all-linear"
 # Each init method's learning rate: LoRA-GA's best is near full fine-tuning's, about 10x below LoRA's (the paper's
 # 2e-5 at Llama-2-7B; our sweep on the demo model picked 3e-5 for LoRA-GA on NF4 and 3e-4 for LoRA and QLoRA).
 DEFAULT_LR = {"lora_ga": 3e-5, "lora": 3e-4}
+
+
+def field_type(hint) -> tuple[type, Optional[list], bool]:
+    """A Config field's type hint -> (its value type, its choices when a Literal, whether it may be None)."""
+    optional = get_origin(hint) is Union and type(None) in get_args(hint)
+    if optional:
+        hint = next(a for a in get_args(hint) if a is not type(None))
+    if get_origin(hint) is Literal:
+        return str, list(get_args(hint)), optional
+    return hint, None, optional
 
 
 def _f(default, help: str, **kw):
@@ -44,6 +56,11 @@ class Config:
     data: str = _f("", "training data: .jsonl, .json, .csv or .txt")
     data_format: DataFormat = _f("auto", "alpaca, chat (messages), sharegpt (conversations), prompt_completion, text, "
                                          "or auto-detect")
+    columns: Optional[str] = _f(None, "the file's column for each column the format reads, when they are named "
+                                      "otherwise: format_column=file_column,... (instruction=question,output=answer)")
+    chat_template: ChatTemplate = _f("model", "how alpaca and chat data are turned into text: model = the "
+                                              "tokenizer's chat template (plain when it has none); plain = "
+                                              "'### User:' / '### Assistant:' turns")
     eval_data: Optional[str] = _f(None, "held-out data file; default: split eval_fraction off the training data")
     eval_fraction: float = _f(0.1, "fraction of the data held out for eval when no eval_data is given")
     max_length: int = _f(512, "tokens per example; longer examples are truncated (and counted)")
@@ -118,6 +135,7 @@ class Config:
         if self.resume and self.overwrite:
             raise ConfigError("resume and overwrite exclude each other: resume continues the run in out, overwrite "
                               "replaces it; choose one")
+        self.column_map()  # raises on a malformed mapping
         if not self.target_list():
             raise ConfigError("target_modules is empty: name module suffixes such as q_proj,v_proj, or all-linear")
 
@@ -136,6 +154,19 @@ class Config:
             self, lr=self.lr or previous.get("lr") or DEFAULT_LR[self.init],
             estimation_samples=self.estimation_samples or previous.get("estimation_samples") or (16 if cpu else 128),
             eval_samples=self.eval_samples or previous.get("eval_samples") or (16 if cpu else 64))
+
+    def column_map(self) -> dict[str, str]:
+        """columns as {format column: file column}: "instruction=question,output=answer" -> {"instruction":
+        "question", "output": "answer"}."""
+        pairs = [p.strip() for p in (self.columns or "").split(",") if p.strip()]
+        mapping = {}
+        for pair in pairs:
+            ours, _, theirs = (part.strip() for part in pair.partition("="))
+            if ours not in FORMAT_COLUMN_NAMES or not theirs:
+                raise ConfigError(f"columns: {pair!r} is not format_column=file_column, with format_column one of "
+                                  f"{', '.join(FORMAT_COLUMN_NAMES)} (e.g. instruction=question,output=answer)")
+            mapping[ours] = theirs
+        return mapping
 
     def target_list(self) -> list[str]:
         return [t.strip() for t in self.target_modules.split(",") if t.strip()]

@@ -62,11 +62,6 @@ class DataReport:
                 f"{self.truncated} truncated to max_length, {self.dropped_no_target} dropped with no response tokens")
 
 
-def read_records(path: str | Path) -> list[dict]:
-    """Rows of a .jsonl / .json / .csv file as dicts; a .txt file gives one {"text": paragraph} per paragraph."""
-    return read_located(path)[0]
-
-
 def read_located(path: str | Path) -> tuple[list[dict], list[str]]:
     """The records of a data file and where each one is, for messages: "name.jsonl line 3", "name.json record 3"."""
     path = Path(path)
@@ -269,8 +264,14 @@ def clip_texts(texts: list[str], limit: int) -> list[str]:
     return kept
 
 
-def render(record: dict, fmt: str, tokenizer) -> tuple[str, list[tuple[int, int]]]:
-    """One record -> (text, loss spans). Alpaca becomes a user/assistant chat; chat spans are the assistant turns."""
+def chat_template(tokenizer, choice: str = "model") -> str:
+    """The chat template to render with: the tokenizer's own ("model"; the plain one when it has none) or "plain"."""
+    return PLAIN_CHAT_TEMPLATE if choice == "plain" else tokenizer.chat_template or PLAIN_CHAT_TEMPLATE
+
+
+def render(record: dict, fmt: str, tokenizer, template: str = "model") -> tuple[str, list[tuple[int, int]]]:
+    """One record -> (text, loss spans). Alpaca becomes a user/assistant chat; chat spans are the assistant turns.
+    template: the chat template choice (chat_template)."""
     if fmt == "text":
         return record["text"], [(0, len(record["text"]))]
     if fmt == "prompt_completion":
@@ -280,8 +281,8 @@ def render(record: dict, fmt: str, tokenizer) -> tuple[str, list[tuple[int, int]
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
     else:
         messages = record["messages"]
-    template = tokenizer.chat_template or PLAIN_CHAT_TEMPLATE
-    chat = lambda ms, gen=False: tokenizer.apply_chat_template(ms, chat_template=template, tokenize=False,
+    chosen = chat_template(tokenizer, template)
+    chat = lambda ms, gen=False: tokenizer.apply_chat_template(ms, chat_template=chosen, tokenize=False,
                                                                add_generation_prompt=gen)
     text, spans = chat(messages), []
     for i, message in enumerate(messages):
@@ -291,8 +292,8 @@ def render(record: dict, fmt: str, tokenizer) -> tuple[str, list[tuple[int, int]
     return text, spans
 
 
-def tokenize(records: list[dict], fmt: str, tokenizer, max_length: int,
-             places: list[str]) -> tuple[list[Example], DataReport]:
+def tokenize(records: list[dict], fmt: str, tokenizer, max_length: int, places: list[str],
+             template: str = "model") -> tuple[list[Example], DataReport]:
     """Examples of at most max_length tokens, labels only on response tokens; the report counts what was cut."""
     if not tokenizer.is_fast:
         raise ConfigError("a fast tokenizer (tokenizer.json) is needed to place the loss mask")
@@ -301,7 +302,7 @@ def tokenize(records: list[dict], fmt: str, tokenizer, max_length: int,
     for place, record in zip(places, records):
         record, clipped = clip_record(record, fmt, max_length)
         try:
-            text, spans = render(record, fmt, tokenizer)
+            text, spans = render(record, fmt, tokenizer, template)
         except TemplateError as e:
             raise DataError(f"{place}: the tokenizer's chat template refused the messages ({e}); "
                             "fix their roles or order") from e
@@ -328,14 +329,36 @@ def tokenize(records: list[dict], fmt: str, tokenizer, max_length: int,
     return examples, report
 
 
-def load_examples(path, fmt: str, tokenizer, max_length: int) -> tuple[list[Example], DataReport]:
-    """Read, check and tokenize a data file; every bad input gives a DataError naming the file and the record."""
+def rename_columns(records: list[dict], columns: dict[str, str], places: list[str]) -> list[dict]:
+    """Records with the file's columns renamed to the format's: columns maps format column -> file column
+    ({"instruction": "question", "output": "answer"})."""
+    if not columns:
+        return records
+    for place, record in zip(places, records):
+        missing = [theirs for theirs in columns.values() if theirs not in record]
+        if missing:
+            raise DataError(f"{place}: no column {', '.join(missing)} to map (it has {sorted(record)}); fix the "
+                            "column mapping")
+    renamed = {theirs: ours for ours, theirs in columns.items()}
+    return [{renamed.get(key, key): value for key, value in record.items()} for record in records]
+
+
+def read_data(path, fmt: str, columns: Optional[dict[str, str]] = None) -> tuple[list[dict], str, list[str]]:
+    """A data file's records with its columns mapped, its format (detected when 'auto') and each record's place."""
     records, places = read_located(path)
-    fmt = detect_format(records) if fmt == "auto" else fmt
+    records = rename_columns(records, columns or {}, places)
+    return records, detect_format(records) if fmt == "auto" else fmt, places
+
+
+def load_examples(path, fmt: str, tokenizer, max_length: int, columns: Optional[dict[str, str]] = None,
+                  template: str = "model") -> tuple[list[Example], DataReport]:
+    """Read, check and tokenize a data file; every bad input gives a DataError naming the file and the record.
+    columns: format column -> file column (Config.column_map); template: the chat template choice (chat_template)."""
+    records, fmt, places = read_data(path, fmt, columns)
     if fmt == "sharegpt":
         records, fmt = from_sharegpt(records, places), "chat"
     check_columns(records, fmt, places)
-    return tokenize(records, fmt, tokenizer, max_length, places)
+    return tokenize(records, fmt, tokenizer, max_length, places, template)
 
 
 def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:

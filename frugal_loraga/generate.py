@@ -18,28 +18,29 @@ import torch
 from .blocks import without_cudnn_attention
 from .checkpoint import ADAPTER_FILES, file_sha256
 from .config import Config
-from .data import PLAIN_CHAT_TEMPLATE, detect_format, read_records
+from .data import chat_template, read_data
 from .models import load_model, release
 
 
-def prompt_text(tokenizer, prompt: str, data_format: str) -> tuple[str, bool]:
+def prompt_text(tokenizer, prompt: str, data_format: str, template: str = "model") -> tuple[str, bool]:
     """The text to feed for `prompt` and whether the tokenizer adds its special tokens, as data.tokenize trained
-    `data_format`: alpaca and chat as a user turn in the chat template (the tokenizer's, else PLAIN_CHAT_TEMPLATE)
-    with the assistant's turn opened, no special tokens added; text and prompt_completion as the raw prompt, with the
+    `data_format`: alpaca and chat as a user turn in the chat template chosen (data.chat_template) with the
+    assistant's turn opened, no special tokens added; text and prompt_completion as the raw prompt, with the
     tokenizer's special tokens (a BOS, for most)."""
     if data_format not in ("alpaca", "chat", "sharegpt"):
         return prompt, True
     messages = [{"role": "user", "content": prompt}]
-    text = tokenizer.apply_chat_template(messages, chat_template=tokenizer.chat_template or PLAIN_CHAT_TEMPLATE,
+    text = tokenizer.apply_chat_template(messages, chat_template=chat_template(tokenizer, template),
                                          tokenize=False, add_generation_prompt=True)
     return text, False
 
 
 def run_format(config: Config) -> str:
-    """The data format a run trained with: config.data_format, or the one detected from its data file when auto."""
+    """The data format a run trained with: config.data_format, or the one detected from its data file (its columns
+    mapped) when auto."""
     if config.data_format != "auto":
         return config.data_format
-    return detect_format(read_records(config.data))
+    return read_data(config.data, "auto", config.column_map())[1]
 
 
 def adapter_digest(adapter_dir: str | Path) -> str:
@@ -69,8 +70,9 @@ class Generator:
         self.tokenizer = None
         self.device: Optional[torch.device] = None
         self.data_format: Optional[str] = None
+        self.template = "model"  # the run's chat template choice
         self.loads = 0  # how many times a model was loaded
-        self._format_of: Optional[tuple] = None  # (data, data_format) that data_format was found for
+        self._format_of: Optional[tuple] = None  # (data, data_format, columns) that data_format was found for
         self._lock = threading.RLock()
 
     def load(self, config: Config, adapter_dir: str | Path) -> None:
@@ -80,8 +82,10 @@ class Generator:
         key = (config.model, config.load_in_4bit, config.dtype, config.device, config.trust_remote_code,
                str(adapter_dir), adapter_digest(adapter_dir))
         with self._lock:
-            if (config.data, config.data_format) != self._format_of:
-                self.data_format, self._format_of = run_format(config), (config.data, config.data_format)
+            if (config.data, config.data_format, config.columns) != self._format_of:
+                self.data_format = run_format(config)
+                self._format_of = (config.data, config.data_format, config.columns)
+            self.template = config.chat_template
             if key == self.key:
                 return
             self.release()
@@ -113,7 +117,7 @@ class Generator:
 
     def _complete(self, prompt: str, max_new_tokens: int) -> Completion:
         tokenizer = self.tokenizer
-        text, special = prompt_text(tokenizer, prompt, self.data_format)
+        text, special = prompt_text(tokenizer, prompt, self.data_format, self.template)
         inputs = tokenizer(text, return_tensors="pt", add_special_tokens=special).to(self.device)
         eos = self._eos_ids()
         # cuDNN's attention would plan kernels for every new length: 97 against 18 ms a token

@@ -22,6 +22,7 @@ from .gradients import layer_costs
 from .models import resolve_device, resolve_dtype
 
 NF4_BYTES_PER_PARAM = 0.53
+HEADROOM_GIB = 1.0  # what a real card keeps beside a run: the CUDA context, a display
 
 
 def estimate_memory_gib(model_config, config: Config, card_bytes: Optional[int] = None) -> dict[str, float]:
@@ -53,3 +54,18 @@ def estimate_memory_gib(model_config, config: Config, card_bytes: Optional[int] 
     result = {k: v / 2**30 for k, v in parts.items()}
     result["total"] = (weights + max(init, activations + adapter)) / 2**30
     return result
+
+
+def fit_advice(estimate: dict[str, float], card_gib: float) -> str:
+    """Whether the estimated peak fits a card of card_gib with HEADROOM_GIB to spare, and if not, what to lower: the
+    setting behind the part that sets the peak."""
+    room = card_gib - HEADROOM_GIB
+    if estimate["total"] <= room:
+        return f"fits ({estimate['total']:.1f} of {card_gib:.1f} GiB, {HEADROOM_GIB:.0f} GiB left for the CUDA context)"
+    if estimate["weights"] > room:
+        change = "turn on 4-bit, or pick a smaller model"
+    elif estimate["init_estimate"] > estimate["training_activations"] + estimate["adapter_and_optimizer"]:
+        change = "lower estimation_batch_size or grad_budget_gib"
+    else:
+        change = "lower batch_size or max_length (and keep gradient checkpointing on)"
+    return f"does not fit ({estimate['total']:.1f} GiB against {room:.1f} usable of {card_gib:.1f}): {change}"

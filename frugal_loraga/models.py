@@ -185,6 +185,17 @@ def _check_hub_id(name: str) -> None:
                           f"download it ({e}); connect to the network, or give a local model folder or 'demo'") from e
 
 
+def cached_model_ids() -> list[str]:
+    """The hub ids of the causal LMs in the local Hugging Face cache (loadable offline), sorted: the app's model list."""
+    from huggingface_hub import scan_cache_dir
+    try:
+        repos = scan_cache_dir().repos
+    except Exception:  # CacheNotFound (no cache yet), or a cache folder that cannot be read: nothing to offer
+        return []
+    return sorted(r.repo_id for r in repos
+                  if r.repo_type == "model" and isinstance(try_to_load_from_cache(r.repo_id, "config.json"), str))
+
+
 def resolve_model_path(name: str, trust_remote_code: bool = False) -> str:
     """'demo' -> the cached demo folder; a local folder is checked (ConfigError when bad) without loading weights;
     'org/name' is left to the hub once it is known to be cached or reachable."""

@@ -9,6 +9,17 @@ import torch
 
 import app
 from conftest import free_port, write_jsonl
+from frugal_loraga.eta import JobClock
+
+
+def form(**settings) -> list:
+    """The Train form's values in app.FORM's order: a quick LoRA run on the tiny model unless settings say otherwise."""
+    values = dict(upload=None, eval_upload=None, data_format="auto", columns="", chat_template="model", load_in_4bit=False,
+                  init="lora", rank=2, alpha=16, use_rslora=True, lr=3e-3, steps=2, batch_size=2, max_length=96,
+                  estimation_samples=4, grad_accum=1, schedule="cosine", warmup_ratio=0.03, target_modules="all-linear",
+                  seed=0, estimation_batch_size=2, grad_budget_gib=None, compile=True, baseline=False, run_name="")
+    values.update(settings)
+    return [values[name] for name in app.FORM]
 
 
 @pytest.fixture(autouse=True)
@@ -47,9 +58,9 @@ def test_memory_estimate_names_the_device(tiny_model_dir):
 
 
 def test_train_with_baseline_plot_try_and_export(tiny_model_dir, monkeypatch):
-    args = [None, "auto", str(tiny_model_dir), False, "lora_ga", 2, 16, True, 3e-3, 4, 2, 96, 4, True]
-    assert app.start(*args, "first") == "Started first."
-    assert "already in progress" in app.start(*args, "second")
+    args = dict(model=str(tiny_model_dir), init="lora_ga", steps=4, baseline=True)
+    assert app.start(*form(**args, run_name="first")) == "Started first."
+    assert "already in progress" in app.start(*form(**args, run_name="second"))
     deadline = time.time() + 120
     while app.JOB.busy() and time.time() < deadline:
         time.sleep(0.2)
@@ -62,7 +73,7 @@ def test_train_with_baseline_plot_try_and_export(tiny_model_dir, monkeypatch):
     assert frame[frame.curve == "lora_ga train"]["step"].tolist() == [1, 2, 3, 4]
     runs = app.runs_table()
     assert set(runs["name"]) == {"first", "first-lora"} and set(runs["status"]) == {"finished"}
-    assert "a run named first exists" in app.start(*args, "first")
+    assert "a run named first exists" in app.start(*form(**args, run_name="first"))
     allowed = []  # cuDNN's attention allowed, per attention call of the generation
     attention = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *args, **kwargs: allowed.append(
@@ -76,19 +87,21 @@ def test_train_with_baseline_plot_try_and_export(tiny_model_dir, monkeypatch):
     assert app.delete_run("first-lora") == "Deleted first-lora." and list(app.runs_table()["name"]) == ["first"]
 
 
-def test_eta_comes_from_the_pace_of_the_current_phase(monkeypatch):
-    """Compiling, or the phase before, does not count: the ETA is this phase's seconds per unit times the units left,
-    and there is none until the phase has done a unit."""
-    monkeypatch.setattr(app, "JOB", app.Job(phase="lora_ga: training", done=4, total=10, phase_from=2,
-                                            phase_started=time.time() - 10))
-    assert "**lora_ga: training** 4/10, ETA 30 s." in app.status()[0]
-    app.JOB.done = 2
-    assert "ETA" not in app.status()[0]
+def test_status_shows_the_whole_jobs_time_left(monkeypatch):
+    """The status names the phase and its units, and, while a job runs, the time left for the whole job (eta.py)."""
+    clock = JobClock([{"training": 10.0}], rate=1.0)
+    clock.update(0, "training", 4, 10)
+    job = app.Job(thread=threading.Thread(target=time.sleep, args=(2,)), phase="lora: training", done=4, total=10,
+                  clock=clock)
+    job.thread.start()
+    monkeypatch.setattr(app, "JOB", job)
+    assert app.status()[0].startswith("**lora: training** 4/10, about 6 s left for the whole job.")
+    job.thread.join()
+    assert app.status()[0] == "**lora: training**"  # ended: no units or time left to show
 
 
 def test_stop_then_resume_from_the_runs_own_folder(tiny_model_dir):
-    args = [None, "auto", str(tiny_model_dir), False, "lora", 2, 16, True, 3e-3, 200, 2, 96, 4, False, "long"]
-    assert app.start(*args) == "Started long."
+    assert app.start(*form(model=str(tiny_model_dir), steps=200, run_name="long")) == "Started long."
     while app.JOB.phase != "lora: training" and app.JOB.busy():
         time.sleep(0.05)
     assert app.stop().startswith("Stopping")
@@ -105,8 +118,8 @@ def test_stop_then_resume_from_the_runs_own_folder(tiny_model_dir):
 def test_only_uploaded_files_are_read(tmp_path, tiny_model_dir, monkeypatch):
     secret = write_jsonl(tmp_path.parent / "secret.jsonl", [{"text": "the server's secret"}])
     for handler in (lambda: app.preview(str(secret), "auto", str(tiny_model_dir), 128),
-                    lambda: app.start(str(secret), "auto", str(tiny_model_dir), False, "lora", 2, 16, True, 3e-3, 1, 2,
-                                      96, 4, False)):
+                    lambda: app.start(*form(upload=str(secret), model=str(tiny_model_dir))),
+                    lambda: app.start(*form(eval_upload=str(secret), model=str(tiny_model_dir)))):
         text = handler()
         assert "only files uploaded through this page can be used" in text and "secret" not in text
     assert not list((tmp_path / "runs").rglob("secret*"))
@@ -151,8 +164,7 @@ def test_simultaneous_starts_run_one_job(tiny_model_dir):
 
     def press(name):
         barrier.wait()
-        answers.append(app.start(None, "auto", str(tiny_model_dir), False, "lora", 2, 16, True, 3e-3, 2, 2, 96, 4,
-                                 False, name))
+        answers.append(app.start(*form(model=str(tiny_model_dir), run_name=name)))
     presses = [threading.Thread(target=press, args=(f"run{i}",)) for i in range(5)]
     for thread in presses:
         thread.start()
@@ -165,12 +177,21 @@ def test_simultaneous_starts_run_one_job(tiny_model_dir):
 
 def test_unexpected_errors_reach_the_page(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(app, "finetune", lambda *a, **k: 1 / 0)
-    assert app.start(None, "auto", str(tiny_model_dir), False, "lora", 2, 16, True, 3e-3, 2, 2, 96, 4, False, "x") == \
-        "Started x."
+    assert app.start(*form(model=str(tiny_model_dir), run_name="x")) == "Started x."
     app.JOB.thread.join(60)
     assert "**Error:** the lora run failed unexpectedly (ZeroDivisionError: division by zero)" in app.status()[0]
-    assert "every number field needs a number" in app.start(None, "auto", str(tiny_model_dir), False, "lora", None,
-                                                            16, True, 3e-3, 2, 2, 96, 4, False)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("rank", None, "rank needs a whole number, got None"), ("steps", 2.5, "steps needs a whole number, got 2.5"),
+    ("lr", "fast", "lr needs a number, got 'fast'"), ("model", 7, "model needs text, got 7"),
+    ("compile", "yes", "compile needs true or false, got 'yes'"), ("columns", "x=y", "columns: 'x=y' is not format_column="),
+    ("schedule", "step", "schedule='step' is not one of cosine, linear, constant")])
+def test_a_field_of_the_wrong_kind_is_named_before_anything_runs(tiny_model_dir, field, value, message):
+    """What a client may send through the API, too: each refused with the field's name, and nothing written."""
+    for handler in (app.start, app.show_command):
+        assert message in handler(*form(**{"model": str(tiny_model_dir), field: value}))
+    assert not (app.RUNS).exists()
 
 
 def test_a_run_whose_process_ended_shows_as_interrupted(tmp_path):
@@ -182,18 +203,18 @@ def test_a_run_whose_process_ended_shows_as_interrupted(tmp_path):
 
 
 def test_the_cli_command_of_the_form_runs_the_same_settings(tiny_model_dir):
-    shown = app.show_command(None, "auto", str(tiny_model_dir), False, "lora_ga", 4, 16, True, 3e-5, 12, 2, 96, 8,
-                             False, "my run")
+    shown = app.show_command(*form(model=str(tiny_model_dir), init="lora_ga", rank=4, lr=3e-5, steps=12,
+                                   estimation_samples=8, grad_accum=2, schedule="linear", grad_budget_gib=0.5,
+                                   columns="text=body", eval_upload="/somewhere/held out.jsonl", run_name="my run"))
     assert shown.startswith("```bash\nfrugal-loraga train --model ") and shown.endswith("\n```")
     for flag in ("--no-load-in-4bit", "--rank 4", "--lr 3e-05", "--steps 12", "--max-length 96",
-                 "--estimation-samples 8", "--out runs/my_run", f"--data {app.SAMPLE}"):
+                 "--estimation-samples 8", "--out runs/my_run", f"--data {app.SAMPLE}", "--grad-accum 2",
+                 "--schedule linear", "--grad-budget-gib 0.5", "--columns text=body", "--eval-data 'held out.jsonl'"):
         assert flag in shown, flag
-    assert "every number field needs a number" in app.show_command(None, "auto", "demo", True, "lora", None, 16, True,
-                                                                    3e-4, 12, 2, 96, 8, False)
 
 
 def test_the_model_field_is_looked_up_when_left_not_on_every_keystroke():
     ui = app.build_ui()
     model = next(b for b in ui.blocks.values() if getattr(b, "label", "") == "Model: 'demo', a local folder, or a hub id")
     events = {event for fn in ui.fns.values() for block_id, event in fn.targets if block_id == model._id}
-    assert events == {"submit", "blur"}  # a hub id typed letter by letter would be looked up for each
+    assert events == {"select", "blur"}  # a hub id typed letter by letter would be looked up for each

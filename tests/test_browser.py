@@ -1,5 +1,6 @@
-"""A real browser (Debian's headless Chromium via Playwright) loads the app, uploads a file, trains a tiny model and
-sees every loss curve drawn in its colour. UPDATE_SCREENSHOT=1 saves the page to docs/screenshot.png (otherwise to a
+"""A real browser (Debian's headless Chromium via Playwright) walks a new user through the app on a tiny model: upload
+and preview, a named run with its baseline (every loss curve drawn in its colour), a second run stopped midway, a page
+reload, resuming it, trying the first run and exporting it. UPDATE_SCREENSHOT=1 saves the page to docs/screenshot.png (otherwise to a
 temporary folder, so a test run leaves the tree clean). Skipped where Chromium or Playwright is not installed."""
 import os
 import shutil
@@ -14,7 +15,7 @@ playwright = pytest.importorskip("playwright.sync_api", reason="playwright is no
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 
 
-def test_browser_upload_train_and_plot(tiny_model_dir, sample_path, tmp_path, monkeypatch):
+def test_a_new_user_trains_resumes_tries_and_exports(tiny_model_dir, sample_path, tmp_path, monkeypatch):
     monkeypatch.setattr(app, "RUNS", tmp_path / "runs")
     monkeypatch.setattr(app, "MODEL_ROOTS", [tiny_model_dir])
     port = free_port()
@@ -28,15 +29,20 @@ def test_browser_upload_train_and_plot(tiny_model_dir, sample_path, tmp_path, mo
             page = browser.new_page(viewport={"width": 1280, "height": 1700})
             page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle")
             page.locator("input[type=file]").first.set_input_files(str(sample_path))
-            page.get_by_label("Model: 'demo', a local folder, or a hub id").fill(str(tiny_model_dir))
+            playwright.expect(page.get_by_text("400 examples (alpaca)")).to_be_visible(timeout=30_000)  # on upload
+            model = page.get_by_label("Model: 'demo', a local folder, or a hub id")
+            model.fill(str(tiny_model_dir))
+            model.press("Enter")
             page.get_by_label("4-bit (NF4)").uncheck()
             page.get_by_label("Steps").fill("6")
             page.get_by_label("Estimation samples").fill("4")
             page.get_by_label("Also train plain LoRA for comparison").check()
+            page.get_by_label("Run name (empty: the method and the time)").fill("first")
             page.get_by_role("button", name="Train", exact=True).click()
+            playwright.expect(page.get_by_text("left for the whole job")).to_be_visible(timeout=60_000)
             page.get_by_text("Finished.").wait_for(timeout=120_000)
             page.wait_for_timeout(2500)  # one more timer tick draws the final curve
-            assert page.get_by_text("Started lora_ga-").is_visible()  # the button's answer outlives the status redraws
+            assert page.get_by_text("Started first.").is_visible()  # the button's answer outlives the status redraws
             requests = []
             page.on("request", lambda request: requests.append(request.url))
             page.wait_for_timeout(3000)
@@ -50,12 +56,35 @@ def test_browser_upload_train_and_plot(tiny_model_dir, sample_path, tmp_path, mo
             assert drawn["lora train"].get_attribute("d").count("L") == 5  # a segment between each of 6 steps
             legend = page.locator('[aria-roledescription="legend"] text').all_text_contents()
             assert set(app.CURVE_COLORS) <= set(legend), legend
-            page.reload(wait_until="networkidle")  # the runs and the selection come back with the page
+            ticks = page.locator('[aria-roledescription="axis"] text').all_text_contents()
+            assert "1" in ticks and "1.5" not in ticks  # whole steps on the x axis
+
+            page.get_by_label("Also train plain LoRA for comparison").uncheck()  # a second run, stopped midway
+            page.get_by_label("Steps").fill("60")
+            page.get_by_label("Run name (empty: the method and the time)").fill("second")
+            page.get_by_role("button", name="Train", exact=True).click()
+            page.get_by_text("lora_ga: training").wait_for(timeout=60_000)
+            page.get_by_role("button", name="Stop").click()
+            page.get_by_text("press Resume").wait_for(timeout=60_000)
+
+            page.reload(wait_until="networkidle")  # the runs come back with the page; resume takes their settings
             table = page.get_by_label("Runs in runs/app (the last updated first)")
-            playwright.expect(table).to_contain_text(app.JOB.run)
-            playwright.expect(table).to_contain_text("finished")
+            for name, status in (("first", "finished"), ("first-lora", "finished"), ("second", "stopped")):
+                playwright.expect(table.get_by_role("row").filter(has_text=name).first).to_contain_text(status)
+            run = page.get_by_label("Run", exact=True)
+            run.click()
+            page.get_by_role("option", name="second", exact=True).click()
+            page.get_by_role("button", name="Resume").click()
+            page.get_by_text("Finished.").wait_for(timeout=120_000)
+            assert app.JOB.curves["lora_ga"]["train_loss"][-1][0] == 60
+
+            run.click()
+            page.get_by_role("option", name="first", exact=True).click()
             page.get_by_role("button", name="Generate").click()
             playwright.expect(page.get_by_label("With adapter")).not_to_have_value("", timeout=60_000)
+            page.get_by_role("button", name="Download adapter (.zip)").click()
+            playwright.expect(page.get_by_text("PeftModel.from_pretrained")).to_be_visible(timeout=30_000)
+            playwright.expect(page.get_by_role("cell", name="first-adapter.zip")).to_be_visible()
             shot = ROOT / "docs" if os.environ.get("UPDATE_SCREENSHOT") == "1" else tmp_path
             page.screenshot(path=str(shot / "screenshot.png"), full_page=True)
             browser.close()

@@ -6,8 +6,9 @@ import time
 import pytest
 
 from conftest import make_tokenizer, write_jsonl
+from frugal_loraga import Config, ConfigError
 from frugal_loraga.data import (IGNORE, MAX_CHARS_PER_TOKEN, DataError, clip_record, detect_format, load_examples,
-                                micro_batch, read_records, split_eval)
+                                micro_batch, read_located, split_eval)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def test_formats_are_detected_and_only_responses_carry_loss(tokenizer, tmp_path)
     }
     for fmt, (row, expected) in cases.items():
         path = write_jsonl(tmp_path / f"{fmt}.jsonl", [row])
-        assert detect_format(read_records(path)) == fmt
+        assert detect_format(read_located(path)[0]) == fmt
         (example,), report = load_examples(path, "auto", tokenizer, 256)
         assert report.format == fmt and report.examples == 1
         text = response_text(tokenizer, example)
@@ -49,6 +50,38 @@ def test_chat_template_of_the_demo_tokenizer_masks_user_turns(tmp_path):
                                                             {"role": "assistant", "content": "Hi there"}]}])
     (example,), _ = load_examples(path, "chat", demo, 256)
     assert response_text(demo, example).strip() == "Hi there<|im_end|>"
+
+
+def test_a_column_mapping_reads_files_whose_columns_are_named_otherwise(tokenizer, tmp_path):
+    ours = write_jsonl(tmp_path / "ours.jsonl", [{"instruction": "Add 2 and 3.", "output": "5"}])
+    (tmp_path / "theirs.csv").write_text("question,answer\nAdd 2 and 3.,5\n")
+    with pytest.raises(DataError, match=r"cannot tell the format from the columns \['answer', 'question'\]"):
+        load_examples(tmp_path / "theirs.csv", "auto", tokenizer, 64)
+    columns = Config(data="x", columns=" instruction = question, output=answer").column_map()
+    assert columns == {"instruction": "question", "output": "answer"}
+    theirs, report = load_examples(tmp_path / "theirs.csv", "auto", tokenizer, 64, columns)
+    assert report.format == "alpaca" and theirs == load_examples(ours, "auto", tokenizer, 64)[0]
+    with pytest.raises(DataError, match=r"theirs.csv line 2: no column reply to map \(it has \['answer', 'question'\]\)"):
+        load_examples(tmp_path / "theirs.csv", "auto", tokenizer, 64, {"output": "reply"})
+
+
+@pytest.mark.parametrize("columns", ["instruction", "question=instruction", "output=", "text=a,,bogus=b"])
+def test_a_malformed_column_mapping_says_what_it_should_be(columns):
+    with pytest.raises(ConfigError, match=r"columns: '.*' is not format_column=file_column, with format_column one "
+                                          r"of instruction, .*\(e.g. instruction=question,output=answer\)"):
+        Config(data="x", columns=columns)
+
+
+def test_the_plain_chat_template_replaces_the_models_own(tmp_path):
+    from transformers import AutoTokenizer
+    from frugal_loraga.models import demo_model_dir
+    demo = AutoTokenizer.from_pretrained(demo_model_dir())  # has a ChatML template of its own
+    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Say hi", "output": "Hi there"}])
+    (own,), _ = load_examples(path, "auto", demo, 256)
+    (plain,), _ = load_examples(path, "auto", demo, 256, template="plain")
+    assert "<|im_start|>user" in demo.decode(own.input_ids)
+    assert demo.decode(plain.input_ids).startswith("### User:\nSay hi\n\n### Assistant:\n")
+    assert response_text(demo, plain) == "Hi there\n\n"
 
 
 def test_csv_json_and_txt_files_load(tokenizer, tmp_path):
@@ -109,7 +142,7 @@ def test_a_directory_is_named_as_one(tokenizer, tmp_path):
 def test_csv_with_a_byte_order_mark_loads_as_alpaca(tokenizer, tmp_path):
     path = tmp_path / "excel.csv"
     path.write_bytes("instruction,output\r\nAdd 2 and 3.,5\r\n".encode("utf-8-sig"))
-    assert read_records(path) == [{"instruction": "Add 2 and 3.", "output": "5"}]
+    assert read_located(path)[0] == [{"instruction": "Add 2 and 3.", "output": "5"}]
     (example,), report = load_examples(path, "auto", tokenizer, 64)
     assert report.format == "alpaca" and "5" in response_text(tokenizer, example)
 
@@ -117,7 +150,7 @@ def test_csv_with_a_byte_order_mark_loads_as_alpaca(tokenizer, tmp_path):
 def test_csv_cells_keep_their_quoted_newlines_and_commas(tmp_path):
     path = tmp_path / "multi.csv"
     path.write_text('prompt,completion\n"Line one\nline two, still",A1\nQ2,"x\n\ny"\n', encoding="utf-8")
-    assert read_records(path) == [{"prompt": "Line one\nline two, still", "completion": "A1"},
+    assert read_located(path)[0] == [{"prompt": "Line one\nline two, still", "completion": "A1"},
                                   {"prompt": "Q2", "completion": "x\n\ny"}]
 
 
@@ -134,7 +167,7 @@ def test_jsonl_strings_keep_unicode_line_separators(tokenizer, tmp_path):
     path.write_text(json.dumps({"instruction": "Join.", "output": output}, ensure_ascii=False) + "\r\n"
                     + json.dumps({"instruction": "Again.", "output": "x"}) + "\n", encoding="utf-8")
     assert "\u2028" in path.read_text(encoding="utf-8")  # written raw, not escaped
-    records = read_records(path)
+    records = read_located(path)[0]
     assert len(records) == 2 and records[0]["output"] == output
     assert len(load_examples(path, "auto", tokenizer, 128)[0]) == 2
 
@@ -244,7 +277,7 @@ def test_sharegpt_conversations_load_as_the_same_chat(tokenizer, tmp_path):
     sharegpt = write_jsonl(tmp_path / "s.jsonl", [{"conversations": [{"from": f, "value": v} for f, v in turns]}])
     roles = {"system": "system", "human": "user", "gpt": "assistant"}
     chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": roles[f], "content": v} for f, v in turns]}])
-    assert detect_format(read_records(sharegpt)) == "sharegpt"
+    assert detect_format(read_located(sharegpt)[0]) == "sharegpt"
     ours, report = load_examples(sharegpt, "auto", tokenizer, 256)
     theirs, _ = load_examples(chat, "chat", tokenizer, 256)
     assert (ours[0].input_ids, ours[0].labels) == (theirs[0].input_ids, theirs[0].labels)

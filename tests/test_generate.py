@@ -46,6 +46,8 @@ def test_chat_formats_prompt_as_a_user_turn_opening_the_answer(template):
         assert text == rendered[:spans[0][0]] and special is False, fmt
         assert tokenizer(text, add_special_tokens=special)["input_ids"] == prompt_ids(tokenizer, record, fmt), fmt
         assert text.startswith("<|im_start|>user\n" if template else "### User:\n")
+        plain, _ = prompt_text(tokenizer, PROMPT, fmt, "plain")  # the choice a run made (Config.chat_template)
+        assert plain == render(record, fmt, tokenizer, "plain")[0][:len(plain)] and plain.startswith("### User:\n")
 
 
 def test_text_formats_prompt_raw_with_special_tokens():

@@ -8,7 +8,7 @@ from transformers import LlamaConfig
 from conftest import ROOT
 from frugal_loraga.config import Config
 from frugal_loraga.gradients import default_budget_bytes
-from frugal_loraga.memory import estimate_memory_gib
+from frugal_loraga.memory import estimate_memory_gib, fit_advice
 
 LLAMA_2_7B = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=32, vocab_size=32000)
@@ -54,3 +54,14 @@ def test_the_default_budget_counts_the_allocators_cache_as_free(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1 * gib, 140 * gib))  # the card itself is full
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)
     assert default_budget_bytes(torch.device("cuda", 0)) == 2 * gib  # 1 GiB free + 3 GiB cached by the last run
+
+
+def test_fit_advice_names_the_setting_behind_the_peak():
+    parts = {"weights": 3.5, "init_estimate": 2.0, "training_activations": 1.0, "adapter_and_optimizer": 0.1}
+    assert fit_advice({**parts, "total": 5.5}, 8) == "fits (5.5 of 8.0 GiB, 1 GiB left for the CUDA context)"
+    assert fit_advice({**parts, "total": 7.5}, 8) == ("does not fit (7.5 GiB against 7.0 usable of 8.0): lower "
+                                                      "estimation_batch_size or grad_budget_gib")
+    assert fit_advice({**parts, "training_activations": 3.0, "total": 7.5}, 8).endswith("lower batch_size or "
+                                                                                         "max_length (and keep "
+                                                                                         "gradient checkpointing on)")
+    assert fit_advice({**parts, "weights": 7.5, "total": 9.5}, 8).endswith("turn on 4-bit, or pick a smaller model")
