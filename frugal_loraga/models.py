@@ -13,6 +13,7 @@ import re
 import shutil
 import socket
 from pathlib import Path
+from typing import Optional
 from urllib.parse import urlparse
 
 import torch
@@ -185,15 +186,16 @@ def _check_hub_id(name: str) -> None:
                           f"download it ({e}); connect to the network, or give a local model folder or 'demo'") from e
 
 
-def cached_model_ids() -> list[str]:
-    """The hub ids of the causal LMs in the local Hugging Face cache (loadable offline), sorted: the app's model list."""
+def cached_model_ids(cache: Optional[str] = None) -> list[str]:
+    """The hub ids of the models with a config.json in the local Hugging Face cache (default: the hub's), which load
+    offline, sorted: the app's model list."""
     from huggingface_hub import scan_cache_dir
     try:
-        repos = scan_cache_dir().repos
+        repos = scan_cache_dir(cache).repos
     except Exception:  # CacheNotFound (no cache yet), or a cache folder that cannot be read: nothing to offer
         return []
-    return sorted(r.repo_id for r in repos
-                  if r.repo_type == "model" and isinstance(try_to_load_from_cache(r.repo_id, "config.json"), str))
+    return sorted(r.repo_id for r in repos if r.repo_type == "model" and isinstance(
+        try_to_load_from_cache(r.repo_id, "config.json", cache_dir=cache), str))
 
 
 def resolve_model_path(name: str, trust_remote_code: bool = False) -> str:

@@ -218,3 +218,13 @@ def test_the_model_field_is_looked_up_when_left_not_on_every_keystroke():
     model = next(b for b in ui.blocks.values() if getattr(b, "label", "") == "Model: 'demo', a local folder, or a hub id")
     events = {event for fn in ui.fns.values() for block_id, event in fn.targets if block_id == model._id}
     assert events == {"select", "blur"}  # a hub id typed letter by letter would be looked up for each
+
+
+def test_the_model_list_offers_the_demo_the_model_folders_and_the_cache(tmp_path, monkeypatch):
+    for folder in ("b", "a", "not-a-model"):
+        (tmp_path / "models" / folder).mkdir(parents=True)
+    for folder in ("a", "b"):
+        (tmp_path / "models" / folder / "config.json").write_text("{}")
+    monkeypatch.setattr(app, "MODEL_ROOTS", [tmp_path / "models"])
+    monkeypatch.setattr(app, "cached_model_ids", lambda: ["org/cached"])
+    assert app.model_choices() == ["demo", str(tmp_path / "models" / "a"), str(tmp_path / "models" / "b"), "org/cached"]

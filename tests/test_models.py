@@ -12,7 +12,7 @@ from transformers import AutoConfig, BertConfig, BertForMaskedLM, T5Config
 from conftest import make_tokenizer
 from frugal_loraga import Config, ConfigError
 from frugal_loraga import models
-from frugal_loraga.models import load_model, load_tokenizer, resolve_model_path
+from frugal_loraga.models import cached_model_ids, load_model, load_tokenizer, resolve_model_path
 
 
 def weights_only(src, dst):
@@ -200,3 +200,18 @@ def test_offline_hub_id_fails_at_once(monkeypatch):
 def test_invalid_hub_id(monkeypatch):
     with pytest.raises(ConfigError, match=r"'org--x/name' is neither a local folder nor a valid hub id"):
         resolve_model_path("org--x/name")
+
+
+def test_models_in_the_hugging_face_cache_are_listed(tmp_path):
+    """The app's model list: cached hub models with a config.json (they load offline); a dataset or a model whose
+    config.json was never downloaded is left out, and no cache gives an empty list."""
+    for repo, files in (("models--org--chat", ["config.json", "model.safetensors"]), ("models--org--partial",
+                        ["tokenizer.json"]), ("datasets--org--data", ["config.json"])):
+        snapshot = tmp_path / repo / "snapshots" / "abc123"
+        snapshot.mkdir(parents=True)
+        for name in files:
+            (snapshot / name).write_text("{}")
+        (tmp_path / repo / "refs").mkdir()
+        (tmp_path / repo / "refs" / "main").write_text("abc123")
+    assert cached_model_ids(str(tmp_path)) == ["org/chat"]
+    assert cached_model_ids(str(tmp_path / "missing")) == []
