@@ -16,15 +16,23 @@ Groups are walked from the top of the network down, each over all batches, and e
   lower group a no-grad forward stopped at its lowest block captures that block's inputs; its blocks are then run
               with grad, and backward starts from the gradient at the input of the block above them, which the group
               above recorded (kept on the CPU: batches x tokens x hidden values).
+  parts       a block that does not fit the budget whole is cut into parts, consecutive groups that each tap only
+              their own layers but run the whole block, forward with grad and backward, from the same upstream
+              gradient: the loss for the top block (each part runs the forward to the loss), else the one recorded
+              above the block, kept until its last part, which records the gradient at the block's input for the
+              group below. A layer's dY does not depend on which layers are tapped: the gradients are those of
+              whole blocks.
 The top group's forward also keeps the lower groups' start inputs on the CPU (all of them, or as many as a host
 budget holds, spread evenly), so those groups skip their no-grad forward, and the groups between run only the blocks
 from the nearest kept start below theirs. The estimate then costs one forward of the network plus one
-forward and backward of each block (and a no-grad forward per group whose start did not fit), against a forward and
-backward of the network per group when every group backpropagates from the loss.
-Groups hold whole blocks, and a backward only spans its own group's blocks, so the estimate needs no gradient
-checkpointing: the budget covers each group's accumulators (4 m n bytes a layer) and its activations (about
-tokens x (m + n) values a layer), and no block is recomputed in backward. On CUDA the blocks are compiled for the
-estimate: a block is either tapped whole or not at all, so it compiles to few graphs.
+forward and backward of each block, or of each part (and a no-grad forward per group whose start did not fit),
+against a forward and backward of the network per group when every group backpropagates from the loss.
+Groups hold whole blocks while a block fits the budget (a part costs one more forward and backward of its block),
+and a backward only spans its own group's blocks, so the estimate needs no gradient checkpointing: the budget covers
+each group's accumulators (4 m n bytes a layer) and the activations of the blocks it runs with grad (about
+tokens x (m + n) values a layer of them, all the block's layers for a part), and no block is recomputed in backward.
+On CUDA the blocks are compiled for the estimate: a block is tapped whole, in the same few parts, or not at all, so
+it compiles to few graphs.
 After a group's batches, each G = (sum of dY^T X) / batches is reduced to its top-2r singular triplets (svd.py, the
 group's layers at once) and freed.
 """
@@ -125,37 +133,84 @@ class GradientTap(FrozenLinear):
         return y if self.accumulator is None else _AddWeightGradient.apply(y, x, self.accumulator)
 
 
-def plan_groups(order: list[str], costs: dict[str, int], index: dict[str, Optional[int]],
-                budget_bytes: int) -> list[list[str]]:
-    """Layers in reverse execution order, cut into consecutive groups whose costs (bytes) fit the budget, never
-    inside a block: a block's layers are tapped all together or not at all."""
-    units: list[list[str]] = []  # a block's layers, or one layer outside the blocks
+def plan_groups(order: list[str], gradients: dict[str, int], activations: dict[str, int],
+                index: dict[str, Optional[int]], budget_bytes: int) -> list[list[str]]:
+    """Layers in reverse execution order, cut into consecutive groups that fit the budget. A group holds its layers'
+    fp32 gradients and the activations of the layers it runs with grad (bytes, per layer). Groups hold whole blocks
+    (a block's layers tapped all together or not at all) while a block fits: each group over a block costs one more
+    forward and backward of it. A block that does not fit alone is cut into parts, groups of their own that each run
+    the whole block, so each holds its own layers' gradients and all the block's activations."""
+    groups: list[list[str]] = []
+    whole: list[tuple[list[str], int]] = []  # the units met since the last one cut into parts, with their bytes
+    for unit in _units(order, index):
+        size = sum(gradients[n] + activations[n] for n in unit)
+        if size <= budget_bytes:
+            whole.append((unit, size))
+        else:
+            groups += _pack(whole, budget_bytes) + _parts(unit, gradients, activations, index, budget_bytes)
+            whole = []
+    return groups + _pack(whole, budget_bytes)
+
+
+def _units(order: list[str], index: dict[str, Optional[int]]) -> list[list[str]]:
+    """Layers in reverse execution order as units: a block's layers, or one layer outside the blocks."""
+    units: list[list[str]] = []
     for name in reversed(order):
         if units and index[name] is not None and index[name] == index[units[-1][0]]:
             units[-1].append(name)
         else:
             units.append([name])
-    groups, current, used = [], [], 0
-    for unit in units:
-        size = sum(costs[n] for n in unit)
-        if size > budget_bytes:
-            what = unit[0] if index[unit[0]] is None else f"decoder layer {index[unit[0]]}"
-            raise ConfigError(f"grad_budget_gib={budget_bytes / 2**30:.3g} is smaller than what the estimate holds for "
-                              f"{what} ({size / 2**30:.3g} GiB of fp32 gradients and activations); raise "
-                              "grad_budget_gib or lower estimation_batch_size")
-        if current and used + size > budget_bytes:
-            groups.append(current)
-            current, used = [], 0
-        current += unit
+    return units
+
+
+def _pack(pieces: list[tuple[list[str], int]], budget_bytes: int) -> list[list[str]]:
+    """Consecutive pieces (layers, bytes) into groups of at most budget_bytes, each filled before the next begins."""
+    groups: list[list[str]] = []
+    used = budget_bytes
+    for layers, size in pieces:
+        if used + size > budget_bytes:
+            groups.append([])
+            used = 0
+        groups[-1] += layers
         used += size
-    groups.append(current)
     return groups
 
 
+def _parts(unit: list[str], gradients: dict[str, int], activations: dict[str, int], index: dict[str, Optional[int]],
+           budget_bytes: int) -> list[list[str]]:
+    """A unit that does not fit the budget whole, cut into parts whose gradients fit beside the activations of the
+    whole unit (each part runs its whole block with grad); refused, naming the largest layer, if that does not fit."""
+    unit_activations = sum(activations[n] for n in unit)
+    largest = max(unit, key=gradients.__getitem__)
+    if gradients[largest] + unit_activations > budget_bytes:
+        raise _budget_error(largest, index[largest], gradients[largest] + unit_activations, budget_bytes)
+    return _pack([([name], gradients[name]) for name in unit], budget_bytes - unit_activations)
+
+
+def _budget_error(name: str, block: Optional[int], size: int, budget_bytes: int) -> ConfigError:
+    held = (f"{name} ({size / 2**30:.3g} GiB of fp32 gradient and activations)" if block is None else
+            f"decoder layer {block} with only {name} tapped ({size / 2**30:.3g} GiB: that layer's fp32 gradient and "
+            "the activations of the whole decoder layer, which it runs)")
+    return ConfigError(f"grad_budget_gib={budget_bytes / 2**30:.3g} is smaller than what the estimate holds for "
+                       f"{held}; raise grad_budget_gib or lower estimation_batch_size")
+
+
+def gradient_bytes(shapes: dict[str, tuple[int, int]]) -> dict[str, int]:
+    """The fp32 gradient accumulator of each layer (m x n): 4 m n bytes."""
+    return {n: 4 * m * k for n, (m, k) in shapes.items()}
+
+
+def activation_bytes(shapes: dict[str, tuple[int, int]], tokens: int, element_size: int) -> dict[str, int]:
+    """The activations a layer (m x n) keeps for backward over a batch of `tokens`: its input and output, counted
+    twice (the block's norms, attention and SwiGLU keep about as much again per layer)."""
+    return {n: 2 * tokens * (m + k) * element_size for n, (m, k) in shapes.items()}
+
+
 def layer_costs(shapes: dict[str, tuple[int, int]], tokens: int, element_size: int) -> dict[str, int]:
-    """Bytes the estimate holds per layer (m x n) for a batch of `tokens`: its fp32 accumulator and its activations,
-    counted as its input and output (the block's norms, attention and SwiGLU keep about as much again per layer)."""
-    return {n: 4 * m * k + 2 * tokens * (m + k) * element_size for n, (m, k) in shapes.items()}
+    """Bytes the estimate holds per layer (m x n) for a batch of `tokens` when its block is tapped whole: its fp32
+    gradient and its activations."""
+    activations = activation_bytes(shapes, tokens, element_size)
+    return {n: size + activations[n] for n, size in gradient_bytes(shapes).items()}
 
 
 def execution_order(model: nn.Module, targets: dict[str, nn.Module], batch: dict) -> list[str]:
@@ -176,21 +231,32 @@ def execution_order(model: nn.Module, targets: dict[str, nn.Module], batch: dict
 @dataclass
 class Segment:
     """How one group's backward is bounded: from the input of block `start` (None: the embeddings' output) up to
-    the loss (stop None) or up to the input of block `stop`, whose gradient the group above recorded."""
+    the loss (stop None) or up to the input of block `stop`, whose gradient a group above recorded. records: the
+    gradient at the input of block `start` is recorded, for the group below, which runs up to that block."""
     names: list[str]
     start: Optional[int]
     stop: Optional[int]
+    records: bool = False
 
 
 def plan_segments(groups: list[list[str]], index: dict[str, Optional[int]]) -> list[Segment]:
-    """Top-down groups -> segments. A group runs to the loss if it is the top one, or it or the group above holds a
-    layer outside the blocks; otherwise it runs its blocks, up to the block the group above starts at."""
+    """Top-down groups -> segments. A group that starts at the block the group above starts at (a part of a block cut
+    into parts) runs the same blocks, from the same upstream gradient (the loss, or the one recorded above them).
+    Otherwise a group runs to the loss if it is the top one, or it or the group above holds a layer outside the
+    blocks, and else runs its blocks up to the block the group above starts at: that group, the last over its
+    blocks, records the gradient there."""
     segments: list[Segment] = []
     for group in groups:
         start = index[group[-1]]
         above = segments[-1] if segments else None
-        to_loss = above is None or above.start is None or any(index[n] is None for n in group)
-        segments.append(Segment(group, start, None if to_loss else above.start))
+        if above is not None and start is not None and above.start == start:
+            stop = above.stop
+        elif above is None or above.start is None or any(index[n] is None for n in group):
+            stop = None
+        else:
+            stop = above.start
+            above.records = True
+        segments.append(Segment(group, start, stop))
     return segments
 
 
@@ -375,7 +441,8 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
     blocks, index = block_layout(model, order)
     embedding = model.get_input_embeddings().weight
     tokens = max(b["input_ids"].numel() for b in batches)
-    groups = plan_groups(order, layer_costs(shapes, tokens, embedding.element_size()), index, budget_bytes)
+    groups = plan_groups(order, gradient_bytes(shapes), activation_bytes(shapes, tokens, embedding.element_size()),
+                         index, budget_bytes)
     segments = plan_segments(groups, index)
     if host_budget_bytes is None:
         host_budget_bytes = available_ram_bytes() // 4
@@ -390,7 +457,7 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
     widths = {b["input_ids"].shape[1] for b in batches}
     done, total = 0, len(groups) * len(batches)
     last_in_blocks = max((p for p, name in enumerate(order) if index[name] is not None), default=-1)
-    upstream: list[torch.Tensor] = []  # per batch: dL/d(input of block segment.stop), on the CPU
+    upstream: list[torch.Tensor] = []  # per batch: dL/d(input of block segment.stop) on the CPU, for all its groups
     try:  # from here on the model is changed; the finally below restores it, whatever raises (a progress callback too)
         replace(model, taps)
         if compile:
@@ -400,7 +467,6 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
             progress("compiling the decoder layers" if compile else "estimating gradients", done, total, {})
         with no_checkpointing(blocks), attention_for(widths):
             for i, segment in enumerate(segments):
-                record_at = segments[i + 1].stop if i + 1 < len(segments) else None
                 recorded: list[Optional[torch.Tensor]] = [None] * len(batches)
                 hooks = []
                 if segment.stop is None:  # backward from the loss down to the group's lowest block, or layer
@@ -409,8 +475,8 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
                                  taps[segment.names[-1]].register_forward_pre_hook(_cut_input_hook))
                     if segment.start or (segment.start is None and order.index(segment.names[-1]) > last_in_blocks):
                         hooks.append(blocks[0].register_forward_pre_hook(_detach_hook, with_kwargs=True))
-                if record_at is not None:
-                    hooks.append(blocks[record_at].register_forward_pre_hook(
+                if segment.records:
+                    hooks.append(blocks[segment.start].register_forward_pre_hook(
                         lambda m, args, kwargs: _record_grad(_hidden(args, kwargs), recorded, batch_index),
                         with_kwargs=True))
                 if i == 0 and len(segments) > 1:  # the top group's forward runs every block: keep what the lower
@@ -438,8 +504,10 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
                 finally:
                     for hook in hooks:
                         hook.remove()
-                upstream = recorded
-                kept.drop(segment.start)
+                if segment.records:
+                    upstream = recorded
+                if i + 1 == len(segments) or segments[i + 1].start != segment.start:  # no part of this block to come
+                    kept.drop(segment.start)
                 for name in segment.names:
                     taps[name].accumulator = None
                 mean_gradients = {name: state.release(name).div_(len(batches)) for name in segment.names}

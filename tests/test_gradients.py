@@ -13,8 +13,8 @@ from frugal_loraga.config import Config, ConfigError
 from frugal_loraga.data import causal_inputs, collate, load_examples
 from frugal_loraga.fidelity import captured_energy, exact_gradients, subspace_agreement
 from frugal_loraga.blocks import block_layout, compile_blocks, uncompile_blocks
-from frugal_loraga.gradients import (Segment, accumulate_outer, estimate_gradient_svd, layer_costs, plan_cache,
-                                     plan_groups, plan_segments)
+from frugal_loraga.gradients import (Segment, accumulate_outer, activation_bytes, estimate_gradient_svd,
+                                     gradient_bytes, layer_costs, plan_cache, plan_groups, plan_segments)
 from frugal_loraga.lora import find_targets
 from frugal_loraga.models import load_model
 from conftest import make_tiny_model_dir
@@ -150,19 +150,43 @@ def test_gradient_state_stays_within_a_small_budget(deep_model_dir, sample_path)
     assert_faithful(svds, exact_gradients(model, targets, batches), 2 * RANK)
 
 
-def test_groups_hold_whole_blocks_and_a_budget_below_one_block_is_refused():
-    """Reverse execution order, cut only between blocks (and around layers outside them); costs in bytes."""
-    order = ["b0.attn", "b0.mlp", "b1.attn", "b1.mlp", "head"]
-    index = {"b0.attn": 0, "b0.mlp": 0, "b1.attn": 1, "b1.mlp": 1, "head": None}
-    costs = {"b0.attn": 10, "b0.mlp": 20, "b1.attn": 10, "b1.mlp": 20, "head": 5}
-    assert plan_groups(order, costs, index, budget_bytes=35) == [["head", "b1.mlp", "b1.attn"], ["b0.mlp", "b0.attn"]]
-    assert plan_groups(order, costs, index, budget_bytes=30) == [["head"], ["b1.mlp", "b1.attn"], ["b0.mlp", "b0.attn"]]
-    with pytest.raises(ConfigError, match=r"smaller than what the estimate holds for decoder layer 1 .*"
-                                          "raise grad_budget_gib or lower estimation_batch_size"):
-        plan_groups(order, costs, index, budget_bytes=29)
+def test_groups_hold_whole_blocks_while_they_fit_and_parts_of_a_block_that_does_not():
+    """Reverse execution order, cut between blocks (and around layers outside them) while a block fits whole. A block
+    that does not is cut into parts, groups of their own, each holding its layers' gradients and the whole block's
+    activations (a part runs the whole block). Bytes of fp32 gradient and of activations per layer; a block holds 40,
+    16 of them activations, and the head 5."""
+    order = ["b0.attn", "b0.gate", "b0.mlp", "b1.attn", "b1.gate", "b1.mlp", "head"]
+    sizes = {"attn": (6, 4), "gate": (6, 4), "mlp": (12, 8)}  # gradient, activations
+    index = {"head": None, **{f"b{i}.{n}": i for i in (0, 1) for n in sizes}}
+    gradients = {"head": 3, **{f"b{i}.{n}": g for i in (0, 1) for n, (g, _) in sizes.items()}}
+    activations = {"head": 2, **{f"b{i}.{n}": a for i in (0, 1) for n, (_, a) in sizes.items()}}
+    plan = functools.partial(plan_groups, order, gradients, activations, index)
+    assert plan(budget_bytes=45) == [["head", "b1.mlp", "b1.gate", "b1.attn"], ["b0.mlp", "b0.gate", "b0.attn"]]
+    assert plan(budget_bytes=40) == [["head"], ["b1.mlp", "b1.gate", "b1.attn"], ["b0.mlp", "b0.gate", "b0.attn"]]
+    assert plan(budget_bytes=39) == [["head"], ["b1.mlp", "b1.gate"], ["b1.attn"], ["b0.mlp", "b0.gate"], ["b0.attn"]]
+    assert plan(budget_bytes=28) == [["head"], ["b1.mlp"], ["b1.gate", "b1.attn"], ["b0.mlp"], ["b0.gate", "b0.attn"]]
+    # a larger block 1 (52 bytes) is cut into parts, and block 0 (40), which fits, stays whole
+    bigger = functools.partial(plan_groups, order, {**gradients, "b1.mlp": 24}, activations, index)
+    assert bigger(budget_bytes=45) == [["head"], ["b1.mlp"], ["b1.gate", "b1.attn"], ["b0.mlp", "b0.gate", "b0.attn"]]
+
+
+def test_a_budget_below_one_layer_and_its_block_activations_is_refused_naming_the_layer():
+    order = ["b0.attn", "b0.mlp", "head"]
+    index = {"b0.attn": 0, "b0.mlp": 0, "head": None}
+    gradients, activations = {"b0.attn": 2**30, "b0.mlp": 2**31, "head": 2**29}, dict.fromkeys(order, 2**28)
+    plan_groups(order, gradients, activations, index, budget_bytes=2**31 + 2**29)  # b0.mlp beside the block's 0.5 GiB
+    with pytest.raises(ConfigError, match=r"^grad_budget_gib=2.5 is smaller than what the estimate holds for decoder "
+                                          r"layer 0 with only b0.mlp tapped \(2.5 GiB: that layer's fp32 gradient and "
+                                          r"the activations of the whole decoder layer, which it runs\); raise "
+                                          "grad_budget_gib or lower estimation_batch_size$"):
+        plan_groups(order, gradients, activations, index, budget_bytes=2**31 + 2**29 - 1)
+    with pytest.raises(ConfigError, match=r"holds for head \(0.75 GiB of fp32 gradient and activations\); raise"):
+        plan_groups(order, gradients, activations, index, budget_bytes=2**29)
 
 
 def test_layer_costs_count_the_fp32_gradient_and_the_activations():
+    assert gradient_bytes({"q": (64, 32)}) == {"q": 4 * 64 * 32}
+    assert activation_bytes({"q": (64, 32)}, tokens=10, element_size=2) == {"q": 2 * 10 * 96 * 2}
     assert layer_costs({"q": (64, 32)}, tokens=10, element_size=2) == {"q": 4 * 64 * 32 + 2 * 10 * 96 * 2}
 
 
@@ -171,13 +195,21 @@ def test_segments_bound_each_backward(sample_path):
     blocks up to the block the group above starts at, the blocks between groups included."""
     index = {"head": None, "b5.mlp": 5, "b5.attn": 5, "b4.mlp": 4, "b4.attn": 4, "b1.mlp": 1, "b0.mlp": 0}
     groups = [["head", "b5.mlp", "b5.attn"], ["b4.mlp", "b4.attn"], ["b1.mlp"], ["b0.mlp"]]
-    assert plan_segments(groups, index) == [Segment(groups[0], 5, None), Segment(groups[1], 4, 5),
-                                            Segment(groups[2], 1, 4), Segment(groups[3], 0, 1)]
+    assert plan_segments(groups, index) == [Segment(groups[0], 5, None, records=True),
+                                            Segment(groups[1], 4, 5, records=True),
+                                            Segment(groups[2], 1, 4, records=True), Segment(groups[3], 0, 1)]
     # the top group's forward keeps the lower starts but block 0's (the embeddings give it), fewer on a short budget
     assert plan_cache(plan_segments(groups, index), input_bytes=10, host_budget_bytes=25) == [1, 4]
     assert plan_cache(plan_segments(groups, index), input_bytes=10, host_budget_bytes=15) == [4]
     # below a group that holds a layer outside the blocks and starts at the embeddings, a group runs to the loss
     assert plan_segments([["b5.mlp", "head"], ["b4.mlp"]], index)[1] == Segment(["b4.mlp"], 4, None)
+    # blocks cut into parts: each part runs its block's range from the same upstream gradient (the top block's parts
+    # from the loss), and the last part records the gradient at the block's input for the group below
+    parts = [["b5.mlp"], ["b5.attn"], ["b4.mlp"], ["b4.attn"], ["b1.mlp"], ["b0.mlp"]]
+    assert plan_segments(parts, index) == [Segment(parts[0], 5, None), Segment(parts[1], 5, None, records=True),
+                                           Segment(parts[2], 4, 5), Segment(parts[3], 4, 5, records=True),
+                                           Segment(parts[4], 1, 4, records=True), Segment(parts[5], 0, 1)]
+    assert plan_cache(plan_segments(parts, index), input_bytes=10, host_budget_bytes=25) == [1, 4]
 
 
 def no_grad_runs_to_reach_starts(kept: list[int], starts) -> int:
@@ -225,6 +257,42 @@ def test_groups_start_from_kept_inputs_and_run_the_blocks_between(tmp_path_facto
         for got, expected in zip((svds[name].U, svds[name].S, svds[name].V),
                                  (exact[name].U, exact[name].S, exact[name].V)):
             torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("kept", [[1, 2], [2], []])
+def test_blocks_cut_into_parts_give_the_factors_of_one_group(deep_model_dir, sample_path, kept):
+    """A budget below one decoder layer, but that holds its two largest layers' gradients beside its activations:
+    each of the four blocks is cut into three parts, each a group that runs its whole block with grad and taps only
+    its own layers. The top block's parts each backpropagate from the loss, a lower block's parts from the gradient
+    recorded at the input of the block above, and a block's last part records the gradient at its input. The lower
+    blocks' start inputs are all kept, one (block 1's parts then re-run the forward from the embeddings) or none.
+    The factors equal those of one group over every layer; each block runs with grad once per part and batch, and
+    without grad as the plan says; the progress counts every group's batches."""
+    model, tokenizer, targets = load(deep_model_dir, four_bit=False)
+    batches = make_batches(model, tokenizer, sample_path)
+    shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
+    activations = activation_bytes(shapes, max(b["input_ids"].numel() for b in batches), 4)
+    budget = sum(a for n, a in activations.items() if n.startswith("model.layers.3.")) + 2 * 4 * 64 * 96
+    input_bytes = sum(b["input_ids"].numel() for b in batches) * model.config.hidden_size * 4
+    progress = []
+    with grad_runs(model.model.layers) as runs:
+        svds, stats = estimate_gradient_svd(model, targets, batches, 2 * RANK, budget, "exact",
+                                            lambda phase, done, total, _: progress.append((done, total)),
+                                            host_budget_bytes=len(kept) * input_bytes)
+    assert stats.groups == [[f"model.layers.{i}.{name}" for name in part] for i in (3, 2, 1, 0) for part in (
+        ["mlp.down_proj", "mlp.up_proj"], ["mlp.gate_proj", "self_attn.o_proj", "self_attn.v_proj"],
+        ["self_attn.k_proj", "self_attn.q_proj"])]
+    assert 0 < stats.peak_state_bytes <= budget
+    assert runs.count(True) == 3 * 4 * len(batches)
+    order, top_forwards = 4, 3 * 3  # the layer-order probe; each top part's forward runs blocks 0-2 without grad
+    assert runs.count(False) == order + (top_forwards + 3 * no_grad_runs_to_reach_starts(kept, [1, 2])) * len(batches)
+    assert progress[-1] == (12 * len(batches), 12 * len(batches))
+    one_group, stats = estimate_gradient_svd(model, targets, batches, 2 * RANK, 2**30, "exact")
+    assert len(stats.groups) == 1
+    for name in targets:
+        for got, expected in zip((svds[name].U, svds[name].S, svds[name].V),
+                                 (one_group[name].U, one_group[name].S, one_group[name].V)):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_output_head_in_a_group_of_its_own(deep_model_dir, sample_path):
