@@ -21,6 +21,7 @@ from .data import Example, causal_inputs, collate, micro_batch, padded_width
 from .blocks import attention_for, block_layout, compile_blocks, uncompile_blocks
 from .gradients import ProgressFn
 from .lora import LoraLinear
+from .loss import causal_lm_loss
 
 def lr_factor(step: int, config: Config) -> float:
     """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then the schedule to 0."""
@@ -57,7 +58,7 @@ def evaluate(model, examples: list[Example], config: Config, pad_id: int, device
         batch = collate(examples[i:i + config.batch_size], pad_id, device)
         tokens = int((batch["labels"][:, 1:] != -100).sum())
         with autocast(device, dtype):
-            total_loss += model(**causal_inputs(batch)).loss.item() * tokens
+            total_loss += causal_lm_loss(model, causal_inputs(batch)).item() * tokens
         total_tokens += tokens
     model.train(was_training)
     return total_loss / max(total_tokens, 1)
@@ -113,7 +114,7 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
                     batch = collate(micro_batch(train_examples, config.batch_size, config.seed,
                                                 step * config.grad_accum + micro), pad_id, device)
                     with autocast(device, dtype):
-                        loss = model(**causal_inputs(batch)).loss / config.grad_accum
+                        loss = causal_lm_loss(model, causal_inputs(batch)) / config.grad_accum
                     loss.backward()
                     step_loss += loss.item()
                     metrics["train_tokens"] += int(batch["attention_mask"].sum())

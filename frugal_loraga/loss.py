@@ -1,0 +1,102 @@
+"""The causal LM loss without the whole vocabulary's logits: model(**inputs).loss, a chunk of tokens at a time.
+
+transformers computes logits = head(h) for every token, (B, T, V) in fp32 (2 x 1024 x 128256 = 1 GiB for Llama-3,
+plus its gradient and a bf16 copy). The loss only needs, for each token t with a target y_t = labels[t + 1] != -100,
+    loss = (1 / N) sum_t CE(f(head(h_t)).float(), y_t),      N = the number of targets,
+where h (B, T, H) are the decoder's final hidden states and f the family's post-processing (Gemma-2/3 soft-capping
+c tanh(z / c), Cohere's scale, Granite's division). So: run the decoder, gather the N targeted rows of h (N, H), and
+sum the CE over chunks of C rows, each through the head *module* (wrappers around it run per call), with
+C = CHUNK_BYTES // (4 V): a chunk's fp32 logits are at most CHUNK_BYTES.
+
+Gradients: each chunk runs under torch.utils.checkpoint (non-reentrant), which keeps only its (C, H) input and
+recomputes its logits in backward, one chunk at a time. Autograd then differentiates the very ops of the forward, so
+the gradients of h, of the head's parameters (tied or wrapped) and of everything upstream are exact. The price is
+one more head forward (2 N H V flops): a few % of a 7-8B step, more for small models with large vocabularies. A fused
+kernel that computes the gradient in forward (Liger) would need the head's weight, not its module, and would put
+gradients in place before backward is called. (H200, 2-layer random Llama, V = 128256, 2 x 1024 tokens, bf16: peak
+memory of loss + backward 3199 -> 971 MiB.)
+
+Families whose forward is not logits = f(head(decoder(...)[0])) with ForCausalLMLoss and no auxiliary loss (or
+unexpected inputs) fall back to model(**inputs).loss. With no target in a batch both give 0/0 = nan (zero gradients).
+"""
+from __future__ import annotations
+
+import logging
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers.loss.loss_utils import ForCausalLMLoss
+
+log = logging.getLogger("frugal_loraga")
+IGNORE = -100
+CHUNK_BYTES = 256 * 2**20  # 523 tokens of Llama-3's 128256-word vocabulary, 441 of Qwen2.5's 152064
+DECODER_INPUTS = {"input_ids", "attention_mask", "position_ids", "inputs_embeds"}
+
+
+def softcap(model, logits):
+    c = model.config.final_logit_softcapping
+    return logits if c is None else torch.tanh(logits / c) * c
+
+
+def times_scale(model, logits):
+    return logits * model.logit_scale
+
+
+def over_scaling(model, logits):
+    return logits / model.config.logits_scaling
+
+
+# CausalLM classes whose forward is logits = head(hidden), then the function given (None: logits as they are).
+FAMILIES = dict.fromkeys(
+    "LlamaForCausalLM MistralForCausalLM MinistralForCausalLM Qwen2ForCausalLM Qwen3ForCausalLM GemmaForCausalLM "
+    "Phi3ForCausalLM PhiForCausalLM OlmoForCausalLM Olmo2ForCausalLM Starcoder2ForCausalLM StableLmForCausalLM "
+    "SmolLM3ForCausalLM Glm4ForCausalLM MixtralForCausalLM Qwen2MoeForCausalLM Qwen3MoeForCausalLM GPT2LMHeadModel "
+    "GPTNeoXForCausalLM OPTForCausalLM FalconForCausalLM".split()) | {
+    "Gemma2ForCausalLM": softcap, "Gemma3ForCausalLM": softcap,
+    "CohereForCausalLM": times_scale, "Cohere2ForCausalLM": times_scale,
+    "GraniteForCausalLM": over_scaling, "GraniteMoeForCausalLM": over_scaling}
+
+
+def chunked(model, inputs: dict) -> bool:
+    """Whether causal_lm_loss reproduces this model's loss chunk by chunk (else it calls the model)."""
+    cls = type(model)
+    return (cls.__name__ in FAMILIES and cls.__module__.startswith("transformers.") and "labels" in inputs
+            and set(inputs) - {"labels"} <= DECODER_INPUTS and model.loss_function is ForCausalLMLoss
+            and not getattr(model.config, "output_router_logits", False))  # MoE: the loss adds the router's
+
+
+@cache
+def note_fallback(name: str) -> None:
+    log.info("%s: loss through model(**inputs).loss, with the whole vocabulary's logits", name)
+
+
+def chunk_loss(model, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Summed fp32 cross-entropy of the rows h (C, H) against targets y (C,)."""
+    logits = model.lm_head(h)
+    post = FAMILIES[type(model).__name__]
+    if post is not None:
+        logits = post(model, logits)
+    return F.cross_entropy(logits.float(), y, reduction="sum")
+
+
+def causal_lm_loss(model, inputs: dict, chunk_tokens: int | None = None) -> torch.Tensor:
+    """model(**inputs).loss (labels shifted inside, -100 ignored, mean over targets) with the same gradients, holding
+    at most chunk_tokens tokens' logits at a time (default: CHUNK_BYTES of fp32 logits)."""
+    if not chunked(model, inputs):
+        note_fallback(type(model).__name__)
+        return model(**inputs).loss
+    kwargs = {k: v for k, v in inputs.items() if k != "labels"}
+    hidden = model.base_model(**kwargs, use_cache=False)[0]  # (B, T, H)
+    targets = F.pad(inputs["labels"][:, 1:], (0, 1), value=IGNORE).to(hidden.device)  # token t predicts label t+1
+    keep = targets != IGNORE
+    h, y = hidden[keep], targets[keep]  # (N, H), (N,)
+    chunk = chunk_tokens or max(1, CHUNK_BYTES // (4 * model.config.vocab_size))
+    total = h[:0].float().sum()  # 0 on the graph: no targets gives 0/0 = nan and zero gradients, as transformers
+    for i in range(0, len(y), chunk):
+        if torch.is_grad_enabled():
+            total = total + checkpoint(chunk_loss, model, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
+        else:
+            total = total + chunk_loss(model, h[i:i + chunk], y[i:i + chunk])
+    return total / len(y)

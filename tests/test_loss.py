@@ -1,0 +1,140 @@
+"""The chunked causal LM loss: the loss and every gradient of model(**inputs).loss for tiny random models of many
+families, never more than a chunk of tokens' logits, LoRA wrappers on the head, and the families that fall back."""
+import math
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+
+from frugal_loraga import loss as loss_module
+from frugal_loraga.loss import FAMILIES, causal_lm_loss, chunked
+from frugal_loraga.lora import inject
+
+V = 97
+SIZES = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=V, max_position_embeddings=64, initializer_range=0.2, pad_token_id=0,
+             bos_token_id=1, eos_token_id=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+             num_experts=4, num_local_experts=4, num_experts_per_tok=2, ffn_dim=48, word_embed_proj_dim=32)
+# head_dim where the default is not hidden_size / heads; post-processing strong enough to change the loss.
+EXTRA = {**{t: dict(head_dim=8) for t in ("ministral", "qwen3", "gemma", "glm4")},
+         "gemma2": dict(head_dim=8, final_logit_softcapping=0.5),
+         "gemma3_text": dict(head_dim=8, final_logit_softcapping=0.5), "cohere": dict(logit_scale=3.0),
+         "cohere2": dict(logit_scale=3.0), "granite": dict(logits_scaling=4.0), "granitemoe": dict(logits_scaling=4.0)}
+CHUNKED = ("llama mistral ministral qwen2 qwen3 gemma gemma2 gemma3_text phi3 phi olmo olmo2 starcoder2 stablelm "
+           "smollm3 glm4 granite granitemoe cohere cohere2 mixtral qwen2_moe qwen3_moe gpt2 gpt_neox opt "
+           "falcon").split()
+FALLBACK = ["bloom", "gpt_bigcode"]
+CHUNK = 4
+
+
+def tiny(model_type: str, **overrides):
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **{**SIZES, **EXTRA.get(model_type, {}), **overrides})
+    return AutoModelForCausalLM.from_config(config).float().eval()
+
+
+def batch(seed: int = 0) -> dict:
+    """Three rows of 11 tokens: a prompt without labels, one row padded on the right, 17 targets (not a multiple of
+    CHUNK) after the shift."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, V, (3, 11), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 8:] = 0
+    input_ids[1, 8:] = 0
+    labels = input_ids.clone()
+    labels[:, :4] = -100
+    labels[attention_mask == 0] = -100
+    labels[2, 8] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def loss_and_grads(model, fn):
+    model.zero_grad(set_to_none=True)
+    loss = fn()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(model, inputs, **kwargs):
+    expected, expected_grads = loss_and_grads(model, lambda: model(**inputs).loss)
+    got, grads = loss_and_grads(model, lambda: causal_lm_loss(model, inputs, **kwargs))
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    return expected_grads
+
+
+@pytest.mark.parametrize("model_type", CHUNKED)
+def test_same_loss_and_gradients_as_transformers(model_type):
+    model = tiny(model_type)
+    inputs = batch()
+    assert chunked(model, inputs)
+    assert int((inputs["labels"][:, 1:] != -100).sum()) % CHUNK != 0
+    grads = assert_same(model, inputs, chunk_tokens=CHUNK)
+    head = model.get_output_embeddings().weight
+    assert head.requires_grad and head.grad.abs().sum() > 0  # the head's own gradient was compared too
+    assert any("embed" in n or "wte" in n for n in grads)  # and everything upstream of the hidden states
+    with torch.no_grad():  # the evaluation path: no checkpoint
+        torch.testing.assert_close(causal_lm_loss(model, inputs, chunk_tokens=CHUNK), model(**inputs).loss)
+
+
+@pytest.mark.parametrize("model_type", FALLBACK)
+def test_other_families_fall_back_to_the_model(model_type):
+    model = tiny(model_type)
+    assert type(model).__name__ not in FAMILIES and not chunked(model, batch())
+    assert_same(model, batch(), chunk_tokens=CHUNK)
+
+
+def test_router_loss_and_unknown_inputs_fall_back():
+    """Mixtral with output_router_logits adds the router's auxiliary loss; an input the decoder is not given as is
+    (here logits_to_keep) is the model's business."""
+    model = tiny("mixtral", output_router_logits=True)
+    assert not chunked(model, batch())
+    assert_same(model, batch(), chunk_tokens=CHUNK)
+    assert not chunked(tiny("llama"), {**batch(), "logits_to_keep": 1})
+
+
+def test_logits_never_held_whole(monkeypatch):
+    """A hook on the head sees at most a chunk of tokens, in forward and in backward's recompute (the default chunk
+    size, from CHUNK_BYTES)."""
+    monkeypatch.setattr(loss_module, "CHUNK_BYTES", 4 * V * 5)
+    model = tiny("llama")
+    inputs = batch()
+    rows = []
+    model.lm_head.register_forward_hook(lambda module, args, out: rows.append(out.shape[0]))
+    loss = causal_lm_loss(model, inputs)
+    targets = int((inputs["labels"][:, 1:] != -100).sum())
+    assert sum(rows) == targets and max(rows) == 5 and len(rows) == math.ceil(targets / 5)
+    loss.backward()
+    assert sum(rows) == 2 * targets and max(rows) == 5
+
+
+def test_lora_wrapped_head_and_layers(tiny_model_dir):
+    """LoraLinear around q_proj and around the head itself (a module whose forward must run per call): the same
+    gradients of A and B, with the base frozen."""
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    torch.manual_seed(1)
+    names = ["model.layers.0.self_attn.q_proj", "lm_head"]
+    factors = {}
+    for name in names:
+        m, n = model.get_submodule(name).weight.shape
+        factors[name] = (torch.randn(2, n) * 0.1, torch.randn(m, 2) * 0.1, None, None)
+    layers = inject(model, factors, eta=1.0)
+    inputs = batch()
+    inputs["input_ids"] = inputs["input_ids"] % model.config.vocab_size
+    grads = assert_same(model, inputs, chunk_tokens=CHUNK)
+    assert set(grads) == {f"{name}.{p}" for name in names for p in "AB"}
+    assert all(g.abs().sum() > 0 for g in grads.values()) and layers["lm_head"] is model.lm_head
+
+
+def test_no_targets_gives_nan_like_transformers():
+    model = tiny("llama")
+    inputs = batch()
+    inputs["labels"][:] = -100
+    assert torch.isnan(model(**inputs).loss)
+    loss = causal_lm_loss(model, inputs, chunk_tokens=CHUNK)
+    assert torch.isnan(loss)
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
