@@ -40,17 +40,29 @@ from frugal_loraga.lora import find_targets  # noqa: E402
 from frugal_loraga.models import load_model  # noqa: E402
 
 
-def make_model_dir(path: Path, layers: int) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+SHAPES = {  # the model shapes the benchmarks build: (config class, its sizes)
+    "llama2_7b": ("LlamaConfig", dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                                      num_key_value_heads=32, vocab_size=32000)),
+    "llama3_8b": ("LlamaConfig", dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0)),
+    "qwen25_14b": ("Qwen2Config", dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40,
+                                       num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False)),
+}
+
+
+def make_model_dir(path: Path, layers: int, shape: str = "llama2_7b") -> Path:
+    """A model folder of the shape, `layers` decoder layers, random bf16 weights as safetensors (built on the GPU)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
     if (path / "config.json").exists():
         return path
     tokenizer = make_tokenizer()
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    kind, sizes = SHAPES[shape]
+    config = getattr(transformers, kind)(num_hidden_layers=layers, max_position_embeddings=4096,
+                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                         pad_token_id=tokenizer.pad_token_id, **sizes)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     del model

@@ -51,6 +51,7 @@ from .blocks import (attention_for, block_layout, compile_blocks, no_checkpointi
                      without_cudnn_attention)
 from .config import ConfigError
 from .lora import FrozenLinear, replace
+from .loss import causal_lm_loss
 from .svd import LayerSVD, top_singular
 from .transfers import HostTransfers
 
@@ -488,7 +489,7 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
                 try:
                     for batch_index, batch in enumerate(batches):
                         if segment.stop is None:
-                            model(**batch).loss.backward()
+                            causal_lm_loss(model, batch).backward()
                         else:
                             copies: dict = {}  # the batch's other inputs move to the device once
                             kept.prefetch(segment.start, batch_index)

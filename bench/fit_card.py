@@ -1,0 +1,90 @@
+"""Does LoRA-GA fit the card? finetune() with its defaults (no hand tuning) on a model shape with random weights,
+loaded through the user's NF4 path, on a GPU capped to the card's size: the init's and training's peaks
+(torch.cuda.max_memory_reserved, what a real card must hold), the init's seconds and training's tokens/s.
+
+Per phase: the weights (allocated once the model is loaded), the init's peak (taken when training begins), training's
+peak (counters reset after the init). Training tokens/s is timed from the end of step 2 (compile and the first steps
+done) to the last step. Writes bench/results/<name>.json.
+Usage: python bench/fit_card.py --shape llama3_8b --card-gib 8 --name llama3_8b_8gib
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bench_7b import ROOT, SHAPES, make_data, make_model_dir
+from frugal_loraga import Config, finetune
+
+GIB = 2**30
+
+
+def run(config: Config) -> dict:
+    marks: dict = {}
+
+    def progress(phase, done, total, metrics):
+        if phase == "loading the model":
+            marks["loaded_from"] = torch.cuda.memory_allocated()
+        if phase in ("compiling the decoder layers", "estimating gradients") and "weights_gib" not in marks:
+            marks["weights_gib"] = (torch.cuda.memory_allocated() - marks["loaded_from"]) / GIB
+        if phase in ("compiling the decoder layers", "training") and marks.get("estimated") \
+                and "init_peak_reserved_gib" not in marks:
+            marks["init_peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+            marks["init_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
+            torch.cuda.reset_peak_memory_stats()
+        if phase == "estimating gradients":
+            marks["estimated"] = True
+        if phase == "training" and done == 2:
+            torch.cuda.synchronize()
+            marks["timed_from"] = (time.perf_counter(), metrics["train_tokens"])
+        if phase == "training" and done == total and "timed_from" in marks:
+            torch.cuda.synchronize()
+            start, tokens = marks["timed_from"]
+            marks["train_tokens_per_second"] = (metrics["train_tokens"] - tokens) / (time.perf_counter() - start)
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    try:
+        result = finetune(config, progress=progress)
+    except Exception as e:  # does not fit: say where, with the peaks so far
+        return {"error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - start, **marks,
+                "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
+    marks.pop("timed_from", None), marks.pop("estimated", None), marks.pop("loaded_from", None)
+    return {"seconds": time.perf_counter() - start, "init_seconds": result.metrics["init_seconds"],
+            "estimation_budget_gib": result.metrics["estimation_budget_gib"],
+            "estimation_groups": result.metrics["estimation_groups"], **marks,
+            "train_peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
+            "train_peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
+            "final_train_loss": result.metrics["train_loss"][-1][1]}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3_8b")
+    parser.add_argument("--card-gib", type=float, default=8)
+    parser.add_argument("--layers", type=int, default=None, help="default: the model's own")
+    parser.add_argument("--estimation-samples", type=int, default=128)
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--work", default="/tmp/fit_card")
+    parser.add_argument("--name", required=True)
+    args = parser.parse_args()
+    layers = args.layers or {"qwen25_14b": 48}.get(args.shape, 32)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = make_model_dir(work / f"{args.shape}-{layers}", layers, args.shape)
+    data = make_data(work / "data.jsonl", rows=max(args.estimation_samples, 2 * args.steps) + 16, words=900)
+    torch.cuda.set_per_process_memory_fraction(args.card_gib * GIB / torch.cuda.get_device_properties(0).total_memory)
+    config = Config(model=str(model_dir), data=str(data), estimation_samples=args.estimation_samples,
+                    max_length=args.max_length, batch_size=args.batch_size, steps=args.steps, eval_fraction=0,
+                    save_every=0, out=str(work / f"run-{args.name}"), overwrite=True, progress=False)
+    result = {"device": torch.cuda.get_device_name(), "shape": args.shape, "layers": layers, "card_gib": args.card_gib,
+              "estimation_samples": args.estimation_samples, "train_batch": f"{args.batch_size} x {args.max_length}",
+              **run(config)}
+    print(json.dumps(result), flush=True)
+    (ROOT / "bench" / "results" / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
