@@ -28,7 +28,7 @@ from .errors import ConfigError, RunError
 # Fields that may change between a run and its resume without changing the result. The paths (out, data, eval_data,
 # model) are compared through `inputs` instead: the same file spelled another way, or at another path, is the same.
 RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "metrics_json", "save_every", "device", "compile", "out",
-                     "data", "eval_data", "model",
+                     "data", "eval_data", "model", "embeddings_on_cpu",
                      "estimation_samples", "estimation_batch_size", "grad_budget_gib", "svd"}  # a resume's factors
 # come from the checkpoint, so the estimate's settings do not matter there
 

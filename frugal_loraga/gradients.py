@@ -525,18 +525,24 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
     return results, stats
 
 
+# What the default budget leaves free on CUDA beside its half: the loss's logit chunks, the block inputs in flight, and
+# the allocator's rounding, which would otherwise take a small card past its size (an 8 GiB Llama-3-8B run reserved
+# its whole 8 GiB without it).
+CUDA_HEADROOM_BYTES = 2**30
+
+
 def available_ram_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def default_budget_bytes(device: torch.device) -> int:
-    """Half of what is free now: GPU memory on CUDA (within any per-process cap), available RAM on CPU. On CUDA the
-    blocks torch's allocator keeps cached but unused (an earlier run's, in the same process) count as free: the
-    estimate reuses them, so a second run gets the budget the first one got."""
+    """Half of what is free now: GPU memory on CUDA (within any per-process cap), less CUDA_HEADROOM_BYTES, and
+    available RAM on CPU. On CUDA the blocks torch's allocator keeps cached but unused (an earlier run's, in the same
+    process) count as free: the estimate reuses them, so a second run gets the budget the first one got."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         allocated = torch.cuda.memory_allocated(device)
         cached = torch.cuda.memory_reserved(device) - allocated
         capped = total * torch.cuda.get_per_process_memory_fraction(device) - allocated
-        return int(min(free + cached, capped) * 0.5)
+        return int(max(min(free + cached, capped) - CUDA_HEADROOM_BYTES, 0) * 0.5)
     return int(available_ram_bytes() * 0.5)

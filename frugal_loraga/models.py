@@ -237,6 +237,25 @@ def load_tokenizer(path: str, trust_remote_code: bool):
     return tokenizer
 
 
+class HostEmbedding(nn.Module):
+    """The input embedding kept in CPU memory: token ids (B, T) are looked up there and only their rows, (B, T, H),
+    go to the device. A 128k-word table is 1 GiB of bf16 that an 8 GB card needs for the estimate and training; the
+    lookup costs a copy of B T H values a forward. The table is held outside the module's parameters and submodules,
+    so that model.parameters() and model.device still name the device the model runs on."""
+
+    def __init__(self, embedding: nn.Module, device: torch.device):
+        super().__init__()
+        self.__dict__["host"] = embedding.to("cpu")  # bypasses nn.Module's registration: not a submodule
+        self.device = device
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.host.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.host(input_ids.to("cpu")).to(self.device)
+
+
 def load_model(config: Config):
     """Returns (model, tokenizer, device): the folder and the tokenizer checked, then the weights loaded (load_base)."""
     path = resolve_model_path(config.model, config.trust_remote_code)
@@ -266,6 +285,9 @@ def load_base(config: Config, path: str):
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
+    if config.embeddings_on_cpu and model.get_output_embeddings() is not None and \
+            model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+        model.set_input_embeddings(HostEmbedding(model.get_input_embeddings(), device))
     for module in model.modules():
         # bitsandbytes repacks a CPU Linear4bit for inference the first time it runs in eval mode; the packed
         # kernel has no backward, so gradients through the base would be silently lost after any evaluation.

@@ -137,7 +137,7 @@ def test_compiled_layers_give_eager_loss_and_gradients(tiny_model_dir, sample_pa
 def test_target_errors(tiny_model_dir):
     config = Config(model=str(tiny_model_dir), data="unused", load_in_4bit=False)
     model, _, _ = load_model(config)
-    with pytest.raises(ConfigError, match="embed_tokens is a Embedding; only linear layers"):
+    with pytest.raises(ConfigError, match="embed_tokens is a HostEmbedding; only linear layers"):
         find_targets(model, ["embed_tokens"], 4, "lora_ga")
     with pytest.raises(ConfigError, match="no module matches target_modules attn_q; linear layers here: .*q_proj"):
         find_targets(model, ["attn_q"], 4, "lora_ga")

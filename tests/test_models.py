@@ -7,12 +7,12 @@ import time
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoConfig, BertConfig, BertForMaskedLM, T5Config
+from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, BertForMaskedLM, T5Config
 
 from conftest import make_tokenizer
 from frugal_loraga import Config, ConfigError
 from frugal_loraga import models
-from frugal_loraga.models import cached_model_ids, load_model, load_tokenizer, resolve_model_path
+from frugal_loraga.models import HostEmbedding, cached_model_ids, load_model, load_tokenizer, resolve_model_path
 
 
 def weights_only(src, dst):
@@ -215,3 +215,22 @@ def test_models_in_the_hugging_face_cache_are_listed(tmp_path):
         (tmp_path / repo / "refs" / "main").write_text("abc123")
     assert cached_model_ids(str(tmp_path)) == ["org/chat"]
     assert cached_model_ids(str(tmp_path / "missing")) == []
+
+
+def test_the_input_embedding_is_looked_up_in_cpu_memory_with_the_same_result(tiny_model_dir, tmp_path):
+    """embeddings_on_cpu: the table leaves model.parameters() (so model.device is the device the rest runs on) and
+    the logits are those of the model as loaded; a table the head shares stays where the head is."""
+    on_host, _, _ = load_model(Config(data="x", model=str(tiny_model_dir), load_in_4bit=False, device="cpu"))
+    plain, _, _ = load_model(Config(data="x", model=str(tiny_model_dir), load_in_4bit=False, device="cpu",
+                                    embeddings_on_cpu=False))
+    assert isinstance(on_host.get_input_embeddings(), HostEmbedding)
+    assert on_host.get_input_embeddings().weight is not None
+    assert not any(p is on_host.get_input_embeddings().weight for p in on_host.parameters())
+    ids = torch.tensor([[1, 5, 9, 3]])
+    torch.testing.assert_close(on_host(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
+    tied = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir, tie_word_embeddings=True))
+    tied.save_pretrained(tmp_path / "tied")
+    make_tokenizer().save_pretrained(tmp_path / "tied")
+    model, _, _ = load_model(Config(data="x", model=str(tmp_path / "tied"), load_in_4bit=False, device="cpu"))
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert not isinstance(model.get_input_embeddings(), HostEmbedding)
