@@ -67,6 +67,7 @@ def main():
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--embeddings-on-gpu", action="store_true", help="Config.embeddings_on_cpu off")
     parser.add_argument("--work", default="/tmp/fit_card")
     parser.add_argument("--name", required=True)
     args = parser.parse_args()
@@ -78,9 +79,11 @@ def main():
     torch.cuda.set_per_process_memory_fraction(args.card_gib * GIB / torch.cuda.get_device_properties(0).total_memory)
     config = Config(model=str(model_dir), data=str(data), estimation_samples=args.estimation_samples,
                     max_length=args.max_length, batch_size=args.batch_size, steps=args.steps, eval_fraction=0,
-                    save_every=0, out=str(work / f"run-{args.name}"), overwrite=True, progress=False)
+                    save_every=0, out=str(work / f"run-{args.name}"), overwrite=True, progress=False,
+                    embeddings_on_cpu=not args.embeddings_on_gpu)
     result = {"device": torch.cuda.get_device_name(), "shape": args.shape, "layers": layers, "card_gib": args.card_gib,
               "estimation_samples": args.estimation_samples, "train_batch": f"{args.batch_size} x {args.max_length}",
+              "embeddings_on_cpu": not args.embeddings_on_gpu,
               **run(config)}
     print(json.dumps(result), flush=True)
     (ROOT / "bench" / "results" / f"{args.name}.json").write_text(json.dumps(result, indent=1))
