@@ -284,8 +284,7 @@ def start(*values):
             if read_record(RUNS / taken) is not None:
                 raise ConfigError(f"a run named {taken} exists; choose another name, or select it under Runs and "
                                   "press Resume")
-        form_settings(form)  # every field checked before a file is copied
-        configs = form_configs(form, name, stored=True)
+        configs = form_configs(form, name, stored=True)  # every field checked before a file is copied
     except (ConfigError, DataError) as e:
         return f"**Error:** {e}"
     return launch(name, configs)
@@ -444,6 +443,7 @@ def export_zip(selected: str = ""):
 
 def build_ui() -> gr.Blocks:
     defaults = Config(data=str(SAMPLE))
+    choices = lambda name: field_type(get_type_hints(Config)[name])[1]  # a Literal setting's values, in order
     number = lambda name, label, **kw: gr.Number(value=getattr(defaults, name), label=label, info=HELP[name], **kw)
     with gr.Blocks(title="frugal-loraga") as ui:
         gr.Markdown("# frugal-loraga\nLoRA-GA fine-tuning on a 4-bit model: drop in data, press Train, watch it learn.")
@@ -452,12 +452,12 @@ def build_ui() -> gr.Blocks:
                 gr.Markdown("### Data")
                 upload = gr.File(label="Data file (.jsonl .json .csv .txt); empty = shipped sample",
                                  file_types=sorted(ALLOWED), type="filepath")
-                data_format = gr.Dropdown(["auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text"],
+                data_format = gr.Dropdown(choices("data_format"),
                                           value="auto", info=HELP["data_format"], label="Format")
                 with gr.Row():
                     columns = gr.Textbox(label="Column mapping (when auto-detection fails)", info=HELP["columns"],
                                          placeholder="instruction=question,output=answer")
-                    chat_template = gr.Radio(["model", "plain"], value=defaults.chat_template, label="Chat template",
+                    chat_template = gr.Radio(choices("chat_template"), value=defaults.chat_template, label="Chat template",
                                              info=HELP["chat_template"])
                 preview_button = gr.Button("Preview")
                 preview_box = gr.Markdown()
@@ -471,7 +471,7 @@ def build_ui() -> gr.Blocks:
                 memory_box = gr.Markdown()
         gr.Markdown("### Train")
         with gr.Row():
-            init = gr.Radio(["lora_ga", "lora"], value="lora_ga", label="Init", info="lora_ga: A and B start from the "
+            init = gr.Radio(choices("init"), value="lora_ga", label="Init", info="lora_ga: A and B start from the "
                             "SVD of the full fine-tuning gradient, estimated on a few batches; lora: random A, zero B")
             rank = number("rank", "Rank", precision=0)
             alpha = gr.Number(value=defaults.alpha, label="Alpha", info="the adapter's scale: " + HELP["use_rslora"])
@@ -487,7 +487,7 @@ def build_ui() -> gr.Blocks:
         with gr.Accordion("Advanced", open=False):
             with gr.Row():
                 grad_accum = number("grad_accum", "Gradient accumulation", precision=0)
-                schedule = gr.Dropdown(["cosine", "linear", "constant"], value=defaults.schedule, label="Schedule",
+                schedule = gr.Dropdown(choices("schedule"), value=defaults.schedule, label="Schedule",
                                        info=HELP["schedule"])
                 warmup_ratio = number("warmup_ratio", "Warmup ratio")
                 seed = number("seed", "Seed", precision=0)

@@ -39,7 +39,6 @@ class JobClock:
     work: list[dict[str, float]]  # per run, per stage in order: examples of work
     rate: Optional[float] = None  # seconds per example, last measured
     run: int = 0
-    stage: str = ""
     phase: str = ""
     started: float = 0.0  # when the current phase began, at unit `started_at`
     started_at: int = 0
@@ -55,7 +54,7 @@ class JobClock:
         now = time.time() if now is None else now
         stage = self._stage(run, phase)
         if (run, phase) != (self.run, self.phase):
-            self.run, self.stage, self.phase, self.started, self.started_at = run, stage, phase, now, done
+            self.run, self.phase, self.started, self.started_at = run, phase, now, done
         units = stage in self.work[run] and total and done - self.started_at
         if units and not phase.startswith("compiling"):
             per_unit = (now - self.started) / units

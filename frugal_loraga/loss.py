@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.loss.loss_utils import ForCausalLMLoss
 
+from .data import IGNORE
+
 log = logging.getLogger("frugal_loraga")
-IGNORE = -100
 CHUNK_BYTES = 128 * 2**20  # 261 tokens of Llama-3's 128256-word vocabulary, 220 of Qwen2.5's 152064
 DECODER_INPUTS = {"input_ids", "attention_mask", "position_ids", "inputs_embeds"}
 
