@@ -29,8 +29,7 @@ from frugal_loraga.cli import command_line
 from frugal_loraga.eta import JobClock, format_seconds
 from frugal_loraga.generate import Generator
 from frugal_loraga.data import IGNORE, load_examples
-from frugal_loraga.gradients import available_ram_bytes
-from frugal_loraga.memory import estimate_memory_gib, fit_advice
+from frugal_loraga.memory import available_ram_bytes, estimate_memory_gib, fit_advice
 from frugal_loraga.models import cached_model_ids, load_tokenizer, resolve_model_path
 from frugal_loraga.runs import list_runs, run_config
 
@@ -129,22 +128,20 @@ def memory_estimate(model, load_in_4bit, rank, batch_size, max_length, init, est
                     grad_budget_gib=None):
     """The estimated peak by part, and whether it fits this machine's card (or RAM) with what to lower if not."""
     from transformers import AutoConfig
-    try:
-        model_config = AutoConfig.from_pretrained(resolve_model_path(checked_model(model)))
-        config = Config(data="-", model=model, load_in_4bit=load_in_4bit, rank=int(rank), batch_size=int(batch_size),
-                        max_length=int(max_length), init=init, estimation_batch_size=int(estimation_batch_size),
-                        grad_budget_gib=grad_budget_gib or None)
-    except (ConfigError, OSError) as e:
-        return f"**Error:** {e}"
-    except (TypeError, ValueError) as e:
-        return f"**Error:** every number field needs a number ({e})"
+    fields = dict(model=model, load_in_4bit=load_in_4bit, rank=rank, batch_size=batch_size, max_length=max_length,
+                  init=init, estimation_batch_size=estimation_batch_size, grad_budget_gib=grad_budget_gib)
     if torch.cuda.is_available():
         card_bytes = torch.cuda.get_device_properties(0).total_memory
         gpu = f"{torch.cuda.get_device_name()} with {card_bytes / 2**30:.1f} GiB"
     else:
         card_bytes = available_ram_bytes()
         gpu = "no CUDA GPU detected: the run uses the CPU"
-    estimate = estimate_memory_gib(model_config, config, card_bytes)
+    try:
+        settings = {name: form_value(name, value) for name, value in fields.items()}
+        model_config = AutoConfig.from_pretrained(resolve_model_path(checked_model(settings["model"])))
+        estimate = estimate_memory_gib(model_config, Config(data="-", **settings), card_bytes)
+    except (ConfigError, OSError) as e:
+        return f"**Error:** {e}"
     parts = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in estimate.items() if k != "total")
     return (f"Estimated peak **{estimate['total']:.1f} GiB** ({parts} GiB) — {gpu}: "
             f"**{fit_advice(estimate, card_bytes / 2**30)}**")

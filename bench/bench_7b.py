@@ -35,7 +35,8 @@ from frugal_loraga.api import estimation_batches  # noqa: E402
 from frugal_loraga.blocks import compile_blocks  # noqa: E402
 from frugal_loraga.data import load_examples  # noqa: E402
 from frugal_loraga.fidelity import captured_energy, exact_gradients  # noqa: E402
-from frugal_loraga.gradients import estimate_gradient_svd, layer_costs  # noqa: E402
+from frugal_loraga.gradients import estimate_gradient_svd  # noqa: E402
+from frugal_loraga.memory import layer_costs  # noqa: E402
 from frugal_loraga.lora import find_targets  # noqa: E402
 from frugal_loraga.models import load_model  # noqa: E402
 

@@ -81,7 +81,9 @@ def main():
                     max_length=args.max_length, batch_size=args.batch_size, steps=args.steps, eval_fraction=0,
                     save_every=0, out=str(work / f"run-{args.name}"), overwrite=True, progress=False,
                     embeddings_on_cpu=not args.embeddings_on_gpu)
+    kind, sizes = SHAPES[args.shape]
     result = {"device": torch.cuda.get_device_name(), "shape": args.shape, "layers": layers, "card_gib": args.card_gib,
+              "model_config": {"class": kind, "num_hidden_layers": layers, **sizes},
               "estimation_samples": args.estimation_samples, "train_batch": f"{args.batch_size} x {args.max_length}",
               "embeddings_on_cpu": not args.embeddings_on_gpu,
               **run(config)}

@@ -32,7 +32,8 @@ from frugal_loraga import Config  # noqa: E402
 from frugal_loraga.api import estimation_batches  # noqa: E402
 from frugal_loraga.blocks import block_layout, compile_blocks, start_compile_workers, uncompile_blocks  # noqa: E402
 from frugal_loraga.data import IGNORE, load_examples  # noqa: E402
-from frugal_loraga.gradients import GradientTap, layer_costs  # noqa: E402
+from frugal_loraga.gradients import GradientTap  # noqa: E402
+from frugal_loraga.memory import default_budget_bytes, layer_costs  # noqa: E402
 from frugal_loraga.lora import find_targets, replace  # noqa: E402
 from frugal_loraga.models import load_model  # noqa: E402
 
@@ -189,7 +190,7 @@ def main():
     if not args.no_block:
         results["block"] = block_activations(model, targets, batches[0])
     print(json.dumps(results, indent=1), flush=True)
-    budget = int(args.grad_budget_gib * GIB) if args.grad_budget_gib else gradients.default_budget_bytes(device)
+    budget = int(args.grad_budget_gib * GIB) if args.grad_budget_gib else default_budget_bytes(device)
     results["budget_gib"] = budget / GIB
     host_budget = int(args.host_budget_gib * GIB) if args.host_budget_gib is not None else None
     results["host_budget_gib"] = args.host_budget_gib

@@ -40,6 +40,10 @@
 #            sampled in each run: where the estimate's and the training loop's wall time goes
 #   first24  profile_estimate.py at 24 GiB twice, in two processes sharing one compile cache that starts empty: a first
 #            run on a fresh machine, then a first run on a machine that has compiled before
+#   liger    loss_vs_liger.py on the Llama-3-8B and Qwen2.5-14B heads: transformers' loss, ours (chunked) and
+#            liger-kernel's fused linear cross entropy (its wheel in .whl/ too: device-wheels.sh liger-kernel)
+#   fit_SHAPE_CARD  fit_card.py: finetune()'s defaults on the shape (llama2_7b, llama3_8b, qwen25_14b) capped at CARD GiB,
+#            e.g. fit_llama3_8b_12 writes llama3_8b_12gib.json
 # Usage: bash bench/run_on_device.sh [step ...]   (default: tests kernels 24 8 peft; tests_api in a call of its own)
 #        SUFFIX=_session9 bash bench/run_on_device.sh peft twice24   (peft's and twice's JSON names end in $SUFFIX)
 # bitsandbytes is not on the device image: ../shared/tools/device-wheels.sh puts its wheel in .whl/, carried there.
@@ -150,6 +154,13 @@ for one in "${steps[@]}"; do
                   python3 bench/profile_estimate.py --card-gib 24 --samples 128 --no-block \
                   --name "profile_estimate_24gib_128samples_first_run_$run"
               done ;;
+      liger) for shape in llama3_8b qwen25_14b; do
+                step "liger_$shape" 120 "loss_vs_liger_$shape" python3 bench/loss_vs_liger.py --shape "$shape" \
+                  --name "loss_vs_liger_$shape"
+              done ;;
+      fit_*) rest=${one#fit_} && card=${rest##*_} && shape=${rest%_*}
+              step "$one" 240 "${shape}_${card}gib" python3 bench/fit_card.py --shape "$shape" --card-gib "$card" \
+                --name "${shape}_${card}gib" ;;
       *) echo "unknown step $one"; exit 2 ;;
     esac
 done

@@ -1,6 +1,7 @@
 """finetune(config): the one function behind the Python API, the CLI and the app.
 
-check the out folder, model folder and data -> load model -> initial factors (LoRA-GA: streamed gradient + top-2r SVD; or plain LoRA) -> inject
+check the out folder, model folder and data -> check the estimated peak against the free GPU memory -> load model ->
+initial factors (LoRA-GA: streamed gradient + top-2r SVD; or plain LoRA), the estimate's memory handed back -> inject
 -> checkpoint -> train -> export PEFT adapter + metrics JSON.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoConfig
 
 from .blocks import start_compile_workers
 from .config import Config
@@ -25,9 +27,10 @@ from .checkpoint import (atomic_write, check_outputs, clear_previous_run, load_c
 from .data import Example, causal_inputs, collate, load_examples, split_eval
 from .errors import OutOfMemory, RunError
 from .export import export_adapter
-from .gradients import ProgressFn, default_budget_bytes, estimate_gradient_svd
+from .gradients import ProgressFn, estimate_gradient_svd
 from .init import lora_factors, lora_ga_factors
 from .lora import find_targets, inject
+from .memory import check_fits, default_budget_bytes, free_bytes
 from .models import load_base, load_tokenizer, release, resolve_device, resolve_dtype, resolve_model_path
 from .train import adapter_state, train
 
@@ -107,7 +110,8 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
              stop: Optional[threading.Event] = None) -> FinetuneResult:
     """Run LoRA-GA (or LoRA) fine-tuning as configured; returns the adapter folder and the metrics.
 
-    Bad settings, data and model folders are refused (ConfigError, DataError) before the model loads. progress(phase,
+    Bad settings, data and model folders, and settings whose estimated peak is above the free GPU memory
+    (memory.check_fits), are refused (ConfigError, DataError) before the model loads. progress(phase,
     done, total, metrics) is called as work advances; setting `stop` ends training after the current step with a
     checkpoint written (resume with config.resume = True), or the LoRA-GA estimate after the current batch, with
     nothing written (adapter_dir None). When it returns or raises, nothing of its model is left
@@ -128,6 +132,9 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         config = config.resolve(resolve_device(config).type, state["config"] if state else None)
         if config.overwrite:
             clear_previous_run(config.out)
+        if resolve_device(config).type == "cuda":
+            check_fits(AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code), config,
+                       free_bytes(resolve_device(config)))
         write_record(config, inputs, "running")
         phase = enter("loading the model")
         torch.manual_seed(config.seed)
@@ -150,6 +157,8 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
             start = time.perf_counter()
             factors, init_metrics = initial_factors(model, targets, train_examples, config, pad_id, device, progress,
                                                     stop)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the estimate's blocks back to the card: training lays out its own
             metrics = {"train_loss": [], "eval_loss": [], "train_tokens": 0, "train_seconds": 0.0,
                        "init_seconds": time.perf_counter() - start, "peak_memory_init_gib": peak_memory_gib(device),
                        **init_metrics}

@@ -38,7 +38,6 @@ group's layers at once) and freed.
 """
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ from .blocks import (attention_for, block_layout, compile_blocks, no_checkpointi
 from .config import ConfigError
 from .lora import FrozenLinear, replace
 from .loss import causal_lm_loss
+from .memory import activation_bytes, available_ram_bytes, gradient_bytes
 from .svd import LayerSVD, top_singular
 from .transfers import HostTransfers
 
@@ -194,24 +194,6 @@ def _budget_error(name: str, block: Optional[int], size: int, budget_bytes: int)
             "the activations of the whole decoder layer, which it runs)")
     return ConfigError(f"grad_budget_gib={budget_bytes / 2**30:.3g} is smaller than what the estimate holds for "
                        f"{held}; raise grad_budget_gib or lower estimation_batch_size")
-
-
-def gradient_bytes(shapes: dict[str, tuple[int, int]]) -> dict[str, int]:
-    """The fp32 gradient accumulator of each layer (m x n): 4 m n bytes."""
-    return {n: 4 * m * k for n, (m, k) in shapes.items()}
-
-
-def activation_bytes(shapes: dict[str, tuple[int, int]], tokens: int, element_size: int) -> dict[str, int]:
-    """The activations a layer (m x n) keeps for backward over a batch of `tokens`: its input and output, counted
-    twice (the block's norms, attention and SwiGLU keep about as much again per layer)."""
-    return {n: 2 * tokens * (m + k) * element_size for n, (m, k) in shapes.items()}
-
-
-def layer_costs(shapes: dict[str, tuple[int, int]], tokens: int, element_size: int) -> dict[str, int]:
-    """Bytes the estimate holds per layer (m x n) for a batch of `tokens` when its block is tapped whole: its fp32
-    gradient and its activations."""
-    activations = activation_bytes(shapes, tokens, element_size)
-    return {n: size + activations[n] for n, size in gradient_bytes(shapes).items()}
 
 
 def execution_order(model: nn.Module, targets: dict[str, nn.Module], batch: dict) -> list[str]:
@@ -523,26 +505,3 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
         model.train(was_training)
     stats = EstimationStats(groups, budget_bytes, state.peak_bytes, len(batches), time.perf_counter() - start)
     return results, stats
-
-
-# What the default budget leaves free on CUDA beside its half: the loss's logit chunks, the block inputs in flight, and
-# the allocator's rounding, which would otherwise take a small card past its size (an 8 GiB Llama-3-8B run reserved
-# its whole 8 GiB without it).
-CUDA_HEADROOM_BYTES = 2**30
-
-
-def available_ram_bytes() -> int:
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def default_budget_bytes(device: torch.device) -> int:
-    """Half of what is free now: GPU memory on CUDA (within any per-process cap), less CUDA_HEADROOM_BYTES, and
-    available RAM on CPU. On CUDA the blocks torch's allocator keeps cached but unused (an earlier run's, in the same
-    process) count as free: the estimate reuses them, so a second run gets the budget the first one got."""
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        allocated = torch.cuda.memory_allocated(device)
-        cached = torch.cuda.memory_reserved(device) - allocated
-        capped = total * torch.cuda.get_per_process_memory_fraction(device) - allocated
-        return int(max(min(free + cached, capped) - CUDA_HEADROOM_BYTES, 0) * 0.5)
-    return int(available_ram_bytes() * 0.5)

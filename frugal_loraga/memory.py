@@ -1,71 +1,170 @@
-"""A rough peak-memory estimate from the model's config.json and the run settings, shown before a run starts.
+"""Memory: what the estimate holds per layer, what the card has free, its default budget, and the peak a run will
+reach, estimated from the model's config.json before the model loads.
 
-Per decoder layer of a Llama-style model (h hidden, i intermediate, kv = kv heads x head dim), all linear layers
-adapted:
-  linear layers  q, o: h x h;  k, v: kv x h;  gate, up: i x h;  down: h x i
-  weights        0.53 bytes a parameter in NF4 (4 bits + double-quant scales), else the dtype's; plus embeddings
-                 and head, 2 V h parameters in the compute dtype
-  LoRA-GA init   whole layers of the estimate's cost (gradients.layer_costs: fp32 gradients and activations) up to
-                 the budget: grad_budget_gib, else half of what the weights leave of the card (the engine's default);
-                 plus the logits, B T V in fp32 twice (values and gradient)
-  training       one hidden state (B T h) kept per layer with checkpointing + one layer recomputed (~ B T (8h + 3i)),
-                 without checkpointing every layer's ~ B T (8h + 3i); the logits; the adapter, r (m + n) parameters
-                 per target at 20 bytes each (A, B, A0, B0, gradients, two Adam moments)
-The peak is the weights plus the larger of the two phases. Checked against the Llama-2-7B runs in bench/results.
+The estimate's cost of a target layer W (m x n) over a batch of T tokens, e bytes an element of the compute dtype:
+  gradient     its fp32 accumulator, 4 m n
+  activations  its input and output, counted twice (the block's norms, attention and SwiGLU keep about as much again
+               per layer): 2 T (m + n) e
+The budget bounds the gradients and activations a group holds: grad_budget_gib, or by default half of what the card
+has free after the weights and CUDA_HEADROOM_BYTES.
+
+The peak of a dense decoder (h hidden, i intermediate, kv = KV heads x head dim, L layers, V vocabulary; targets
+q, o: h x h; k, v: kv x h; gate, up: i x h; down: h x i), in bytes:
+  weights    0.53 a linear parameter in NF4 (4 bits + double-quantized scales), else e; the head V h e, and the input
+             embedding V h e too unless it sits in CPU memory (Config.embeddings_on_cpu, an untied head)
+  estimate   the groups' share of the budget (as many whole blocks as it holds, or all of it for parts of a block) +
+             CUDA_HEADROOM_BYTES (the loss's logit chunks, the block inputs in flight, the allocator's rounding)
+  training   with gradient checkpointing, one hidden state T h e kept per layer and one layer recomputed,
+             T (8h + 3i) e, beside its widest weight dequantized, i h e; without, every layer's T (8h + 3i) e; the
+             loss's logit chunks, 3 CHUNK_BYTES (fp32 logits, their gradient, the e copy); the adapter, r (m + n)
+             parameters a target at 28 bytes (A, B, A0, B0, the gradient and AdamW's two moments in fp32; 20 for
+             plain LoRA, which has no A0, B0); TRAIN_SLACK_BYTES for the allocator's rounding
+  peak       weights + the larger of the estimate and training (finetune hands the estimate's memory back first)
+Checked against bench/results/{llama2_7b,llama3_8b,qwen25_14b}_*gib.json (tests/test_memory.py).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
+import torch
+
 from .config import Config
-from .gradients import layer_costs
+from .errors import ConfigError
+from .loss import CHUNK_BYTES
 from .models import resolve_device, resolve_dtype
 
+GIB = 2**30
 NF4_BYTES_PER_PARAM = 0.53
-HEADROOM_GIB = 1.0  # what a real card keeps beside a run: the CUDA context, a display
+# What the default budget leaves free on CUDA beside its half: the loss's logit chunks, the block inputs in flight, and
+# the allocator's rounding, which would otherwise take a small card past its size (an 8 GiB Llama-3-8B run reserved
+# its whole 8 GiB without it). The app keeps as much free beside its estimate for the CUDA context and a display.
+CUDA_HEADROOM_BYTES = GIB
+TRAIN_SLACK_BYTES = GIB // 2
+
+
+def gradient_bytes(shapes: dict[str, tuple[int, int]]) -> dict[str, int]:
+    """The fp32 gradient accumulator of each layer (m x n): 4 m n bytes."""
+    return {n: 4 * m * k for n, (m, k) in shapes.items()}
+
+
+def activation_bytes(shapes: dict[str, tuple[int, int]], tokens: int, element_size: int) -> dict[str, int]:
+    """The activations a layer (m x n) keeps for backward over a batch of `tokens`: its input and output, counted
+    twice (the block's norms, attention and SwiGLU keep about as much again per layer)."""
+    return {n: 2 * tokens * (m + k) * element_size for n, (m, k) in shapes.items()}
+
+
+def layer_costs(shapes: dict[str, tuple[int, int]], tokens: int, element_size: int) -> dict[str, int]:
+    """Bytes the estimate holds per layer (m x n) for a batch of `tokens` when its block is tapped whole: its fp32
+    gradient and its activations."""
+    activations = activation_bytes(shapes, tokens, element_size)
+    return {n: size + activations[n] for n, size in gradient_bytes(shapes).items()}
+
+
+def available_ram_bytes() -> int:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def free_bytes(device: torch.device) -> int:
+    """What a run can still take: GPU memory on CUDA (within any per-process cap), available RAM on CPU. On CUDA the
+    blocks torch's allocator keeps cached but unused (an earlier run's, in the same process) count as free: a run
+    reuses them, so a second run gets what the first one got."""
+    if device.type != "cuda":
+        return available_ram_bytes()
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    cached = torch.cuda.memory_reserved(device) - allocated
+    capped = total * torch.cuda.get_per_process_memory_fraction(device) - allocated
+    return int(max(min(free + cached, capped), 0))
+
+
+def default_budget_bytes(device: torch.device) -> int:
+    """Half of what is free now (free_bytes), less CUDA_HEADROOM_BYTES on CUDA."""
+    if device.type == "cuda":
+        return int(max(free_bytes(device) - CUDA_HEADROOM_BYTES, 0) * 0.5)
+    return int(free_bytes(device) * 0.5)
+
+
+def decoder_shapes(model_config) -> Optional[dict[str, tuple[int, int]]]:
+    """One dense decoder layer's target shapes (m, n) by name, or None for a model this estimate does not describe
+    (no Llama-style sizes in its config, or mixture-of-experts layers)."""
+    names = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    experts = ("num_local_experts", "num_experts", "n_routed_experts")
+    if not all(isinstance(getattr(model_config, n, None), int) for n in names) or \
+            any(getattr(model_config, n, None) for n in experts):
+        return None
+    h, i, heads = model_config.hidden_size, model_config.intermediate_size, model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or h // heads
+    kv = (getattr(model_config, "num_key_value_heads", None) or heads) * head_dim
+    return {"q": (heads * head_dim, h), "k": (kv, h), "v": (kv, h), "o": (h, heads * head_dim),
+            "gate": (i, h), "up": (i, h), "down": (h, i)}
 
 
 def estimate_memory_gib(model_config, config: Config, card_bytes: Optional[int] = None) -> dict[str, float]:
-    """GiB by part and in total. card_bytes: the memory the run gets (GPU memory, or RAM on CPU); with it, the
-    default LoRA-GA budget is taken into account, without it every layer's gradient counts."""
-    h, i, layers = model_config.hidden_size, model_config.intermediate_size, model_config.num_hidden_layers
-    vocab = model_config.vocab_size
-    heads = model_config.num_attention_heads
-    head_dim = getattr(model_config, "head_dim", None) or h // heads
-    kv = getattr(model_config, "num_key_value_heads", heads) * head_dim
-    shapes = {"q": (h, h), "k": (kv, h), "v": (kv, h), "o": (h, h), "gate": (i, h), "up": (i, h), "down": (h, i)}
-    per_layer = sum(m * n for m, n in shapes.values())
-    dtype_bytes = resolve_dtype(config, resolve_device(config)).itemsize
-    weights = layers * per_layer * (NF4_BYTES_PER_PARAM if config.load_in_4bit else dtype_bytes) + 2 * vocab * h * dtype_bytes
-    init = 0.0  # the LoRA-GA estimate
+    """GiB by part and the peak ("total"), for a dense decoder (decoder_shapes; ConfigError for others). card_bytes:
+    what the run finds free (free_bytes); with it, the default LoRA-GA budget is half of what the weights and
+    CUDA_HEADROOM_BYTES leave of it; without it, every layer's gradient counts."""
+    shapes = decoder_shapes(model_config)
+    if shapes is None:
+        raise ConfigError(f"no memory estimate for {getattr(model_config, 'model_type', 'this model')}: it covers "
+                          "dense decoders with Llama-style sizes in their config.json")
+    h, i, layers, vocab = (model_config.hidden_size, model_config.intermediate_size, model_config.num_hidden_layers,
+                           model_config.vocab_size)
+    e = resolve_dtype(config, resolve_device(config)).itemsize
+    tied = getattr(model_config, "tie_word_embeddings", False)
+    tables = 1 if tied or config.embeddings_on_cpu else 2
+    weights = (layers * sum(m * n for m, n in shapes.values()) * (NF4_BYTES_PER_PARAM if config.load_in_4bit else e)
+               + tables * vocab * h * e)
+    estimate = 0.0
     if config.init == "lora_ga":
-        estimation_tokens = config.estimation_batch_size * config.max_length
-        block = sum(layer_costs(shapes, estimation_tokens, dtype_bytes).values())
-        budget = (config.grad_budget_gib * 2**30 if config.grad_budget_gib
-                  else (card_bytes - weights) / 2 if card_bytes else layers * block)
-        init = min(layers, max(1, int(budget // block))) * block + 2 * estimation_tokens * vocab * 4
+        block = sum(layer_costs(shapes, config.estimation_batch_size * config.max_length, e).values())
+        if config.grad_budget_gib:
+            budget = config.grad_budget_gib * GIB
+        elif card_bytes:
+            budget = max(card_bytes - weights - CUDA_HEADROOM_BYTES, 0) / 2
+        else:
+            budget = layers * block
+        held = min(layers, budget // block) * block or budget  # groups of whole blocks, else parts of one
+        estimate = held + CUDA_HEADROOM_BYTES
     tokens = config.batch_size * config.max_length
-    layer_activations = tokens * (8 * h + 3 * i) * dtype_bytes
-    kept = tokens * h * dtype_bytes * layers + layer_activations if config.gradient_checkpointing else layer_activations * layers
-    activations = kept + 2 * tokens * vocab * 4
-    adapter = 20 * layers * config.rank * sum(m + n for m, n in shapes.values())
-    parts = {"weights": weights, "init_estimate": init, "training_activations": activations,
+    layer = tokens * (8 * h + 3 * i) * e
+    kept = tokens * h * e * layers + layer + i * h * e if config.gradient_checkpointing else layer * layers
+    activations = kept + 3 * CHUNK_BYTES + TRAIN_SLACK_BYTES
+    adapter = (28 if config.init == "lora_ga" else 20) * layers * config.rank * sum(m + n for m, n in shapes.values())
+    parts = {"weights": weights, "init_estimate": estimate, "training_activations": activations,
              "adapter_and_optimizer": adapter}
-    result = {k: v / 2**30 for k, v in parts.items()}
-    result["total"] = (weights + max(init, activations + adapter)) / 2**30
+    result = {k: v / GIB for k, v in parts.items()}
+    result["total"] = (weights + max(estimate, activations + adapter)) / GIB
     return result
 
 
+def what_to_lower(estimate: dict[str, float], room_gib: float) -> str:
+    """The setting behind the part of the estimate that sets its peak, for room_gib of memory; the weights need
+    CUDA_HEADROOM_BYTES beside them."""
+    if estimate["weights"] + CUDA_HEADROOM_BYTES / GIB > room_gib:
+        return "turn load_in_4bit on if it is off, else pick a smaller model"
+    if estimate["init_estimate"] > estimate["training_activations"] + estimate["adapter_and_optimizer"]:
+        return "lower estimation_batch_size or grad_budget_gib"
+    return "lower batch_size or max_length (and keep gradient checkpointing on)"
+
+
 def fit_advice(estimate: dict[str, float], card_gib: float) -> str:
-    """Whether the estimated peak fits a card of card_gib with HEADROOM_GIB to spare, and if not, what to lower: the
-    setting behind the part that sets the peak."""
-    room = card_gib - HEADROOM_GIB
+    """Whether the estimated peak fits a card of card_gib with CUDA_HEADROOM_BYTES to spare, and if not, what to
+    lower."""
+    headroom = CUDA_HEADROOM_BYTES / GIB
+    room = card_gib - headroom
     if estimate["total"] <= room:
-        return f"fits ({estimate['total']:.1f} of {card_gib:.1f} GiB, {HEADROOM_GIB:.0f} GiB left for the CUDA context)"
-    if estimate["weights"] > room:
-        change = "turn on 4-bit, or pick a smaller model"
-    elif estimate["init_estimate"] > estimate["training_activations"] + estimate["adapter_and_optimizer"]:
-        change = "lower estimation_batch_size or grad_budget_gib"
-    else:
-        change = "lower batch_size or max_length (and keep gradient checkpointing on)"
-    return f"does not fit ({estimate['total']:.1f} GiB against {room:.1f} usable of {card_gib:.1f}): {change}"
+        return f"fits ({estimate['total']:.1f} of {card_gib:.1f} GiB, {headroom:.0f} GiB left for the CUDA context)"
+    return (f"does not fit ({estimate['total']:.1f} GiB against {room:.1f} usable of {card_gib:.1f}): "
+            f"{what_to_lower(estimate, room)}")
+
+
+def check_fits(model_config, config: Config, free: int) -> None:
+    """ConfigError, before the model loads, when the estimated peak of a dense decoder is above the `free` bytes the
+    run has (free_bytes); other models are not checked."""
+    if decoder_shapes(model_config) is None:
+        return
+    estimate = estimate_memory_gib(model_config, config, free)
+    if estimate["total"] * GIB > free:
+        raise ConfigError(f"this run needs about {estimate['total']:.1f} GiB of memory at these settings and "
+                          f"{free / GIB:.1f} GiB is free: {what_to_lower(estimate, free / GIB)}")

@@ -55,6 +55,8 @@ def test_memory_estimate_names_the_device(tiny_model_dir):
     text = app.memory_estimate(str(tiny_model_dir), True, 4, 2, 128, "lora_ga")
     assert "Estimated peak" in text and ("GiB" in text) and ("CPU" in text or "GiB" in text)
     assert "Error" in app.memory_estimate("/nonexistent", True, 4, 2, 128, "lora_ga")
+    assert "batch_size needs a whole number, got 2.5" in app.memory_estimate(str(tiny_model_dir), True, 4, 2.5, 128,
+                                                                               "lora_ga")
 
 
 def test_train_with_baseline_plot_try_and_export(tiny_model_dir, monkeypatch):

@@ -13,8 +13,9 @@ from frugal_loraga.config import Config, ConfigError
 from frugal_loraga.data import causal_inputs, collate, load_examples
 from frugal_loraga.fidelity import captured_energy, exact_gradients, subspace_agreement
 from frugal_loraga.blocks import block_layout, compile_blocks, uncompile_blocks
-from frugal_loraga.gradients import (Segment, accumulate_outer, activation_bytes, estimate_gradient_svd,
-                                     gradient_bytes, layer_costs, plan_cache, plan_groups, plan_segments)
+from frugal_loraga.gradients import (Segment, accumulate_outer, estimate_gradient_svd, plan_cache, plan_groups,
+                                     plan_segments)
+from frugal_loraga.memory import activation_bytes, gradient_bytes, layer_costs
 from frugal_loraga.lora import find_targets
 from frugal_loraga.models import load_model
 from conftest import make_tiny_model_dir
