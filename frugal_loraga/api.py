@@ -54,11 +54,9 @@ def estimation_batches(train_examples, config: Config, pad_id: int, device) -> l
     """The LoRA-GA estimation batches: estimation_samples examples drawn by the seed, estimation_batch_size each, each
     batch right-padded to its longest example's padded_width (a multiple of 8), with no attention mask (causal_inputs).
     When the widths differ, the estimate compiles its blocks for any width and leaves cuDNN's attention out, as
-    training does (blocks.attention_for). On Llama-2-7B and examples of 50-550 words (H100, one call), this ran 28%
-    fewer tokens than padding every batch to the longest example, and took 10.7 s against 12.8 once compiled, 26.8
-    against 27.2 s from an empty compile cache, and 14.4 against 24.1 s on other data with the compile cache on disk
-    (the graphs for any width serve every data set; one width's only data whose longest example pads to that width).
-    (bench/results/profile_estimate_24gib_128samples_short_{one,own}_width_*.json)"""
+    training does (blocks.attention_for). On examples of varying lengths this runs fewer tokens than padding every
+    batch to the longest example, and the graphs for any width serve every data set, where one width's serve only
+    data whose longest example pads to that width (measured in bench/RESULTS.md)."""
     order = list(range(len(train_examples)))
     random.Random(config.seed).shuffle(order)
     picked = [train_examples[i] for i in order[:config.estimation_samples]]

@@ -33,11 +33,10 @@ def compile_blocks(blocks: list[nn.Module], any_width: bool = False) -> None:
     any_width: the graphs take any batch width (sequence length) from the first call, for batches of many widths
     (examples of many lengths), which would otherwise compile each kind twice: for the first width met, then for any.
     Without it they are compiled for the one width of the batches (examples that all reach max_length). (Compiling
-    every dimension for any size, dynamic=True, made a first 7B estimate slower: 65 s against 48 s.)
+    every dimension for any size, dynamic=True, made a first estimate slower: bench/RESULTS.md.)
     Compiled graphs are cached on disk for the next process: in TORCHINDUCTOR_CACHE_DIR, by default our cache folder
     (which outlives a reboot, unlike torch's in /tmp), the traced autograd of our taps and adapters (autograd.Functions)
-    included, which torch otherwise leaves out of its cache. At Llama-2-7B (H100) a first estimate spends 12-14 s
-    compiling, and one in a later process 2.3 s."""
+    included, which torch otherwise leaves out of its cache, so a later process compiles little."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "compiled"))
     for block in blocks:
         block.forward = _compiled_forward(torch.compile(block.forward), any_width)
@@ -64,27 +63,24 @@ def _compiled_forward(compiled, any_width: bool):
 def attention_for(widths: set[int]):
     """The attention kernels that batches of these widths (sequence lengths) may use, in the estimate and in training:
     all, or for several widths all but cuDNN's. cuDNN's attention, which SDPA prefers on recent GPUs, plans its
-    kernels anew for each sequence length it meets, forward and backward: 135-200 ms a new width on an H100, where
-    flash attention plans nothing (bench/results/profile_widths_*.json). On Llama-2-7B and examples of 50-550 words,
-    training steps took 297 ms instead of 480 (bench/results/bench_7b_24gib_64samples_short_examples_*.json). Steps at
-    widths seen before take as long with either. torch's compile caches do not key on this choice, so it depends only
+    kernels anew for each sequence length it meets, forward and backward, where flash attention plans nothing; on
+    examples of many lengths that planning dominated the training steps (bench/RESULTS.md). Steps at widths seen
+    before take as long with either. torch's compile caches do not key on this choice, so it depends only
     on what decides the compiled graphs: one width or any."""
     return contextlib.nullcontext() if len(widths) <= 1 else without_cudnn_attention()
 
 
 def without_cudnn_attention():
     """SDPA may use flash, memory-efficient or math attention, not cuDNN's: for batches of several widths, the
-    estimate's short probe, and generation (each new token a new length: 97 against 18 ms a token on 8 Llama-2-7B
-    layers, H100, bench/results/profile_generate_8layers_*.json)."""
+    estimate's short probe, and generation (each new token a new length, which cuDNN would plan for anew)."""
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def start_compile_workers() -> None:
     """Start torch inductor's pool of compile worker processes now, so that it comes up while the model loads. torch
     starts it at the first compile, and until its workers are up it compiles the kernels one by one in this process:
-    a fresh machine's first 7B estimate took 32.7 s that way, 28.6 s with the pool started early (H100,
-    bench/results/profile_estimate_24gib_128samples_first_run_*_pool_*.json). A private torch function: a torch
-    without it just starts the pool later."""
+    starting the pool early shortens a fresh machine's first estimate (bench/RESULTS.md). A private torch function: a
+    torch without it just starts the pool later."""
     try:
         from torch._inductor.async_compile import maybe_warm_pool
     except ImportError:

@@ -95,9 +95,9 @@ class Config:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
     optimizer: Optimizer = _f("adamw", "adamw (torch) or paged_adamw_8bit (bitsandbytes, CUDA only)")
     gradient_checkpointing: bool = _f(True, "recompute activations in backward to save memory")
-    compile: bool = _f(True, "torch.compile each decoder layer for the LoRA-GA estimate and training on CUDA: about 2x "
-                             "faster 4-bit steps after a one-off compile, 10-15 s each on a fresh machine and 2-5 s "
-                             "once cached in ~/.cache/frugal_loraga/compiled (ignored on CPU)")
+    compile: bool = _f(True, "torch.compile each decoder layer for the LoRA-GA estimate and training on CUDA: faster "
+                             "4-bit steps after a one-off compile, cached in ~/.cache/frugal_loraga/compiled for later "
+                             "runs (ignored on CPU)")
     eval_every: int = _f(20, "steps between evaluations (0: only at the end)")
     eval_samples: Optional[int] = _f(None, "at most this many eval examples per evaluation; default: 64 on CUDA, 16 on "
                                            "the CPU")

@@ -378,9 +378,8 @@ def padded_width(length: int, multiple: int = WIDTH_MULTIPLE) -> int:
     """The width of a batch whose longest example has `length` tokens: rounded up to a multiple of `multiple`.
     On data of many lengths the decoder layers are compiled for any width (in training and in the LoRA-GA estimate),
     but inductor checks that flash attention's inputs are aligned to 8 elements, and so guards on the width mod 8: a
-    graph traced at a width that is not a multiple of 8 was traced again at the first width that was (9 s at 8 layers,
-    bench/results/profile_widths_flash_odd.json; a 12 s step at Llama-2-7B). It also bounds how many widths there
-    are. The pads cost at most 7 tokens a row and change no loss."""
+    graph traced at a width that is not a multiple of 8 is traced again at the first width that is, a slow step
+    (bench/RESULTS.md). It also bounds how many widths there are. The pads cost at most 7 tokens a row and change no loss."""
     return -(-length // multiple) * multiple
 
 

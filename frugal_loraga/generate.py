@@ -120,8 +120,7 @@ class Generator:
         text, special = prompt_text(tokenizer, prompt, self.data_format, self.template)
         inputs = tokenizer(text, return_tensors="pt", add_special_tokens=special).to(self.device)
         eos = self._eos_ids()
-        # cuDNN's attention would plan kernels for every new length: 97 against 18 ms a token
-        with torch.no_grad(), without_cudnn_attention():  # (bench/results/profile_generate_8layers_*.json)
+        with torch.no_grad(), without_cudnn_attention():  # cuDNN's would plan kernels for every new length
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                       eos_token_id=sorted(eos) or None, pad_token_id=tokenizer.pad_token_id)
         tokens = out[0, inputs["input_ids"].shape[1]:].tolist()

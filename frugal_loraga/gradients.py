@@ -91,9 +91,8 @@ class EstimationStats:
 def accumulate_outer(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
     """acc (m x n, fp32) += dy^T x for dy (..., m), x (..., n), in place.
     16-bit inputs on CUDA: one cuBLAS GEMM that adds its fp32 result into acc (beta = 1), with no fp32 copies of the
-    inputs and no m x n temporary. At Llama-2-7B shapes on an H100 it ran 1.17-1.27x faster than our autotuned Triton
-    kernel for the same product, and 11x faster than the fp32 casts (bench/bench_kernels.py). Elsewhere: addmm_ in
-    fp32. A custom op that mutates acc, so that torch.compile keeps the update inside a compiled backward."""
+    inputs and no m x n temporary; it beat a Triton kernel for the same product and the fp32 casts
+    (bench/bench_kernels.py, bench/RESULTS.md). Elsewhere: addmm_ in fp32. A custom op that mutates acc, so that torch.compile keeps the update inside a compiled backward."""
     dy, x = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
     if acc.is_cuda and dy.dtype in (torch.bfloat16, torch.float16) and x.dtype == dy.dtype:
         torch.addmm(acc, dy.T, x, out_dtype=torch.float32, out=acc)

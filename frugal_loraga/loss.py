@@ -12,9 +12,9 @@ Gradients: each chunk runs under torch.utils.checkpoint (non-reentrant), which k
 recomputes its logits in backward, one chunk at a time. Autograd then differentiates the very ops of the forward, so
 the gradients of h, of the head's parameters (tied or wrapped) and of everything upstream are exact. The price is
 one more head forward (2 N H V flops): a few % of a 7-8B step, more for small models with large vocabularies. A fused
-kernel that computes the gradient in forward (Liger) would need the head's weight, not its module, and would put
-gradients in place before backward is called. (H200, 2-layer random Llama, V = 128256, 2 x 1024 tokens, bf16: peak
-memory of loss + backward 3199 -> 971 MiB.)
+kernel that computes the gradient in forward (liger-kernel's) would need the head's weight, not its module, and would
+put gradients in place before backward is called; it holds less, and at 7-14B a training step differs by about 2%
+either way (bench/loss_vs_liger.py, bench/RESULTS.md).
 
 Families whose forward is not logits = f(head(decoder(...)[0])) with ForCausalLMLoss and no auxiliary loss (or
 unexpected inputs) fall back to model(**inputs).loss. With no target in a batch both give 0/0 = nan (zero gradients).

@@ -1,9 +1,9 @@
 """Tensors moved between the GPU and pageable host memory without holding the GPU up.
 
 Between the GPU and pageable memory CUDA copies through a small page-locked staging buffer, and the CPU waits: for the
-kernels queued before the copy, then for the copy itself, while the GPU runs out of queued work. At Llama-2-7B and an
-8 GiB budget the estimate's top group made 1984 such copies of 16 MiB (about 20 s of its 36 s), and each lower group
-waited so for each batch's input. Here every copy goes through one slot of a small ring of page-locked buffers, and
+kernels queued before the copy, then for the copy itself, while the GPU runs out of queued work. On a small card the
+estimate's top group makes thousands of such copies and each lower group waits so for each batch's input: they took
+over half of a small card's estimate (bench/RESULTS.md). Here every copy goes through one slot of a small ring of page-locked buffers, and
 worker threads do the CPU's part:
   to the host   the GPU copies into a slot on a side stream; a worker waits for that copy and moves the slot on into
                 pageable memory (cheap to allocate, and it can be swapped; page-locked memory is neither).
