@@ -15,6 +15,7 @@ import torch
 
 from bench_7b import ROOT, make_data, make_model_dir
 from frugal_loraga import Config, finetune
+from frugal_loraga.progress import Phase
 
 GIB = 2**30
 
@@ -26,7 +27,7 @@ def run_once(config: Config) -> dict:
 
     def progress(phase, done, total, metrics):
         phases.append(phase)
-        if phase in ("compiling the decoder layers", "training") and "estimating gradients" in phases \
+        if phase in (Phase.COMPILING, Phase.TRAINING) and Phase.ESTIMATING in phases \
                 and "init_peak_reserved_gib" not in peaks:
             peaks["init_peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
             peaks["init_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB

@@ -37,6 +37,7 @@ from frugal_loraga.data import load_examples  # noqa: E402
 from frugal_loraga.fidelity import captured_energy, exact_gradients  # noqa: E402
 from frugal_loraga.gradients import estimate_gradient_svd  # noqa: E402
 from frugal_loraga.memory import layer_costs  # noqa: E402
+from frugal_loraga.progress import Phase  # noqa: E402
 from frugal_loraga.lora import find_targets  # noqa: E402
 from frugal_loraga.models import load_model  # noqa: E402
 
@@ -198,10 +199,12 @@ def compile_seconds() -> float:
 
 
 def step_seconds(marks: list[tuple[str, float]]) -> list[float]:
-    """Each training step's seconds from finetune's progress reports (phase, time): the reports after the last one of
-    loading or estimating are training's, its start and then one per step (the first step's compile included)."""
-    last = max(i for i, (phase, _) in enumerate(marks) if phase not in ("compiling the decoder layers", "training"))
-    times = [t for _, t in marks[last + 1:]]
+    """Each training step's seconds from finetune's progress reports (phase, time): the compiling and training
+    reports after the last one of loading or estimating are training's, its start and then one per step (the first
+    step's compile included)."""
+    last = max(i for i, (phase, _) in enumerate(marks) if phase in (Phase.LOADING_DATA, Phase.LOADING_MODEL,
+                                                                      Phase.ESTIMATING))
+    times = [t for phase, t in marks[last + 1:] if phase in (Phase.COMPILING, Phase.TRAINING)]
     return [round(b - a, 4) for a, b in zip(times, times[1:])]
 
 

@@ -16,6 +16,7 @@ import torch
 
 from bench_7b import ROOT, SHAPES, make_data, make_model_dir
 from frugal_loraga import Config, finetune
+from frugal_loraga.progress import Phase
 
 GIB = 2**30
 
@@ -24,21 +25,21 @@ def run(config: Config) -> dict:
     marks: dict = {}
 
     def progress(phase, done, total, metrics):
-        if phase == "loading the model":
+        if phase == Phase.LOADING_MODEL:
             marks["loaded_from"] = torch.cuda.memory_allocated()
-        if phase in ("compiling the decoder layers", "estimating gradients") and "weights_gib" not in marks:
+        if phase in (Phase.COMPILING, Phase.ESTIMATING) and "weights_gib" not in marks:
             marks["weights_gib"] = (torch.cuda.memory_allocated() - marks["loaded_from"]) / GIB
-        if phase in ("compiling the decoder layers", "training") and marks.get("estimated") \
+        if phase in (Phase.COMPILING, Phase.TRAINING) and marks.get("estimated") \
                 and "init_peak_reserved_gib" not in marks:
             marks["init_peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
             marks["init_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
             torch.cuda.reset_peak_memory_stats()
-        if phase == "estimating gradients":
+        if phase == Phase.ESTIMATING:
             marks["estimated"] = True
-        if phase == "training" and done == 2:
+        if phase == Phase.TRAINING and done == 2:
             torch.cuda.synchronize()
             marks["timed_from"] = (time.perf_counter(), metrics["train_tokens"])
-        if phase == "training" and done == total and "timed_from" in marks:
+        if phase == Phase.TRAINING and done == total and "timed_from" in marks:
             torch.cuda.synchronize()
             start, tokens = marks["timed_from"]
             marks["train_tokens_per_second"] = (metrics["train_tokens"] - tokens) / (time.perf_counter() - start)

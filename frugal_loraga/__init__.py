@@ -1,12 +1,13 @@
 """frugal-loraga: LoRA-GA fine-tuning on a 4-bit base with the gradient streamed layer group by layer group.
 
-Config and the errors import without torch; finetune and FinetuneResult load the engine on first use (PEP 562), so
+Config, the errors and Phase import without torch; finetune and FinetuneResult load the engine on first use (PEP 562), so
 that `python -m frugal_loraga train --help` answers at once.
 """
 from .config import Config
 from .errors import ConfigError, DataError, OutOfMemory, RunError
+from .progress import Phase
 
-__all__ = ["Config", "ConfigError", "DataError", "FinetuneResult", "OutOfMemory", "RunError", "finetune"]
+__all__ = ["Config", "ConfigError", "DataError", "FinetuneResult", "OutOfMemory", "Phase", "RunError", "finetune"]
 
 
 def __getattr__(name: str):

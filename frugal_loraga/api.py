@@ -27,10 +27,11 @@ from .checkpoint import (atomic_write, check_outputs, clear_previous_run, load_c
 from .data import Example, causal_inputs, collate, load_examples, split_eval
 from .errors import OutOfMemory, RunError
 from .export import export_adapter
-from .gradients import ProgressFn, estimate_gradient_svd
+from .gradients import estimate_gradient_svd
 from .init import lora_factors, lora_ga_factors
 from .lora import find_targets, inject
 from .memory import check_fits, default_budget_bytes, free_bytes
+from .progress import Phase, ProgressFn
 from .models import load_base, load_tokenizer, release, resolve_device, resolve_dtype, resolve_model_path
 from .train import adapter_state, train
 
@@ -114,12 +115,12 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
     checkpoint written (resume with config.resume = True), or the LoRA-GA estimate after the current batch, with
     nothing written (adapter_dir None). When it returns or raises, nothing of its model is left
     in memory, with Python's cyclic garbage collector on or off."""
-    def enter(name: str) -> str:
+    def enter(name: Phase) -> Phase:
         if progress:
             progress(name, 0, 0, {})
         return name
 
-    phase = enter("loading data")
+    phase = enter(Phase.LOADING_DATA)
     model = inputs = None
     try:
         check_outputs(config)
@@ -134,7 +135,7 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
             check_fits(AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code), config,
                        free_bytes(resolve_device(config)))
         write_record(config, inputs, "running")
-        phase = enter("loading the model")
+        phase = enter(Phase.LOADING_MODEL)
         torch.manual_seed(config.seed)
         if config.compile and resolve_device(config).type == "cuda":
             start_compile_workers()  # up by the time the estimate compiles
@@ -151,7 +152,7 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
             factors = factors_from_checkpoint(state["adapter"], device)
             log.info("resuming %s at step %d", config.out, state["step"])
         else:
-            phase = "estimating gradients (LoRA-GA init)"
+            phase = Phase.ESTIMATING
             start = time.perf_counter()
             factors, init_metrics = initial_factors(model, targets, train_examples, config, pad_id, device, progress,
                                                     stop)
@@ -164,14 +165,14 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         if state is None:
             save_checkpoint(config.out, {"config": config.to_dict(), "inputs": inputs, "step": 0, "metrics": metrics,
                                          "adapter": adapter_state(layers)})
-        phase = "training"
+        phase = Phase.TRAINING
         start = time.perf_counter()
         stopped = train(model, layers, train_examples, eval_examples, config, inputs, pad_id, device, dtype, metrics,
                         resume_state=state, progress=progress, stop=stop)
         metrics["train_seconds"] += time.perf_counter() - start
         metrics["tokens_per_second"] = metrics["train_tokens"] / max(metrics["train_seconds"], 1e-9)
         metrics["peak_memory_gib"] = peak_memory_gib(device)
-        phase = enter("saving the adapter")
+        phase = enter(Phase.SAVING)
         adapter_dir = export_adapter(layers, config, model.name_or_path, Path(config.out) / "adapter")
         write_metrics(metrics, config)
         write_record(config, inputs, "stopped" if stopped else "finished")

@@ -94,6 +94,18 @@ def uncompile_blocks(blocks: list[nn.Module]) -> None:
 
 
 @contextlib.contextmanager
+def compiled(blocks: list[nn.Module], enabled: bool, any_width: bool = False):
+    """The blocks compiled (compile_blocks) while inside, when enabled; their own forwards back on exit."""
+    if enabled:
+        compile_blocks(blocks, any_width)
+    try:
+        yield
+    finally:
+        if enabled:
+            uncompile_blocks(blocks)
+
+
+@contextlib.contextmanager
 def no_checkpointing(blocks: list[nn.Module]):
     """Blocks keep their activations for backward for a while (transformers' per-layer gradient_checkpointing off)."""
     checkpointed = [block for block in blocks if block.__dict__.get("gradient_checkpointing")]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .config import Config
+from .progress import Phase
 
 EVAL_COST = 1 / 3  # an eval example's forward, against a training example's forward + recompute + backward
 
@@ -56,7 +57,7 @@ class JobClock:
         if (run, phase) != (self.run, self.phase):
             self.run, self.phase, self.started, self.started_at = run, phase, now, done
         units = stage in self.work[run] and total and done - self.started_at
-        if units and not phase.startswith("compiling"):
+        if units and phase != Phase.COMPILING:
             per_unit = (now - self.started) / units
             self.rate = per_unit * total / self.work[run][stage]
             here = per_unit * (total - done)
@@ -76,9 +77,9 @@ class JobClock:
 
     def _stage(self, run: int, phase: str) -> str:
         """'estimate' until the run's estimate is done, then 'training'; loading phases belong to no stage."""
-        if phase.startswith("loading"):
+        if phase in (Phase.LOADING_DATA, Phase.LOADING_MODEL):
             return "loading"
-        if "estimate" in self.work[run] and run not in self._estimated and phase != "training":
+        if "estimate" in self.work[run] and run not in self._estimated and phase != Phase.TRAINING:
             return "estimate"
         return "training"
 

@@ -38,24 +38,23 @@ group's layers at once) and freed.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-from .blocks import (attention_for, block_layout, compile_blocks, no_checkpointing, uncompile_blocks,
-                     without_cudnn_attention)
+from .blocks import attention_for, block_layout, compiled, no_checkpointing, without_cudnn_attention
 from .config import ConfigError
 from .lora import FrozenLinear, replace
 from .loss import causal_lm_loss
 from .memory import activation_bytes, available_ram_bytes, gradient_bytes
+from .progress import Phase, ProgressFn
 from .svd import LayerSVD, top_singular
 from .transfers import HostTransfers
-
-ProgressFn = Callable[[str, int, int, dict], None]  # (phase, done, total, live metrics)
 
 
 @dataclass
@@ -408,6 +407,23 @@ def _record_grad(hidden: torch.Tensor, recorded: list, batch_index: int) -> None
         hidden.register_hook(lambda grad: recorded.__setitem__(batch_index, _to(grad, "cpu")))
 
 
+@contextlib.contextmanager
+def estimating(model: nn.Module, targets: dict[str, nn.Module], taps: dict[str, GradientTap],
+               blocks: list[nn.Module], compile: bool, any_width: bool):
+    """The model as the estimate runs it while inside: taps in place of the targets, the blocks compiled (when
+    asked) and without gradient checkpointing, train mode. On exit, whatever raises (a progress callback too), the
+    model is as it was."""
+    was_training = model.training
+    replace(model, taps)
+    try:
+        model.train()
+        with compiled(blocks, compile, any_width), no_checkpointing(blocks):
+            yield
+    finally:
+        replace(model, targets)
+        model.train(was_training)
+
+
 def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict], k: int,
                           budget_bytes: int, svd: str = "lowrank", progress: Optional[ProgressFn] = None,
                           host_budget_bytes: Optional[int] = None,
@@ -435,19 +451,14 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
     state = GradientState(budget_bytes)
     results: dict[str, LayerSVD] = {}
     taps = {name: GradientTap(targets[name]) for name in order}
-    was_training = model.training
     widths = {b["input_ids"].shape[1] for b in batches}
     done, total = 0, len(groups) * len(batches)
     last_in_blocks = max((p for p, name in enumerate(order) if index[name] is not None), default=-1)
     upstream: list[torch.Tensor] = []  # per batch: dL/d(input of block segment.stop) on the CPU, for all its groups
-    try:  # from here on the model is changed; the finally below restores it, whatever raises (a progress callback too)
-        replace(model, taps)
-        if compile:
-            compile_blocks(blocks, any_width=len(widths) > 1)
-        model.train()
-        if progress:
-            progress("compiling the decoder layers" if compile else "estimating gradients", done, total, {})
-        with no_checkpointing(blocks), attention_for(widths):
+    try:
+        with estimating(model, targets, taps, blocks, compile, len(widths) > 1), attention_for(widths):
+            if progress:
+                progress(Phase.COMPILING if compile else Phase.ESTIMATING, done, total, {})
             for i, segment in enumerate(segments):
                 recorded: list[Optional[torch.Tensor]] = [None] * len(batches)
                 hooks = []
@@ -482,7 +493,7 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
                                 _to(upstream[batch_index], device))
                         done += 1
                         if progress:
-                            progress("estimating gradients", done, total, {})
+                            progress(Phase.ESTIMATING, done, total, {})
                 finally:
                     for hook in hooks:
                         hook.remove()
@@ -498,9 +509,5 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
     finally:
         if transfers is not None:
             transfers.close()
-        if compile:
-            uncompile_blocks(blocks)
-        replace(model, targets)
-        model.train(was_training)
     stats = EstimationStats(groups, budget_bytes, state.peak_bytes, len(batches), time.perf_counter() - start)
     return results, stats

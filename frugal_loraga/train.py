@@ -18,8 +18,8 @@ from .checkpoint import save_checkpoint
 from .config import Config
 from .errors import ConfigError, RunError
 from .data import Example, causal_inputs, collate, micro_batch, padded_width
-from .blocks import attention_for, block_layout, compile_blocks, uncompile_blocks
-from .gradients import ProgressFn
+from .blocks import attention_for, block_layout, compiled
+from .progress import Phase, ProgressFn
 from .lora import LoraLinear
 from .loss import causal_lm_loss
 
@@ -96,15 +96,13 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
     compiling = config.compile and device.type == "cuda"
     widths = {padded_width(len(e.input_ids)) for e in train_examples + eval_examples}
     blocks = block_layout(model, list(layers))[0]
-    if compiling:
-        compile_blocks(blocks, any_width=len(widths) > 1)
     if progress:
-        progress("compiling the decoder layers" if compiling else "training", start, config.steps, metrics)
+        progress(Phase.COMPILING if compiling else Phase.TRAINING, start, config.steps, metrics)
     model.train()
     saved = start  # the step of the last checkpoint: the run saved step 0 before training
     bar = tqdm(total=config.steps, initial=start, desc="training", disable=not config.progress, dynamic_ncols=True)
     try:
-        with attention_for(widths):
+        with compiled(blocks, compiling, any_width=len(widths) > 1), attention_for(widths):
             if eval_examples and start == 0:
                 metrics["eval_loss"].append([0, evaluate(model, eval_examples, config, pad_id, device, dtype)])
             for step in range(start, config.steps):
@@ -129,7 +127,7 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
                 bar.set_postfix(loss=f"{step_loss:.4f}")
                 bar.update()
                 if progress:
-                    progress("training", done, config.steps, metrics)
+                    progress(Phase.TRAINING, done, config.steps, metrics)
                 stopping = stop is not None and stop.is_set()
                 if (config.save_every and done % config.save_every == 0) or done == config.steps or stopping:
                     checkpoint(done)
@@ -139,8 +137,6 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
         return False
     finally:
         bar.close()
-        if compiling:
-            uncompile_blocks(blocks)
 
 
 def check_finite(step: int, loss: float, grad_norm: torch.Tensor, config: Config, saved: int) -> None:

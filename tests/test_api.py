@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import frugal_loraga.api as api_module
-from frugal_loraga import Config, ConfigError, OutOfMemory, finetune
+from frugal_loraga import Config, ConfigError, OutOfMemory, Phase, finetune
 from frugal_loraga.cli import main
 from frugal_loraga.gradients import GradientTap
 from frugal_loraga.models import load_base
@@ -32,6 +32,7 @@ def test_the_estimate_shows_a_progress_bar_and_reports_to_the_callback(tiny_mode
     assert seen[:3] == [("loading data", 0, 0), ("loading the model", 0, 0),
                         (compiling or "estimating gradients", 0, total)]
     assert (compiling or "training", 0, 1) in seen and seen[-2:] == [("training", 1, 1), ("saving the adapter", 0, 0)]
+    assert {type(phase) for phase, _, _ in seen} == {Phase}  # each a Phase, equal to its text as the asserts show
     assert "LoRA-GA gradient estimate: 100%" in capsys.readouterr().err
 
 

@@ -67,10 +67,11 @@ def test_a_new_user_trains_resumes_tries_and_exports(tiny_model_dir, sample_path
             page.get_by_role("button", name="Stop").click()
             page.get_by_text("press Resume").wait_for(timeout=60_000)
 
-            page.reload(wait_until="networkidle")  # the runs come back with the page; resume takes their settings
+            page.reload()  # the runs come back with the page; resume takes their settings
             table = page.get_by_label("Runs in runs/app (the last updated first)")
             for name, status in (("first", "finished"), ("first-lora", "finished"), ("second", "stopped")):
-                playwright.expect(table.get_by_role("row").filter(has_text=name).first).to_contain_text(status)
+                playwright.expect(table.get_by_role("row").filter(has_text=name).first).to_contain_text(status,
+                                                                                       timeout=30_000)
             run = page.get_by_label("Run", exact=True)
             run.click()
             page.get_by_role("option", name="second", exact=True).click()
