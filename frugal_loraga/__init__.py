@@ -1,13 +1,14 @@
 """frugal-loraga: LoRA-GA fine-tuning on a 4-bit base with the gradient streamed layer group by layer group.
 
-Config, the errors and Phase import without torch; finetune and FinetuneResult load the engine on first use (PEP 562), so
-that `python -m frugal_loraga train --help` answers at once.
+Config, the errors, Phase and Metrics import without torch; finetune and FinetuneResult load the engine on first use
+(PEP 562), so that `python -m frugal_loraga train --help` answers at once.
 """
 from .config import Config
 from .errors import ConfigError, DataError, OutOfMemory, RunError
-from .progress import Phase
+from .progress import Metrics, Phase
 
-__all__ = ["Config", "ConfigError", "DataError", "FinetuneResult", "OutOfMemory", "Phase", "RunError", "finetune"]
+__all__ = ["Config", "ConfigError", "DataError", "FinetuneResult", "Metrics", "OutOfMemory", "Phase", "RunError",
+           "finetune"]
 
 
 def __getattr__(name: str):

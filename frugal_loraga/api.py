@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import resource
 import threading
 import time
@@ -17,23 +16,21 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from .blocks import start_compile_workers
 from .config import Config
-from .checkpoint import (atomic_write, check_outputs, clear_previous_run, load_checkpoint, run_inputs, save_checkpoint,
-                         write_record)
-from .data import Example, causal_inputs, collate, load_examples, split_eval
+from .checkpoint import (atomic_write, check_outputs, clear_previous_run, factors_from_checkpoint, load_checkpoint,
+                         run_inputs, save_checkpoint, write_record)
+from .data import Example, load_examples, split_eval
 from .errors import OutOfMemory, RunError
 from .export import export_adapter
-from .gradients import estimate_gradient_svd
-from .init import lora_factors, lora_ga_factors
+from .init import StoppedInEstimate, initial_factors
 from .lora import find_targets, inject
-from .memory import check_fits, default_budget_bytes, free_bytes
-from .progress import Phase, ProgressFn
+from .memory import check_fits, free_bytes
+from .progress import Metrics, Phase, ProgressFn
 from .models import load_base, load_tokenizer, release, resolve_device, resolve_dtype, resolve_model_path
-from .train import adapter_state, train
+from .train import train
 
 log = logging.getLogger("frugal_loraga")
 
@@ -41,7 +38,7 @@ log = logging.getLogger("frugal_loraga")
 @dataclass
 class FinetuneResult:
     adapter_dir: Optional[Path]  # None when stopped during the LoRA-GA estimate: nothing was saved
-    metrics: dict
+    metrics: Metrics
     stopped: bool
 
 
@@ -49,60 +46,6 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
-
-
-def estimation_batches(train_examples, config: Config, pad_id: int, device) -> list[dict]:
-    """The LoRA-GA estimation batches: estimation_samples examples drawn by the seed, estimation_batch_size each, each
-    batch right-padded to its longest example's padded_width (a multiple of 8), with no attention mask (causal_inputs).
-    When the widths differ, the estimate compiles its blocks for any width and leaves cuDNN's attention out, as
-    training does (blocks.attention_for). On examples of varying lengths this runs fewer tokens than padding every
-    batch to the longest example, and the graphs for any width serve every data set, where one width's serve only
-    data whose longest example pads to that width (measured in bench/RESULTS.md)."""
-    order = list(range(len(train_examples)))
-    random.Random(config.seed).shuffle(order)
-    picked = [train_examples[i] for i in order[:config.estimation_samples]]
-    size = config.estimation_batch_size
-    return [causal_inputs(collate(picked[i:i + size], pad_id, device)) for i in range(0, len(picked), size)]
-
-
-class StoppedInEstimate(Exception):
-    """The stop switch was set during the LoRA-GA estimate (checked after each batch)."""
-
-
-def initial_factors(model, targets, train_examples, config: Config, pad_id: int, device, progress,
-                    stop: Optional[threading.Event] = None) -> tuple[dict, dict]:
-    """name -> (A, B, A0, B0) and the init metrics; raises StoppedInEstimate once `stop` is set."""
-    if config.init == "lora":
-        generator = torch.Generator().manual_seed(config.seed)
-        return {n: (*lora_factors(m.out_features, m.in_features, config.rank, generator, device), None, None)
-                for n, m in targets.items()}, {}
-    batches = estimation_batches(train_examples, config, pad_id, device)
-    budget = int(config.grad_budget_gib * 2**30) if config.grad_budget_gib else default_budget_bytes(device)
-    with tqdm(desc="LoRA-GA gradient estimate", unit="batch", disable=not config.progress, dynamic_ncols=True) as bar:
-        def report(phase: str, done: int, total: int, metrics: dict) -> None:
-            bar.total = total  # groups x batches, known once the groups are planned
-            bar.update(done - bar.n)
-            if progress:
-                progress(phase, done, total, metrics)
-            if stop is not None and stop.is_set():
-                raise StoppedInEstimate
-        svds, stats = estimate_gradient_svd(model, targets, batches, 2 * config.rank, budget, config.svd, report,
-                                            compile=config.compile and device.type == "cuda")
-    log.info("gradient estimated over %d batches in %d group(s), peak gradient state %.3f GiB of %.3f GiB budget",
-             stats.batches, len(stats.groups), stats.peak_state_bytes / 2**30, budget / 2**30)
-    factors = {}
-    for name, svd in svds.items():
-        A0, B0 = lora_ga_factors(svd, config.rank, config.direction, config.scale, config.gamma, config.eta)
-        factors[name] = (A0, B0, A0, B0)
-    return factors, {"estimation_groups": len(stats.groups), "estimation_batches": stats.batches,
-                     "estimation_peak_state_gib": stats.peak_state_bytes / 2**30,
-                     "estimation_budget_gib": budget / 2**30}
-
-
-def factors_from_checkpoint(adapter: dict, device: torch.device) -> dict:
-    """name -> (A, B, A0 | None, B0 | None) on device, from a checkpoint's adapter tensors (empty A0: plain LoRA)."""
-    return {name: tuple(t.to(device) if t.numel() else None for t in (s["A"], s["B"], s["A0"], s["B0"]))
-            for name, s in adapter.items()}
 
 
 def finetune(config: Config, progress: Optional[ProgressFn] = None,
@@ -158,13 +101,12 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
                                                     stop)
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the estimate's blocks back to the card: training lays out its own
-            metrics = {"train_loss": [], "eval_loss": [], "train_tokens": 0, "train_seconds": 0.0,
-                       "init_seconds": time.perf_counter() - start, "peak_memory_init_gib": peak_memory_gib(device),
-                       **init_metrics}
+            metrics = Metrics(train_loss=[], eval_loss=[], train_tokens=0, train_seconds=0.0,
+                              init_seconds=time.perf_counter() - start, peak_memory_init_gib=peak_memory_gib(device),
+                              **init_metrics)
         layers = inject(model, factors, config.eta)
         if state is None:
-            save_checkpoint(config.out, {"config": config.to_dict(), "inputs": inputs, "step": 0, "metrics": metrics,
-                                         "adapter": adapter_state(layers)})
+            save_checkpoint(config, inputs, 0, metrics, layers)
         phase = Phase.TRAINING
         start = time.perf_counter()
         stopped = train(model, layers, train_examples, eval_examples, config, inputs, pad_id, device, dtype, metrics,
@@ -214,7 +156,7 @@ def load_data(config: Config, tokenizer) -> tuple[list[Example], list[Example]]:
                                    config.column_map(), config.chat_template)[0]
 
 
-def write_metrics(metrics: dict, config: Config) -> None:
+def write_metrics(metrics: Metrics, config: Config) -> None:
     """out/metrics.json, then the metrics_json copy (checked writable before the run)."""
     text = json.dumps(metrics, indent=1)
     paths = [Path(config.out) / "metrics.json"] + ([Path(config.metrics_json)] if config.metrics_json else [])

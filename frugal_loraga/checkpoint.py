@@ -4,7 +4,8 @@ before the slow work, written atomically, and read back to resume.
 out/run.json is the run's record, small enough to list many runs by: its settings (Config, resolved), what it learns
 from (inputs), and its status: running, stopped, finished or failed (with the message).
 
-A checkpoint is {"config", "inputs", "step", "metrics", "adapter"[, "optimizer", "scheduler"]}. "inputs" identifies
+A checkpoint (save_checkpoint, load_checkpoint) is {"config", "inputs", "step", "metrics", "adapter"[, "optimizer",
+"scheduler"]}. "inputs" identifies
 what the run was trained on by content, not by how a path was spelled: the model folder resolved, and a SHA-256 of
 each data file. A resume must match them and every setting that changes the result (all but RESUMABLE_CHANGES).
 """
@@ -24,6 +25,7 @@ import torch
 
 from .config import Config
 from .errors import ConfigError, RunError
+from .progress import Metrics
 
 # Fields that may change between a run and its resume without changing the result. The paths (out, data, eval_data,
 # model) are compared through `inputs` instead: the same file spelled another way, or at another path, is the same.
@@ -140,15 +142,35 @@ def atomic_write(path: Path, write: Callable[[Path], None], last_good: str = "")
                        + ("Free disk space, then resume." if full else "")) from e
 
 
-def save_checkpoint(out: str | Path, state: dict) -> None:
-    """Write the checkpoint atomically, flushed to disk."""
+def save_checkpoint(config: Config, inputs: dict, step: int, metrics: Metrics, layers: dict,
+                    optimizer: Optional[torch.optim.Optimizer] = None, scheduler=None) -> None:
+    """The run's state after `step` optimizer steps, written atomically and flushed to disk: its settings, inputs and
+    metrics, every adapter's A, B, A0, B0 (layers: name -> LoraLinear) and, once training has begun, the optimizer's
+    and the lr scheduler's state."""
+    state = {"config": config.to_dict(), "inputs": inputs, "step": step, "metrics": metrics,
+             "adapter": adapter_state(layers)}
+    if optimizer is not None:
+        state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-    path = checkpoint_path(out)
+    path = checkpoint_path(config.out)
     atomic_write(path, write, f"The last checkpoint ({path}) is intact." if path.exists() else "")
+
+
+def adapter_state(layers: dict) -> dict:
+    """name -> {"A", "B", "A0", "B0"} on the CPU (A0, B0 empty for plain LoRA)."""
+    return {name: {k: t.detach().cpu() for k, t in (("A", l.A), ("B", l.B), ("A0", l.A0), ("B0", l.B0))}
+            for name, l in layers.items()}
+
+
+def factors_from_checkpoint(adapter: dict, device: torch.device) -> dict:
+    """name -> (A, B, A0 | None, B0 | None) on device, from a checkpoint's adapter tensors (empty A0: plain LoRA)."""
+    return {name: tuple(t.to(device) if t.numel() else None for t in (s["A"], s["B"], s["A0"], s["B0"]))
+            for name, s in adapter.items()}
 
 
 def write_record(config: Config, inputs: dict, status: str, message: str = "") -> None:

@@ -2,8 +2,8 @@
 progress calls finetune makes.
 
 Work is counted in examples through the network. Per example, the LoRA-GA estimate runs about one forward and one
-forward + backward (gradients.py), as a training micro-batch with gradient checkpointing does; an eval example costs a
-forward, about a third of that. So one rate, seconds per example, measured in whichever stage has advanced last, prices
+forward + backward (estimate/walk.py), as a training micro-batch with gradient checkpointing does; an eval example
+costs a forward, about a third of that. So one rate, seconds per example, measured in whichever stage has advanced last, prices
 the stages still to come:
   estimate  estimation_samples examples
   training  steps x batch_size x grad_accum examples, plus eval_samples / 3 per evaluation

@@ -1,4 +1,4 @@
-"""Initial adapter factors: LoRA-GA from the gradient's singular vectors, or plain LoRA.
+"""Initial adapter factors: LoRA-GA from the gradient's singular vectors, or plain LoRA (initial_factors).
 
 LoRA-GA (reference code's choices), with G ~ U diag(S) V^T the top-2r SVD of the layer's gradient (m x n):
   ArB2r: A0 = V[:, :r]^T (r x n),     B0 = U[:, r:2r] (m x r)
@@ -9,11 +9,23 @@ Plain LoRA: A Kaiming-uniform (a = sqrt(5), as nn.Linear), B = 0.
 """
 from __future__ import annotations
 
+import logging
 import math
+import random
+import threading
+from typing import Optional
 
 import torch
+from tqdm.auto import tqdm
 
+from .config import Config
+from .data import causal_inputs, collate
+from .estimate import estimate_gradient_svd
+from .memory import default_budget_bytes
+from .progress import Metrics, Phase, ProgressFn
 from .svd import LayerSVD
+
+log = logging.getLogger("frugal_loraga")
 
 
 def lora_ga_factors(svd: LayerSVD, rank: int, direction: str, scale: str, gamma: float,
@@ -35,3 +47,52 @@ def lora_factors(out_features: int, in_features: int, rank: int, generator: torc
     bound = 1 / math.sqrt(in_features)  # kaiming_uniform_ with a = sqrt(5) gives U(-1/sqrt(n), 1/sqrt(n))
     A = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
     return A.to(device), torch.zeros(out_features, rank, device=device)
+
+
+def estimation_batches(train_examples, config: Config, pad_id: int, device) -> list[dict]:
+    """The LoRA-GA estimation batches: estimation_samples examples drawn by the seed, estimation_batch_size each, each
+    batch right-padded to its longest example's padded_width (a multiple of 8), with no attention mask (causal_inputs).
+    When the widths differ, the estimate compiles its blocks for any width and leaves cuDNN's attention out, as
+    training does (blocks.attention_for). On examples of varying lengths this runs fewer tokens than padding every
+    batch to the longest example, and the graphs for any width serve every data set, where one width's serve only
+    data whose longest example pads to that width (measured in bench/RESULTS.md)."""
+    order = list(range(len(train_examples)))
+    random.Random(config.seed).shuffle(order)
+    picked = [train_examples[i] for i in order[:config.estimation_samples]]
+    size = config.estimation_batch_size
+    return [causal_inputs(collate(picked[i:i + size], pad_id, device)) for i in range(0, len(picked), size)]
+
+
+class StoppedInEstimate(Exception):
+    """The stop switch was set during the LoRA-GA estimate (checked after each batch)."""
+
+
+def initial_factors(model, targets, train_examples, config: Config, pad_id: int, device,
+                    progress: Optional[ProgressFn] = None,
+                    stop: Optional[threading.Event] = None) -> tuple[dict, Metrics]:
+    """name -> (A, B, A0, B0) and the init metrics; raises StoppedInEstimate once `stop` is set."""
+    if config.init == "lora":
+        generator = torch.Generator().manual_seed(config.seed)
+        return {n: (*lora_factors(m.out_features, m.in_features, config.rank, generator, device), None, None)
+                for n, m in targets.items()}, Metrics()
+    batches = estimation_batches(train_examples, config, pad_id, device)
+    budget = int(config.grad_budget_gib * 2**30) if config.grad_budget_gib else default_budget_bytes(device)
+    with tqdm(desc="LoRA-GA gradient estimate", unit="batch", disable=not config.progress, dynamic_ncols=True) as bar:
+        def report(phase: Phase, done: int, total: int, metrics: Metrics) -> None:
+            bar.total = total  # groups x batches, known once the groups are planned
+            bar.update(done - bar.n)
+            if progress:
+                progress(phase, done, total, metrics)
+            if stop is not None and stop.is_set():
+                raise StoppedInEstimate
+        svds, stats = estimate_gradient_svd(model, targets, batches, 2 * config.rank, budget, config.svd, report,
+                                            compile=config.compile and device.type == "cuda")
+    log.info("gradient estimated over %d batches in %d group(s), peak gradient state %.3f GiB of %.3f GiB budget",
+             stats.batches, len(stats.groups), stats.peak_state_bytes / 2**30, budget / 2**30)
+    factors = {}
+    for name, svd in svds.items():
+        A0, B0 = lora_ga_factors(svd, config.rank, config.direction, config.scale, config.gamma, config.eta)
+        factors[name] = (A0, B0, A0, B0)
+    return factors, Metrics(estimation_groups=len(stats.groups), estimation_batches=stats.batches,
+                            estimation_peak_state_gib=stats.peak_state_bytes / 2**30,
+                            estimation_budget_gib=budget / 2**30)

@@ -19,7 +19,7 @@ from .config import Config
 from .errors import ConfigError, RunError
 from .data import Example, causal_inputs, collate, micro_batch, padded_width
 from .blocks import attention_for, block_layout, compiled
-from .progress import Phase, ProgressFn
+from .progress import Metrics, Phase, ProgressFn
 from .lora import LoraLinear
 from .loss import causal_lm_loss
 
@@ -64,13 +64,8 @@ def evaluate(model, examples: list[Example], config: Config, pad_id: int, device
     return total_loss / max(total_tokens, 1)
 
 
-def adapter_state(layers: dict[str, LoraLinear]) -> dict:
-    return {name: {k: t.detach().cpu() for k, t in (("A", l.A), ("B", l.B), ("A0", l.A0), ("B0", l.B0))}
-            for name, l in layers.items()}
-
-
 def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], eval_examples: list[Example],
-          config: Config, inputs: dict, pad_id: int, device: torch.device, dtype: torch.dtype, metrics: dict,
+          config: Config, inputs: dict, pad_id: int, device: torch.device, dtype: torch.dtype, metrics: Metrics,
           resume_state: Optional[dict] = None, progress: Optional[ProgressFn] = None,
           stop: Optional[threading.Event] = None, params: Optional[list[torch.nn.Parameter]] = None) -> bool:
     """Train to config.steps, filling metrics (train_loss, eval_loss as [step, loss]). True if stopped early.
@@ -88,10 +83,7 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
         start = resume_state["step"]
 
     def checkpoint(step):
-        save_checkpoint(config.out, {"config": config.to_dict(), "inputs": inputs, "step": step,
-                                     "adapter": adapter_state(layers),
-                                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                     "metrics": metrics})
+        save_checkpoint(config, inputs, step, metrics, layers, optimizer, scheduler)
 
     compiling = config.compile and device.type == "cuda"
     widths = {padded_width(len(e.input_ids)) for e in train_examples + eval_examples}

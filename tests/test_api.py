@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 import frugal_loraga.api as api_module
 from frugal_loraga import Config, ConfigError, OutOfMemory, Phase, finetune
 from frugal_loraga.cli import main
-from frugal_loraga.gradients import GradientTap
+from frugal_loraga.estimate import GradientTap
 from frugal_loraga.models import load_base
 from conftest import write_jsonl
 
@@ -117,7 +117,7 @@ def test_model_folder_checks(tmp_path, sample_path):
 def test_out_of_memory_names_the_settings_to_lower(tiny_model_dir, sample_path, tmp_path, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr("frugal_loraga.api.estimate_gradient_svd", oom)
+    monkeypatch.setattr("frugal_loraga.init.estimate_gradient_svd", oom)
     with pytest.raises(OutOfMemory, match="while estimating gradients.*estimation_batch_size and grad_budget_gib"):
         finetune(tiny_config(tiny_model_dir, sample_path, tmp_path))
 

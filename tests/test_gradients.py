@@ -8,13 +8,13 @@ import torch
 from torch._dynamo.utils import counters
 from bitsandbytes.functional import dequantize_4bit
 
-from frugal_loraga.api import estimation_batches
+from frugal_loraga.init import estimation_batches
 from frugal_loraga.config import Config, ConfigError
 from frugal_loraga.data import causal_inputs, collate, load_examples
 from frugal_loraga.fidelity import captured_energy, exact_gradients, subspace_agreement
 from frugal_loraga.blocks import block_layout, compile_blocks, uncompile_blocks
-from frugal_loraga.gradients import (Segment, accumulate_outer, estimate_gradient_svd, plan_cache, plan_groups,
-                                     plan_segments)
+from frugal_loraga.estimate import accumulate_outer, estimate_gradient_svd
+from frugal_loraga.estimate.plan import Segment, plan_cache, plan_groups, plan_segments
 from frugal_loraga.memory import activation_bytes, gradient_bytes, layer_costs
 from frugal_loraga.lora import find_targets
 from frugal_loraga.models import load_model

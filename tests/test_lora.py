@@ -6,7 +6,8 @@ import torch
 from peft import PeftModel
 
 from frugal_loraga import Config, ConfigError, finetune
-from frugal_loraga.api import factors_from_checkpoint, initial_factors
+from frugal_loraga.checkpoint import factors_from_checkpoint
+from frugal_loraga.init import initial_factors
 from frugal_loraga.data import causal_inputs, collate, load_examples
 from frugal_loraga.svd import LayerSVD
 from frugal_loraga.init import lora_ga_factors

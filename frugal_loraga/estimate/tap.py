@@ -1,0 +1,84 @@
+"""The gradient tap: what a target layer becomes during the estimate.
+
+For a linear layer y = x W^T with W of shape (m = out, n = in), over the N tokens of a batch with inputs
+X (N x n) and output gradients dY (N x m):   dL/dW = dY^T X   (m x n).
+W itself is not needed, so a 4-bit base works: G is the gradient at the quantized model.
+While its layer's group is being estimated, a tap's backward adds dY^T X into the layer's fp32 accumulator
+(accumulate_outer: on CUDA one cuBLAS GEMM of the 16-bit inputs into the fp32 accumulator, a custom op that
+torch.compile keeps in the compiled backward). Only the current group's layers hold accumulators (GradientState).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..lora import FrozenLinear
+
+
+@dataclass
+class GradientState:
+    """The fp32 gradient accumulators alive at one time, with their bytes accounted against the budget."""
+    budget_bytes: int
+    accumulators: dict[str, torch.Tensor] = field(default_factory=dict)
+    live_bytes: int = 0
+    peak_bytes: int = 0
+
+    def allocate(self, name: str, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+        self.accumulators[name] = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.live_bytes += 4 * shape[0] * shape[1]
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        return self.accumulators[name]
+
+    def release(self, name: str) -> torch.Tensor:
+        accumulator = self.accumulators.pop(name)
+        self.live_bytes -= 4 * accumulator.numel()
+        return accumulator
+
+
+@torch.library.custom_op("frugal_loraga::accumulate_outer", mutates_args=("acc",))
+def accumulate_outer(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
+    """acc (m x n, fp32) += dy^T x for dy (..., m), x (..., n), in place.
+    16-bit inputs on CUDA: one cuBLAS GEMM that adds its fp32 result into acc (beta = 1), with no fp32 copies of the
+    inputs and no m x n temporary; it beat a Triton kernel for the same product and the fp32 casts
+    (bench/bench_kernels.py, bench/RESULTS.md). Elsewhere: addmm_ in fp32. A custom op that mutates acc, so that
+    torch.compile keeps the update inside a compiled backward."""
+    dy, x = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+    if acc.is_cuda and dy.dtype in (torch.bfloat16, torch.float16) and x.dtype == dy.dtype:
+        torch.addmm(acc, dy.T, x, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(dy.T.float(), x.float())
+
+
+@accumulate_outer.register_fake
+def _(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
+    return None
+
+
+class _AddWeightGradient(torch.autograd.Function):
+    """y unchanged in forward; in backward, dL/dW = dY^T X (m x n) added into the accumulator, dY passed on."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, x: torch.Tensor, accumulator: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, accumulator)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, accumulator = ctx.saved_tensors
+        accumulate_outer(accumulator, dy, x)
+        return dy, None, None
+
+
+class GradientTap(FrozenLinear):
+    """A target during the estimate: y = base(x); while `accumulator` (fp32, m x n) is set, each backward adds
+    dY^T X into it. A buffer, so that a compiled block takes it as an input rather than compiling once per layer."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__(base)
+        self.register_buffer("accumulator", None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y if self.accumulator is None else _AddWeightGradient.apply(y, x, self.accumulator)
