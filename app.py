@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import re
 import shutil
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_type_hints
 
@@ -22,13 +19,12 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 import pandas as pd
 import torch
 
-from frugal_loraga import Config, ConfigError, DataError, OutOfMemory, RunError, finetune
+from frugal_loraga import Config, ConfigError, DataError
 from frugal_loraga.config import DEFAULT_LR, field_type
 from frugal_loraga.checkpoint import has_adapter, read_record
 from frugal_loraga.cli import command_line
-from frugal_loraga.eta import JobClock, format_seconds
-from frugal_loraga.generate import Generator
 from frugal_loraga.data import IGNORE, load_examples
+from frugal_loraga.jobs import Jobs
 from frugal_loraga.memory import available_ram_bytes, estimate_memory_gib, fit_advice
 from frugal_loraga.models import cached_model_ids, load_tokenizer, resolve_model_path
 from frugal_loraga.runs import list_runs, run_config
@@ -45,6 +41,7 @@ SETTINGS = ["data_format", "columns", "chat_template", "model", "load_in_4bit", 
             "lr", "steps", "batch_size", "max_length", "estimation_samples", "grad_accum", "schedule", "warmup_ratio",
             "target_modules", "seed", "estimation_batch_size", "grad_budget_gib", "compile"]  # Config fields on the form
 FORM = ["upload", "eval_upload", *SETTINGS, "baseline", "run_name"]  # the Train form, in the order handlers take it
+JOBS = Jobs()  # the page's one job at a time, and its Try model
 
 
 def sanitize_name(name: str) -> str:
@@ -147,70 +144,6 @@ def memory_estimate(model, load_in_4bit, rank, batch_size, max_length, init, est
             f"**{fit_advice(estimate, card_bytes / 2**30)}**")
 
 
-@dataclass
-class Job:
-    """The one background run: its thread, stop switch, phase and live metrics of each curve."""
-    thread: threading.Thread | None = None
-    stop: threading.Event = field(default_factory=threading.Event)
-    phase: str = "idle"
-    done: int = 0
-    total: int = 0
-    clock: JobClock | None = None  # the whole job's time left
-    curves: dict = field(default_factory=dict)
-    message: str = ""
-    run: str = ""  # the name of the job's main run (its folder below RUNS)
-
-    def busy(self) -> bool:
-        return self.thread is not None and self.thread.is_alive()
-
-
-JOB = Job()
-START = threading.Lock()
-log = logging.getLogger("frugal_loraga.app")
-
-
-def summary(label: str, result) -> str:
-    """One finished run in a line: final losses, time, speed, peak memory and where its adapter is."""
-    m = result.metrics
-    losses = ", ".join(f"{split} loss {m[key][-1][1]:.4f}" for split, key in (("train", "train_loss"),
-                                                                                ("eval", "eval_loss")) if m.get(key))
-    return (f"- **{label}**: {losses}; init {m.get('init_seconds', 0):.0f} s, training {m['train_seconds']:.0f} s "
-            f"({m['tokens_per_second']:.0f} tokens/s), peak {m['peak_memory_gib']:.2f} GiB; adapter in "
-            f"`{result.adapter_dir}`")
-
-
-def _run(configs: list[Config]):
-    done = []
-    for index, config in enumerate(configs):
-        label = config.init
-
-        def progress(phase, done, total, metrics, label=label, index=index):
-            JOB.clock.update(index, phase, done, total)
-            JOB.phase, JOB.done, JOB.total = f"{label}: {phase}", done, total
-            if metrics:
-                JOB.curves[label] = metrics
-        try:
-            result = finetune(config, progress=progress, stop=JOB.stop)
-        except (ConfigError, DataError, OutOfMemory, RunError) as e:
-            JOB.message = f"**Error:** {e}"
-            break
-        except Exception as e:  # not foreseen: the page says so, the server log has the traceback
-            log.exception("the %s run failed", label)
-            JOB.message = f"**Error:** the {label} run failed unexpectedly ({type(e).__name__}: {e}); see the log"
-            break
-        JOB.curves[label] = result.metrics
-        if not result.stopped:
-            done.append(summary(label, result))
-        if result.stopped:
-            JOB.message = ("Stopped; a checkpoint was saved. Select the run and press Resume to continue."
-                           if result.adapter_dir else
-                           "Stopped during the LoRA-GA estimate; nothing was saved. Press Train to start again.")
-            break
-    else:
-        JOB.message = "Finished.\n\n" + "\n".join(done)
-    JOB.phase = "idle"
-
-
 def run_name_or(run_name: str | None, default: str) -> str:
     """The run's folder name: the one typed, sanitized, or the default when none is."""
     return sanitize_name(run_name.strip()) if isinstance(run_name, str) and run_name.strip() else default
@@ -284,7 +217,7 @@ def start(*values):
         configs = form_configs(form, name, stored=True)  # every field checked before a file is copied
     except (ConfigError, DataError) as e:
         return f"**Error:** {e}"
-    return launch(name, configs)
+    return JOBS.launch(name, configs)
 
 
 def resume(selected: str):
@@ -293,23 +226,7 @@ def resume(selected: str):
         config = dataclasses.replace(run_config(run_folder(selected)), resume=True, overwrite=False)
     except (ConfigError, FileNotFoundError) as e:
         return f"**Error:** {e}"
-    return launch(selected, [config])
-
-
-def launch(name: str, configs: list[Config]) -> str:
-    """Run the configs one after another in the background; refuses while a job runs. The check and the start are
-    one step under a lock, so that two Starts at the same moment cannot both pass it."""
-    with START:
-        if JOB.busy():
-            return "A run is already in progress: wait for it or press Stop."
-        TRY.release()  # a Train after a Try gets the whole card
-        JOB.stop.clear()
-        JOB.curves, JOB.message, JOB.run = {}, "", name
-        JOB.phase, JOB.done, JOB.total = "starting", 0, 0
-        JOB.clock = JobClock.for_runs(configs, "cuda" if torch.cuda.is_available() else "cpu")
-        JOB.thread = threading.Thread(target=_run, args=(configs,), daemon=True)
-        JOB.thread.start()
-    return f"Started {name}."
+    return JOBS.launch(selected, [config])
 
 
 def run_folder(selected: str) -> Path:
@@ -326,8 +243,8 @@ def delete_run(selected: str) -> str:
         folder = run_folder(selected)
     except ConfigError as e:
         return f"**Error:** {e}"
-    with START:
-        if JOB.busy():
+    with JOBS.idle() as idle:
+        if not idle:
             return "A run is in progress: stop it before deleting runs."
         shutil.rmtree(folder)
     return f"Deleted {folder.name}."
@@ -338,16 +255,9 @@ def runs_table() -> pd.DataFrame:
     columns = ["name", "status", "init", "steps", "train_loss", "eval_loss", "adapter", "message"]
     rows = [{c: row[c] for c in columns} for row in list_runs(RUNS)]
     for row in rows:  # a run's record says running, but no job runs here: its process ended before it could say so
-        if row["status"] == "running" and not JOB.busy():
+        if row["status"] == "running" and not JOBS.busy():
             row["status"] = "interrupted"
     return pd.DataFrame(rows, columns=columns).round(4)
-
-
-def stop():
-    if not JOB.busy():
-        return "Nothing is running."
-    JOB.stop.set()
-    return "Stopping after the current training step (a checkpoint is written) or estimation batch..."
 
 
 CURVE_COLORS = {"lora_ga train": "#ff7f0e", "lora_ga eval": "#d62728", "lora train": "#1f77b4", "lora eval": "#9467bd"}
@@ -361,43 +271,23 @@ def loss_frame(rows) -> pd.DataFrame:
     return frame.astype({"step": "int64", "loss": "float64", "curve": "str"})
 
 
-def gpu_memory() -> str:
-    """What the card holds now: this process's reserved memory of the card's total."""
-    if not torch.cuda.is_available():
-        return ""
-    total = torch.cuda.get_device_properties(0).total_memory
-    return f" GPU memory {torch.cuda.memory_reserved() / 2**30:.1f} of {total / 2**30:.1f} GiB."
-
-
 def status():
-    """Phase i/n, the whole job's time left and the GPU memory held, and the loss curves for the plot."""
-    text = f"**{JOB.phase}**"
-    if JOB.busy():
-        text += f" {JOB.done}/{JOB.total}" if JOB.total else ""
-        left = JOB.clock.seconds_left() if JOB.clock else None
-        text += f", about {format_seconds(left)} left for the whole job." if left is not None else "."
-        text += gpu_memory()
-        if JOB.stop.is_set():
-            text += " Stop requested: the run ends after the current step or batch."
-    text += f" {JOB.message}" if JOB.message else ""
-    rows = [(step, loss, f"{label} {split}") for label, metrics in JOB.curves.items()
-            for split in ("train", "eval") for step, loss in metrics.get(f"{split}_loss", [])]
-    return text, loss_frame(rows)
+    """The job's status line and its loss curves for the plot."""
+    job = JOBS.job
+    return job.status(), loss_frame(job.loss_points())
 
 
 def poll(selected: str = ""):
     """The status, the runs and the run selected (the job's, when none is), and the timer kept running only while a
     job runs: an idle page makes no requests."""
-    running = JOB.busy()  # before the status: a job that ends in between is drawn finished at the next call
+    running = JOBS.busy()  # before the status: a job that ends in between is drawn finished at the next call
     table = runs_table()
     names = list(table["name"])
-    chosen = selected if selected in names else (JOB.run if JOB.run in names else (names[0] if names else None))
+    run = JOBS.job.run
+    chosen = selected if selected in names else (run if run in names else (names[0] if names else None))
     text, frame = status()
     plot = gr.LinePlot(frame, visible=bool(frame["loss"].notna().any()))  # no empty axes before the first loss
     return text, plot, gr.Timer(active=running), table, gr.Dropdown(choices=names, value=chosen)
-
-
-TRY = Generator()  # holds the model of the last Try; released before a run starts
 
 
 def try_prompt(prompt: str, max_new_tokens: int = 64, selected: str = ""):
@@ -409,15 +299,12 @@ def try_prompt(prompt: str, max_new_tokens: int = 64, selected: str = ""):
         return f"Train first, or {e}.", ""
     if not has_adapter(folder):
         return f"{folder.name} has no adapter yet: resume it to the end, or stop it after a step.", ""
-    with START:  # no Train starts while the Try model loads, and no Try loads one while a Train runs
-        if JOB.busy():
-            return "A run is in progress; try again when it has finished.", ""
-        try:
-            TRY.load(run_config(folder), folder / "adapter")
-            outputs = TRY.generate(prompt, int(max_new_tokens))
-        except (ConfigError, DataError, torch.cuda.OutOfMemoryError) as e:
-            TRY.release()
-            return f"Error: {e}", ""
+    try:
+        outputs = JOBS.generate(folder, prompt, int(max_new_tokens))
+    except (ConfigError, DataError, torch.cuda.OutOfMemoryError) as e:
+        return f"Error: {e}", ""
+    if outputs is None:
+        return "A run is in progress; try again when it has finished.", ""
     return tuple(out.text + (f"\n[cut at {int(max_new_tokens)} new tokens]" if out.cut else "")
                  for out in (outputs["base"], outputs["adapter"]))
 
@@ -507,9 +394,10 @@ def build_ui() -> gr.Blocks:
                            x_title="optimizer step", y_title="loss", x_axis_format="d", y_axis_format=".2f",
                            visible=False)
         gr.Markdown("### Runs")
-        runs = gr.Dataframe(runs_table(), label="Runs in runs/app (the last updated first)", interactive=False)
+        table = runs_table()
+        runs = gr.Dataframe(table, label="Runs in runs/app (the last updated first)", interactive=False)
         with gr.Row():
-            selected = gr.Dropdown(label="Run", choices=list(runs_table()["name"]), allow_custom_value=False)
+            selected = gr.Dropdown(label="Run", choices=list(table["name"]), allow_custom_value=False)
             resume_button, delete_button = gr.Button("Resume"), gr.Button("Delete")
         gr.Markdown("### Try (the run selected above)")
         with gr.Row():
@@ -547,7 +435,7 @@ def build_ui() -> gr.Blocks:
         ui.load(poll, selected, shown)  # a reloaded page picks up the runs and a running job
         start_button.click(start, form, notice_box).then(poll, selected, shown)
         resume_button.click(resume, selected, notice_box).then(poll, selected, shown)
-        stop_button.click(stop, None, notice_box).then(poll, selected, shown)
+        stop_button.click(JOBS.stop, None, notice_box).then(poll, selected, shown)
         delete_button.click(delete_run, selected, notice_box).then(poll, selected, shown)
         try_button.click(lambda text, run: try_prompt(text, 64, run), [prompt, selected], [base_out, adapter_out])
         export_button.click(export_zip, selected, [export_file, export_code])

@@ -9,36 +9,22 @@ import argparse
 import gc
 import json
 import time
-from pathlib import Path
 
 import torch
 
-from bench_7b import ROOT, make_data, make_model_dir
+from common import GIB, InitPeaks, add_output_args, cap_card, make_data, make_model_dir, peaks, save_result, work_dir
 from frugal_loraga import Config, finetune
-from frugal_loraga.progress import Phase
-
-GIB = 2**30
 
 
 def run_once(config: Config) -> dict:
     """One finetune: its init's peaks taken when training begins (after the estimate), then the peak counters reset
     for training's. Reserved peaks include what the allocator still caches from the run before, as in the app."""
-    peaks, phases = {}, []
-
-    def progress(phase, done, total, metrics):
-        phases.append(phase)
-        if phase in (Phase.COMPILING, Phase.TRAINING) and Phase.ESTIMATING in phases \
-                and "init_peak_reserved_gib" not in peaks:
-            peaks["init_peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
-            peaks["init_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
-            torch.cuda.reset_peak_memory_stats()
+    init = InitPeaks()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    result = finetune(config, progress=progress)
+    result = finetune(config, progress=init)
     return {"seconds": time.perf_counter() - start, "init_seconds": result.metrics["init_seconds"],
-            "estimation_budget_gib": result.metrics["estimation_budget_gib"], **peaks,
-            "train_peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
-            "train_peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
+            "estimation_budget_gib": result.metrics["estimation_budget_gib"], **init.peaks, **peaks("train"),
             "allocated_after_return_gib": torch.cuda.memory_allocated() / GIB,
             "reserved_after_return_gib": torch.cuda.memory_reserved() / GIB,
             "final_train_loss": result.metrics["train_loss"][-1][1]}
@@ -52,18 +38,15 @@ def main():
     parser.add_argument("--estimation-samples", type=int, default=128)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=1024)
-    parser.add_argument("--work", default="/tmp/bench7b")
-    parser.add_argument("--name", default="back_to_back_7b_8gib")
+    add_output_args(parser, "back_to_back_7b_8gib", work="/tmp/bench7b")
     args = parser.parse_args()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(args.work)
     model_dir = make_model_dir(work / f"llama2-7b-{args.layers}", args.layers)
     data = make_data(work / "data.jsonl", rows=max(args.estimation_samples, 2 * args.steps) + 16, words=900)
-    torch.cuda.set_per_process_memory_fraction(args.card_gib * GIB / torch.cuda.get_device_properties(0).total_memory)
+    cap_card(args.card_gib)
     result = {"device": torch.cuda.get_device_name(), "card_gib": args.card_gib, "layers": args.layers,
               "estimation_samples": args.estimation_samples, "steps": args.steps, "max_length": args.max_length,
               "gc_enabled": False, "runs": []}
-    out = ROOT / "bench" / "results" / f"{args.name}.json"
     gc.collect()
     gc.disable()  # the cyclic collector never runs: whatever a run leaves in a reference cycle stays
     for i in range(args.runs):
@@ -72,7 +55,7 @@ def main():
                         out=str(work / f"run{i}"), overwrite=True, progress=False)
         result["runs"].append(run_once(config))
         print(json.dumps(result["runs"][-1]), flush=True)
-        out.write_text(json.dumps(result, indent=1))
+        save_result(args.name, result)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 Llama-2-7B layer shapes, in one run.
 
 - accumulate: acc (m x n fp32) += dY^T X over 2 x 1024 bf16 tokens (LoRA-GA's gradient accumulation, as
-  gradients.accumulate_outer does it on CUDA: cuBLAS adding the bf16 product into the fp32 acc), vs fp32 casts +
+  estimate.tap.accumulate_outer does it on CUDA: cuBLAS adding the bf16 product into the fp32 acc), vs fp32 casts +
   addmm_ and vs torch's bf16 GEMM with an fp32 add. (An autotuned Triton kernel for it ran at 0.79-0.85x of
   cuBLAS's speed and was dropped: bench/results/kernels_accumulate_triton_vs_cublas.json.)
 - lora: the LoRA-GA adapter on a base output, forward and forward+backward, bf16 activations, r = 8 (2r with the
@@ -15,17 +15,15 @@ Usage: python bench/bench_kernels.py
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from triton.testing import do_bench
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from frugal_loraga.gradients import accumulate_outer  # noqa: E402
-from frugal_loraga.svd import top_singular  # noqa: E402
-from frugal_loraga.kernels.lora import lora_add_reference, lora_add_triton  # noqa: E402
+from common import RESULTS
+from frugal_loraga.estimate import accumulate_outer
+from frugal_loraga.svd import top_singular
+from frugal_loraga.kernels.lora import lora_add_reference, lora_add_triton
 
 SHAPES = {"q_proj (4096 x 4096)": (4096, 4096), "up_proj (11008 x 4096)": (11008, 4096),
           "down_proj (4096 x 11008)": (4096, 11008)}
@@ -108,7 +106,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "kernels.json"))
+    parser.add_argument("--out", default=str(RESULTS / "kernels.json"))
     args = parser.parse_args()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "accumulate": bench_accumulate(args.tokens), "lora": bench_lora(args.tokens, args.rank),

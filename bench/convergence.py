@@ -31,19 +31,18 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from data.make_sample import problem  # noqa: E402
-from frugal_loraga.api import estimation_batches, finetune  # noqa: E402
-from frugal_loraga.config import Config  # noqa: E402
-from frugal_loraga.data import load_examples, render  # noqa: E402
-from frugal_loraga.fidelity import captured_energy, exact_gradients, subspace_agreement  # noqa: E402
-from frugal_loraga.gradients import estimate_gradient_svd  # noqa: E402
-from frugal_loraga.svd import top_singular  # noqa: E402
-from frugal_loraga.lora import find_targets  # noqa: E402
-from frugal_loraga.models import demo_model_dir, load_model, resolve_dtype  # noqa: E402
-from frugal_loraga.train import train  # noqa: E402
+from common import RESULTS, ROOT
+from data.make_sample import problem
+from frugal_loraga.api import finetune
+from frugal_loraga.init import estimation_batches
+from frugal_loraga.config import Config
+from frugal_loraga.data import load_examples, render
+from frugal_loraga.fidelity import captured_energy, exact_gradients, subspace_agreement
+from frugal_loraga.estimate import estimate_gradient_svd
+from frugal_loraga.svd import top_singular
+from frugal_loraga.lora import find_targets
+from frugal_loraga.models import demo_model_dir, load_model
+from frugal_loraga.train import train
 
 RANK = 8
 LORA_LRS = [1e-4, 3e-4, 1e-3]
@@ -104,8 +103,7 @@ def full_finetune(config: Config):
     eval_examples, _ = load_examples(config.eval_data, config.data_format, tokenizer, config.max_length)
     metrics = {"train_loss": [], "eval_loss": [], "train_tokens": 0}
     start = time.perf_counter()
-    train(model, {}, train_examples, eval_examples, config, {}, tokenizer.pad_token_id, device,
-          resolve_dtype(config, device), metrics, params=list(model.parameters()))
+    train(model, {}, train_examples, eval_examples, config, {}, tokenizer.pad_token_id, metrics)
     metrics["tokens_per_second"] = metrics["train_tokens"] / (time.perf_counter() - start)
     return metrics, model, tokenizer, device
 
@@ -288,7 +286,7 @@ def main():
     parser.add_argument("--seeds", type=int, default=2, help="seeds for each method's picked lr")
     parser.add_argument("--lrs", type=int, default=0, help="use only the first N lrs of each grid (0: all)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "convergence")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "convergence")
+    parser.add_argument("--out", type=Path, default=RESULTS / "convergence")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time, each in its own process")
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # method:lr:seed, one run (a --parallel child)
     parser.add_argument("--report", action="store_true", help="only summarize saved runs: table and plot")

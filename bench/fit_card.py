@@ -10,32 +10,25 @@ Usage: python bench/fit_card.py --shape llama3_8b --card-gib 8 --name llama3_8b_
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
-from bench_7b import ROOT, SHAPES, make_data, make_model_dir
+from common import (GIB, SHAPES, InitPeaks, add_output_args, cap_card, make_data, make_model_dir, peaks, save_result,
+                    work_dir)
 from frugal_loraga import Config, finetune
 from frugal_loraga.progress import Phase
-
-GIB = 2**30
 
 
 def run(config: Config) -> dict:
     marks: dict = {}
+    init = InitPeaks()
 
     def progress(phase, done, total, metrics):
+        init(phase, done, total, metrics)
         if phase == Phase.LOADING_MODEL:
             marks["loaded_from"] = torch.cuda.memory_allocated()
         if phase in (Phase.COMPILING, Phase.ESTIMATING) and "weights_gib" not in marks:
             marks["weights_gib"] = (torch.cuda.memory_allocated() - marks["loaded_from"]) / GIB
-        if phase in (Phase.COMPILING, Phase.TRAINING) and marks.get("estimated") \
-                and "init_peak_reserved_gib" not in marks:
-            marks["init_peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
-            marks["init_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
-            torch.cuda.reset_peak_memory_stats()
-        if phase == Phase.ESTIMATING:
-            marks["estimated"] = True
         if phase == Phase.TRAINING and done == 2:
             torch.cuda.synchronize()
             marks["timed_from"] = (time.perf_counter(), metrics["train_tokens"])
@@ -48,14 +41,12 @@ def run(config: Config) -> dict:
     try:
         result = finetune(config, progress=progress)
     except Exception as e:  # does not fit: say where, with the peaks so far
-        return {"error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - start, **marks,
+        return {"error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - start, **marks, **init.peaks,
                 "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
-    marks.pop("timed_from", None), marks.pop("estimated", None), marks.pop("loaded_from", None)
+    marks.pop("timed_from", None), marks.pop("loaded_from", None)
     return {"seconds": time.perf_counter() - start, "init_seconds": result.metrics["init_seconds"],
             "estimation_budget_gib": result.metrics["estimation_budget_gib"],
-            "estimation_groups": result.metrics["estimation_groups"], **marks,
-            "train_peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
-            "train_peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
+            "estimation_groups": result.metrics["estimation_groups"], **marks, **init.peaks, **peaks("train"),
             "final_train_loss": result.metrics["train_loss"][-1][1]}
 
 
@@ -69,15 +60,13 @@ def main():
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--embeddings-on-gpu", action="store_true", help="Config.embeddings_on_cpu off")
-    parser.add_argument("--work", default="/tmp/fit_card")
-    parser.add_argument("--name", required=True)
+    add_output_args(parser, None, work="/tmp/fit_card")
     args = parser.parse_args()
     layers = args.layers or {"qwen25_14b": 48}.get(args.shape, 32)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(args.work)
     model_dir = make_model_dir(work / f"{args.shape}-{layers}", layers, args.shape)
     data = make_data(work / "data.jsonl", rows=max(args.estimation_samples, 2 * args.steps) + 16, words=900)
-    torch.cuda.set_per_process_memory_fraction(args.card_gib * GIB / torch.cuda.get_device_properties(0).total_memory)
+    cap_card(args.card_gib)
     config = Config(model=str(model_dir), data=str(data), estimation_samples=args.estimation_samples,
                     max_length=args.max_length, batch_size=args.batch_size, steps=args.steps, eval_fraction=0,
                     save_every=0, out=str(work / f"run-{args.name}"), overwrite=True, progress=False,
@@ -89,7 +78,7 @@ def main():
               "embeddings_on_cpu": not args.embeddings_on_gpu,
               **run(config)}
     print(json.dumps(result), flush=True)
-    (ROOT / "bench" / "results" / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    save_result(args.name, result)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,10 @@ from importlib.metadata import version
 
 import torch
 import transformers
-from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-from bench_7b import ROOT, SHAPES
+from common import GIB, SHAPES, add_output_args, save_result
 from frugal_loraga.data import IGNORE
 from frugal_loraga.loss import causal_lm_loss
-
-GIB = 2**30
 
 
 def transformers_loss(model, inputs):
@@ -28,6 +25,7 @@ def transformers_loss(model, inputs):
 
 
 def liger_loss(model, inputs):
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     hidden = model.model(input_ids=inputs["input_ids"], use_cache=False)[0]
     targets = torch.nn.functional.pad(inputs["labels"][:, 1:], (0, 1), value=IGNORE)
     return LigerFusedLinearCrossEntropyLoss()(model.lm_head.weight, hidden.flatten(0, 1), targets.flatten())
@@ -58,7 +56,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--name", required=True)
+    add_output_args(parser, None)
     args = parser.parse_args()
     kind, sizes = SHAPES[args.shape]
     config = getattr(transformers, kind)(num_hidden_layers=1, **sizes)
@@ -79,7 +77,7 @@ def main():
         result[name]["memory_vs_transformers"] = (result[name]["peak_above_weights_gib"]
                                                   / result["transformers"]["peak_above_weights_gib"])
     print(json.dumps(result), flush=True)
-    (ROOT / "bench" / "results" / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    save_result(args.name, result)
 
 
 if __name__ == "__main__":

@@ -16,28 +16,22 @@ Run it with TORCHINDUCTOR_CACHE_DIR set to an empty folder for the compile time 
 import argparse
 import contextlib
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
-import frugal_loraga.gradients as gradients  # noqa: E402
-from bench_7b import make_data, make_model_dir  # noqa: E402
-from stacks import StackSampler  # noqa: E402
-from frugal_loraga import Config  # noqa: E402
-from frugal_loraga.api import estimation_batches  # noqa: E402
-from frugal_loraga.blocks import block_layout, compile_blocks, start_compile_workers, uncompile_blocks  # noqa: E402
-from frugal_loraga.data import IGNORE, load_examples  # noqa: E402
-from frugal_loraga.gradients import GradientTap  # noqa: E402
-from frugal_loraga.memory import default_budget_bytes, layer_costs  # noqa: E402
-from frugal_loraga.lora import find_targets, replace  # noqa: E402
-from frugal_loraga.models import load_model  # noqa: E402
-
-GIB = 2**30
+from common import GIB, add_output_args, add_words_args, cap_card, make_model_dir, save_result, words_data, work_dir
+from stacks import StackSampler
+from frugal_loraga import Config
+from frugal_loraga.init import estimation_batches
+from frugal_loraga.blocks import block_layout, compile_blocks, start_compile_workers, uncompile_blocks
+from frugal_loraga.data import IGNORE, load_examples
+from frugal_loraga.estimate import GradientTap, estimate_gradient_svd
+from frugal_loraga.estimate.inputs import block_inputs, run_blocks
+from frugal_loraga.memory import default_budget_bytes, layer_costs
+from frugal_loraga.lora import find_targets, replace
+from frugal_loraga.models import load_model
 
 
 def block_activations(model, targets, batch) -> dict:
@@ -48,7 +42,7 @@ def block_activations(model, targets, batch) -> dict:
     replace(model, taps)
     for n, tap in taps.items():
         tap.accumulator = torch.zeros(tap.base.out_features, tap.base.in_features, device="cuda")
-    args, kwargs = gradients.block_inputs(model, blocks[0], batch)
+    args, kwargs = block_inputs(model, blocks[0], batch)
     hidden = args[0] if args else kwargs["hidden_states"]
     result = {"layer_costs_activation_gib": sum(layer_costs({n: (t.base.out_features, t.base.in_features)},
                                                             hidden.shape[0] * hidden.shape[1], 2)[n]
@@ -57,11 +51,11 @@ def block_activations(model, targets, batch) -> dict:
     for label in ("eager", "compiled", "compiled_again"):
         if label == "compiled":
             compile_blocks(blocks[:1])
-        gradients.run_blocks(blocks[:1], hidden, [(args, kwargs)]).sum().backward()  # warm-up (and compile)
+        run_blocks(blocks[:1], hidden, [(args, kwargs)]).sum().backward()  # warm-up (and compile)
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        out = gradients.run_blocks(blocks[:1], hidden, [(args, kwargs)])
+        out = run_blocks(blocks[:1], hidden, [(args, kwargs)])
         torch.cuda.synchronize()
         held = torch.cuda.memory_allocated() - before
         start = time.perf_counter()
@@ -77,18 +71,9 @@ def block_activations(model, targets, batch) -> dict:
 
 
 def estimate(model, targets, batches, budget: int, host_budget, compile: bool, stacks: bool) -> dict:
-    """The estimate (compiled unless --eager), timed per group and per SVD; stacks: with the functions the main
-    thread spent most wall time in (a sampling profiler)."""
-    svd_seconds, group_marks = [0.0], []
-    top_singular = gradients.top_singular
-
-    def timed_svd(gradients_by_name, k, method):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = top_singular(gradients_by_name, k, method)
-        torch.cuda.synchronize()
-        svd_seconds[0] += time.perf_counter() - start
-        return result
+    """The estimate (compiled unless --eager), timed per group and in its SVDs (EstimationStats.svd_seconds); stacks: with the functions the main thread spent most wall time in (a
+    sampling profiler)."""
+    group_marks = []
 
     batch_marks = []  # when each batch's backward returned (the CPU's view, no sync): per-width costs show here
 
@@ -99,31 +84,32 @@ def estimate(model, targets, batches, budget: int, host_budget, compile: bool, s
         if done == 1:
             for hook in hooks:
                 hook.remove()
-        if done % len(batches) == 0:
+        if done % len(batches) == 0:  # the group's last batch: its SVDs come next
             torch.cuda.synchronize()
             group_marks.append((time.perf_counter(), torch.cuda.max_memory_allocated() / GIB))
             torch.cuda.reset_peak_memory_stats()
 
-    gradients.top_singular = timed_svd
     blocks, _ = block_layout(model, list(targets))
     trace = []  # memory allocated after each block's forward, and each block's backward, in the first batch
-    hooks = [b.register_forward_hook(lambda m, a, o, i=i: trace.append((f"fwd{i}", torch.cuda.memory_allocated() / GIB)))
-             for i, b in enumerate(blocks)]
-    hooks += [b.register_full_backward_pre_hook(lambda m, g, i=i: trace.append((f"bwd{i}", torch.cuda.memory_allocated() / GIB)))
-              for i, b in enumerate(blocks)]
+
+    def mark(label: str) -> None:
+        trace.append((label, torch.cuda.memory_allocated() / GIB))
+
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: mark(f"fwd{i}")) for i, b in enumerate(blocks)]
+    hooks += [b.register_full_backward_pre_hook(lambda m, g, i=i: mark(f"bwd{i}")) for i, b in enumerate(blocks)]
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     with StackSampler() if stacks else contextlib.nullcontext() as sampler:
-        _, stats = gradients.estimate_gradient_svd(model, targets, batches, 16, budget, "lowrank", progress,
-                                                   host_budget, compile=compile)
+        _, stats = estimate_gradient_svd(model, targets, batches, 16, budget, "lowrank", progress, host_budget,
+                                         compile=compile)
         torch.cuda.synchronize()
     total = time.perf_counter() - start
-    gradients.top_singular = top_singular
     times = [t - s for (t, _), s in zip(group_marks, [start] + [t for t, _ in group_marks[:-1]])]
     compile_report = {"compile_times": torch._dynamo.utils.compile_times(repr="str", aggregate=True),
                       "counters": {k: dict(v) for k, v in torch._dynamo.utils.counters.items() if v}}
     torch._dynamo.utils.counters.clear()
-    return {"seconds": total, **compile_report, "svd_seconds": svd_seconds[0], "groups": len(stats.groups),
+    return {"seconds": total, **compile_report, "svd_seconds": stats.svd_seconds,
+            "groups": len(stats.groups),
             "blocks_per_group": [len({n.split(".")[2] for n in g}) for g in stats.groups],
             "group_seconds": times, "group_peak_gib": [p for _, p in group_marks], "first_batch_trace": trace,
             "batch_seconds": [round(t - s, 4) for t, s in zip(batch_marks, [start] + batch_marks[:-1])],
@@ -141,8 +127,7 @@ def main():
                         "of the available RAM)")
     parser.add_argument("--runs", type=int, default=2, help="estimates in a row (the first compiles)")
     parser.add_argument("--no-block", action="store_true", help="skip the one-block activation measurement")
-    parser.add_argument("--min-words", type=int, help="examples of min-words to max-words words instead of max-words")
-    parser.add_argument("--max-words", type=int, default=900)
+    add_words_args(parser)
     parser.add_argument("--one-width", action="store_true", help="every estimation batch padded to the longest "
                         "one's width (compiled for that width, with cuDNN's attention), not each to its own")
     parser.add_argument("--eager", action="store_true", help="the estimate's blocks not compiled")
@@ -152,17 +137,14 @@ def main():
                         "as finetune does")
     parser.add_argument("--stacks", action="store_true", help="sample the main thread's stack: where each estimate's "
                         "wall time goes")
-    parser.add_argument("--work", default="/tmp/bench7b")
-    parser.add_argument("--name", default="profile_estimate")
+    add_output_args(parser, "profile_estimate", work="/tmp/bench7b")
     args = parser.parse_args()
     if args.no_cudnn_attention:
         torch.backends.cuda.enable_cudnn_sdp(False)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(args.work)
     model_dir = make_model_dir(work / "llama7b", 32)
-    data = make_data(work / f"data{args.min_words or ''}_{args.max_words}.jsonl", max(args.samples, 64) + 16,
-                     args.max_words, args.min_words)
-    torch.cuda.set_per_process_memory_fraction(min(args.card_gib * GIB / torch.cuda.get_device_properties(0).total_memory, 1))
+    data = words_data(work, max(args.samples, 64) + 16, args)
+    cap_card(args.card_gib)
     config = Config(model=str(model_dir), data=str(data), data_format="text", rank=8, max_length=1024,
                     estimation_samples=args.samples, progress=False)
     start = time.perf_counter()
@@ -176,15 +158,16 @@ def main():
     batches = estimation_batches(examples, config, tokenizer.pad_token_id, device)
     if args.one_width:
         width = max(b["input_ids"].shape[1] for b in batches)
-        batches = [{"input_ids": F.pad(b["input_ids"], (0, width - b["input_ids"].shape[1]), value=tokenizer.pad_token_id),
+        batches = [{"input_ids": F.pad(b["input_ids"], (0, width - b["input_ids"].shape[1]),
+                                       value=tokenizer.pad_token_id),
                     "labels": F.pad(b["labels"], (0, width - b["labels"].shape[1]), value=IGNORE)} for b in batches]
+    widths = [b["input_ids"].shape[1] for b in batches]
     results = {"device": torch.cuda.get_device_name(), "card_gib": args.card_gib, "samples": args.samples,
                "min_words": args.min_words, "max_words": args.max_words, "one_width": args.one_width,
                "cudnn_attention": torch.backends.cuda.cudnn_sdp_enabled(),
                "tokens": sum(int((b["labels"] != -100).sum()) for b in batches),
                "padded_tokens": sum(b["input_ids"].numel() for b in batches), "compiled": not args.eager,
-               "distinct_widths": len({b["input_ids"].shape[1] for b in batches}),
-               "width_range": [min(b["input_ids"].shape[1] for b in batches), max(b["input_ids"].shape[1] for b in batches)],
+               "distinct_widths": len(set(widths)), "width_range": [min(widths), max(widths)],
                "model_gib": torch.cuda.memory_allocated() / GIB, "load_seconds": load_seconds,
                "warm_pool": args.warm_pool}
     if not args.no_block:
@@ -198,10 +181,9 @@ def main():
     for _ in range(args.runs):
         results["estimates"].append(estimate(model, targets, batches, budget, host_budget, not args.eager,
                                                 args.stacks))
-        print(json.dumps({k: v for k, v in results["estimates"][-1].items() if k not in ("first_batch_trace", "stacks")}),
-              flush=True)
-    out = ROOT / "bench" / "results" / f"{args.name}.json"
-    out.write_text(json.dumps(results, indent=1))
+        print(json.dumps({k: v for k, v in results["estimates"][-1].items()
+                          if k not in ("first_batch_trace", "stacks")}), flush=True)
+    save_result(args.name, results)
     print(json.dumps(results, indent=1))
 
 

@@ -10,18 +10,14 @@ Usage: python bench/profile_generate.py --layers 8 --new-tokens 64 [--no-cudnn-a
 import argparse
 import contextlib
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from bench_7b import make_model_dir  # noqa: E402
-from frugal_loraga import Config  # noqa: E402
-from frugal_loraga.blocks import without_cudnn_attention  # noqa: E402
-from frugal_loraga.models import load_model  # noqa: E402
+from common import add_output_args, make_model_dir, save_result, work_dir
+from frugal_loraga import Config
+from frugal_loraga.blocks import without_cudnn_attention
+from frugal_loraga.models import load_model
 
 
 def main():
@@ -30,10 +26,9 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=40)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--no-cudnn-attention", action="store_true")
-    parser.add_argument("--work", default="/tmp/bench7b")
-    parser.add_argument("--name", default="profile_generate")
+    add_output_args(parser, "profile_generate", work="/tmp/bench7b")
     args = parser.parse_args()
-    model_dir = make_model_dir(Path(args.work) / f"llama7b_{args.layers}layers", args.layers)
+    model_dir = make_model_dir(work_dir(args.work) / f"llama7b_{args.layers}layers", args.layers)
     model, tokenizer, device = load_model(Config(model=str(model_dir), data="unused"))
     prompt = torch.randint(100, 30000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)).to(device)
     passes = []
@@ -53,7 +48,7 @@ def main():
               "ms_per_token_first_pass": 1000 * passes[0] / args.new_tokens,
               "ms_per_token_second_pass": 1000 * passes[1] / args.new_tokens}
     print(json.dumps(result), flush=True)
-    (ROOT / "bench" / "results" / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    save_result(args.name, result)
 
 
 if __name__ == "__main__":

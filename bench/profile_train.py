@@ -7,31 +7,25 @@ peer or ours plus options joined by '+':
   ours          frugal-loraga's training step (NF4, LoraLinear with the fused Triton adapter, bf16 autocast)
   +liger        liger-kernel's RMSNorm, SwiGLU, RoPE and fused linear cross entropy patched in;  +flce  just the last
   +nockpt       no gradient checkpointing;  +reentrant  (ours) reentrant checkpointing, as PEFT's default
-  +torchlora    (ours) the torch reference adapter instead of the Triton one;  +noautocast  (ours) bf16 without autocast
+  +noautocast   (ours) bf16 without autocast
   +compile      torch.compile on each decoder layer
-liger, flce and torchlora patch classes and modules for the rest of the process: put them last.
+liger and flce patch classes and modules for the rest of the process: put them last. (The Triton adapter against the
+torch reference is bench/bench_kernels.py's.)
 Writes ms/step, tokens/s and peak GiB per variant, and with --profile the top CUDA kernels and CPU ops of one step.
 Usage: python bench/profile_train.py --layers 8 --variants peer ours ours+liger --profile
 """
 import argparse
 import gc
 import json
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
-from bench_7b import make_data, make_model_dir, peer_batches, peer_model, time_steps  # noqa: E402
-import frugal_loraga.lora  # noqa: E402
-from frugal_loraga import Config  # noqa: E402
-from frugal_loraga.api import initial_factors  # noqa: E402
-from frugal_loraga.lora import find_targets, inject  # noqa: E402
-from frugal_loraga.models import load_model  # noqa: E402
-from frugal_loraga.train import autocast, make_optimizer  # noqa: E402
-from frugal_loraga.kernels.lora import lora_add_reference  # noqa: E402
+from common import (RESULTS, make_data, make_model_dir, our_lora, peer_batches, peer_model, time_steps, top_events,
+                    work_dir)
+
+OPTIONS = {"liger", "flce", "nockpt", "reentrant", "noautocast", "compile"}
 
 
 def liger(model, loss_only: bool) -> None:
@@ -44,36 +38,12 @@ def liger(model, loss_only: bool) -> None:
 
 
 def ours(model_dir: Path, data: Path, max_length: int, options: set[str]):
-    checkpointing = "nockpt" not in options
-    if "torchlora" in options:
-        frugal_loraga.lora.lora_add = lora_add_reference
-    config = Config(model=str(model_dir), data=str(data), data_format="text", init="lora", rank=8,
-                    max_length=max_length, optimizer="paged_adamw_8bit", gradient_checkpointing=checkpointing,
-                    progress=False)
-    model, tokenizer, device = load_model(config)
-    config = config.resolve(device.type)  # the lr and sample counts finetune would use
-    targets = find_targets(model, config.target_list(), 8, "lora")
-    factors, _ = initial_factors(model, targets, [], config, tokenizer.pad_token_id, device, None)
-    layers = inject(model, factors, config.eta)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": "reentrant" in options})
-        if "reentrant" in options:
-            model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
-    model.train()
-    optimizer = make_optimizer([p for layer in layers.values() for p in (layer.A, layer.B)], config, device)
     dtype = torch.float32 if "noautocast" in options else torch.bfloat16
-    return model, optimizer, lambda: autocast(device, dtype)
+    return our_lora(model_dir, data, max_length, "nockpt" not in options, "reentrant" in options, dtype)
 
 
 def peer(model_dir: Path, options: set[str]):
     return (*peer_model(model_dir, checkpointing="nockpt" not in options), nullcontext)
-
-
-def top_events(events, attribute: str, count: int = 40) -> list:
-    """[name, ms, calls] of the profiler's averaged events (prof.key_averages()) with the most time by `attribute`
-    (in us: device_time_total, self_cpu_time_total)."""
-    events = sorted(events, key=lambda e: getattr(e, attribute), reverse=True)
-    return [[e.key[:90], round(getattr(e, attribute) / 1000, 3), e.count] for e in events[:count]]
 
 
 def measure(name: str, model, optimizer, context, batches: list[dict], profile: bool) -> dict:
@@ -109,10 +79,13 @@ def main():
                         help="peer or ours, each with options joined by '+' (see the module docstring)")
     parser.add_argument("--profile", action="store_true", help="add the top CUDA kernels of one step")
     parser.add_argument("--work", default="/tmp/profile_train")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "profile_train.json"))
+    parser.add_argument("--out", default=str(RESULTS / "profile_train.json"))
     args = parser.parse_args()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    for variant in args.variants:
+        kind, *options = variant.split("+")
+        if kind not in ("peer", "ours") or not OPTIONS.issuperset(options):
+            parser.error(f"variant {variant}: peer or ours, then any of {', '.join(sorted(OPTIONS))} joined by '+'")
+    work = work_dir(args.work)
     model_dir = make_model_dir(work / f"llama7b_{args.layers}layers", args.layers)
     data = make_data(work / "data.jsonl", 2 * (args.steps + 3), words=900)
     batches = peer_batches(model_dir, data, 2 * (args.steps + 2), args.max_length, "cuda")

@@ -15,18 +15,14 @@ Usage: python bench/profile_widths.py --layers 8 --steps 24 [--eager] [--no-cudn
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
-from bench_7b import make_data, make_model_dir  # noqa: E402
-from profile_train import ours, top_events  # noqa: E402
-from frugal_loraga.blocks import block_layout, compile_blocks  # noqa: E402
-from frugal_loraga.data import padded_width  # noqa: E402
+from common import add_output_args, make_data, make_model_dir, our_lora, save_result, top_events, work_dir
+from frugal_loraga.blocks import block_layout, compile_blocks
+from frugal_loraga.data import padded_width
 
 
 def top_cpu_ops(step, width: int) -> list:
@@ -63,15 +59,13 @@ def main():
     parser.add_argument("--warmup-width", type=int, help="the width of the first step, which compiles (default: the "
                         "largest); the passes show any graph traced again for a later width")
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--work", default="/tmp/profile_train")
-    parser.add_argument("--name", default="profile_widths")
+    add_output_args(parser, "profile_widths", work="/tmp/profile_train")
     args = parser.parse_args()
     if args.no_cudnn_attention:
         torch.backends.cuda.enable_cudnn_sdp(False)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(args.work)
     model_dir = make_model_dir(work / f"llama7b_{args.layers}layers", args.layers)
-    model, optimizer, context = ours(model_dir, make_data(work / "data.jsonl", 8, words=900), 1024, set())
+    model, optimizer, context = our_lora(model_dir, make_data(work / "data.jsonl", 8, words=900), 1024)
     if not args.eager:
         compile_blocks(block_layout(model, [n for n, _ in model.named_modules() if n.endswith("q_proj")])[0],
                        any_width=True)
@@ -115,8 +109,7 @@ def main():
         results["top_python_ms_new_width"] = top_python_calls(step, profiled[2])
         results["top_python_ms_seen_width"] = top_python_calls(step, new[1])
     print(json.dumps({k: v for k, v in results.items() if not isinstance(v, (list, dict))}), flush=True)
-    out = ROOT / "bench" / "results" / f"{args.name}.json"
-    out.write_text(json.dumps(results, indent=1))
+    save_result(args.name, results)
 
 
 if __name__ == "__main__":

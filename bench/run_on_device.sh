@@ -14,10 +14,10 @@
 #            cache (a first run on a fresh machine)
 #   vary_train24  bench_7b.py at 24 GiB on examples of 100 to 900 words, from an empty compile cache: the first
 #            run's training steps, which compile their graphs for any width
-#   vary_train24_first_width  the same, with the graphs compiled for the first width met, then again for any
 #   short_train24  bench_7b.py at 24 GiB on examples of 50 to 550 words (90 to 1000 tokens, most batches of a width of
-#            their own), from an empty compile cache: what new widths cost training's first steps, as trained now
-#            (without cuDNN's attention) and with cuDNN's attention
+#            their own), from an empty compile cache: what new widths cost training's first steps (without cuDNN's
+#            attention). The "before" runs (graphs for the first width; cuDNN's attention) came from flags of
+#            bench_7b.py that are gone: bench/RESULTS.md names the commits that have them
 #   widths   profile_widths.py (8 layers): what a batch width met for the first time costs a training step: compiled
 #            with cuDNN's attention; with flash attention on widths rounded up to a multiple of 8 (as training runs now);
 #            with flash attention from a first width that is not a multiple of 8 (the graph is traced again at the
@@ -90,16 +90,12 @@ for one in "${steps[@]}"; do
       vary24) TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step vary24 200 profile_estimate_24gib_128samples_varying_lengths \
               python3 bench/profile_estimate.py --card-gib 24 --samples 128 --no-block --min-words 100 \
               --name profile_estimate_24gib_128samples_varying_lengths ;;
-      vary_train24|vary_train24_first_width) name=bench_7b_24gib_128samples_varying_lengths${one#vary_train24}
+      vary_train24) name=bench_7b_24gib_128samples_varying_lengths
               TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step "$one" 300 "$name" python3 bench/bench_7b.py --card-gib 24 \
-              --estimation-samples 128 --train-steps 16 --peer-steps 0 --min-words 100 --name "$name" \
-              $([ "$one" = vary_train24 ] || echo --first-width-graphs) ;;
-      short_train24) for attention in flash cudnn; do
-                name=bench_7b_24gib_64samples_short_examples_$attention
-                TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step "${one}_$attention" 280 "$name" python3 bench/bench_7b.py \
-                  --card-gib 24 --estimation-samples 64 --train-steps 64 --peer-steps 0 --min-words 50 --max-words 550 \
-                  --name "$name" $([ "$attention" = cudnn ] && echo --cudnn-attention)
-              done ;;
+              --estimation-samples 128 --train-steps 16 --peer-steps 0 --min-words 100 --name "$name" ;;
+      short_train24) name=bench_7b_24gib_64samples_short_examples_flash
+              TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) step "$one" 280 "$name" python3 bench/bench_7b.py --card-gib 24 \
+              --estimation-samples 64 --train-steps 64 --peer-steps 0 --min-words 50 --max-words 550 --name "$name" ;;
       widths) for variant in compiled:--profile flash_round8:"--no-cudnn-attention --round-to 8 --warmup-width 944" \
                   flash_odd:"--no-cudnn-attention --warmup-width 943" compiled_round64:"--round-to 64" \
                   eager:"--eager --profile" eager_no_cudnn:"--eager --no-cudnn-attention"; do

@@ -29,7 +29,7 @@ from .init import StoppedInEstimate, initial_factors
 from .lora import find_targets, inject
 from .memory import check_fits, free_bytes
 from .progress import Metrics, Phase, ProgressFn
-from .models import load_base, load_tokenizer, release, resolve_device, resolve_dtype, resolve_model_path
+from .models import load_base, load_tokenizer, release, resolve_device, resolve_model_path
 from .train import train
 
 log = logging.getLogger("frugal_loraga")
@@ -83,7 +83,6 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         if config.compile and resolve_device(config).type == "cuda":
             start_compile_workers()  # up by the time the estimate compiles
         model, device = load_base(config, model_path)
-        dtype = resolve_dtype(config, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         targets = find_targets(model, config.target_list(), config.rank, config.init)
@@ -109,7 +108,7 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
             save_checkpoint(config, inputs, 0, metrics, layers)
         phase = Phase.TRAINING
         start = time.perf_counter()
-        stopped = train(model, layers, train_examples, eval_examples, config, inputs, pad_id, device, dtype, metrics,
+        stopped = train(model, layers, train_examples, eval_examples, config, inputs, pad_id, metrics,
                         resume_state=state, progress=progress, stop=stop)
         metrics["train_seconds"] += time.perf_counter() - start
         metrics["tokens_per_second"] = metrics["train_tokens"] / max(metrics["train_seconds"], 1e-9)

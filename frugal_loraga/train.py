@@ -22,6 +22,7 @@ from .blocks import attention_for, block_layout, compiled
 from .progress import Metrics, Phase, ProgressFn
 from .lora import LoraLinear
 from .loss import causal_lm_loss
+from .models import resolve_device, resolve_dtype
 
 def lr_factor(step: int, config: Config) -> float:
     """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then the schedule to 0."""
@@ -65,15 +66,16 @@ def evaluate(model, examples: list[Example], config: Config, pad_id: int, device
 
 
 def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], eval_examples: list[Example],
-          config: Config, inputs: dict, pad_id: int, device: torch.device, dtype: torch.dtype, metrics: Metrics,
-          resume_state: Optional[dict] = None, progress: Optional[ProgressFn] = None,
-          stop: Optional[threading.Event] = None, params: Optional[list[torch.nn.Parameter]] = None) -> bool:
-    """Train to config.steps, filling metrics (train_loss, eval_loss as [step, loss]). True if stopped early.
-    Checkpoints record `inputs` (checkpoint.run_inputs), what a resume must match.
-
-    params: what the optimizer updates; default the adapters' A and B (the benchmarks pass all weights for full
-    fine-tuning, with no layers)."""
-    params = params if params is not None else [p for layer in layers.values() for p in (layer.A, layer.B)]
+          config: Config, inputs: dict, pad_id: int, metrics: Metrics, resume_state: Optional[dict] = None,
+          progress: Optional[ProgressFn] = None, stop: Optional[threading.Event] = None) -> bool:
+    """Train to config.steps on config's device and dtype, filling metrics (train_loss, eval_loss as [step, loss]).
+    True if stopped early. Checkpoints record `inputs` (checkpoint.run_inputs), what a resume must match.
+    The optimizer updates the adapters' A and B; with no adapters (full fine-tuning, as bench/convergence.py runs
+    it), every parameter that requires grad."""
+    device = resolve_device(config)
+    dtype = resolve_dtype(config, device)
+    params = ([p for layer in layers.values() for p in (layer.A, layer.B)] or
+              [p for p in model.parameters() if p.requires_grad])
     optimizer = make_optimizer(params, config, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     start = 0

@@ -9,6 +9,7 @@ import torch
 
 import app
 from conftest import free_port, write_jsonl
+from frugal_loraga import jobs
 from frugal_loraga.eta import JobClock
 
 
@@ -24,10 +25,12 @@ def form(**settings) -> list:
 
 @pytest.fixture(autouse=True)
 def runs_in_tmp(tmp_path, tmp_path_factory, monkeypatch):
-    """Runs under tmp_path; files there count as uploaded, and the tests' model folders may be named."""
+    """Runs under tmp_path; files there count as uploaded, and the tests' model folders may be named. Each test has
+    its own jobs: none left from another test."""
     monkeypatch.setattr(app, "RUNS", tmp_path / "runs")
     monkeypatch.setattr(app, "UPLOADS", tmp_path)
     monkeypatch.setattr(app, "MODEL_ROOTS", [tmp_path_factory.getbasetemp()])
+    monkeypatch.setattr(app, "JOBS", jobs.Jobs())
 
 
 def test_uploads_are_sanitized_size_limited_and_typed(tmp_path, monkeypatch):
@@ -64,7 +67,7 @@ def test_train_with_baseline_plot_try_and_export(tiny_model_dir, monkeypatch):
     assert app.start(*form(**args, run_name="first")) == "Started first."
     assert "already in progress" in app.start(*form(**args, run_name="second"))
     deadline = time.time() + 120
-    while app.JOB.busy() and time.time() < deadline:
+    while app.JOBS.busy() and time.time() < deadline:
         time.sleep(0.2)
     text, frame = app.status()
     assert "Finished" in text, text
@@ -89,14 +92,14 @@ def test_train_with_baseline_plot_try_and_export(tiny_model_dir, monkeypatch):
     assert app.delete_run("first-lora") == "Deleted first-lora." and list(app.runs_table()["name"]) == ["first"]
 
 
-def test_status_shows_the_whole_jobs_time_left(monkeypatch):
+def test_status_shows_the_whole_jobs_time_left():
     """The status names the phase and its units, and, while a job runs, the time left for the whole job (eta.py)."""
     clock = JobClock([{"training": 10.0}], rate=1.0)
     clock.update(0, "training", 4, 10)
-    job = app.Job(thread=threading.Thread(target=time.sleep, args=(2,)), phase="lora: training", done=4, total=10,
+    job = jobs.Job(thread=threading.Thread(target=time.sleep, args=(2,)), phase="lora: training", done=4, total=10,
                   clock=clock)
     job.thread.start()
-    monkeypatch.setattr(app, "JOB", job)
+    app.JOBS.job = job
     assert app.status()[0].startswith("**lora: training** 4/10, about 6 s left for the whole job.")
     job.thread.join()
     assert app.status()[0] == "**lora: training**"  # ended: no units or time left to show
@@ -104,16 +107,16 @@ def test_status_shows_the_whole_jobs_time_left(monkeypatch):
 
 def test_stop_then_resume_from_the_runs_own_folder(tiny_model_dir):
     assert app.start(*form(model=str(tiny_model_dir), steps=200, run_name="long")) == "Started long."
-    while app.JOB.phase != "lora: training" and app.JOB.busy():
+    while app.JOBS.job.phase != "lora: training" and app.JOBS.busy():
         time.sleep(0.05)
-    assert app.stop().startswith("Stopping")
-    app.JOB.thread.join(60)
+    assert app.JOBS.stop().startswith("Stopping")
+    app.JOBS.job.thread.join(60)
     assert "press Resume" in app.status()[0]
     assert app.runs_table().set_index("name").loc["long", "status"] == "stopped"
     assert app.resume("long") == "Started long."  # nothing from the form: the settings come from runs/long
-    app.JOB.stop.set()
-    app.JOB.thread.join(60)
-    assert app.JOB.curves["lora"]["train_loss"][0][0] == 1
+    app.JOBS.job.stop.set()
+    app.JOBS.job.thread.join(60)
+    assert app.JOBS.job.curves["lora"]["train_loss"][0][0] == 1
     assert "select a run under Runs first" in app.resume("nonexistent")
 
 
@@ -172,15 +175,15 @@ def test_simultaneous_starts_run_one_job(tiny_model_dir):
         thread.start()
     for thread in presses:
         thread.join()
-    app.JOB.thread.join(120)
+    app.JOBS.job.thread.join(120)
     started = [a for a in answers if a.startswith("Started")]
     assert len(started) == 1 and all("already in progress" in a for a in answers if a not in started)
 
 
 def test_unexpected_errors_reach_the_page(tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(app, "finetune", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(jobs, "finetune", lambda *a, **k: 1 / 0)
     assert app.start(*form(model=str(tiny_model_dir), run_name="x")) == "Started x."
-    app.JOB.thread.join(60)
+    app.JOBS.job.thread.join(60)
     assert "**Error:** the lora run failed unexpectedly (ZeroDivisionError: division by zero)" in app.status()[0]
 
 

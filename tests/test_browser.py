@@ -47,7 +47,8 @@ def test_a_new_user_trains_resumes_tries_and_exports(tiny_model_dir, sample_path
             page.on("request", lambda request: requests.append(request.url))
             page.wait_for_timeout(3000)
             assert requests == []  # idle: the status timer stops with the job
-            assert app.JOB.curves["lora_ga"]["train_loss"][-1][0] == app.JOB.curves["lora"]["train_loss"][-1][0] == 6
+            curves = app.JOBS.job.curves
+            assert curves["lora_ga"]["train_loss"][-1][0] == curves["lora"]["train_loss"][-1][0] == 6
             lines = page.locator('path[aria-roledescription="line mark"]')
             drawn = {lines.nth(i).get_attribute("aria-label").split("curve: ")[-1]: lines.nth(i)
                      for i in range(lines.count()) if lines.nth(i).get_attribute("d")}
@@ -77,7 +78,7 @@ def test_a_new_user_trains_resumes_tries_and_exports(tiny_model_dir, sample_path
             page.get_by_role("option", name="second", exact=True).click()
             page.get_by_role("button", name="Resume").click()
             page.get_by_text("Finished.").wait_for(timeout=120_000)
-            assert app.JOB.curves["lora_ga"]["train_loss"][-1][0] == 60
+            assert app.JOBS.job.curves["lora_ga"]["train_loss"][-1][0] == 60
 
             run.click()
             page.get_by_role("option", name="first", exact=True).click()

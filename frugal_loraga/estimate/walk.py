@@ -39,6 +39,7 @@ class EstimationStats:
     peak_state_bytes: int
     batches: int
     seconds: float
+    svd_seconds: float  # in close_group, the device synchronized around each group's SVDs
 
 
 def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict], k: int,
@@ -60,6 +61,7 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
     taps = {name: GradientTap(targets[name]) for name in plan.order}
     widths = {b["input_ids"].shape[1] for b in batches}
     results: dict[str, LayerSVD] = {}
+    svd_seconds = 0.0
     done, total = 0, len(plan.segments) * len(batches)
     upstream: list[torch.Tensor] = []  # per batch: dL/d(input of block segment.stop) on the CPU, for all its groups
     try:
@@ -79,12 +81,22 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
                     upstream = recorded
                 if plan.last_over_start(i):
                     kept.drop(segment.start)
+                svd_start = _synchronized(device)
                 results.update(close_group(segment, taps, state, len(batches), k, svd))
+                svd_seconds += _synchronized(device) - svd_start
     finally:
         if transfers is not None:
             transfers.close()
-    stats = EstimationStats(plan.groups, budget_bytes, state.peak_bytes, len(batches), time.perf_counter() - start)
+    stats = EstimationStats(plan.groups, budget_bytes, state.peak_bytes, len(batches), time.perf_counter() - start,
+                            svd_seconds)
     return results, stats
+
+
+def _synchronized(device: torch.device) -> float:
+    """The time once the device has done what was queued (once a group: the estimate waits on it then anyway)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,164 @@
+"""The app's background job and its Try model: one job at a time, run in a thread, never beside a Try.
+
+Jobs holds one lock: a job is checked for and started under it, so two Trains at the same moment start one job; a job
+first releases the Try model, so that the run finds the card free; and a Try loads its model, or the app deletes a
+run, only under it while no job runs (Jobs.idle). What a job writes (phase, curves, the closing message) is what the
+page shows, word for word.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .api import FinetuneResult, finetune
+from .config import Config
+from .errors import ConfigError, DataError, OutOfMemory, RunError
+from .eta import JobClock, format_seconds
+from .generate import Completion, Generator
+from .progress import Metrics
+from .runs import run_config
+
+log = logging.getLogger("frugal_loraga.app")
+
+
+def summary(label: str, result: FinetuneResult) -> str:
+    """One finished run in a line: final losses, time, speed, peak memory and where its adapter is."""
+    m = result.metrics
+    losses = ", ".join(f"{split} loss {m[key][-1][1]:.4f}" for split, key in (("train", "train_loss"),
+                                                                                ("eval", "eval_loss")) if m.get(key))
+    return (f"- **{label}**: {losses}; init {m.get('init_seconds', 0):.0f} s, training {m['train_seconds']:.0f} s "
+            f"({m['tokens_per_second']:.0f} tokens/s), peak {m['peak_memory_gib']:.2f} GiB; adapter in "
+            f"`{result.adapter_dir}`")
+
+
+def gpu_memory() -> str:
+    """What the card holds now: this process's reserved memory of the card's total."""
+    if not torch.cuda.is_available():
+        return ""
+    total = torch.cuda.get_device_properties(0).total_memory
+    return f" GPU memory {torch.cuda.memory_reserved() / 2**30:.1f} of {total / 2**30:.1f} GiB."
+
+
+@dataclass
+class Job:
+    """One background job: its thread, stop switch, phase and live metrics of each curve."""
+    thread: threading.Thread | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    phase: str = "idle"
+    done: int = 0
+    total: int = 0
+    clock: JobClock | None = None  # the whole job's time left
+    curves: dict[str, Metrics] = field(default_factory=dict)  # by run label (its init)
+    message: str = ""
+    run: str = ""  # the name of the job's main run
+
+    def busy(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def work(self, configs: list[Config]) -> None:
+        """Run the configs one after another (the thread's target); an error or a stop ends the job early. The
+        message says how it ended."""
+        summaries = []
+        for index, config in enumerate(configs):
+            label = config.init
+
+            def progress(phase: str, done: int, total: int, metrics: Metrics, label: str = label,
+                         index: int = index) -> None:
+                self.clock.update(index, phase, done, total)
+                self.phase, self.done, self.total = f"{label}: {phase}", done, total
+                if metrics:
+                    self.curves[label] = metrics
+            try:
+                result = finetune(config, progress=progress, stop=self.stop)
+            except (ConfigError, DataError, OutOfMemory, RunError) as e:
+                self.message = f"**Error:** {e}"
+                break
+            except Exception as e:  # not foreseen: the page says so, the server log has the traceback
+                log.exception("the %s run failed", label)
+                self.message = f"**Error:** the {label} run failed unexpectedly ({type(e).__name__}: {e}); see the log"
+                break
+            self.curves[label] = result.metrics
+            if result.stopped:
+                self.message = ("Stopped; a checkpoint was saved. Select the run and press Resume to continue."
+                                if result.adapter_dir else
+                                "Stopped during the LoRA-GA estimate; nothing was saved. Press Train to start again.")
+                break
+            summaries.append(summary(label, result))
+        else:
+            self.message = "Finished.\n\n" + "\n".join(summaries)
+        self.phase = "idle"
+
+    def status(self) -> str:
+        """Phase i/n, the whole job's time left and the GPU memory held while it runs, and its message."""
+        text = f"**{self.phase}**"
+        if self.busy():
+            text += f" {self.done}/{self.total}" if self.total else ""
+            left = self.clock.seconds_left() if self.clock else None
+            text += f", about {format_seconds(left)} left for the whole job." if left is not None else "."
+            text += gpu_memory()
+            if self.stop.is_set():
+                text += " Stop requested: the run ends after the current step or batch."
+        return text + (f" {self.message}" if self.message else "")
+
+    def loss_points(self) -> list[tuple[int, float, str]]:
+        """Every loss so far as (step, loss, curve), the curve named '<label> <split>' ('lora_ga train')."""
+        return [(step, loss, f"{label} {split}") for label, metrics in self.curves.items()
+                for split in ("train", "eval") for step, loss in metrics.get(f"{split}_loss", [])]
+
+
+class Jobs:
+    """The app's one job at a time (job: the current or last one) and the Try generator, which never holds a model
+    while a job runs."""
+
+    def __init__(self) -> None:
+        self.job = Job()
+        self.generator = Generator()  # holds the model of the last Try; released before a job starts
+        self._lock = threading.Lock()
+
+    def busy(self) -> bool:
+        return self.job.busy()
+
+    @contextmanager
+    def idle(self) -> Iterator[bool]:
+        """Whether no job runs; none starts until the block ends. `with jobs.idle() as idle: if idle: ...`"""
+        with self._lock:
+            yield not self.job.busy()
+
+    def launch(self, name: str, configs: list[Config]) -> str:
+        """Run the configs one after another in the background as the job of run `name`; refused while a job runs.
+        The check and the start are one step under the lock, so that two launches at once cannot both pass it."""
+        with self.idle() as idle:
+            if not idle:
+                return "A run is already in progress: wait for it or press Stop."
+            self.generator.release()  # a Train after a Try gets the whole card
+            clock = JobClock.for_runs(configs, "cuda" if torch.cuda.is_available() else "cpu")
+            self.job = Job(phase="starting", clock=clock, run=name)
+            self.job.thread = threading.Thread(target=self.job.work, args=(configs,), daemon=True)
+            self.job.thread.start()
+        return f"Started {name}."
+
+    def stop(self) -> str:
+        """Ask the running job to end after its current training step or estimation batch."""
+        if not self.job.busy():
+            return "Nothing is running."
+        self.job.stop.set()
+        return "Stopping after the current training step (a checkpoint is written) or estimation batch..."
+
+    def generate(self, folder: Path, prompt: str, max_new_tokens: int) -> dict[str, Completion] | None:
+        """Greedy completions of the prompt by the base model and by the run in `folder` with its adapter (its model
+        kept for the next Try, released if loading or generating fails); None while a job runs."""
+        with self.idle() as idle:  # no job starts while the Try model loads, and no Try loads one while a job runs
+            if not idle:
+                return None
+            try:
+                self.generator.load(run_config(folder), folder / "adapter")
+                return self.generator.generate(prompt, max_new_tokens)
+            except (ConfigError, DataError, torch.cuda.OutOfMemoryError):
+                self.generator.release()
+                raise
