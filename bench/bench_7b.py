@@ -149,7 +149,7 @@ def main():
                "train_batch": f"2 x {'up to ' if args.min_words else ''}{args.max_length}"}
     shared = dict(model=str(model_dir), data=str(data), data_format="text", rank=8, max_length=args.max_length,
                   batch_size=2, estimation_samples=args.estimation_samples, estimation_batch_size=2, eval_fraction=0.0,
-                  eval_every=0, save_every=0, progress=False)
+                  eval_every=0, save_every=0, progress=False, overwrite=True)  # the runs below reuse their folders
     if args.only == "peft_loraga":  # needs about 27 GiB: run it with --card-gib above that
         results["peer_peft_loraga"] = peer_peft_loraga(model_dir, data, args.estimation_samples, args.max_length)
     if args.only == "fidelity":

@@ -25,7 +25,8 @@ from common import GIB, add_output_args, add_words_args, cap_card, make_model_di
 from stacks import StackSampler
 from frugal_loraga import Config
 from frugal_loraga.init import estimation_batches
-from frugal_loraga.blocks import block_layout, compile_blocks, start_compile_workers, uncompile_blocks
+from frugal_loraga.blocks import (block_layout, compile_blocks, enable_checkpointing, start_compile_workers,
+                                  uncompile_blocks)
 from frugal_loraga.data import IGNORE, load_examples
 from frugal_loraga.estimate import GradientTap, estimate_gradient_svd
 from frugal_loraga.estimate.inputs import block_inputs, run_blocks
@@ -152,7 +153,7 @@ def main():
         start_compile_workers()
     model, tokenizer, device = load_model(config)
     load_seconds = time.perf_counter() - start
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     examples, _ = load_examples(config.data, "text", tokenizer, 1024)
     targets = find_targets(model, config.target_list(), 8, "lora_ga")
     batches = estimation_batches(examples, config, tokenizer.pad_token_id, device)

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from transformers import AutoConfig
 
-from .blocks import start_compile_workers
+from .blocks import enable_checkpointing, start_compile_workers
 from .config import Config
 from .checkpoint import (atomic_write, check_outputs, clear_previous_run, factors_from_checkpoint, load_checkpoint,
                          run_inputs, save_checkpoint, write_record)
@@ -87,7 +87,7 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
             torch.cuda.reset_peak_memory_stats(device)
         targets = find_targets(model, config.target_list(), config.rank, config.init)
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
         pad_id = tokenizer.pad_token_id
         if state is not None:
             metrics = state["metrics"]

@@ -105,6 +105,16 @@ def compiled(blocks: list[nn.Module], enabled: bool, any_width: bool = False):
             uncompile_blocks(blocks)
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """transformers' per-layer activation checkpointing, non-reentrant: activation_checkpointing_enable where
+    transformers has it (gradient_checkpointing_enable, its old name, warns that it goes in v6), else the old name."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 @contextlib.contextmanager
 def no_checkpointing(blocks: list[nn.Module]):
     """Blocks keep their activations for backward for a while (transformers' per-layer gradient_checkpointing off)."""

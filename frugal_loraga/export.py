@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
+from transformers.pytorch_utils import Conv1D
 
 from .checkpoint import ADAPTER_FILES, atomic_write
 from .config import Config
@@ -35,7 +36,8 @@ def export_adapter(layers: dict[str, LoraLinear], config: Config, base_model: st
     rank = 2 * config.rank if frozen else config.rank
     alpha = config.alpha * ((math.sqrt(2) if config.use_rslora else 2) if frozen else 1)
     peft_config = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=config.use_rslora, lora_dropout=0.0, bias="none",
-                             target_modules=sorted(layers), task_type="CAUSAL_LM", base_model_name_or_path=base_model)
+                             target_modules=sorted(layers), task_type="CAUSAL_LM", base_model_name_or_path=base_model,
+                             fan_in_fan_out=any(isinstance(layer.base, Conv1D) for layer in layers.values()))
     config_json = json.dumps(peft_config.to_dict(), indent=2, sort_keys=True, default=sorted)  # sets as lists
     config_file, weights_file = ADAPTER_FILES
     atomic_write(out_dir / config_file, lambda tmp: tmp.write_text(config_json))

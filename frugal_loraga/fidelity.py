@@ -10,20 +10,25 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .lora import features
 
 
 def exact_gradients(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict]) -> dict[str, torch.Tensor]:
-    """Oracle: autograd dL/dW of every target (weights made trainable for the call), in fp32, mean over the batches."""
+    """Oracle: autograd dL/dW (out x in) of every target (weights made trainable for the call), in fp32, mean over
+    the batches, the model in eval mode (as the estimate runs it: no dropout)."""
     for m in targets.values():
         m.weight.requires_grad_(True)
-    grads = {n: torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device) for n, m in targets.items()}
+    grads = {n: torch.zeros(features(m), dtype=torch.float32, device=m.weight.device) for n, m in targets.items()}
     was_training = model.training
-    model.train()
+    model.eval()
     try:
         for batch in batches:
             model(**batch).loss.backward()
             for name, m in targets.items():
-                grads[name] += m.weight.grad.float() / len(batches)
+                grad = m.weight.grad.T if isinstance(m, Conv1D) else m.weight.grad  # Conv1D's weight is (in x out)
+                grads[name] += grad.float() / len(batches)
                 m.weight.grad = None
     finally:
         for m in targets.values():

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .config import Config
 from .data import causal_inputs, collate
 from .estimate import estimate_gradient_svd
+from .lora import features
 from .memory import default_budget_bytes
 from .progress import Metrics, Phase, ProgressFn
 from .svd import LayerSVD
@@ -73,7 +74,7 @@ def initial_factors(model, targets, train_examples, config: Config, pad_id: int,
     """name -> (A, B, A0, B0) and the init metrics; raises StoppedInEstimate once `stop` is set."""
     if config.init == "lora":
         generator = torch.Generator().manual_seed(config.seed)
-        return {n: (*lora_factors(m.out_features, m.in_features, config.rank, generator, device), None, None)
+        return {n: (*lora_factors(*features(m), config.rank, generator, device), None, None)
                 for n, m in targets.items()}, Metrics()
     batches = estimation_batches(train_examples, config, pad_id, device)
     budget = int(config.grad_budget_gib * 2**30) if config.grad_budget_gib else default_budget_bytes(device)

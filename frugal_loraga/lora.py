@@ -1,7 +1,7 @@
 """The LoRA layer with a frozen initial adapter beside the trainable one, and putting it into a model.
 
   y = base(x) + eta * ((x A^T) B^T - (x A0^T) B0^T)
-base: the frozen linear layer (nn.Linear or bitsandbytes Linear4bit), W (m x n), never requantized;
+base: the frozen linear layer (nn.Linear, bitsandbytes Linear4bit or GPT-2's Conv1D), W (m x n), never requantized;
 A (r x n), B (m x r): trainable fp32; A0, B0: frozen copies of their initial values (LoRA-GA), empty for plain LoRA.
 At step 0 A == A0 and B == B0 bit for bit, so the two products cancel exactly and the model is unchanged.
 The sum is computed by kernels.lora.lora_add: one fused Triton shrink/expand on CUDA, the torch reference elsewhere
@@ -11,14 +11,27 @@ which the LoRA-GA gradient estimate wraps around its targets too).
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .kernels.lora import lora_add
 
 from .config import ALL_LINEAR, ConfigError
 from .nf4 import FourBitWeight
+
+log = logging.getLogger("frugal_loraga")
+LINEAR = (nn.Linear, Conv1D)  # Conv1D: GPT-2's linear layer, its weight stored as (in x out)
+
+
+def features(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of a linear layer: m x n of y = x W^T."""
+    if isinstance(module, Conv1D):
+        return module.nf, module.nx
+    return module.out_features, module.in_features
 
 
 class FrozenLinear(nn.Module):
@@ -58,29 +71,36 @@ class LoraLinear(FrozenLinear):
 
 
 def find_targets(model: nn.Module, targets: list[str], rank: int, init: str) -> dict[str, nn.Module]:
-    """Modules to adapt: all linear layers but the output head for 'all-linear', else names equal to or ending in
-    '.<suffix>'. Checks that each is linear and that the layer is wide enough for the rank."""
+    """Modules to adapt: for 'all-linear' every linear layer but the output head and a mixture of experts' routers
+    (the linear layers beside its experts: gates such as Qwen2-MoE's shared_expert_gate too), else the names equal
+    to or ending in '.<suffix>'. Checks that each is linear. Layers narrower than the rank needs are left out, with
+    a warning naming them; refused if that leaves none."""
     head = model.get_output_embeddings()
+    routers = {id(child) for module in model.modules() if hasattr(module, "experts") for child in module.children()}
     found = {}
     for name, module in model.named_modules():
         if targets == [ALL_LINEAR]:
-            if isinstance(module, nn.Linear) and module is not head:
+            if isinstance(module, LINEAR) and module is not head and id(module) not in routers:
                 found[name] = module
         elif any(name == t or name.endswith("." + t) for t in targets):
-            if not isinstance(module, nn.Linear):
+            if not isinstance(module, LINEAR):
                 raise ConfigError(f"target {name} is a {type(module).__name__}; only linear layers can be adapted")
             found[name] = module
-    suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LINEAR)})
     unmatched = [t for t in targets if t != ALL_LINEAR and not any(n == t or n.endswith("." + t) for n in found)]
     if not found or unmatched:
         raise ConfigError(f"no module matches target_modules {', '.join(unmatched or targets)}; "
                           f"linear layers here: {', '.join(suffixes)} (or all-linear)")
     need = 2 * rank if init == "lora_ga" else rank
-    for name, module in found.items():
-        if need > min(module.in_features, module.out_features):
-            raise ConfigError(f"rank {rank} is too large for {name} ({module.out_features} x {module.in_features}): "
-                              f"{init} needs {need} <= {min(module.in_features, module.out_features)}; lower rank")
-    return found
+    narrow = {name: features(module) for name, module in found.items() if need > min(features(module))}
+    if len(narrow) == len(found):
+        name, (m, n) = next(iter(narrow.items()))
+        raise ConfigError(f"rank {rank} is too large for {name} ({m} x {n}): {init} needs {need} <= {min(m, n)}; "
+                          "lower rank")
+    if narrow:
+        log.warning("left out %d layer(s) narrower than rank %d needs (%d): %s", len(narrow), rank, need,
+                    ", ".join(f"{name} ({m} x {n})" for name, (m, n) in narrow.items()))
+    return {name: module for name, module in found.items() if name not in narrow}
 
 
 def replace(model: nn.Module, modules: dict[str, nn.Module]) -> None:

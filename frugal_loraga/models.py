@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,6 +27,10 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from .config import Config
 from .errors import ConfigError
+from .lora import LINEAR
+from .nf4 import FourBitWeight
+
+log = logging.getLogger("frugal_loraga")
 
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DECODER_ONLY = "frugal-loraga fine-tunes decoder-only causal language models (Llama, Qwen, Mistral, Gemma, ...)"
@@ -285,6 +290,8 @@ def load_base(config: Config, path: str):
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)
+    if config.load_in_4bit:
+        warn_unquantized(model)
     if config.embeddings_on_cpu and model.get_output_embeddings() is not None and \
             model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
         model.set_input_embeddings(HostEmbedding(model.get_input_embeddings(), device))
@@ -294,6 +301,18 @@ def load_base(config: Config, path: str):
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     return model, device
+
+
+def warn_unquantized(model: nn.Module) -> None:
+    """Say which linear layers transformers' 4-bit loading left in 16 bits (it leaves out whole families, such as
+    Falcon's): they are not 4-bit and hold 16-bit memory."""
+    head = model.get_output_embeddings()
+    linear = [(name, m) for name, m in model.named_modules() if isinstance(m, LINEAR) and m is not head]
+    unquantized = [name for name, m in linear if FourBitWeight.of(m) is None]
+    if unquantized:
+        log.warning("load_in_4bit: transformers left %d of the %d linear layers of %s in 16 bits (%s, ...): they are "
+                    "not quantized and take 16-bit memory", len(unquantized), len(linear), type(model).__name__,
+                    unquantized[0])
 
 
 def release(model: nn.Module) -> None:

@@ -12,13 +12,13 @@ from frugal_loraga.init import estimation_batches
 from frugal_loraga.config import Config, ConfigError
 from frugal_loraga.data import causal_inputs, collate, load_examples
 from frugal_loraga.fidelity import captured_energy, exact_gradients, subspace_agreement
-from frugal_loraga.blocks import block_layout, compile_blocks, uncompile_blocks
+from frugal_loraga.blocks import block_layout, compile_blocks, enable_checkpointing, uncompile_blocks
 from frugal_loraga.estimate import accumulate_outer, estimate_gradient_svd
 from frugal_loraga.estimate.plan import Segment, plan_cache, plan_groups, plan_segments
 from frugal_loraga.memory import activation_bytes, gradient_bytes, layer_costs
 from frugal_loraga.lora import find_targets
 from frugal_loraga.models import load_model
-from conftest import make_tiny_model_dir
+from conftest import make_tiny_model_dir, one_block_budget
 
 RANK = 4
 
@@ -28,7 +28,7 @@ def load(model_dir, four_bit, rank=RANK, checkpointing=False):
     config = Config(model=str(model_dir), data="unused", load_in_4bit=four_bit, rank=rank, dtype="float32")
     model, tokenizer, _ = load_model(config)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     return model, tokenizer, find_targets(model, config.target_list(), rank, "lora_ga")
 
 
@@ -36,15 +36,6 @@ def make_batches(model, tokenizer, sample_path, n_batches=4, size=2, max_length=
     examples, _ = load_examples(sample_path, "auto", tokenizer, max_length)
     return [collate(examples[i * size:(i + 1) * size], tokenizer.pad_token_id, model.device, width)
             for i in range(n_batches)]
-
-
-def one_block_budget(model, targets, batches):
-    """The bytes the estimate holds for one decoder layer: with this budget each group holds one block."""
-    shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
-    costs = layer_costs(shapes, max(b["input_ids"].numel() for b in batches),
-                        model.get_input_embeddings().weight.element_size())
-    _, index = block_layout(model, list(targets))
-    return max(sum(c for n, c in costs.items() if index[n] == i) for i in set(index.values()))
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..blocks import block_layout, without_cudnn_attention
 from ..config import ConfigError
+from ..lora import features
 from ..memory import activation_bytes, gradient_bytes
 
 
@@ -81,7 +82,7 @@ def make_plan(model: nn.Module, targets: dict[str, nn.Module], batches: list[dic
     """The plan of an estimate of `targets` over `batches` holding at most budget_bytes on the device and
     host_budget_bytes of kept block inputs on the CPU."""
     order = execution_order(model, targets, batches[0])
-    shapes = {n: (targets[n].out_features, targets[n].in_features) for n in order}
+    shapes = {n: features(targets[n]) for n in order}
     blocks, index = block_layout(model, order)
     embedding = model.get_input_embeddings().weight
     tokens = max(b["input_ids"].numel() for b in batches)

@@ -57,12 +57,16 @@ def _(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
 
 
 class _AddWeightGradient(torch.autograd.Function):
-    """y unchanged in forward; in backward, dL/dW = dY^T X (m x n) added into the accumulator, dY passed on."""
+    """y unchanged in forward; in backward, dL/dW = dY^T X (m x n) added into the accumulator, dY passed on.
+    y is returned itself, marked as changed in place (it is not: nothing else holds it), rather than as a view: the
+    model may then add into it in place, as Falcon's parallel attention does, which a view made by an
+    autograd.Function forbids."""
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, x: torch.Tensor, accumulator: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, accumulator)
-        return y.view_as(y)
+        ctx.mark_dirty(y)
+        return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):

@@ -1,0 +1,103 @@
+"""Every decoder family users fine-tune, each a tiny random model saved as safetensors with the tests' tokenizer, in
+fp32: the streamed estimate (one decoder layer a group) against the exact gradient, step 0 unchanged bit for bit,
+training through finetune, and its export reloaded by PEFT on the base model giving our logits."""
+import logging
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from frugal_loraga import Config, finetune
+from frugal_loraga.checkpoint import checkpoint_path, factors_from_checkpoint
+from frugal_loraga.data import collate, load_examples
+from frugal_loraga.estimate import estimate_gradient_svd
+from frugal_loraga.fidelity import captured_energy, exact_gradients
+from frugal_loraga.init import estimation_batches, initial_factors
+from frugal_loraga.lora import find_targets, inject
+from frugal_loraga.models import load_model
+from conftest import SAMPLE, make_tokenizer, one_block_budget
+
+RANK = 2
+SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=256, tie_word_embeddings=False, moe_intermediate_size=32,
+             shared_expert_intermediate_size=32, num_experts=4, num_local_experts=4, num_experts_per_tok=2,
+             ffn_dim=96, word_embed_proj_dim=64, n_inner=96)
+HEAD_DIM = {t: dict(head_dim=16) for t in ("qwen3", "gemma2", "gemma3_text")}  # not hidden / heads by default
+# What all-linear adapts in each family: the linear layers' name suffixes in a decoder layer.
+ADAPTED = {
+    "llama": "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj",
+    "mistral": "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj",
+    "qwen2": "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj",
+    "qwen3": "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj",
+    "gemma2": "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj",
+    "gemma3_text": "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj",
+    "olmo2": "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj",
+    "granite": "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj",
+    "phi3": "qkv_proj o_proj gate_up_proj down_proj",
+    "gpt_neox": "query_key_value dense dense_h_to_4h dense_4h_to_h",
+    "opt": "q_proj k_proj v_proj out_proj fc1 fc2",
+    "gpt2": "c_attn c_proj c_fc",
+    "falcon": "query_key_value dense dense_h_to_4h dense_4h_to_h",
+    "qwen2_moe": "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj",  # attention and the shared expert
+    "mixtral": "q_proj k_proj v_proj o_proj",
+}
+
+
+def save_tiny(folder, model_type: str):
+    """A 2-layer model of the family with the tests' tokenizer, weights larger than the default init so that the
+    gradients have structure beyond noise."""
+    tokenizer = make_tokenizer()
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **SIZES, **HEAD_DIM.get(model_type, {}), **ids))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+@pytest.mark.parametrize("model_type", list(ADAPTED))
+def test_family(model_type, tmp_path, caplog):
+    folder = save_tiny(tmp_path / model_type, model_type)
+    config = Config(model=str(folder), data=str(SAMPLE), rank=RANK, load_in_4bit=False, dtype="float32", steps=3,
+                    lr=5e-3, estimation_samples=8, eval_every=0, out=str(tmp_path / "run"), progress=False, seed=1)
+    model, tokenizer, device = load_model(config)
+    examples, _ = load_examples(SAMPLE, "auto", tokenizer, 96)
+    with caplog.at_level(logging.WARNING, "frugal_loraga"):
+        targets = find_targets(model, config.target_list(), config.rank, config.init)
+    assert {name.rsplit(".", 1)[-1] for name in targets} == set(ADAPTED[model_type].split())
+    assert "left out" not in caplog.text
+
+    batches = estimation_batches(examples, config, tokenizer.pad_token_id, device)
+    svds, stats = estimate_gradient_svd(model, targets, batches, 2 * RANK, one_block_budget(model, targets, batches),
+                                        svd="exact")
+    assert len(stats.groups) >= 2
+    for name, G in exact_gradients(model, targets, batches).items():
+        energy = captured_energy(G, svds[name].U, svds[name].V)
+        assert energy >= 0.9999, f"{name}: captured {energy:.5f} of the exact top-{2 * RANK} gradient energy"
+
+    batch = collate(examples[:3], tokenizer.pad_token_id, device)
+    before = logits(model, batch)
+    factors, _ = initial_factors(model, targets, examples, config, tokenizer.pad_token_id, device)
+    inject(model, factors, config.eta)
+    assert torch.equal(logits(model, batch), before), "the model changed at step 0"
+
+    result = finetune(config)
+    model, _, _ = load_model(config)
+    state = torch.load(checkpoint_path(config.out), weights_only=True)
+    inject(model, factors_from_checkpoint(state["adapter"], device), config.eta)
+    ours = logits(model, batch)
+    assert (ours - before).abs().max() > 1e-4, "training did not change the model"
+    base, _, _ = load_model(config)
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(base, result.adapter_dir), batch), ours,
+                               rtol=1e-4, atol=1e-4)
