@@ -101,3 +101,12 @@ def test_family(model_type, tmp_path, caplog):
     base, _, _ = load_model(config)
     torch.testing.assert_close(logits(PeftModel.from_pretrained(base, result.adapter_dir), batch), ours,
                                rtol=1e-4, atol=1e-4)
+
+
+def test_a_4bit_load_names_the_layers_transformers_left_in_16_bits(tmp_path, caplog):
+    """transformers' 4-bit loading leaves Falcon's FalconLinear layers as they are: the run says so."""
+    folder = save_tiny(tmp_path / "falcon", "falcon")
+    with caplog.at_level(logging.WARNING, "frugal_loraga"):
+        load_model(Config(model=str(folder), data="unused", load_in_4bit=True))
+    assert "transformers left 8 of the 8 linear layers of FalconForCausalLM in 16 bits " \
+           "(transformer.h.0.self_attention.query_key_value, ...)" in caplog.text

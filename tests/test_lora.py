@@ -1,4 +1,5 @@
 """The LoRA layer, LoRA-GA factors, step-0 invariance on an NF4 base, and the PEFT export round trip."""
+import logging
 import math
 
 import pytest
@@ -148,3 +149,13 @@ def test_target_errors(tiny_model_dir):
         find_targets(model, ["q_proj"], 40, "lora_ga")
     assert set(find_targets(model, ["q_proj", "v_proj"], 16, "lora_ga")) == {
         f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")}
+
+
+def test_layers_too_narrow_for_the_rank_are_left_out_with_a_warning(tiny_model_dir, caplog):
+    """k_proj and v_proj are 32 x 64 (2 KV heads of 16): LoRA-GA at rank 20 needs 40 <= min(m, n)."""
+    model, _, _ = load_model(Config(model=str(tiny_model_dir), data="unused", load_in_4bit=False))
+    with caplog.at_level(logging.WARNING, "frugal_loraga"):
+        targets = find_targets(model, ["q_proj", "k_proj", "v_proj"], 20, "lora_ga")
+    assert set(targets) == {f"model.layers.{i}.self_attn.q_proj" for i in range(2)}
+    assert "left out 4 layer(s) narrower than rank 20 needs (40): model.layers.0.self_attn.k_proj (32 x 64)" in \
+        caplog.text
