@@ -23,6 +23,7 @@ from .config import Config
 from .checkpoint import (atomic_write, check_outputs, clear_previous_run, factors_from_checkpoint, load_checkpoint,
                          run_inputs, save_checkpoint, write_record)
 from .data import Example, load_examples, split_eval
+from .distributed import check_one_process
 from .errors import OutOfMemory, RunError
 from .export import export_adapter
 from .init import StoppedInEstimate, initial_factors
@@ -66,6 +67,7 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
     phase = enter(Phase.LOADING_DATA)
     model = inputs = None
     try:
+        check_one_process()
         check_outputs(config)
         model_path = resolve_model_path(config.model, config.trust_remote_code)
         tokenizer = load_tokenizer(model_path, config.trust_remote_code)

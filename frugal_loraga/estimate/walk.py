@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..blocks import attention_for, compiled, no_checkpointing
+from ..distributed import from_rank0_, share, sum_over_ranks_
 from ..lora import replace
 from ..loss import causal_lm_loss
 from ..memory import available_ram_bytes
@@ -49,11 +50,14 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
     """Top-k SVD of the mean gradient dL/dW over `batches` for every target, never holding more than
     `budget_bytes` of fp32 gradients and their blocks' activations on the device, nor more than `host_budget_bytes`
     (default: a quarter of the available RAM) of cached block inputs on the CPU. compile: torch.compile the blocks
-    for the estimate. The model is left as it was found. Returns the factors (on the model's device) and the costs."""
+    for the estimate. The model is left as it was found. Returns the factors (on the model's device) and the costs.
+    In a process group (distributed.py) every rank passes all the batches and walks its share of them; the groups,
+    the mean gradients and the factors are those of all the batches, the same bits on every rank."""
     start = time.perf_counter()
     device = batches[0]["input_ids"].device
     host_budget_bytes = available_ram_bytes() // 4 if host_budget_bytes is None else host_budget_bytes
-    plan = make_plan(model, targets, batches, budget_bytes, host_budget_bytes)
+    plan = make_plan(model, targets, batches, budget_bytes, host_budget_bytes)  # from all batches: the same groups
+    total_batches, batches = len(batches), share(batches)
     transfers = (HostTransfers(device, plan.hidden_bytes) if device.type == "cuda" and len(plan.segments) > 1
                  else None)
     kept = KeptInputs(len(batches), len(plan.blocks), plan.kept_starts, transfers)
@@ -82,12 +86,12 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
                 if plan.last_over_start(i):
                     kept.drop(segment.start)
                 svd_start = _synchronized(device)
-                results.update(close_group(segment, taps, state, len(batches), k, svd))
+                results.update(close_group(segment, taps, state, total_batches, k, svd))
                 svd_seconds += _synchronized(device) - svd_start
     finally:
         if transfers is not None:
             transfers.close()
-    stats = EstimationStats(plan.groups, budget_bytes, state.peak_bytes, len(batches), time.perf_counter() - start,
+    stats = EstimationStats(plan.groups, budget_bytes, state.peak_bytes, total_batches, time.perf_counter() - start,
                             svd_seconds)
     return results, stats
 
@@ -175,9 +179,12 @@ def backward(model: nn.Module, plan: Plan, segment: Segment, kept: KeptInputs, b
 
 def close_group(segment: Segment, taps: dict[str, GradientTap], state: GradientState, batches: int, k: int,
                 svd: str) -> dict[str, LayerSVD]:
-    """Take the accumulators back from the group's taps: the mean gradients G = (sum of dY^T X) / batches, reduced to
-    their top-k singular triplets; the accumulators are freed on return."""
+    """Take the accumulators back from the group's taps: the mean gradients G = (sum of dY^T X) / batches (summed
+    over the ranks first), reduced to their top-k singular triplets, rank 0's on every rank; the accumulators are
+    freed on return."""
     for name in segment.names:
         taps[name].accumulator = None
-    mean_gradients = {name: state.release(name).div_(batches) for name in segment.names}
-    return top_singular(mean_gradients, k, svd)
+    mean_gradients = {name: sum_over_ranks_(state.release(name)).div_(batches) for name in segment.names}
+    svds = top_singular(mean_gradients, k, svd)
+    from_rank0_([t for layer in svds.values() for t in (layer.U, layer.S, layer.V)])
+    return svds
