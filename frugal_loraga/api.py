@@ -23,7 +23,7 @@ from .config import Config
 from .checkpoint import (atomic_write, check_outputs, clear_previous_run, factors_from_checkpoint, load_checkpoint,
                          run_inputs, save_checkpoint, write_record)
 from .data import Example, load_examples, split_eval
-from .distributed import check_one_process
+from .distributed import barrier, check_shares, join
 from .errors import OutOfMemory, RunError
 from .export import export_adapter
 from .init import StoppedInEstimate, initial_factors
@@ -58,7 +58,8 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
     done, total, metrics) is called as work advances; setting `stop` ends training after the current step with a
     checkpoint written (resume with config.resume = True), or the LoRA-GA estimate after the current batch, with
     nothing written (adapter_dir None). When it returns or raises, nothing of its model is left
-    in memory, with Python's cyclic garbage collector on or off."""
+    in memory, with Python's cyclic garbage collector on or off. Under torchrun each process (one per GPU) runs it:
+    the estimate and each step's micro-batches are shared, and rank 0 writes (distributed.py)."""
     def enter(name: Phase) -> Phase:
         if progress:
             progress(name, 0, 0, {})
@@ -67,13 +68,15 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
     phase = enter(Phase.LOADING_DATA)
     model = inputs = None
     try:
-        check_one_process()
+        join(resolve_device(config).type)  # under torchrun: one process per GPU, data parallel (distributed.py)
+        check_shares(config.grad_accum)
         check_outputs(config)
         model_path = resolve_model_path(config.model, config.trust_remote_code)
         tokenizer = load_tokenizer(model_path, config.trust_remote_code)
         train_examples, eval_examples = load_data(config, tokenizer)
         state = load_checkpoint(config, inputs := run_inputs(config, model_path))
         config = config.resolve(resolve_device(config).type, state["config"] if state else None)
+        barrier()  # every rank has checked the out folder before rank 0 writes in it
         if config.overwrite:
             clear_previous_run(config.out)
         if resolve_device(config).type == "cuda":
@@ -119,6 +122,7 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         adapter_dir = export_adapter(layers, config, model.name_or_path, Path(config.out) / "adapter")
         write_metrics(metrics, config)
         write_record(config, inputs, "stopped" if stopped else "finished")
+        barrier()  # the adapter is written when finetune returns, on every rank
         return FinetuneResult(adapter_dir, metrics, stopped)
     except StoppedInEstimate:
         write_record(config, inputs, "stopped", "stopped during the LoRA-GA estimate: nothing to resume")

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import torch
 
 from .config import Config
+from .distributed import is_writer
 from .errors import ConfigError, RunError
 from .progress import Metrics
 
@@ -103,7 +104,10 @@ def has_adapter(out: str | Path) -> bool:
 
 def clear_previous_run(out: str | Path) -> None:
     """Remove what an earlier run wrote in out (its record, checkpoint, adapter files and metrics), for a run started
-    there with overwrite, so that the folder never mixes two runs' files. Anything else in out stays."""
+    there with overwrite, so that the folder never mixes two runs' files. Anything else in out stays. Rank 0's work,
+    of several processes."""
+    if not is_writer():
+        return
     out = Path(out)
     adapter = [out / "adapter" / name for name in ADAPTER_FILES]
     for path in (out / RECORD, checkpoint_path(out), out / "metrics.json", *adapter):
@@ -128,7 +132,10 @@ def load_checkpoint(config: Config, inputs: dict) -> Optional[dict]:
 
 def atomic_write(path: Path, write: Callable[[Path], None], last_good: str = "") -> None:
     """write(tmp) then rename tmp over path: a reader sees the old file or the new one, never half of one. A full disk
-    (or any OS error) leaves the old file as it was and becomes a RunError that says so."""
+    (or any OS error) leaves the old file as it was and becomes a RunError that says so. Of several processes, only
+    rank 0 writes (distributed.is_writer)."""
+    if not is_writer():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:

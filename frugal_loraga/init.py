@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .data import causal_inputs, collate
+from .distributed import is_writer
 from .estimate import estimate_gradient_svd
 from .lora import features
 from .memory import default_budget_bytes
@@ -78,7 +79,8 @@ def initial_factors(model, targets, train_examples, config: Config, pad_id: int,
                 for n, m in targets.items()}, Metrics()
     batches = estimation_batches(train_examples, config, pad_id, device)
     budget = int(config.grad_budget_gib * 2**30) if config.grad_budget_gib else default_budget_bytes(device)
-    with tqdm(desc="LoRA-GA gradient estimate", unit="batch", disable=not config.progress, dynamic_ncols=True) as bar:
+    with tqdm(desc="LoRA-GA gradient estimate", unit="batch", disable=not (config.progress and is_writer()),
+              dynamic_ncols=True) as bar:
         def report(phase: Phase, done: int, total: int, metrics: Metrics) -> None:
             bar.total = total  # groups x batches, known once the groups are planned
             bar.update(done - bar.n)

@@ -18,6 +18,7 @@ from .checkpoint import save_checkpoint
 from .config import Config
 from .errors import ConfigError, RunError
 from .data import Example, causal_inputs, collate, micro_batch, padded_width
+from .distributed import is_writer, share, sum_grads_over_ranks_, sum_values_over_ranks
 from .blocks import attention_for, block_layout, compiled
 from .progress import Metrics, Phase, ProgressFn
 from .lora import LoraLinear
@@ -55,13 +56,14 @@ def evaluate(model, examples: list[Example], config: Config, pad_id: int, device
     total_loss, total_tokens = 0.0, 0
     was_training = model.training
     model.eval()
-    for i in range(0, len(examples), config.batch_size):
+    for i in share(list(range(0, len(examples), config.batch_size))):  # each rank its share of the batches
         batch = collate(examples[i:i + config.batch_size], pad_id, device)
         tokens = int((batch["labels"][:, 1:] != -100).sum())
         with autocast(device, dtype):
             total_loss += causal_lm_loss(model, causal_inputs(batch)).item() * tokens
         total_tokens += tokens
     model.train(was_training)
+    total_loss, total_tokens = sum_values_over_ranks([total_loss, total_tokens], device)
     return total_loss / max(total_tokens, 1)
 
 
@@ -94,22 +96,26 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
         progress(Phase.COMPILING if compiling else Phase.TRAINING, start, config.steps, metrics)
     model.train()
     saved = start  # the step of the last checkpoint: the run saved step 0 before training
-    bar = tqdm(total=config.steps, initial=start, desc="training", disable=not config.progress, dynamic_ncols=True)
+    bar = tqdm(total=config.steps, initial=start, desc="training", disable=not (config.progress and is_writer()),
+               dynamic_ncols=True)
     try:
         with compiled(blocks, compiling, any_width=len(widths) > 1), attention_for(widths):
             if eval_examples and start == 0:
                 metrics["eval_loss"].append([0, evaluate(model, eval_examples, config, pad_id, device, dtype)])
             for step in range(start, config.steps):
                 optimizer.zero_grad(set_to_none=True)
-                step_loss = 0.0
-                for micro in range(config.grad_accum):
+                step_loss, step_tokens = 0.0, 0
+                for micro in share(list(range(config.grad_accum))):  # each rank its share of the micro-batches
                     batch = collate(micro_batch(train_examples, config.batch_size, config.seed,
                                                 step * config.grad_accum + micro), pad_id, device)
                     with autocast(device, dtype):
                         loss = causal_lm_loss(model, causal_inputs(batch)) / config.grad_accum
                     loss.backward()
                     step_loss += loss.item()
-                    metrics["train_tokens"] += int(batch["attention_mask"].sum())
+                    step_tokens += int(batch["attention_mask"].sum())
+                sum_grads_over_ranks_(params)
+                step_loss, step_tokens = sum_values_over_ranks([step_loss, step_tokens], device)
+                metrics["train_tokens"] += int(step_tokens)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)  # inf: no clip
                 check_finite(step + 1, step_loss, grad_norm, config, saved)
                 optimizer.step()

@@ -1,9 +1,16 @@
-"""The gradient estimate over two processes (gloo, on the CPU): each rank walks its share of the batches and every
-rank ends with the same factors, bit for bit, those of all the batches; finetune itself refuses several processes."""
+"""Two processes (gloo, on the CPU) against one: the gradient estimate, each rank walking its share of the batches
+and every rank ending with the same factors, bit for bit, those of all the batches; and finetune, data parallel,
+training as one process does with the same global batch."""
+import dataclasses
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from frugal_loraga import distributed
 
 from frugal_loraga import Config, ConfigError, finetune
 from frugal_loraga.data import load_examples
@@ -12,7 +19,7 @@ from frugal_loraga.fidelity import captured_energy, exact_gradients
 from frugal_loraga.init import estimation_batches
 from frugal_loraga.lora import find_targets
 from frugal_loraga.models import load_model
-from conftest import SAMPLE, one_block_budget
+from conftest import SAMPLE, free_port, one_block_budget
 
 RANK = 2
 
@@ -57,9 +64,40 @@ def test_two_processes_give_every_rank_the_factors_of_all_batches(tiny_model_dir
         assert captured_energy(exact[name], U, V) >= 0.9999, name
 
 
-def test_finetune_refuses_several_processes(monkeypatch, tmp_path):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="WORLD_SIZE=2: finetune runs in one process, and 2 would each train and "
-                                          "write the same out folder; start it with python"):
-        finetune(Config(model="demo", data=str(SAMPLE), out=str(tmp_path / "run")))
-    assert not (tmp_path / "run").exists()
+def finetune_in_rank(rank: int, size: int, port: int, config: Config, out):
+    os.environ.update(WORLD_SIZE=str(size), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        torch.save(finetune(config).metrics, out / f"metrics{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_train_as_one_with_the_same_global_batch(tiny_model_dir, tmp_path):
+    """grad_accum 2: one process runs both micro-batches of a step, each of two processes one of them. Plain LoRA
+    init, so that both start from the same adapter bits (the estimate's sums differ in order, see above), then the
+    summed gradients, every step and the adapter are the same (a loose 1e-6: fp32 sums in another order)."""
+    config = Config(model=str(tiny_model_dir), data=str(SAMPLE), init="lora", rank=RANK, load_in_4bit=False,
+                    dtype="float32",
+                    steps=4, lr=5e-3, batch_size=2, grad_accum=2, estimation_samples=10, eval_every=2,
+                    out=str(tmp_path / "one"), progress=False)
+    one = finetune(config).metrics
+    two = dataclasses.replace(config, out=str(tmp_path / "two"))
+    mp.spawn(finetune_in_rank, args=(2, free_port(), two, tmp_path), nprocs=2)
+    ranks = [torch.load(tmp_path / f"metrics{r}.pt", weights_only=True) for r in range(2)]
+    for metrics in ranks:
+        assert metrics["train_tokens"] == one["train_tokens"]
+        for key in ("train_loss", "eval_loss"):
+            torch.testing.assert_close(torch.tensor(metrics[key]), torch.tensor(one[key]), rtol=1e-5, atol=1e-6)
+    adapters = [load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("one", "two")]
+    assert adapters[0].keys() == adapters[1].keys()
+    for name, tensor in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], tensor, rtol=1e-6, atol=1e-7)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+def test_grad_accum_must_be_shared_by_the_processes(monkeypatch):
+    monkeypatch.setattr(distributed, "rank_and_size", lambda: (0, 2))
+    with pytest.raises(ConfigError, match=r"grad_accum=3 cannot be shared by 2 processes: make it a multiple of 2"):
+        distributed.check_shares(3)
+    distributed.check_shares(4)
