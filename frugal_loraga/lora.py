@@ -73,8 +73,8 @@ class LoraLinear(FrozenLinear):
 def find_targets(model: nn.Module, targets: list[str], rank: int, init: str) -> dict[str, nn.Module]:
     """Modules to adapt: for 'all-linear' every linear layer but the output head and a mixture of experts' routers
     (the linear layers beside its experts: gates such as Qwen2-MoE's shared_expert_gate too), else the names equal
-    to or ending in '.<suffix>'. Checks that each is linear. Layers narrower than the rank needs are left out, with
-    a warning naming them; refused if that leaves none."""
+    to or ending in '.<suffix>'. Checks that each is linear. A layer narrower than the rank needs is refused when named,
+    and left out of all-linear with a warning naming it (refused if that leaves none)."""
     head = model.get_output_embeddings()
     routers = {id(child) for module in model.modules() if hasattr(module, "experts") for child in module.children()}
     found = {}
@@ -93,7 +93,7 @@ def find_targets(model: nn.Module, targets: list[str], rank: int, init: str) -> 
                           f"linear layers here: {', '.join(suffixes)} (or all-linear)")
     need = 2 * rank if init == "lora_ga" else rank
     narrow = {name: features(module) for name, module in found.items() if need > min(features(module))}
-    if len(narrow) == len(found):
+    if narrow and (targets != [ALL_LINEAR] or len(narrow) == len(found)):
         name, (m, n) = next(iter(narrow.items()))
         raise ConfigError(f"rank {rank} is too large for {name} ({m} x {n}): {init} needs {need} <= {min(m, n)}; "
                           "lower rank")

@@ -60,3 +60,19 @@ def test_fused_lora_is_bit_exact_at_step_zero(dtype):
     x = torch.randn(4, 9, 70, device=DEVICE).to(dtype)
     y = torch.randn(4, 9, 50, device=DEVICE).to(dtype)
     assert torch.equal(lora_add_triton(y, x, A, B, A0, B0, 4.0), y)
+
+
+@pytest.mark.parametrize("fn", [lora_add_reference, lora_add_triton], ids=["reference", "triton"])
+def test_the_output_takes_an_in_place_add(fn):
+    """Falcon adds into a layer's output in place (mlp_output += attention_output): the output must not be a view
+    made inside an autograd.Function, and the gradients are those of the sum."""
+    torch.manual_seed(0)
+    A, B, A0, B0 = adapter(4, 70, 50, frozen=True)
+    x = torch.randn(3, 13, 70, device=DEVICE).requires_grad_()
+    y = torch.randn(3, 13, 50, device=DEVICE).requires_grad_()
+    out = fn(y, x, A, B, A0, B0, 2.0)
+    out += 1.0
+    out.square().sum().backward()
+    expected = lora_add_reference(y.detach(), x.detach(), A.detach(), B.detach(), A0, B0, 2.0) + 1.0
+    torch.testing.assert_close(out.detach(), expected, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(y.grad, 2 * expected, **TOLERANCE[torch.float32])

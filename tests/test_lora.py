@@ -151,11 +151,15 @@ def test_target_errors(tiny_model_dir):
         f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")}
 
 
-def test_layers_too_narrow_for_the_rank_are_left_out_with_a_warning(tiny_model_dir, caplog):
-    """k_proj and v_proj are 32 x 64 (2 KV heads of 16): LoRA-GA at rank 20 needs 40 <= min(m, n)."""
+def test_layers_too_narrow_for_the_rank_are_left_out_of_all_linear_with_a_warning(tiny_model_dir, caplog):
+    """k_proj and v_proj are 32 x 64 (2 KV heads of 16): LoRA-GA at rank 20 needs 40 <= min(m, n). Named, they are
+    refused."""
     model, _, _ = load_model(Config(model=str(tiny_model_dir), data="unused", load_in_4bit=False))
     with caplog.at_level(logging.WARNING, "frugal_loraga"):
-        targets = find_targets(model, ["q_proj", "k_proj", "v_proj"], 20, "lora_ga")
-    assert set(targets) == {f"model.layers.{i}.self_attn.q_proj" for i in range(2)}
+        targets = find_targets(model, ["all-linear"], 20, "lora_ga")
+    assert {name.rsplit(".", 1)[-1] for name in targets} == {"q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert "left out 4 layer(s) narrower than rank 20 needs (40): model.layers.0.self_attn.k_proj (32 x 64)" in \
         caplog.text
+    with pytest.raises(ConfigError, match=r"rank 20 is too large for model.layers.0.self_attn.k_proj \(32 x 64\): "
+                                          r"lora_ga needs 40 <= 32; lower rank"):
+        find_targets(model, ["q_proj", "k_proj"], 20, "lora_ga")

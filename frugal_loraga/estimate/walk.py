@@ -110,15 +110,17 @@ def estimating(model: nn.Module, targets: dict[str, nn.Module], taps: dict[str, 
     asked) and without gradient checkpointing, in eval mode: the gradient of the model as it is, without dropout
     (which would keep about 0.6 of it at OPT's and GPT-2's 0.1) or a router's training noise. On exit, whatever
     raises (a progress callback too), the model is as it was."""
-    was_training = model.training
+    was_training, used_cache = model.training, model.config.use_cache
     replace(model, taps)
     try:
         model.eval()
+        model.config.use_cache = False  # no KV cache: a kept one would be shared by the groups below
         with compiled(blocks, compile, any_width), no_checkpointing(blocks):
             yield
     finally:
         replace(model, targets)
         model.train(was_training)
+        model.config.use_cache = used_cache
 
 
 def open_group(segment: Segment, taps: dict[str, GradientTap], state: GradientState,

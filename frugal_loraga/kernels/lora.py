@@ -134,10 +134,11 @@ class _LoraAdd(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         T = shrink(x2, A, A0 if frozen else None)                         # [x A^T | x A0^T]
         y2 = y.reshape(-1, y.shape[-1])
-        out = expand(T, B, B0 if frozen else None, eta, out=torch.empty_like(y2), src=y2)
+        out = torch.empty(y.shape, dtype=y.dtype, device=y.device)  # returned itself, not a view: the model may add
+        expand(T, B, B0 if frozen else None, eta, out=out.view(-1, y.shape[-1]), src=y2)  # into it in place (Falcon)
         ctx.save_for_backward(x2, T, A, B, A0, B0)
         ctx.eta, ctx.frozen, ctx.x_shape = eta, frozen, x.shape
-        return out.view(y.shape)
+        return out
 
     @staticmethod
     def backward(ctx, dy):
