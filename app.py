@@ -25,7 +25,7 @@ from frugal_loraga.checkpoint import has_adapter, read_record
 from frugal_loraga.cli import command_line
 from frugal_loraga.data import IGNORE, load_examples
 from frugal_loraga.jobs import Jobs
-from frugal_loraga.memory import available_ram_bytes, estimate_memory_gib, fit_advice
+from frugal_loraga.memory import card, estimate_memory_gib, fit_advice
 from frugal_loraga.models import cached_model_ids, load_tokenizer, resolve_model_path
 from frugal_loraga.runs import list_runs, run_config
 
@@ -127,12 +127,7 @@ def memory_estimate(model, load_in_4bit, rank, batch_size, max_length, init, est
     from transformers import AutoConfig
     fields = dict(model=model, load_in_4bit=load_in_4bit, rank=rank, batch_size=batch_size, max_length=max_length,
                   init=init, estimation_batch_size=estimation_batch_size, grad_budget_gib=grad_budget_gib)
-    if torch.cuda.is_available():
-        card_bytes = torch.cuda.get_device_properties(0).total_memory
-        gpu = f"{torch.cuda.get_device_name()} with {card_bytes / 2**30:.1f} GiB"
-    else:
-        card_bytes = available_ram_bytes()
-        gpu = "no CUDA GPU detected: the run uses the CPU"
+    card_bytes, gpu = card()
     try:
         settings = {name: form_value(name, value) for name, value in fields.items()}
         model_config = AutoConfig.from_pretrained(resolve_model_path(checked_model(settings["model"])))

@@ -65,6 +65,15 @@ def available_ram_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def card() -> tuple[int, str]:
+    """The memory a run on this machine gets, in bytes, and what it is: the GPU's total (what the app's Train finds
+    once it has released the Try model), or the available RAM without a CUDA GPU."""
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        return total, f"{torch.cuda.get_device_name()} with {total / 2**30:.1f} GiB"
+    return available_ram_bytes(), "no CUDA GPU detected: the run uses the CPU"
+
+
 def free_bytes(device: torch.device) -> int:
     """What a run can still take: GPU memory on CUDA (within any per-process cap), available RAM on CPU. On CUDA the
     blocks torch's allocator keeps cached but unused (an earlier run's, in the same process) count as free: a run
