@@ -21,6 +21,7 @@ import torch
 
 from frugal_loraga import Config, ConfigError, DataError
 from frugal_loraga.config import DEFAULT_LR, field_type
+from frugal_loraga.blocks import keep_compiled_graphs
 from frugal_loraga.checkpoint import has_adapter, read_record
 from frugal_loraga.cli import command_line
 from frugal_loraga.data import IGNORE, load_examples
@@ -446,5 +447,6 @@ if __name__ == "__main__":
                         "may load (repeatable; default: ./models); 'demo' and hub ids always work")
     args = parser.parse_args()
     MODEL_ROOTS[:] = [Path(d).expanduser() for d in args.models_dir] or MODEL_ROOTS
+    keep_compiled_graphs()
     build_ui().queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port,
                                                          share=args.share, max_file_size="50mb")

@@ -34,10 +34,9 @@ def compile_blocks(blocks: list[nn.Module], any_width: bool = False) -> None:
     (examples of many lengths), which would otherwise compile each kind twice: for the first width met, then for any.
     Without it they are compiled for the one width of the batches (examples that all reach max_length). (Compiling
     every dimension for any size, dynamic=True, made a first estimate slower: bench/RESULTS.md.)
-    Compiled graphs are cached on disk for the next process: in TORCHINDUCTOR_CACHE_DIR, by default our cache folder
-    (which outlives a reboot, unlike torch's in /tmp), the traced autograd of our taps and adapters (autograd.Functions)
-    included, which torch otherwise leaves out of its cache, so a later process compiles little."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "compiled"))
+    Compiled graphs are cached on disk for the next process, in torch's cache folder (TORCHINDUCTOR_CACHE_DIR; the
+    CLI and the app point it at ours: keep_compiled_graphs), the traced autograd of our taps and adapters
+    (autograd.Functions) included, which torch otherwise leaves out of its cache, so a later process compiles little."""
     for block in blocks:
         block.forward = _compiled_forward(torch.compile(block.forward), any_width)
 
@@ -74,6 +73,13 @@ def without_cudnn_attention():
     """SDPA may use flash, memory-efficient or math attention, not cuDNN's: for batches of several widths, the
     estimate's short probe, and generation (each new token a new length, which cuDNN would plan for anew)."""
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def keep_compiled_graphs() -> None:
+    """For a program that owns its process (the CLI, the app), called before torch compiles anything: torch's compile
+    cache in our cache folder, which outlives a reboot (torch's default is under /tmp), unless TORCHINDUCTOR_CACHE_DIR
+    is set. The library itself leaves the environment alone: a Python caller sets the variable if it wants the same."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "compiled"))
 
 
 def start_compile_workers() -> None:

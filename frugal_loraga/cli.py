@@ -59,6 +59,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         config = Config(**{k: v for k, v in vars(args).items() if k != "command"})
         from .api import finetune  # torch loads here, not for --help
+        from .blocks import keep_compiled_graphs
+        keep_compiled_graphs()
         result = finetune(config)
     except (ConfigError, DataError, OutOfMemory) as e:
         print(f"error: {e}", file=sys.stderr)

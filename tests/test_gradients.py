@@ -12,7 +12,7 @@ from frugal_loraga.init import estimation_batches
 from frugal_loraga.config import Config, ConfigError
 from frugal_loraga.data import causal_inputs, collate, load_examples
 from frugal_loraga.fidelity import captured_energy, exact_gradients, subspace_agreement
-from frugal_loraga.blocks import block_layout, compile_blocks, enable_checkpointing, uncompile_blocks
+from frugal_loraga.blocks import block_layout, compile_blocks, enable_checkpointing, keep_compiled_graphs, uncompile_blocks
 from frugal_loraga.estimate import accumulate_outer, estimate_gradient_svd
 from frugal_loraga.estimate.plan import Segment, plan_cache, plan_groups, plan_segments
 from frugal_loraga.memory import activation_bytes, gradient_bytes, layer_costs
@@ -364,7 +364,8 @@ def test_compiled_estimate_matches_eager_from_a_few_graphs(deep_model_dir, sampl
 
 def test_compiled_blocks_cache_their_graphs_across_processes(tmp_path, monkeypatch):
     """Compiling sees AOTAutograd's disk cache open to autograd.Functions (our taps and adapters), only while a
-    compiled block runs, and the cache lives in our cache folder unless TORCHINDUCTOR_CACHE_DIR says otherwise."""
+    compiled block runs; compiling leaves the environment alone, and keep_compiled_graphs (the CLI's and the app's)
+    puts torch's cache in our cache folder unless TORCHINDUCTOR_CACHE_DIR says otherwise."""
     seen = []
 
     def backend(graph, example_inputs):
@@ -381,9 +382,12 @@ def test_compiled_blocks_cache_their_graphs_across_processes(tmp_path, monkeypat
     assert block(torch.ones(1, 4, 3)).shape == (1, 4, 2)
     assert seen == [True]
     assert not torch._functorch.config.autograd_cache_allow_custom_autograd_functions
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") != str(tmp_path / "compiled")  # torch may set its own default
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    keep_compiled_graphs()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "compiled")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
-    compile_blocks([torch.nn.Linear(3, 2)])
+    keep_compiled_graphs()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
     torch._dynamo.reset()
 
