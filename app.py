@@ -40,7 +40,8 @@ HELP = {f.name: f.metadata["help"] for f in dataclasses.fields(Config)}  # the C
 ALLOWED = {".jsonl", ".json", ".csv", ".txt"}
 SETTINGS = ["data_format", "columns", "chat_template", "model", "load_in_4bit", "init", "rank", "alpha", "use_rslora",
             "lr", "steps", "batch_size", "max_length", "estimation_samples", "grad_accum", "schedule", "warmup_ratio",
-            "target_modules", "seed", "estimation_batch_size", "grad_budget_gib", "compile"]  # Config fields on the form
+            "target_modules", "seed", "estimation_batch_size", "grad_budget_gib", "nf4_error_rank",
+            "compile"]  # Config fields on the form
 FORM = ["upload", "eval_upload", *SETTINGS, "baseline", "run_name"]  # the Train form, in the order handlers take it
 JOBS = Jobs()  # the page's one job at a time, and its Try model
 
@@ -174,7 +175,8 @@ def form_settings(form: dict) -> dict:
 
 
 def form_configs(form: dict, name: str, stored: bool) -> list[Config]:
-    """The run's Config (and its plain-LoRA baseline's, at LoRA's learning rate, when asked) from the form. stored:
+    """The run's Config (and its plain-LoRA baseline's, at LoRA's learning rate, on the uncorrected base: QLoRA on a
+    4-bit one, when asked) from the form. stored:
     the uploads are copied into the run's folder; else the configs name them as uploaded (the CLI command)."""
     settings = form_settings(form)
     if stored:
@@ -186,8 +188,8 @@ def form_configs(form: dict, name: str, stored: bool) -> list[Config]:
     out = RUNS if stored else Path("runs")
     configs = [Config(data=str(data), eval_data=eval_data or None, out=str(out / name), **settings)]
     if form["baseline"] and settings["init"] == "lora_ga":
-        configs.append(dataclasses.replace(configs[0], init="lora", lr=DEFAULT_LR["lora"],
-                                           out=str(out / f"{name}-lora")))
+        configs.append(dataclasses.replace(configs[0], init="lora", lr=DEFAULT_LR["lora"], nf4_error_rank=0,
+                                           out=str(out / f"{name}-lora")))  # what one runs without us: (Q)LoRA
     return configs
 
 
@@ -363,7 +365,8 @@ def build_ui() -> gr.Blocks:
             max_length = gr.Number(value=256, label="Max length", precision=0, info=HELP["max_length"])
             estimation_samples = gr.Number(value=16, label="Estimation samples", precision=0,
                                            info=HELP["estimation_samples"])
-            baseline = gr.Checkbox(value=False, label="Also train plain LoRA for comparison, at LoRA's learning rate")
+            baseline = gr.Checkbox(value=False, label="Also train plain LoRA (QLoRA on a 4-bit base) for "
+                                   "comparison, at LoRA's learning rate")
         with gr.Accordion("Advanced", open=False):
             with gr.Row():
                 grad_accum = number("grad_accum", "Gradient accumulation", precision=0)
@@ -376,6 +379,7 @@ def build_ui() -> gr.Blocks:
                                             info=HELP["target_modules"])
                 estimation_batch_size = number("estimation_batch_size", "Estimation batch", precision=0)
                 grad_budget_gib = gr.Number(value=None, label="Gradient budget (GiB)", info=HELP["grad_budget_gib"])
+                nf4_error_rank = number("nf4_error_rank", "4-bit error correction rank", precision=0)
                 compile_on = gr.Checkbox(value=defaults.compile, label="Compile (CUDA)", info=HELP["compile"])
             eval_upload = gr.File(label="Eval data file (empty: " + HELP["eval_data"].split("default: ")[-1] + ")",
                                   file_types=sorted(ALLOWED), type="filepath")
@@ -410,8 +414,8 @@ def build_ui() -> gr.Blocks:
                      alpha=alpha, use_rslora=use_rslora, lr=lr, steps=steps, batch_size=batch_size,
                      max_length=max_length, estimation_samples=estimation_samples, grad_accum=grad_accum,
                      schedule=schedule, warmup_ratio=warmup_ratio, target_modules=target_modules, seed=seed,
-                     estimation_batch_size=estimation_batch_size, grad_budget_gib=grad_budget_gib, compile=compile_on,
-                     baseline=baseline, run_name=run_name)
+                     estimation_batch_size=estimation_batch_size, grad_budget_gib=grad_budget_gib,
+                     nf4_error_rank=nf4_error_rank, compile=compile_on, baseline=baseline, run_name=run_name)
         form = [named[name] for name in FORM]
         preview_inputs = [upload, data_format, model, max_length, columns, chat_template]
         preview_button.click(preview, preview_inputs, preview_box)

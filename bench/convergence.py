@@ -1,18 +1,22 @@
-"""Does LoRA-GA converge faster than LoRA here? Loss curves, steps to LoRA's final eval loss and task accuracy on a real
-pretrained model, and what 4-bit and randomized SVD cost in gradient fidelity.
+"""Does LoRA-GA converge faster than LoRA here? Loss curves, steps to QLoRA's final eval loss and task accuracy on a
+real pretrained model, and what 4-bit, its error correction and randomized SVD do to gradient fidelity.
 
 Methods (rank 8, alpha 16, rsLoRA, all linear layers; same seeds, data order and step budget):
-  full           every weight trained (fp32 weights)
-  lora           plain LoRA (Kaiming A, zero B) on the bf16 base
-  qlora          plain LoRA on the NF4 base, what users run today
-  lora_ga_exact  LoRA-GA on the bf16 base: the whole gradient at once, exact SVD
-  lora_ga_ours   LoRA-GA on the NF4 base, streamed in groups under a small budget, randomized SVD
+  full                      every weight trained (fp32 weights)
+  lora                      plain LoRA (Kaiming A, zero B) on the bf16 base
+  qlora                     plain LoRA on the NF4 base, what users run today (the peer)
+  qlora_corrected           plain LoRA on the NF4 base with its error corrected (nf4_error.py; CLoQ-like)
+  lora_ga_exact             LoRA-GA on the bf16 base: the whole gradient at once, exact SVD
+  lora_ga_ours              LoRA-GA on the NF4 base with its error corrected (the default), streamed in groups
+  lora_ga_ours_uncorrected  the same without the correction (nf4_error_rank 0: before 2026-12-05)
 Each method's learning rate is picked on a small grid by its final eval loss (seed 0); the picked lr is then rerun with
-more seeds to measure the noise. Task: arithmetic word problems from data/make_sample.py, train and test drawn with
-different seeds; accuracy = the greedy answer's "The answer is N" is right.
+more seeds to measure the noise. Tasks (--task): arithmetic word problems from data/make_sample.py (train and test
+drawn with different seeds; accuracy: the greedy answer's "The answer is N"), or gsm: GSM8K-style problems with worked
+answers (bench/data, made by bench/make_gsm.py; test templates held out of training; accuracy: the greedy answer's
+"#### N").
 
-Run on a GPU:                                python bench/convergence.py --parallel 8
-Plot and table from saved results:            python bench/convergence.py --report   (needs matplotlib)
+Run on a GPU:                                python bench/convergence.py --task gsm --parallel 10
+Plot and table from saved results:            python bench/convergence.py --task gsm --report   (needs matplotlib)
 Every finished run is saved under --work as it ends and skipped when the script runs again: a stopped sweep continues.
 """
 from __future__ import annotations
@@ -34,7 +38,8 @@ import torch
 from common import RESULTS, ROOT
 from data.make_sample import problem
 from frugal_loraga.api import finetune
-from frugal_loraga.init import estimation_batches
+from frugal_loraga.checkpoint import adapter_for
+from frugal_loraga.init import estimation_batches, initial_corrections
 from frugal_loraga.config import Config
 from frugal_loraga.data import load_examples, render
 from frugal_loraga.fidelity import captured_energy, exact_gradients, subspace_agreement
@@ -47,18 +52,31 @@ from frugal_loraga.train import train
 RANK = 8
 LORA_LRS = [1e-4, 3e-4, 1e-3]
 LORA_GA_LRS = [1e-5, 3e-5, 1e-4, 3e-4]
+UNCORRECTED = dict(nf4_error_rank=0)
 METHODS = {  # name: (Config settings, lr grid)
     "full": (dict(init="lora", load_in_4bit=False, dtype="float32"), [1e-5, 3e-5, 1e-4]),
     "lora": (dict(init="lora", load_in_4bit=False), LORA_LRS),
-    "qlora": (dict(init="lora", load_in_4bit=True), LORA_LRS),
+    "qlora": (dict(init="lora", load_in_4bit=True, **UNCORRECTED), LORA_LRS),
+    "qlora_corrected": (dict(init="lora", load_in_4bit=True), LORA_LRS),
     "lora_ga_exact": (dict(init="lora_ga", load_in_4bit=False, svd="exact", grad_budget_gib=64.0), LORA_GA_LRS),
     "lora_ga_ours": (dict(init="lora_ga", load_in_4bit=True, svd="lowrank"), LORA_GA_LRS),
+    "lora_ga_ours_uncorrected": (dict(init="lora_ga", load_in_4bit=True, svd="lowrank", **UNCORRECTED), LORA_GA_LRS),
 }
-COLORS = {"full": "black", "lora": "#1e40af", "qlora": "#60a5fa", "lora_ga_exact": "#9a3412", "lora_ga_ours": "#ea580c"}
+COLORS = {"full": "black", "lora": "#1e40af", "qlora": "#60a5fa", "qlora_corrected": "#0d9488",
+          "lora_ga_exact": "#9a3412", "lora_ga_ours": "#ea580c", "lora_ga_ours_uncorrected": "#fbbf24"}
+TASKS = {  # name: (max_length, new tokens for the accuracy, the answer's pattern in a completion)
+    "arithmetic": (128, 32, r"answer is (-?\d+)"),
+    "gsm": (384, 256, r"####\s*(-?[\d,]*\.?\d+)"),
+}
 
 
-def write_data(paths: tuple[Path, Path], n_train: int, n_test: int) -> None:
-    """Train and test problems from different seeds; test questions that also occur in train are dropped."""
+def write_data(task: str, paths: tuple[Path, Path], n_train: int, n_test: int) -> None:
+    """arithmetic: train and test problems from different seeds, test questions that also occur in train dropped;
+    gsm: bench/data's files (test templates held out)."""
+    if task == "gsm":
+        for path, name in zip(paths, ("gsm_train", "gsm_test")):
+            path.write_text((ROOT / "bench" / "data" / f"{name}.jsonl").read_text())
+        return
     rng = random.Random(1)
     train_rows = [problem(rng) for _ in range(n_train)]
     seen = {r["input"] for r in train_rows}
@@ -71,9 +89,19 @@ def write_data(paths: tuple[Path, Path], n_train: int, n_test: int) -> None:
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def final_answer(text: str, pattern: str) -> str | None:
+    """The answer a text states (pattern's group), without thousands separators or a trailing .0; None if none."""
+    found = re.search(pattern, text)
+    if found is None:
+        return None
+    value = found.group(1).replace(",", "")
+    return value[:-2] if value.endswith(".0") else value
+
+
 @torch.no_grad()
-def accuracy(model, tokenizer, test_path: Path, n: int, device) -> float:
+def accuracy(model, tokenizer, test_path: Path, n: int, device, task: str) -> float:
     """Fraction of test problems whose greedy completion states the right answer."""
+    _, new_tokens, pattern = TASKS[task]
     rows = [json.loads(line) for line in test_path.read_text().splitlines()[:n]]
     prompts = []
     for row in rows:
@@ -84,10 +112,10 @@ def accuracy(model, tokenizer, test_path: Path, n: int, device) -> float:
     model.eval()
     for i in range(0, len(rows), 64):
         batch = tokenizer(prompts[i:i + 64], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        out = model.generate(**batch, max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         for row, ids in zip(rows[i:i + 64], out[:, batch["input_ids"].shape[1]:]):
-            found = re.search(r"answer is (-?\d+)", tokenizer.decode(ids, skip_special_tokens=True))
-            right += found is not None and found.group(1) == row["output"].rsplit(" ", 1)[1].rstrip(".")
+            said = final_answer(tokenizer.decode(ids, skip_special_tokens=True), pattern)
+            right += said is not None and said == final_answer(row["output"], pattern)
     tokenizer.padding_side = "right"
     return right / len(rows)
 
@@ -117,7 +145,8 @@ def run(method: str, lr: float, seed: int, args, data: tuple[Path, Path]) -> dic
     if method == "lora_ga_ours":
         settings = dict(settings, grad_budget_gib=args.ours_budget_gib)
     config = Config(model=args.model, data=str(data[0]), eval_data=str(data[1]), rank=RANK, lr=lr, seed=seed,
-                    steps=args.steps, batch_size=args.batch_size, max_length=128, eval_every=args.eval_every,
+                    steps=args.steps, batch_size=args.batch_size, max_length=TASKS[args.task][0],
+                    eval_every=args.eval_every,
                     eval_samples=args.eval_samples, estimation_samples=args.estimation_samples,
                     estimation_batch_size=8, save_every=0,
                     gradient_checkpointing=False, progress=False, out=str(args.work / cache.stem), **settings)
@@ -128,11 +157,12 @@ def run(method: str, lr: float, seed: int, args, data: tuple[Path, Path]) -> dic
         from peft import PeftModel
         metrics = finetune(config).metrics
         base, tokenizer, device = load_model(config)
-        model = PeftModel.from_pretrained(base, str(Path(config.out) / "adapter"))  # the exported adapter, via PEFT
+        model = PeftModel.from_pretrained(base, str(adapter_for(config.out, config.load_in_4bit)))  # via PEFT
     result = {"method": method, "lr": lr, "seed": seed, "eval_loss": metrics["eval_loss"],
               "train_loss": metrics["train_loss"], "tokens_per_second": metrics["tokens_per_second"],
               "init_seconds": metrics.get("init_seconds", 0.0), "estimation_groups": metrics.get("estimation_groups"),
-              "accuracy": accuracy(model, tokenizer, data[1], args.accuracy_samples, device)}
+              "corrected_layers": metrics.get("corrected_layers", 0),
+              "accuracy": accuracy(model, tokenizer, data[1], args.accuracy_samples, device, args.task)}
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -170,26 +200,30 @@ def fidelity(args, data: tuple[Path, Path]) -> dict:
                     progress=False)
     reference = Config(load_in_4bit=False, dtype="float32", **settings)
     model, tokenizer, device = load_model(reference)
-    examples, _ = load_examples(reference.data, "auto", tokenizer, 128)
+    examples, _ = load_examples(reference.data, "auto", tokenizer, TASKS[args.task][0])
     batches = estimation_batches(examples, reference, tokenizer.pad_token_id, device)
     targets = find_targets(model, reference.target_list(), RANK, "lora_ga")
     grads = exact_gradients(model, targets, batches)
     exact = top_singular(grads, 2 * RANK, "exact")
     budget = int(args.ours_budget_gib * 2**30)
-    variants = {"randomized SVD, grouped (fp32 base)": (model, targets, "lowrank", budget)}
-    for label, config, svd in (("exact SVD, one group (bf16 base)", Config(load_in_4bit=False, **settings), "exact"),
-                               ("ours: randomized SVD, grouped (NF4 base)", Config(load_in_4bit=True, **settings),
-                                "lowrank")):
+    variants = {"randomized SVD, grouped (fp32 base)": (model, targets, "lowrank", budget, {})}
+    for label, config, svd in (
+            ("exact SVD, one group (bf16 base)", Config(load_in_4bit=False, **settings), "exact"),
+            ("randomized SVD, grouped (NF4 base, uncorrected)", Config(load_in_4bit=True, nf4_error_rank=0, **settings),
+             "lowrank"),
+            ("ours: randomized SVD, grouped (NF4 base, corrected)", Config(load_in_4bit=True, **settings), "lowrank")):
         other, _, _ = load_model(config)
-        variants[label] = (other, find_targets(other, config.target_list(), RANK, "lora_ga"), svd,
-                           budget if svd == "lowrank" else 2**36)
+        found = find_targets(other, config.target_list(), RANK, "lora_ga")
+        corrections, _ = initial_corrections(other, found, examples, config, str(demo_model_dir()) if args.model ==
+                                             "demo" else args.model, tokenizer.pad_token_id, device)
+        variants[label] = (other, found, svd, budget if svd == "lowrank" else 2**36, corrections)
     report = {}
-    for label, (m, t, svd, budget_bytes) in variants.items():
-        svds, stats = estimate_gradient_svd(m, t, batches, 2 * RANK, budget_bytes, svd)
+    for label, (m, t, svd, budget_bytes, corrections) in variants.items():
+        svds, stats = estimate_gradient_svd(m, t, batches, 2 * RANK, budget_bytes, svd, corrections=corrections)
         energy = [captured_energy(grads[n], s.U, s.V) for n, s in svds.items()]
         a0 = [subspace_agreement(exact[n].V[:, :RANK], s.V[:, :RANK]) for n, s in svds.items()]
         b0 = [subspace_agreement(exact[n].U[:, RANK:], s.U[:, RANK:]) for n, s in svds.items()]
-        report[label] = {"groups": len(stats.groups), "layers": len(svds),
+        report[label] = {"groups": len(stats.groups), "layers": len(svds), "corrected_layers": len(corrections),
                          **{f"{k}_{stat}": f(v) for k, v in (("energy", energy), ("a0_agreement", a0),
                                                                ("b0_agreement", b0))
                             for stat, f in (("min", min), ("median", statistics.median))}}
@@ -218,6 +252,8 @@ def summarize(results: list[dict], grids: dict) -> dict:
         summary[method] = {"lr": best["lr"], "lr_grid": sorted(grid), "final_eval_loss": statistics.mean(finals),
                            "final_eval_loss_std": statistics.stdev(finals) if len(finals) > 1 else None,
                            "seeds": len(seeds), "accuracy": statistics.mean(r["accuracy"] for r in seeds),
+                           "accuracy_std": statistics.stdev(r["accuracy"] for r in seeds) if len(seeds) > 1 else None,
+                           "step0_eval_loss": best["eval_loss"][0][1],
                            "tokens_per_second": best["tokens_per_second"], "init_seconds": best["init_seconds"],
                            "curve": best["eval_loss"], "mean_curve": mean_curve, "train_curve": best["train_loss"]}
     for baseline in ("lora", "qlora"):  # plain LoRA on the same base precision as the bf16 and the NF4 methods
@@ -228,7 +264,7 @@ def summarize(results: list[dict], grids: dict) -> dict:
     return summary
 
 
-def plot(summary: dict, path: Path) -> None:
+def plot(summary: dict, path: Path, task: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -248,15 +284,16 @@ def plot(summary: dict, path: Path) -> None:
         axis.set_title(title)
         axis.grid(alpha=0.3)
     left.legend()
-    fig.suptitle("SmolLM2-135M-Instruct, arithmetic word problems, rank 8, best lr per method")
+    what = {"arithmetic": "arithmetic word problems", "gsm": "GSM-style problems (reasoning-gym gsm_symbolic)"}[task]
+    fig.suptitle(f"SmolLM2-135M-Instruct, {what}, rank 8, best lr per method")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def table(summary: dict) -> str:
     early = [step for step, _ in next(iter(summary.values()))["mean_curve"][1:3]]
-    rows = [f"| method | lr (grid) | eval loss at steps {' / '.join(map(str, early))} | final eval loss (mean ± sd, "
-            "seeds) | steps to LoRA's final | steps to QLoRA's final | accuracy | init s | train tok/s |",
+    rows = [f"| method | lr (grid) | eval loss at step 0 / {' / '.join(map(str, early))} | final eval loss (mean ± sd, "
+            "seeds) | steps to LoRA's final | steps to QLoRA's final | accuracy (mean ± sd) | init s | train tok/s |",
             "|---|---|---|---|---|---|---|---|---|"]
 
     def steps(s, baseline):
@@ -265,16 +302,18 @@ def table(summary: dict) -> str:
 
     for method, s in summary.items():
         sd = f" ± {s['final_eval_loss_std']:.4f}" if s["final_eval_loss_std"] is not None else ""
+        accuracy_sd = f" ± {s['accuracy_std']:.1%}" if s.get("accuracy_std") is not None else ""
         rows.append(f"| {method} | {s['lr']:g} ({', '.join(f'{x:g}' for x in s['lr_grid'])}) | "
-                    f"{' / '.join(f'{loss:.3f}' for _, loss in s['mean_curve'][1:3])} | "
+                    f"{' / '.join(f'{loss:.3f}' for _, loss in s['mean_curve'][:3])} | "
                     f"{s['final_eval_loss']:.4f}{sd} ({s['seeds']}) | {steps(s, 'lora')} | {steps(s, 'qlora')} | "
-                    f"{s['accuracy']:.1%} | {s['init_seconds']:.1f} | {s['tokens_per_second']:.0f} |")
+                    f"{s['accuracy']:.1%}{accuracy_sd} | {s['init_seconds']:.1f} | {s['tokens_per_second']:.0f} |")
     return "\n".join(rows)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="demo")
+    parser.add_argument("--task", choices=sorted(TASKS), default="arithmetic")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -285,12 +324,15 @@ def main():
     parser.add_argument("--ours-budget-gib", type=float, default=0.1, help="forces several groups on the demo model")
     parser.add_argument("--seeds", type=int, default=2, help="seeds for each method's picked lr")
     parser.add_argument("--lrs", type=int, default=0, help="use only the first N lrs of each grid (0: all)")
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "convergence")
-    parser.add_argument("--out", type=Path, default=RESULTS / "convergence")
+    parser.add_argument("--work", type=Path, help="default: runs/convergence[_gsm]")
+    parser.add_argument("--out", type=Path, help="default: bench/results/convergence[_gsm]")
+    parser.add_argument("--no-fidelity", action="store_true", help="skip the gradient fidelity measurement")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time, each in its own process")
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # method:lr:seed, one run (a --parallel child)
     parser.add_argument("--report", action="store_true", help="only summarize saved runs: table and plot")
     args = parser.parse_args()
+    name = "convergence" + ("" if args.task == "arithmetic" else f"_{args.task}")
+    args.work, args.out = args.work or ROOT / "runs" / name, args.out or RESULTS / name
     args.work.mkdir(parents=True, exist_ok=True)
     grids = {m: METHODS[m][1][:args.lrs or None] for m in args.methods.split(",")}
     saved = args.out.with_suffix(".json")
@@ -298,19 +340,17 @@ def main():
         report = json.loads(saved.read_text())
         summary = summarize(report["runs"], grids)
         print(table(summary))
-        plot(summary, args.out.with_suffix(".png"))
+        plot(summary, args.out.with_suffix(".png"), args.task)
         return
     data = args.work / "train.jsonl", args.work / "test.jsonl"
     if args.one:  # the parent wrote the data
         method, lr, seed = args.one.split(":")
         run(method, float(lr), int(seed), args, data)
         return
-    write_data(data, 1000, max(args.eval_samples, args.accuracy_samples))
+    write_data(args.task, data, 1000, max(args.eval_samples, args.accuracy_samples))
     if args.model == "demo":
         demo_model_dir()  # converted once here, not by several children at a time
     fidelity_path = args.work / "fidelity.json"
-    if not fidelity_path.exists():
-        fidelity_path.write_text(json.dumps(fidelity(args, data)))
 
     def save() -> dict:
         """Everything finished so far into --out (.json), so a sweep cut short still reports."""
@@ -320,11 +360,14 @@ def main():
         saved.write_text(json.dumps({
             "settings": {k: str(v) for k, v in vars(args).items()},
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "summary": summary, "fidelity": json.loads(fidelity_path.read_text()), "runs": results}, indent=1))
+            "summary": summary, "fidelity": json.loads(fidelity_path.read_text()) if fidelity_path.exists() else {},
+            "runs": results}, indent=1))
         return summary
 
     run_all([(m, lr, 0) for m, lrs in grids.items() for lr in lrs], args, data, save)
     run_all([(m, s["lr"], seed) for m, s in save().items() for seed in range(1, args.seeds)], args, data, save)
+    if not args.no_fidelity and not fidelity_path.exists():  # last: a sweep cut short keeps its runs
+        fidelity_path.write_text(json.dumps(fidelity(args, data)))
     print(table(save()))
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """finetune(config): the one function behind the Python API, the CLI and the app.
 
 check the out folder, model folder and data -> check the estimated peak against the free GPU memory -> load model ->
-initial factors (LoRA-GA: streamed gradient + top-2r SVD; or plain LoRA), the estimate's memory handed back -> inject
--> checkpoint -> train -> export PEFT adapter + metrics JSON.
+on a 4-bit base, the correction of its quantization error -> initial factors (LoRA-GA: streamed gradient + top-2r
+SVD; or plain LoRA), the estimate's memory handed back -> inject -> checkpoint -> train -> export PEFT adapters (for
+the original base; and for the 4-bit base with its correction) + metrics JSON.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from .data import Example, load_examples, split_eval
 from .distributed import barrier, check_shares, join
 from .errors import OutOfMemory, RunError
 from .export import export_adapter
-from .init import StoppedInEstimate, initial_factors
+from .init import StoppedInEstimate, initial_corrections, initial_factors
 from .lora import find_targets, inject
 from .memory import check_fits, free_bytes
 from .progress import Metrics, Phase, ProgressFn
@@ -96,19 +97,21 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         pad_id = tokenizer.pad_token_id
         if state is not None:
             metrics = state["metrics"]
-            factors = factors_from_checkpoint(state["adapter"], device)
+            factors, corrections = factors_from_checkpoint(state["adapter"], device)
             log.info("resuming %s at step %d", config.out, state["step"])
         else:
             phase = Phase.ESTIMATING
             start = time.perf_counter()
+            corrections, correction_metrics = initial_corrections(model, targets, train_examples, config, model_path,
+                                                                  pad_id, device, progress, stop)
             factors, init_metrics = initial_factors(model, targets, train_examples, config, pad_id, device, progress,
-                                                    stop)
+                                                    stop, corrections)
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the estimate's blocks back to the card: training lays out its own
             metrics = Metrics(train_loss=[], eval_loss=[], train_tokens=0, train_seconds=0.0,
                               init_seconds=time.perf_counter() - start, peak_memory_init_gib=peak_memory_gib(device),
-                              **init_metrics)
-        layers = inject(model, factors, config.eta)
+                              **correction_metrics, **init_metrics)
+        layers = inject(model, factors, config.eta, corrections)
         if state is None:
             save_checkpoint(config, inputs, 0, metrics, layers)
         phase = Phase.TRAINING
@@ -120,6 +123,8 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         metrics["peak_memory_gib"] = peak_memory_gib(device)
         phase = enter(Phase.SAVING)
         adapter_dir = export_adapter(layers, config, model.name_or_path, Path(config.out) / "adapter")
+        if corrections:  # the same adapter for the 4-bit base: with the correction that stands in for the original
+            export_adapter(layers, config, model.name_or_path, Path(config.out) / "adapter_nf4", with_correction=True)
         write_metrics(metrics, config)
         write_record(config, inputs, "stopped" if stopped else "finished")
         barrier()  # the adapter is written when finetune returns, on every rank

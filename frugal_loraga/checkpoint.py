@@ -1,4 +1,5 @@
-"""The run folder: what a run writes (out/run.json, out/checkpoint/state.pt, out/adapter/, out/metrics.json), checked
+"""The run folder: what a run writes (out/run.json, out/checkpoint/state.pt, out/adapter/, out/adapter_nf4/ where the
+4-bit error is corrected, out/metrics.json), checked
 before the slow work, written atomically, and read back to resume.
 
 out/run.json is the run's record, small enough to list many runs by: its settings (Config, resolved), what it learns
@@ -32,12 +33,14 @@ from .progress import Metrics
 # model) are compared through `inputs` instead: the same file spelled another way, or at another path, is the same.
 RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "metrics_json", "save_every", "device", "compile", "out",
                      "data", "eval_data", "model", "embeddings_on_cpu",
-                     "estimation_samples", "estimation_batch_size", "grad_budget_gib", "svd"}  # a resume's factors
-# come from the checkpoint, so the estimate's settings do not matter there
+                     "estimation_samples", "estimation_batch_size", "grad_budget_gib", "svd",
+                     "nf4_error_rank"}  # a resume's factors and corrections come from the checkpoint, so the
+# settings that make them do not matter there
 
 
 RECORD = "run.json"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what export_adapter writes in out/adapter
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what export_adapter writes in an adapter folder
+ADAPTER_FOLDERS = ("adapter", "adapter_nf4")  # for the original base; for the 4-bit base, with its correction
 
 
 def checkpoint_path(out: str | Path) -> Path:
@@ -79,7 +82,7 @@ def check_outputs(config: Config) -> None:
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out={out} is a file, not a folder; choose a folder for the run")
-    for part in ("adapter", "checkpoint"):
+    for part in (*ADAPTER_FOLDERS, "checkpoint"):
         if (out / part).exists() and not (out / part).is_dir():
             raise ConfigError(f"{out / part} is a file, but the run writes a folder there; move it or choose another out")
     _probe_writable(out, "the run")
@@ -102,6 +105,13 @@ def has_adapter(out: str | Path) -> bool:
     return (Path(out) / "adapter" / ADAPTER_FILES[1]).exists()
 
 
+def adapter_for(out: str | Path, load_in_4bit: bool) -> Path:
+    """The run's adapter folder that gives the trained model on the base loaded as load_in_4bit says: adapter_nf4 (with
+    the 4-bit error's correction) on a 4-bit base where the run wrote one, else adapter."""
+    corrected = Path(out) / ADAPTER_FOLDERS[1]
+    return corrected if load_in_4bit and (corrected / ADAPTER_FILES[1]).exists() else Path(out) / ADAPTER_FOLDERS[0]
+
+
 def clear_previous_run(out: str | Path) -> None:
     """Remove what an earlier run wrote in out (its record, checkpoint, adapter files and metrics), for a run started
     there with overwrite, so that the folder never mixes two runs' files. Anything else in out stays. Rank 0's work,
@@ -109,7 +119,7 @@ def clear_previous_run(out: str | Path) -> None:
     if not is_writer():
         return
     out = Path(out)
-    adapter = [out / "adapter" / name for name in ADAPTER_FILES]
+    adapter = [out / folder / name for folder in ADAPTER_FOLDERS for name in ADAPTER_FILES]
     for path in (out / RECORD, checkpoint_path(out), out / "metrics.json", *adapter):
         path.unlink(missing_ok=True)
 
@@ -169,15 +179,19 @@ def save_checkpoint(config: Config, inputs: dict, step: int, metrics: Metrics, l
 
 
 def adapter_state(layers: dict) -> dict:
-    """name -> {"A", "B", "A0", "B0"} on the CPU (A0, B0 empty for plain LoRA)."""
-    return {name: {k: t.detach().cpu() for k, t in (("A", l.A), ("B", l.B), ("A0", l.A0), ("B0", l.B0))}
-            for name, l in layers.items()}
+    """name -> {"A", "B", "A0", "B0", "L", "R"} on the CPU (A0, B0 empty for plain LoRA; L, R without a correction)."""
+    return {name: {k: getattr(layer, k).detach().cpu() for k in ("A", "B", "A0", "B0", "L", "R")}
+            for name, layer in layers.items()}
 
 
-def factors_from_checkpoint(adapter: dict, device: torch.device) -> dict:
-    """name -> (A, B, A0 | None, B0 | None) on device, from a checkpoint's adapter tensors (empty A0: plain LoRA)."""
-    return {name: tuple(t.to(device) if t.numel() else None for t in (s["A"], s["B"], s["A0"], s["B0"]))
-            for name, s in adapter.items()}
+def factors_from_checkpoint(adapter: dict, device: torch.device) -> tuple[dict, dict]:
+    """From a checkpoint's adapter tensors, on device: name -> (A, B, A0 | None, B0 | None) (empty A0: plain LoRA),
+    and name -> (L, R) for the layers with a correction (none in a checkpoint from before corrections)."""
+    factors = {name: tuple(t.to(device) if t.numel() else None for t in (s["A"], s["B"], s["A0"], s["B0"]))
+               for name, s in adapter.items()}
+    corrections = {name: (s["L"].to(device), s["R"].to(device)) for name, s in adapter.items()
+                   if s.get("R", torch.zeros(0)).numel()}
+    return factors, corrections
 
 
 def write_record(config: Config, inputs: dict, status: str, message: str = "") -> None:

@@ -83,6 +83,9 @@ class Config:
     grad_budget_gib: Optional[float] = _f(None, "GiB held at once by the estimate (fp32 gradients of a group of decoder "
                                                 "layers and their activations); default: half of free memory")
     svd: SvdMethod = _f("lowrank", "top-2r SVD of each gradient: lowrank (randomized, 4 power iterations) or exact")
+    nf4_error_rank: int = _f(16, "with load_in_4bit: rank of a frozen correction of the 4-bit weights' error as the "
+                                 "estimation samples see it, read from the model's safetensors files (CLoQ-style; "
+                                 "the model starts closer to the original one); 0: off")
     # --- training
     steps: int = _f(100, "optimizer steps")
     batch_size: int = _f(2, "examples per micro-batch")
@@ -124,7 +127,7 @@ class Config:
         for name in ["alpha", "lr", "gamma"]:
             if getattr(self, name) is not None and not 0 < getattr(self, name) < math.inf:
                 raise ConfigError(f"{name} must be a positive finite number, got {getattr(self, name)}")
-        for name in ["eval_every", "save_every", "weight_decay", "max_grad_norm"]:
+        for name in ["eval_every", "save_every", "weight_decay", "max_grad_norm", "nf4_error_rank"]:
             if not 0 <= getattr(self, name) < math.inf:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio < 1:

@@ -1,8 +1,11 @@
-"""Export as a standard PEFT LoRA adapter that peft.PeftModel loads on the ORIGINAL base model.
+"""Export as a standard PEFT LoRA adapter that peft.PeftModel loads on the base model.
 
-With a frozen initial adapter the layer computes eta (B A - B0 A0) x = eta' [B | -B0] [A ; A0] x, a LoRA of rank 2r:
-  lora_A = [A ; A0] (2r x n), lora_B = [B | -B0] (m x 2r), r' = 2r,
-  alpha' keeps eta: alpha' = sqrt(2) alpha with rsLoRA (alpha'/sqrt(2r) = alpha/sqrt(r)), else 2 alpha.
+With a frozen initial adapter the layer computes eta (B A - B0 A0) x = eta [B | -B0] [A ; A0] x, a LoRA of rank 2r:
+  lora_A = [A ; A0] (2r x n), lora_B = [B | -B0] (m x 2r), r' = 2r.
+For the 4-bit base (with_correction), the frozen correction L R (nf4_error.py) joins it: rank r' = 2r + q,
+  lora_A = [A ; A0 ; R],  lora_B = [B | -B0 | L / eta];
+without it, the adapter is for the original base, whose weights the correction stands in for.
+alpha' keeps PEFT's scaling at eta: alpha' = eta sqrt(r') with rsLoRA, else eta r' (sqrt(2) alpha, 2 alpha for 2r).
 Plain LoRA exports as is (rank r, alpha).
 """
 from __future__ import annotations
@@ -21,20 +24,26 @@ from .config import Config
 from .lora import LoraLinear
 
 
-def export_adapter(layers: dict[str, LoraLinear], config: Config, base_model: str, out_dir: str | Path) -> Path:
+def export_adapter(layers: dict[str, LoraLinear], config: Config, base_model: str, out_dir: str | Path,
+                   with_correction: bool = False) -> Path:
     """Write adapter_config.json + adapter_model.safetensors into out_dir, each replaced atomically; any other file
-    in out_dir is left alone."""
+    in out_dir is left alone. with_correction: for the 4-bit base, the layers' corrections (all of one rank q)
+    included."""
     out_dir = Path(out_dir)
+    q = max(layer.R.shape[0] if layer.R.numel() else 0 for layer in layers.values())
     frozen = any(layer.has_frozen for layer in layers.values())
-    tensors = {}
+    tensors, eta = {}, config.eta
     for name, layer in layers.items():
         A, B = layer.A.detach(), layer.B.detach()
         if frozen:
             A, B = torch.cat([A, layer.A0]), torch.cat([B, -layer.B0], dim=1)
+        if with_correction:  # a layer left uncorrected (nf4_error.py says which) gets zeros
+            L, R = layer.correction or (B.new_zeros(B.shape[0], q), A.new_zeros(q, A.shape[1]))
+            A, B = torch.cat([A, R]), torch.cat([B, L / eta], dim=1)
         tensors[f"base_model.model.{name}.lora_A.weight"] = A.float().cpu().contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = B.float().cpu().contiguous()
-    rank = 2 * config.rank if frozen else config.rank
-    alpha = config.alpha * ((math.sqrt(2) if config.use_rslora else 2) if frozen else 1)
+    rank = next(iter(tensors.values())).shape[0]
+    alpha = config.alpha if rank == config.rank else eta * (math.sqrt(rank) if config.use_rslora else rank)
     peft_config = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=config.use_rslora, lora_dropout=0.0, bias="none",
                              target_modules=sorted(layers), task_type="CAUSAL_LM", base_model_name_or_path=base_model,
                              fan_in_fan_out=any(isinstance(layer.base, Conv1D) for layer in layers.values()))

@@ -1,4 +1,5 @@
-"""Initial adapter factors: LoRA-GA from the gradient's singular vectors, or plain LoRA (initial_factors).
+"""Initial adapter factors: LoRA-GA from the gradient's singular vectors, or plain LoRA (initial_factors); and on a
+4-bit base the frozen correction of its quantization error (initial_corrections, nf4_error.py), made first.
 
 LoRA-GA (reference code's choices), with G ~ U diag(S) V^T the top-2r SVD of the layer's gradient (m x n):
   ArB2r: A0 = V[:, :r]^T (r x n),     B0 = U[:, r:2r] (m x r)
@@ -13,6 +14,7 @@ import logging
 import math
 import random
 import threading
+import time
 from typing import Optional
 
 import torch
@@ -22,8 +24,9 @@ from .config import Config
 from .data import causal_inputs, collate
 from .distributed import is_writer
 from .estimate import estimate_gradient_svd
-from .lora import features
+from .lora import Correction, features
 from .memory import default_budget_bytes
+from .nf4_error import OriginalWeights, nf4_corrections
 from .progress import Metrics, Phase, ProgressFn
 from .svd import LayerSVD
 
@@ -51,9 +54,10 @@ def lora_factors(out_features: int, in_features: int, rank: int, generator: torc
     return A.to(device), torch.zeros(out_features, rank, device=device)
 
 
-def estimation_batches(train_examples, config: Config, pad_id: int, device) -> list[dict]:
+def estimation_batches(train_examples, config: Config, pad_id: int, device, masked: bool = False) -> list[dict]:
     """The LoRA-GA estimation batches: estimation_samples examples drawn by the seed, estimation_batch_size each, each
-    batch right-padded to its longest example's padded_width (a multiple of 8), with no attention mask (causal_inputs).
+    batch right-padded to its longest example's padded_width (a multiple of 8), with no attention mask (causal_inputs;
+    masked: with it, as collate gives it).
     When the widths differ, the estimate compiles its blocks for any width and leaves cuDNN's attention out, as
     training does (blocks.attention_for). On examples of varying lengths this runs fewer tokens than padding every
     batch to the longest example, and the graphs for any width serve every data set, where one width's serve only
@@ -62,23 +66,57 @@ def estimation_batches(train_examples, config: Config, pad_id: int, device) -> l
     random.Random(config.seed).shuffle(order)
     picked = [train_examples[i] for i in order[:config.estimation_samples]]
     size = config.estimation_batch_size
-    return [causal_inputs(collate(picked[i:i + size], pad_id, device)) for i in range(0, len(picked), size)]
+    batches = [collate(picked[i:i + size], pad_id, device) for i in range(0, len(picked), size)]
+    return batches if masked else [causal_inputs(batch) for batch in batches]
 
 
 class StoppedInEstimate(Exception):
     """The stop switch was set during the LoRA-GA estimate (checked after each batch)."""
 
 
+def initial_corrections(model, targets, train_examples, config: Config, model_path: str, pad_id: int, device,
+                        progress: Optional[ProgressFn] = None,
+                        stop: Optional[threading.Event] = None) -> tuple[dict[str, Correction], Metrics]:
+    """name -> (L, R), the 4-bit error's corrections (nf4_error.py) from the estimation samples, with load_in_4bit
+    and nf4_error_rank > 0 (else none), and their metrics; raises StoppedInEstimate once `stop` is set."""
+    if not (config.load_in_4bit and config.nf4_error_rank):
+        return {}, Metrics()
+    weights = OriginalWeights.of(model_path)
+    if weights is None:
+        log.warning("no safetensors files found for %s: the 4-bit error is not corrected", model_path)
+        return {}, Metrics()
+    start = time.perf_counter()
+    batches = estimation_batches(train_examples, config, pad_id, device, masked=True)
+    with tqdm(desc="4-bit error correction", unit="group", disable=not (config.progress and is_writer()),
+              dynamic_ncols=True) as bar:
+        def report(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+            if progress:
+                progress(Phase.CORRECTING, done, total, {})
+            if stop is not None and stop.is_set():
+                raise StoppedInEstimate
+        corrections = nf4_corrections(model, targets, batches, config.nf4_error_rank, budget_bytes(config, device),
+                                      weights, report, config.svd)
+    return corrections, Metrics(correction_seconds=time.perf_counter() - start, corrected_layers=len(corrections))
+
+
+def budget_bytes(config: Config, device) -> int:
+    """What the estimate and the correction may hold at once: grad_budget_gib, else the default."""
+    return int(config.grad_budget_gib * 2**30) if config.grad_budget_gib else default_budget_bytes(device)
+
+
 def initial_factors(model, targets, train_examples, config: Config, pad_id: int, device,
-                    progress: Optional[ProgressFn] = None,
-                    stop: Optional[threading.Event] = None) -> tuple[dict, Metrics]:
-    """name -> (A, B, A0, B0) and the init metrics; raises StoppedInEstimate once `stop` is set."""
+                    progress: Optional[ProgressFn] = None, stop: Optional[threading.Event] = None,
+                    corrections: Optional[dict[str, Correction]] = None) -> tuple[dict, Metrics]:
+    """name -> (A, B, A0, B0) and the init metrics; raises StoppedInEstimate once `stop` is set. corrections: the
+    4-bit error's (initial_corrections), in place while the gradient is estimated."""
     if config.init == "lora":
         generator = torch.Generator().manual_seed(config.seed)
         return {n: (*lora_factors(*features(m), config.rank, generator, device), None, None)
                 for n, m in targets.items()}, Metrics()
     batches = estimation_batches(train_examples, config, pad_id, device)
-    budget = int(config.grad_budget_gib * 2**30) if config.grad_budget_gib else default_budget_bytes(device)
+    budget = budget_bytes(config, device)
     with tqdm(desc="LoRA-GA gradient estimate", unit="batch", disable=not (config.progress and is_writer()),
               dynamic_ncols=True) as bar:
         def report(phase: Phase, done: int, total: int, metrics: Metrics) -> None:
@@ -89,7 +127,8 @@ def initial_factors(model, targets, train_examples, config: Config, pad_id: int,
             if stop is not None and stop.is_set():
                 raise StoppedInEstimate
         svds, stats = estimate_gradient_svd(model, targets, batches, 2 * config.rank, budget, config.svd, report,
-                                            compile=config.compile and device.type == "cuda")
+                                            compile=config.compile and device.type == "cuda",
+                                            corrections=corrections)
     log.info("gradient estimated over %d batches in %d group(s), peak gradient state %.3f GiB of %.3f GiB budget",
              stats.batches, len(stats.groups), stats.peak_state_bytes / 2**30, budget / 2**30)
     factors = {}

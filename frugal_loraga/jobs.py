@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 
 from .api import FinetuneResult, finetune
+from .checkpoint import adapter_for
 from .config import Config
 from .errors import ConfigError, DataError, OutOfMemory, RunError
 from .eta import JobClock, format_seconds
@@ -157,7 +158,8 @@ class Jobs:
             if not idle:
                 return None
             try:
-                self.generator.load(run_config(folder), folder / "adapter")
+                config = run_config(folder)
+                self.generator.load(config, adapter_for(folder, config.load_in_4bit))
                 return self.generator.generate(prompt, max_new_tokens)
             except (ConfigError, DataError, torch.cuda.OutOfMemoryError):
                 self.generator.release()

@@ -1,9 +1,11 @@
 """The LoRA layer with a frozen initial adapter beside the trainable one, and putting it into a model.
 
-  y = base(x) + eta * ((x A^T) B^T - (x A0^T) B0^T)
+  y = base(x) + (x R^T) L^T + eta * ((x A^T) B^T - (x A0^T) B0^T)
 base: the frozen linear layer (nn.Linear, bitsandbytes Linear4bit or GPT-2's Conv1D), W (m x n), never requantized;
+L (m x q), R (q x n): a frozen correction of a 4-bit base's quantization error (nf4_error.py), empty without one;
 A (r x n), B (m x r): trainable fp32; A0, B0: frozen copies of their initial values (LoRA-GA), empty for plain LoRA.
-At step 0 A == A0 and B == B0 bit for bit, so the two products cancel exactly and the model is unchanged.
+At step 0 A == A0 and B == B0 bit for bit, so the two products cancel exactly: the model is the base (with its
+correction) unchanged.
 The sum is computed by kernels.lora.lora_add: one fused Triton shrink/expand on CUDA, the torch reference elsewhere
 (or where Triton is not installed).
 Inside torch.compile a 4-bit base is dequantized by torch ops (nf4.py) that fuse into the compiled layer (FrozenLinear,
@@ -34,27 +36,43 @@ def features(module: nn.Module) -> tuple[int, int]:
     return module.out_features, module.in_features
 
 
-class FrozenLinear(nn.Module):
-    """A frozen linear layer (nn.Linear or bitsandbytes Linear4bit) W (m x n): y = base(x). Inside torch.compile a
-    4-bit base is dequantized by torch ops (nf4.py) with bitsandbytes' casts, so that it fuses into the layer."""
+Correction = tuple[torch.Tensor, torch.Tensor]  # (L (m x q), R (q x n)): y += (x R^T) L^T
 
-    def __init__(self, base: nn.Module):
+
+class FrozenLinear(nn.Module):
+    """A frozen linear layer (nn.Linear or bitsandbytes Linear4bit) W (m x n): y = base(x) [+ (x R^T) L^T, a frozen
+    correction, in x's dtype]. Inside torch.compile a 4-bit base is dequantized by torch ops (nf4.py) with
+    bitsandbytes' casts, so that it fuses into the layer."""
+
+    def __init__(self, base: nn.Module, correction: Correction | None = None):
         super().__init__()
         self.base = base
         self.four_bit = FourBitWeight.of(base)
+        empty = torch.zeros(0, device=next(base.parameters()).device)
+        L, R = correction if correction is not None else (empty, empty)
+        self.register_buffer("L", L.float().clone())
+        self.register_buffer("R", R.float().clone())
+
+    @property
+    def correction(self) -> Correction | None:
+        return (self.L, self.R) if self.R.numel() else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.four_bit is not None and torch.compiler.is_compiling():
             dtype = self.four_bit.dtype
             bias = None if self.base.bias is None else self.base.bias.to(dtype)
-            return F.linear(x.to(dtype), self.four_bit(), bias).to(x.dtype)
-        return self.base(x)
+            y = F.linear(x.to(dtype), self.four_bit(), bias).to(x.dtype)
+        else:
+            y = self.base(x)
+        if self.R.numel():
+            y = y + F.linear(F.linear(x, self.R.to(x.dtype)), self.L.to(x.dtype))
+        return y
 
 
 class LoraLinear(FrozenLinear):
     def __init__(self, base: nn.Module, A: torch.Tensor, B: torch.Tensor, A0: torch.Tensor | None,
-                 B0: torch.Tensor | None, eta: float):
-        super().__init__(base)
+                 B0: torch.Tensor | None, eta: float, correction: Correction | None = None):
+        super().__init__(base, correction)
         self.eta = eta
         self.A = nn.Parameter(A.float().clone())
         self.B = nn.Parameter(B.float().clone())
@@ -110,9 +128,12 @@ def replace(model: nn.Module, modules: dict[str, nn.Module]) -> None:
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def inject(model: nn.Module, factors: dict[str, tuple], eta: float) -> dict[str, LoraLinear]:
-    """Replace each named linear layer by a LoraLinear around it. factors: name -> (A, B, A0 | None, B0 | None)."""
-    layers = {name: LoraLinear(model.get_submodule(name), A, B, A0, B0, eta)
+def inject(model: nn.Module, factors: dict[str, tuple], eta: float,
+           corrections: dict[str, Correction] | None = None) -> dict[str, LoraLinear]:
+    """Replace each named linear layer by a LoraLinear around it. factors: name -> (A, B, A0 | None, B0 | None);
+    corrections: name -> (L, R) for the layers that have one (nf4_error.py)."""
+    corrections = corrections or {}
+    layers = {name: LoraLinear(model.get_submodule(name), A, B, A0, B0, eta, corrections.get(name))
               for name, (A, B, A0, B0) in factors.items()}
     replace(model, layers)
     return layers

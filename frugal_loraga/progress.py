@@ -10,6 +10,7 @@ class Phase(str, Enum):
     """A run's phases, in order. Each is its own text, so that a callback may compare it with a string."""
     LOADING_DATA = "loading data"
     LOADING_MODEL = "loading the model"
+    CORRECTING = "correcting the 4-bit error"  # done / total: groups of decoder layers (load_in_4bit, nf4_error_rank)
     COMPILING = "compiling the decoder layers"  # before the estimate's first batch, and training's first step
     ESTIMATING = "estimating gradients"  # done / total: batches x groups
     TRAINING = "training"  # done / total: steps
@@ -30,6 +31,8 @@ class Metrics(TypedDict, total=False):
     init_seconds: float  # the initial factors' wall time (LoRA-GA: the gradient estimate and its SVDs)
     peak_memory_init_gib: float  # the peak after the initial factors (GPU: max allocated; CPU: max resident set)
     peak_memory_gib: float  # the whole run's peak, measured as peak_memory_init_gib
+    correction_seconds: float  # the 4-bit error's correction (nf4_error.py), within init_seconds
+    corrected_layers: int  # the layers whose 4-bit error is corrected
     estimation_groups: int  # the groups of layers the estimate walked
     estimation_batches: int  # the estimation batches
     estimation_peak_state_gib: float  # the most fp32 gradient state held at once

@@ -29,11 +29,13 @@ def test_the_estimate_shows_a_progress_bar_and_reports_to_the_callback(tiny_mode
     assert result.metrics["estimation_groups"] > 1
     assert [s for s in seen if s[0] == "estimating gradients"][-1] == ("estimating gradients", total, total)
     compiling = "compiling the decoder layers" if torch.cuda.is_available() else None  # compile is on by default
-    assert seen[:3] == [("loading data", 0, 0), ("loading the model", 0, 0),
+    correcting = "correcting the 4-bit error"  # load_in_4bit and nf4_error_rank are on by default; 2 blocks, 1 group
+    assert seen[:5] == [("loading data", 0, 0), ("loading the model", 0, 0), (correcting, 0, 1), (correcting, 1, 1),
                         (compiling or "estimating gradients", 0, total)]
     assert (compiling or "training", 0, 1) in seen and seen[-2:] == [("training", 1, 1), ("saving the adapter", 0, 0)]
     assert {type(phase) for phase, _, _ in seen} == {Phase}  # each a Phase, equal to its text as the asserts show
-    assert "LoRA-GA gradient estimate: 100%" in capsys.readouterr().err
+    bars = capsys.readouterr().err
+    assert "4-bit error correction: 100%" in bars and "LoRA-GA gradient estimate: 100%" in bars
 
 
 def test_interrupted_run_resumes_to_the_same_adapter(tiny_model_dir, sample_path, tmp_path):
@@ -144,7 +146,7 @@ def test_batches_of_several_widths_run_without_cudnn_attention(tiny_model_dir, t
         return model, device
 
     monkeypatch.setattr(api_module, "load_base", load_and_watch)
-    finetune(tiny_config(tiny_model_dir, data, tmp_path / "run", steps=3))
+    finetune(tiny_config(tiny_model_dir, data, tmp_path / "run", steps=3, nf4_error_rank=0))  # correction: test_nf4_error
     probe = next(i for i, (estimating, _, _) in enumerate(seen) if estimating)  # the estimate's 8-token probe first
     assert probe > 0 and not any(allowed for _, _, allowed in seen[:probe])
     seen = seen[probe:]

@@ -18,7 +18,8 @@ def form(**settings) -> list:
     values = dict(upload=None, eval_upload=None, data_format="auto", columns="", chat_template="model", load_in_4bit=False,
                   init="lora", rank=2, alpha=16, use_rslora=True, lr=3e-3, steps=2, batch_size=2, max_length=96,
                   estimation_samples=4, grad_accum=1, schedule="cosine", warmup_ratio=0.03, target_modules="all-linear",
-                  seed=0, estimation_batch_size=2, grad_budget_gib=None, compile=True, baseline=False, run_name="")
+                  seed=0, estimation_batch_size=2, grad_budget_gib=None, nf4_error_rank=16, compile=True, baseline=False,
+                  run_name="")
     values.update(settings)
     return [values[name] for name in app.FORM]
 

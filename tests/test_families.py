@@ -95,7 +95,7 @@ def test_family(model_type, tmp_path, caplog):
     result = finetune(config)
     model, _, _ = load_model(config)
     state = torch.load(checkpoint_path(config.out), weights_only=True)
-    inject(model, factors_from_checkpoint(state["adapter"], device), config.eta)
+    inject(model, factors_from_checkpoint(state["adapter"], device)[0], config.eta)
     ours = logits(model, batch)
     assert (ours - before).abs().max() > 1e-4, "training did not change the model"
     base, _, _ = load_model(config)

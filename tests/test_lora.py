@@ -66,7 +66,7 @@ def test_exported_adapter_reproduces_our_logits_in_peft(tiny_model_dir, sample_p
     batch = collate(examples[:3], tokenizer.pad_token_id, device)
     base_logits = logits(model, batch)
     state = torch.load(checkpoint_path(config.out), weights_only=True)
-    ours = inject(model, factors_from_checkpoint(state["adapter"], device), config.eta)
+    ours = inject(model, factors_from_checkpoint(state["adapter"], device)[0], config.eta)
     assert all(not torch.equal(layer.B, layer.B0 if layer.has_frozen else torch.zeros_like(layer.B))
                for layer in ours.values()), "training did not move the adapter"
     our_logits = logits(model, batch)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..lora import FrozenLinear
+from ..lora import Correction, FrozenLinear
 
 
 @dataclass
@@ -77,10 +77,11 @@ class _AddWeightGradient(torch.autograd.Function):
 
 class GradientTap(FrozenLinear):
     """A target during the estimate: y = base(x); while `accumulator` (fp32, m x n) is set, each backward adds
-    dY^T X into it. A buffer, so that a compiled block takes it as an input rather than compiling once per layer."""
+    dY^T X into it. A buffer, so that a compiled block takes it as an input rather than compiling once per layer.
+    With a correction (nf4_error.py) the gradient is that of the corrected layer's weight W + L R."""
 
-    def __init__(self, base: nn.Module):
-        super().__init__(base)
+    def __init__(self, base: nn.Module, correction: Correction | None = None):
+        super().__init__(base, correction)
         self.register_buffer("accumulator", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

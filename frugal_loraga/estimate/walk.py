@@ -22,7 +22,7 @@ from torch import nn
 
 from ..blocks import attention_for, compiled, no_checkpointing
 from ..distributed import from_rank0_, share, sum_over_ranks_
-from ..lora import replace
+from ..lora import Correction, replace
 from ..loss import causal_lm_loss
 from ..memory import available_ram_bytes
 from ..progress import Phase, ProgressFn
@@ -45,12 +45,14 @@ class EstimationStats:
 
 def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict], k: int,
                           budget_bytes: int, svd: str = "lowrank", progress: Optional[ProgressFn] = None,
-                          host_budget_bytes: Optional[int] = None,
-                          compile: bool = False) -> tuple[dict[str, LayerSVD], EstimationStats]:
+                          host_budget_bytes: Optional[int] = None, compile: bool = False,
+                          corrections: Optional[dict[str, Correction]] = None,
+                          ) -> tuple[dict[str, LayerSVD], EstimationStats]:
     """Top-k SVD of the mean gradient dL/dW over `batches` for every target, never holding more than
     `budget_bytes` of fp32 gradients and their blocks' activations on the device, nor more than `host_budget_bytes`
     (default: a quarter of the available RAM) of cached block inputs on the CPU. compile: torch.compile the blocks
-    for the estimate. The model is left as it was found. Returns the factors (on the model's device) and the costs.
+    for the estimate. corrections: name -> (L, R), frozen corrections in place while estimating (the gradient is then
+    that of the corrected weights; nf4_error.py). The model is left as it was found. Returns the factors (on the model's device) and the costs.
     In a process group (distributed.py) every rank passes all the batches and walks its share of them; the groups,
     the mean gradients and the factors are those of all the batches, the same bits on every rank."""
     start = time.perf_counter()
@@ -62,7 +64,7 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
                  else None)
     kept = KeptInputs(len(batches), len(plan.blocks), plan.kept_starts, transfers)
     state = GradientState(budget_bytes)
-    taps = {name: GradientTap(targets[name]) for name in plan.order}
+    taps = {name: GradientTap(targets[name], (corrections or {}).get(name)) for name in plan.order}
     widths = {b["input_ids"].shape[1] for b in batches}
     results: dict[str, LayerSVD] = {}
     svd_seconds = 0.0
