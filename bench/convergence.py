@@ -64,9 +64,10 @@ METHODS = {  # name: (Config settings, lr grid)
 }
 COLORS = {"full": "black", "lora": "#1e40af", "qlora": "#60a5fa", "qlora_corrected": "#0d9488",
           "lora_ga_exact": "#9a3412", "lora_ga_ours": "#ea580c", "lora_ga_ours_uncorrected": "#fbbf24"}
-TASKS = {  # name: (max_length, new tokens for the accuracy, the answer's pattern in a completion)
-    "arithmetic": (128, 32, r"answer is (-?\d+)"),
-    "gsm": (384, 256, r"####\s*(-?[\d,]*\.?\d+)"),
+TASKS = {  # name: (max_length, new tokens for the accuracy, the answer's pattern in a completion, our budget in GiB:
+    # a few groups on the demo model)
+    "arithmetic": (128, 32, r"answer is (-?\d+)", 0.1),
+    "gsm": (384, 256, r"####\s*(-?[\d,]*\.?\d+)", 0.3),
 }
 
 
@@ -101,7 +102,7 @@ def final_answer(text: str, pattern: str) -> str | None:
 @torch.no_grad()
 def accuracy(model, tokenizer, test_path: Path, n: int, device, task: str) -> float:
     """Fraction of test problems whose greedy completion states the right answer."""
-    _, new_tokens, pattern = TASKS[task]
+    _, new_tokens, pattern, _ = TASKS[task]
     rows = [json.loads(line) for line in test_path.read_text().splitlines()[:n]]
     prompts = []
     for row in rows:
@@ -321,7 +322,8 @@ def main():
     parser.add_argument("--eval-samples", type=int, default=128)
     parser.add_argument("--accuracy-samples", type=int, default=256)
     parser.add_argument("--estimation-samples", type=int, default=128)
-    parser.add_argument("--ours-budget-gib", type=float, default=0.1, help="forces several groups on the demo model")
+    parser.add_argument("--ours-budget-gib", type=float, help="default: the task's, forcing several groups on the demo "
+                        "model")
     parser.add_argument("--seeds", type=int, default=2, help="seeds for each method's picked lr")
     parser.add_argument("--lrs", type=int, default=0, help="use only the first N lrs of each grid (0: all)")
     parser.add_argument("--work", type=Path, help="default: runs/convergence[_gsm]")
@@ -333,6 +335,7 @@ def main():
     args = parser.parse_args()
     name = "convergence" + ("" if args.task == "arithmetic" else f"_{args.task}")
     args.work, args.out = args.work or ROOT / "runs" / name, args.out or RESULTS / name
+    args.ours_budget_gib = args.ours_budget_gib or TASKS[args.task][3]
     args.work.mkdir(parents=True, exist_ok=True)
     grids = {m: METHODS[m][1][:args.lrs or None] for m in args.methods.split(",")}
     saved = args.out.with_suffix(".json")
