@@ -6,13 +6,14 @@ H = X^T X + lambda I = C C^T (Cholesky, lambda = RIDGE x mean of diag(X^T X)), t
 on those inputs,
     min over rank-q L R of  ||(E - L R) X^T||_F  ~  ||(E - L R) C||_F,
 is the top-q SVD of E C = U S V^T:  L = U S (m x q),  R = V^T C^-1 (q x n).
+Where H (n x n, fp32) does not fit the memory budget, its diagonal stands in for it (C = diag(H)^(1/2): each input
+channel weighted by its size, as AWQ does), which recovers less of the error but holds n numbers, not n^2.
 The layer then computes Q x + L (R x) (lora.FrozenLinear). The base stays the untouched NF4 weight; the LoRA-GA
 gradient is then estimated at the corrected model, whose output is closer to the original model's than the 4-bit
 model's is.
-The decoder layers (blocks) are calibrated from the bottom up, a group at a time within the memory budget (each
-target's H is n x n fp32): a group's grams come from a no-grad forward of the base model that ends after the group,
-with the corrections of the groups below already in place, so each correction sees what the corrected model below
-gives it.
+The layers are calibrated from the bottom up, a group at a time within the budget: a group's H come from no-grad
+forwards of the base model that end after the block (decoder layer) of its last layer, with the corrections of the
+groups below already in place, so each correction sees what the corrected model below gives it.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
@@ -77,24 +79,38 @@ class OriginalWeights:
         return None
 
 
-def best_correction(error: torch.Tensor, gram: torch.Tensor, rank: int, svd: str = "lowrank") -> Correction:
-    """(L (m x rank), R (rank x n)) minimizing ||(error - L R) C||_F, C C^T = gram + ridge (module docstring); fp32.
-    svd: exact, or lowrank (randomized: near the optimum, much faster on large layers; svd.py). gram is overwritten."""
-    gram.diagonal().add_(RIDGE * gram.diagonal().mean().clamp_min(1e-12))
-    C = torch.linalg.cholesky(gram)
-    top = top_singular({"E C": error @ C}, rank, svd)["E C"]
-    R = torch.linalg.solve_triangular(C, top.V.T.contiguous(), upper=False, left=False)  # R C = V^T
-    L, missing = top.U * top.S, rank - top.S.numel()  # a layer narrower than the rank: zeros make up the rest
-    return (torch.nn.functional.pad(L, (0, missing)).contiguous(),
-            torch.nn.functional.pad(R, (0, 0, 0, missing)).contiguous())
+def best_correction(error: torch.Tensor, weighting: torch.Tensor, rank: int, svd: str = "lowrank") -> Correction:
+    """(L (m x rank), R (rank x n)) minimizing ||(error - L R) C||_F (module docstring), fp32, for weighting = X^T X
+    (n x n; overwritten by its Cholesky factor) or its diagonal (n). svd: exact, or lowrank (randomized: near the
+    optimum, much faster on large layers; svd.py). A layer narrower than the rank gets zeros for the rest."""
+    diagonal = weighting if weighting.dim() == 1 else weighting.diagonal()
+    diagonal.add_(RIDGE * diagonal.mean().clamp_min(1e-12))
+    if weighting.dim() == 1:
+        scale = weighting.sqrt_()
+        top = top_singular({"E C": error * scale}, rank, svd)["E C"]
+        R = top.V.T / scale
+    else:
+        C, _ = torch.linalg.cholesky_ex(weighting, out=(weighting, torch.empty(0, dtype=torch.int32,
+                                                                                  device=weighting.device)))
+        top = top_singular({"E C": error @ C}, rank, svd)["E C"]
+        R = torch.linalg.solve_triangular(C, top.V.T.contiguous(), upper=False, left=False)  # R C = V^T
+    missing = rank - top.S.numel()
+    return F.pad(top.U * top.S, (0, missing)).contiguous(), F.pad(R, (0, 0, 0, missing)).contiguous()
+
+
+def layer_bytes(m: int, n: int, full: bool) -> tuple[int, int]:
+    """(held while the layer's group runs its forwards: X^T X or its diagonal, fp32; held besides while its correction
+    is computed: W and Q in fp32 and E C, with the Cholesky factor in place of X^T X)."""
+    return 4 * n * n if full else 4 * n, 12 * m * n
 
 
 def nf4_corrections(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict], rank: int,
                     budget_bytes: int, weights: OriginalWeights, progress=None,
                     svd: str = "lowrank") -> dict[str, Correction]:
-    """name -> (L, R) for every 4-bit target whose original weight is in `weights` (the others are left out, named
-    in a warning), from the calibration `batches`, a group of blocks at a time holding at most `budget_bytes` of
-    grams (at least one block). progress(done, total) at the start and after each group. The model is left as it was found."""
+    """name -> (L, R) for every 4-bit target inside the decoder layers whose original weight is in `weights` (the
+    others are named in a warning), from the calibration `batches` (input_ids, attention_mask), a group of layers at
+    a time holding at most `budget_bytes`; a layer whose X^T X does not fit alone is weighted by its diagonal (named in
+    a warning). progress(done, total) at the start and after each group. The model is left as it was found."""
     originals, missing = {}, []
     for name, module in targets.items():
         m, n = features(module)
@@ -106,8 +122,14 @@ def nf4_corrections(model: nn.Module, targets: dict[str, nn.Module], batches: li
     missing += [name for name in originals if index[name] is None]
     if missing:
         log.warning("the 4-bit error of %d layer(s) is not corrected (not 4-bit, outside the decoder layers or no "
-                    "saved weight found): %s", len(missing), ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
-    groups = _groups([[n for n in originals if index[n] == i] for i in range(len(blocks))], targets, budget_bytes)
+                    "saved weight found): %s", len(missing), _some(missing))
+    names = sorted((n for n in originals if index[n] is not None), key=lambda n: index[n])  # stable: model order
+    full = {n: sum(layer_bytes(*features(targets[n]), True)) <= budget_bytes for n in names}
+    if not all(full.values()):
+        log.warning("%d layer(s) have their 4-bit error weighted by input sizes only (their X^T X does not fit "
+                    "the %.2f GiB budget; grad_budget_gib raises it): %s", len(full) - sum(full.values()),
+                    budget_bytes / 2**30, _some([n for n in names if not full[n]]))
+    groups = _groups(names, {n: layer_bytes(*features(targets[n]), full[n]) for n in names}, budget_bytes)
     corrections: dict[str, Correction] = {}
     was_training, used_cache = model.training, model.config.use_cache
     try:
@@ -115,15 +137,17 @@ def nf4_corrections(model: nn.Module, targets: dict[str, nn.Module], batches: li
         model.config.use_cache = False
         if progress:
             progress(0, len(groups))
-        for done, (top, names) in enumerate(groups):
-            grams = _grams(model, blocks[top], {n: targets[n] for n in names}, batches)
-            for name in names:
+        for done, group in enumerate(groups):
+            weightings = _weightings(model, blocks[index[group[-1]]], {n: targets[n] for n in group},
+                                     {n: full[n] for n in group}, batches)
+            for name in group:
                 dequantized = FourBitWeight.of(targets[name])().float()
                 error = originals.pop(name).to(dequantized.device, torch.float32).sub_(dequantized)
-                corrections[name] = best_correction(error, grams.pop(name), rank, svd)
+                del dequantized
+                corrections[name] = best_correction(error, weightings.pop(name), rank, svd)
                 from_rank0_(list(corrections[name]))  # under torchrun: the same bits on every rank
-                del dequantized, error
-            replace(model, {n: FrozenLinear(targets[n], corrections[n]) for n in names})  # in place for the groups above
+                del error
+            replace(model, {n: FrozenLinear(targets[n], corrections[n]) for n in group})  # for the groups above
             if progress:
                 progress(done + 1, len(groups))
     finally:
@@ -133,35 +157,40 @@ def nf4_corrections(model: nn.Module, targets: dict[str, nn.Module], batches: li
     return corrections
 
 
-def _groups(names_by_block: list[list[str]], targets: dict[str, nn.Module],
-            budget_bytes: int) -> list[tuple[int, list[str]]]:
-    """Consecutive blocks whose grams (4 n^2 bytes a target) fit the budget together (a block alone may not):
-    (the group's top block, its targets), bottom up; blocks without targets are left out."""
-    groups, names, held, top = [], [], 0, None
-    for block, block_names in enumerate(names_by_block):
-        if not block_names:
-            continue
-        cost = sum(4 * features(targets[n])[1] ** 2 for n in block_names)
-        if names and held + cost > budget_bytes:
-            groups.append((top, names))
-            names, held = [], 0
-        names, held, top = names + block_names, held + cost, block
-    if names:
-        groups.append((top, names))
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+
+
+def _groups(names: list[str], costs: dict[str, tuple[int, int]], budget_bytes: int) -> list[list[str]]:
+    """Consecutive layers (model order) whose held bytes together, plus the most any one of them holds besides,
+    fit the budget (a layer alone always makes a group)."""
+    groups: list[list[str]] = []
+    for name in names:
+        held, extra = costs[name]
+        if groups and (sum(costs[n][0] for n in groups[-1]) + held
+                       + max(extra, *(costs[n][1] for n in groups[-1])) <= budget_bytes):
+            groups[-1].append(name)
+        else:
+            groups.append([name])
     return groups
 
 
-def _grams(model: nn.Module, top: nn.Module, layers: dict[str, nn.Module], batches: list[dict]) -> dict[str, torch.Tensor]:
-    """name -> X^T X (n x n, fp32) of each layer's inputs at the batches' tokens (attention_mask; pads left out),
-    from forwards of the base model (no head) that end after block `top`, with the attention kernels the estimate
-    uses for these widths (blocks.attention_for)."""
+def _weightings(model: nn.Module, top: nn.Module, layers: dict[str, nn.Module], full: dict[str, bool],
+                batches: list[dict]) -> dict[str, torch.Tensor]:
+    """name -> X^T X (n x n, fp32), or its diagonal where not full, of each layer's inputs at the batches' tokens
+    (attention_mask; pads left out), from forwards of the base model (no head) that end after block `top`, with the
+    attention kernels the estimate uses for these widths (blocks.attention_for)."""
     device = batches[0]["input_ids"].device
-    grams = {name: torch.zeros(features(layer)[1], features(layer)[1], device=device) for name, layer in layers.items()}
+    sums = {name: torch.zeros((n, n) if full[name] else (n,), device=device)
+            for name, n in ((name, features(layer)[1]) for name, layer in layers.items())}
     tokens = {}  # the current batch's token positions (B x T, bool)
 
     def accumulate(name: str, x: torch.Tensor) -> None:
         rows = x[tokens["mask"]]
-        accumulate_outer(grams[name], rows, rows)
+        if full[name]:
+            accumulate_outer(sums[name], rows, rows)
+        else:
+            sums[name].add_(rows.float().square().sum(0))
 
     handles = [layer.register_forward_pre_hook(lambda m, args, name=name: accumulate(name, args[0]))
                for name, layer in layers.items()]
@@ -173,4 +202,4 @@ def _grams(model: nn.Module, top: nn.Module, layers: dict[str, nn.Module], batch
     finally:
         for handle in handles:
             handle.remove()
-    return grams
+    return sums
