@@ -46,7 +46,9 @@ def run(config: Config) -> dict:
     marks.pop("timed_from", None), marks.pop("loaded_from", None)
     return {"seconds": time.perf_counter() - start, "init_seconds": result.metrics["init_seconds"],
             "estimation_budget_gib": result.metrics["estimation_budget_gib"],
-            "estimation_groups": result.metrics["estimation_groups"], **marks, **init.peaks, **peaks("train"),
+            "estimation_groups": result.metrics["estimation_groups"],
+            "correction_seconds": result.metrics.get("correction_seconds"),
+            "corrected_layers": result.metrics.get("corrected_layers"), **marks, **init.peaks, **peaks("train"),
             "final_train_loss": result.metrics["train_loss"][-1][1]}
 
 

@@ -167,7 +167,7 @@ for one in "${steps[@]}"; do
                   --name "loss_vs_liger_$shape"
               done ;;
       fit_*) rest=${one#fit_} && card=${rest##*_} && shape=${rest%_*}
-              step "$one" 240 "${shape}_${card}gib" python3 bench/fit_card.py --shape "$shape" --card-gib "$card" \
+              step "$one" "${FIT_SECONDS:-240}" "${shape}_${card}gib" python3 bench/fit_card.py --shape "$shape" --card-gib "$card" \
                 --name "${shape}_${card}gib" ;;
       *) echo "unknown step $one"; exit 2 ;;
     esac
