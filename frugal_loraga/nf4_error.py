@@ -11,9 +11,9 @@ channel weighted by its size, as AWQ does), which recovers less of the error but
 The layer then computes Q x + L (R x) (lora.FrozenLinear). The base stays the untouched NF4 weight; the LoRA-GA
 gradient is then estimated at the corrected model, whose output is closer to the original model's than the 4-bit
 model's is.
-The layers are calibrated from the bottom up, a group at a time within the budget: a group's H come from no-grad
-forwards of the base model that end after the block (decoder layer) of its last layer, with the corrections of the
-groups below already in place, so each correction sees what the corrected model below gives it.
+The layers are calibrated from the bottom up, a group at a time within the budget: a group's H come from no-grad runs
+of its decoder layers (blocks) from the hidden state entering them, carried up from the bottom with the corrections
+of the groups below already in place, so each correction sees what the corrected model below gives it.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from torch import nn
 
 from .blocks import attention_for, block_layout
 from .distributed import from_rank0_
-from .estimate.inputs import forward_until
+from .estimate.inputs import KeptInputs, forward_until, moved, run_blocks
 from .estimate.tap import accumulate_outer
 from .lora import Correction, FrozenLinear, features, replace
 from .nf4 import FourBitWeight
@@ -65,10 +65,23 @@ class OriginalWeights:
         weights = cls(folder)
         return weights if weights.files else None
 
+    def has(self, name: str, shape: tuple[int, int]) -> bool:
+        """Whether the weight of `name` is saved, by its key and shape (read from the file's header, not its data)."""
+        for key in self._keys(name):
+            if key in self.files:
+                with safe_open(str(self.files[key]), "pt") as f:
+                    saved = tuple(f.get_slice(key).get_shape())
+                return saved in (shape, shape[::-1])
+        return False
+
+    @staticmethod
+    def _keys(name: str) -> tuple[str, str]:
+        return f"{name}.weight", f"{name.partition('.')[2]}.weight"
+
     def weight(self, name: str, shape: tuple[int, int]) -> Optional[torch.Tensor]:
         """The weight (m x n) of the module `name` as saved ('model.layers.0.mlp.up_proj.weight', or without the
         first part of the name, as GPT-2's files are), transposed where saved as (n x m) (Conv1D); None if absent."""
-        for key in (f"{name}.weight", f"{name.partition('.')[2]}.weight"):
+        for key in self._keys(name):
             if key in self.files:
                 with safe_open(str(self.files[key]), "pt") as f:
                     tensor = f.get_tensor(key)
@@ -110,26 +123,24 @@ def nf4_corrections(model: nn.Module, targets: dict[str, nn.Module], batches: li
     """name -> (L, R) for every 4-bit target inside the decoder layers whose original weight is in `weights` (the
     others are named in a warning), from the calibration `batches` (input_ids, attention_mask), a group of layers at
     a time holding at most `budget_bytes`; a layer whose X^T X does not fit alone is weighted by its diagonal (named in
-    a warning). progress(done, total) at the start and after each group. The model is left as it was found."""
-    originals, missing = {}, []
-    for name, module in targets.items():
-        m, n = features(module)
-        if FourBitWeight.of(module) is not None and (weight := weights.weight(name, (m, n))) is not None:
-            originals[name] = weight
-        else:
-            missing.append(name)
-    blocks, index = block_layout(model, list(originals))
-    missing += [name for name in originals if index[name] is None]
+    a warning). progress(done, total) at the start and after each group. The model is left as it was found.
+    One forward keeps every block's inputs on the CPU; then each group runs only its own blocks, from the hidden state
+    entering its first block, which is carried up past each group once its corrections are in place: about three
+    forwards of the network in all, whatever the number of groups."""
+    shapes = {name: features(module) for name, module in targets.items()}
+    found = [n for n in targets if FourBitWeight.of(targets[n]) is not None and weights.has(n, shapes[n])]
+    blocks, index = block_layout(model, found)
+    names = sorted((n for n in found if index[n] is not None), key=lambda n: index[n])  # stable: model order
+    missing = [n for n in targets if n not in names]
     if missing:
         log.warning("the 4-bit error of %d layer(s) is not corrected (not 4-bit, outside the decoder layers or no "
                     "saved weight found): %s", len(missing), _some(missing))
-    names = sorted((n for n in originals if index[n] is not None), key=lambda n: index[n])  # stable: model order
-    full = {n: sum(layer_bytes(*features(targets[n]), True)) <= budget_bytes for n in names}
+    full = {n: sum(layer_bytes(*shapes[n], True)) <= budget_bytes for n in names}
     if not all(full.values()):
         log.warning("%d layer(s) have their 4-bit error weighted by input sizes only (their X^T X does not fit "
                     "the %.2f GiB budget; grad_budget_gib raises it): %s", len(full) - sum(full.values()),
                     budget_bytes / 2**30, _some([n for n in names if not full[n]]))
-    groups = _groups(names, {n: layer_bytes(*features(targets[n]), full[n]) for n in names}, budget_bytes)
+    groups = _groups(names, {n: layer_bytes(*shapes[n], full[n]) for n in names}, budget_bytes)
     corrections: dict[str, Correction] = {}
     was_training, used_cache = model.training, model.config.use_cache
     try:
@@ -137,24 +148,65 @@ def nf4_corrections(model: nn.Module, targets: dict[str, nn.Module], batches: li
         model.config.use_cache = False
         if progress:
             progress(0, len(groups))
-        for done, group in enumerate(groups):
-            weightings = _weightings(model, blocks[index[group[-1]]], {n: targets[n] for n in group},
-                                     {n: full[n] for n in group}, batches)
-            for name in group:
-                dequantized = FourBitWeight.of(targets[name])().float()
-                error = originals.pop(name).to(dequantized.device, torch.float32).sub_(dequantized)
-                del dequantized
-                corrections[name] = best_correction(error, weightings.pop(name), rank, svd)
-                from_rank0_(list(corrections[name]))  # under torchrun: the same bits on every rank
-                del error
-            replace(model, {n: FrozenLinear(targets[n], corrections[n]) for n in group})  # for the groups above
-            if progress:
-                progress(done + 1, len(groups))
+        with torch.no_grad(), attention_for({batch["input_ids"].shape[1] for batch in batches}):
+            kept, hidden = _block_inputs(model, blocks, batches), None
+            at = 0  # hidden: the state entering block `at`, per batch, on the CPU
+            for done, group in enumerate(groups):
+                first, last = index[group[0]], index[group[-1]]
+                hidden = _carried(blocks, kept, hidden, at, first, batches)
+                at = first
+                weightings = _weightings(blocks, kept, hidden, first, last, {n: targets[n] for n in group},
+                                         {n: full[n] for n in group}, batches)
+                for name in group:
+                    corrections[name] = _correction(targets[name], weights.weight(name, shapes[name]),
+                                                    weightings.pop(name), rank, svd)
+                replace(model, {n: FrozenLinear(targets[n], corrections[n]) for n in group})  # for the groups above
+                if progress:
+                    progress(done + 1, len(groups))
     finally:
         replace(model, targets)
         model.train(was_training)
         model.config.use_cache = used_cache
     return corrections
+
+
+def _correction(layer: nn.Module, original: torch.Tensor, weighting: torch.Tensor, rank: int, svd: str) -> Correction:
+    """The layer's (L, R) from its original weight and its inputs' weighting, the same bits on every rank."""
+    dequantized = FourBitWeight.of(layer)().float()
+    error = original.to(dequantized.device, torch.float32).sub_(dequantized)
+    del dequantized
+    correction = best_correction(error, weighting, rank, svd)
+    from_rank0_(list(correction))  # under torchrun: rank 0's on every rank
+    return correction
+
+
+def _block_inputs(model: nn.Module, blocks: list[nn.Module], batches: list[dict]) -> KeptInputs:
+    """Every block's other inputs and block 0's hidden state for each batch, on the CPU: one forward of the base model
+    (no head)."""
+    kept = KeptInputs(len(batches), len(blocks), [0])
+    for batch_index, batch in enumerate(batches):
+        handles = [block.register_forward_pre_hook(
+            lambda m, args, kwargs, j=j: kept.keep(j, batch_index, args, kwargs), with_kwargs=True)
+            for j, block in enumerate(blocks)]
+        try:
+            forward_until(model.base_model, blocks[-1], {"input_ids": batch["input_ids"]})
+        finally:
+            for handle in handles:
+                handle.remove()
+    return kept
+
+
+def _carried(blocks: list[nn.Module], kept: KeptInputs, hidden: Optional[list], start: int, stop: int,
+             batches: list[dict]) -> list[torch.Tensor]:
+    """The hidden state entering block `stop` for each batch (CPU), run up from the one entering `start` (None: the
+    kept one entering block 0) through the blocks between, as they are now (corrected)."""
+    device = batches[0]["input_ids"].device
+    if hidden is None:
+        hidden = [kept.kept_hidden(0, b, "cpu") for b in range(len(batches))]
+    if start == stop:
+        return hidden
+    return [moved(run_blocks(blocks[start:stop], hidden[b].to(device), kept.inputs(b, start, stop, device, {})), "cpu")
+            for b in range(len(batches))]
 
 
 def _some(names: list[str]) -> str:
@@ -175,11 +227,10 @@ def _groups(names: list[str], costs: dict[str, tuple[int, int]], budget_bytes: i
     return groups
 
 
-def _weightings(model: nn.Module, top: nn.Module, layers: dict[str, nn.Module], full: dict[str, bool],
-                batches: list[dict]) -> dict[str, torch.Tensor]:
+def _weightings(blocks: list[nn.Module], kept: KeptInputs, hidden: list[torch.Tensor], first: int, last: int,
+                layers: dict[str, nn.Module], full: dict[str, bool], batches: list[dict]) -> dict[str, torch.Tensor]:
     """name -> X^T X (n x n, fp32), or its diagonal where not full, of each layer's inputs at the batches' tokens
-    (attention_mask; pads left out), from forwards of the base model (no head) that end after block `top`, with the
-    attention kernels the estimate uses for these widths (blocks.attention_for)."""
+    (attention_mask; pads left out), from runs of blocks first .. last from the hidden state entering `first`."""
     device = batches[0]["input_ids"].device
     sums = {name: torch.zeros((n, n) if full[name] else (n,), device=device)
             for name, n in ((name, features(layer)[1]) for name, layer in layers.items())}
@@ -195,10 +246,9 @@ def _weightings(model: nn.Module, top: nn.Module, layers: dict[str, nn.Module], 
     handles = [layer.register_forward_pre_hook(lambda m, args, name=name: accumulate(name, args[0]))
                for name, layer in layers.items()]
     try:
-        with attention_for({batch["input_ids"].shape[1] for batch in batches}):
-            for batch in batches:
-                tokens["mask"] = batch["attention_mask"].bool()
-                forward_until(model.base_model, top, {"input_ids": batch["input_ids"]})
+        for b, batch in enumerate(batches):
+            tokens["mask"] = batch["attention_mask"].bool()
+            run_blocks(blocks[first:last + 1], hidden[b].to(device), kept.inputs(b, first, last + 1, device, {}))
     finally:
         for handle in handles:
             handle.remove()
