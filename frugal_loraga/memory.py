@@ -125,7 +125,8 @@ def estimate_memory_gib(model_config, config: Config, card_bytes: Optional[int] 
     weights = (layers * sum(m * n for m, n in shapes.values()) * (NF4_BYTES_PER_PARAM if config.load_in_4bit else e)
                + tables * vocab * h * e)
     estimate = 0.0
-    if config.init == "lora_ga":
+    corrected = config.load_in_4bit and config.nf4_error_rank > 0  # nf4_error.py, within the same budget
+    if config.init == "lora_ga" or corrected:
         block = sum(layer_costs(shapes, config.estimation_batch_size * config.max_length, e).values())
         if config.grad_budget_gib:
             budget = config.grad_budget_gib * GIB
@@ -140,6 +141,7 @@ def estimate_memory_gib(model_config, config: Config, card_bytes: Optional[int] 
     kept = tokens * h * e * layers + layer + i * h * e if config.gradient_checkpointing else layer * layers
     activations = kept + 3 * CHUNK_BYTES + TRAIN_SLACK_BYTES
     adapter = (28 if config.init == "lora_ga" else 20) * layers * config.rank * sum(m + n for m, n in shapes.values())
+    adapter += 4 * layers * config.nf4_error_rank * sum(m + n for m, n in shapes.values()) if corrected else 0
     parts = {"weights": weights, "init_estimate": estimate, "training_activations": activations,
              "adapter_and_optimizer": adapter}
     result = {k: v / GIB for k, v in parts.items()}
