@@ -50,8 +50,8 @@ class FrozenLinear(nn.Module):
         self.four_bit = FourBitWeight.of(base)
         empty = torch.zeros(0, device=next(base.parameters()).device)
         L, R = correction if correction is not None else (empty, empty)
-        self.register_buffer("L", L.float().clone())
-        self.register_buffer("R", R.float().clone())
+        self.register_buffer("L", L.float())  # frozen: the estimate's taps and the LoRA layers share one copy
+        self.register_buffer("R", R.float())
 
     @property
     def correction(self) -> Correction | None:

@@ -1,12 +1,15 @@
 """The 4-bit error's correction: the closed form against a direct reference, the corrected model nearer the original,
-step 0 exact on the corrected model, both exports through PEFT, resume, and reading the original weights."""
+step 0 exact on the corrected model, both exports through PEFT, resume, layers with nothing to correct, and reading the
+original weights."""
 import json
 import logging
+import threading
+from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from frugal_loraga import Config, ConfigError, finetune
 from frugal_loraga.checkpoint import adapter_for, checkpoint_path, factors_from_checkpoint
@@ -70,8 +73,8 @@ def test_a_layer_narrower_than_the_rank_gets_zeros_for_the_rest():
     assert not L[:, 4:].any() and not R[4:].any()
 
 
-def four_bit_setup(folder, sample_path, **settings):
-    config = Config(model=str(folder), data=str(sample_path), rank=4, estimation_samples=8, dtype="float32",
+def four_bit_setup(folder, sample_path, rank=4, **settings):
+    config = Config(model=str(folder), data=str(sample_path), rank=rank, estimation_samples=8, dtype="float32",
                     progress=False, **settings)
     model, tokenizer, device = load_model(config)
     examples, _ = load_examples(sample_path, "auto", tokenizer, 96)
@@ -165,11 +168,55 @@ def test_both_exports_reproduce_our_logits_in_peft(tiny_model_dir, sample_path, 
     torch.testing.assert_close(logits(PeftModel.from_pretrained(base, result.adapter_dir), batch),
                                logits(model, batch), rtol=1e-4, atol=1e-4)
 
+
+def test_a_resumed_run_keeps_its_corrections(tiny_model_dir, sample_path, tmp_path):
+    """Stopped after 2 of 4 steps, resumed: the corrections come from the checkpoint (not made again), and the
+    resumed run's adapter_nf4 equals an uninterrupted run's."""
+    settings = dict(model=str(tiny_model_dir), data=str(sample_path), rank=4, dtype="float32", steps=4, lr=5e-3,
+                    estimation_samples=8, eval_every=0, save_every=2, progress=False)
+    straight = finetune(Config(**settings, out=str(tmp_path / "straight")))
+    stop = threading.Event()
+    config = Config(**settings, out=str(tmp_path / "run"))
+    finetune(config, progress=lambda phase, done, total, m: stop.set() if phase == "training" and done == 2 else None,
+             stop=stop)
+    before = factors_from_checkpoint(torch.load(checkpoint_path(config.out), weights_only=True)["adapter"],
+                                     torch.device("cpu"))[1]
     resumed = finetune(Config(**{**config.to_dict(), "resume": True}))
-    again = factors_from_checkpoint(torch.load(checkpoint_path(config.out), weights_only=True)["adapter"],
+    after = factors_from_checkpoint(torch.load(checkpoint_path(config.out), weights_only=True)["adapter"],
                                     torch.device("cpu"))[1]
-    assert resumed.metrics["corrected_layers"] == len(corrections)
-    assert all(torch.equal(again[n][1], corrections[n][1]) for n in corrections)
+    assert "correction_seconds" in resumed.metrics and set(before) == set(after)
+    assert all(torch.equal(after[n][i], before[n][i]) for n in before for i in (0, 1))
+    ours, theirs = (load_file(Path(out) / "adapter_nf4" / "adapter_model.safetensors")
+                    for out in (config.out, straight.adapter_dir.parent))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_layers_with_nothing_to_correct_and_routed_experts(tmp_path, sample_path, caplog):
+    """Falcon's layers stay in 16 bits under 4-bit loading: nothing to correct, said, and the run goes on. Qwen2-MoE's
+    shared expert sees its tokens flattened (tokens x hidden): it is corrected too."""
+    from test_families import save_tiny
+    for family, corrected in (("falcon", False), ("qwen2_moe", True)):
+        folder = tmp_path / family
+        save_tiny(folder, family)
+        config, model, tokenizer, device, examples, targets = four_bit_setup(folder, sample_path, rank=2)
+        with caplog.at_level(logging.WARNING, "frugal_loraga"):
+            corrections, _ = initial_corrections(model, targets, examples, config, str(folder),
+                                                 tokenizer.pad_token_id, device)
+        assert bool(corrections) == corrected
+        if corrected:
+            assert any("shared_expert." in n for n in corrections)
+        else:
+            assert "is not corrected (not 4-bit" in caplog.text
+
+
+def test_non_finite_inputs_leave_the_layer_uncorrected(caplog):
+    X = torch.randn(50, 8)
+    gram = X.T @ X
+    gram[1, 2] = float("nan")
+    with caplog.at_level(logging.WARNING, "frugal_loraga"):
+        L, R = best_correction(torch.randn(6, 8), gram, 3)
+    assert not L.any() and not R.any() and L.shape == (6, 3) and R.shape == (3, 8)
+    assert "left uncorrected" in caplog.text
 
 
 def test_original_weights_are_read_by_name_from_sharded_or_prefixless_files(tmp_path):
