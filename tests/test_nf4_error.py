@@ -136,13 +136,14 @@ def test_no_correction_without_4bit_or_with_rank_0(tiny_model_dir, sample_path):
         Config(data="x", nf4_error_rank=-1)
 
 
-@pytest.mark.parametrize("init", ["lora_ga", "lora"])
-def test_both_exports_reproduce_our_logits_in_peft(tiny_model_dir, sample_path, tmp_path, init):
+@pytest.mark.parametrize("init,use_rslora", [("lora_ga", True), ("lora", True), ("lora_ga", False)])
+def test_both_exports_reproduce_our_logits_in_peft(tiny_model_dir, sample_path, tmp_path, init, use_rslora):
     """adapter_nf4 on the 4-bit base gives our trained model (correction included); adapter on the original base
     gives our adapters on the original weights (the correction stands in for them, so it is left out). A resume
     takes the corrections from the checkpoint."""
     config = Config(model=str(tiny_model_dir), data=str(sample_path), init=init, rank=4, dtype="float32", steps=4,
-                    lr=5e-3, estimation_samples=8, eval_every=0, out=str(tmp_path / "run"), progress=False)
+                    lr=5e-3, estimation_samples=8, eval_every=0, out=str(tmp_path / "run"), progress=False,
+                    use_rslora=use_rslora)
     result = finetune(config)
     assert result.metrics["corrected_layers"] > 0
     assert adapter_for(config.out, True) == tmp_path / "run" / "adapter_nf4"
