@@ -10,6 +10,7 @@ import pytest
 import app
 from conftest import ROOT, free_port
 
+BASELINE = "Also train plain LoRA (QLoRA on a 4-bit base) for comparison"  # the baseline checkbox
 CHROMIUM = shutil.which("chromium")
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
@@ -36,7 +37,7 @@ def test_a_new_user_trains_resumes_tries_and_exports(tiny_model_dir, sample_path
             page.get_by_label("4-bit (NF4)").uncheck()
             page.get_by_label("Steps").fill("6")
             page.get_by_label("Estimation samples").fill("4")
-            page.get_by_label("Also train plain LoRA for comparison").check()
+            page.get_by_label(BASELINE).check()
             page.get_by_label("Run name (empty: the method and the time)").fill("first")
             page.get_by_role("button", name="Train", exact=True).click()
             playwright.expect(page.get_by_text("left for the whole job")).to_be_visible(timeout=60_000)
@@ -60,7 +61,7 @@ def test_a_new_user_trains_resumes_tries_and_exports(tiny_model_dir, sample_path
             ticks = page.locator('[aria-roledescription="axis"] text').all_text_contents()
             assert "1" in ticks and "1.5" not in ticks  # whole steps on the x axis
 
-            page.get_by_label("Also train plain LoRA for comparison").uncheck()  # a second run, stopped midway
+            page.get_by_label(BASELINE).uncheck()  # a second run, stopped midway
             page.get_by_label("Steps").fill("60")
             page.get_by_label("Run name (empty: the method and the time)").fill("second")
             page.get_by_role("button", name="Train", exact=True).click()
