@@ -140,8 +140,9 @@ def estimate_memory_gib(model_config, config: Config, card_bytes: Optional[int] 
     layer = tokens * (8 * h + 3 * i) * e
     kept = tokens * h * e * layers + layer + i * h * e if config.gradient_checkpointing else layer * layers
     activations = kept + 3 * CHUNK_BYTES + TRAIN_SLACK_BYTES
-    adapter = (28 if config.init == "lora_ga" else 20) * layers * config.rank * sum(m + n for m, n in shapes.values())
-    adapter += 4 * layers * config.nf4_error_rank * sum(m + n for m, n in shapes.values()) if corrected else 0
+    edges = layers * sum(m + n for m, n in shapes.values())  # a factor's numbers per unit of rank, all layers
+    adapter = (28 if config.init == "lora_ga" else 20) * config.rank * edges
+    adapter += 4 * config.nf4_error_rank * edges if corrected else 0
     parts = {"weights": weights, "init_estimate": estimate, "training_activations": activations,
              "adapter_and_optimizer": adapter}
     result = {k: v / GIB for k, v in parts.items()}

@@ -30,7 +30,7 @@ from torch import nn
 
 from .blocks import attention_for, block_layout
 from .distributed import from_rank0_
-from .estimate.inputs import KeptInputs, forward_until, moved, run_blocks
+from .estimate.inputs import KeptInputs, moved, run_blocks
 from .estimate.tap import accumulate_outer
 from .lora import Correction, FrozenLinear, features, replace
 from .nf4 import FourBitWeight
@@ -206,7 +206,7 @@ def _block_inputs(model: nn.Module, blocks: list[nn.Module], batches: list[dict]
             lambda m, args, kwargs, j=j: kept.keep(j, batch_index, args, kwargs), with_kwargs=True)
             for j, block in enumerate(blocks)]
         try:
-            forward_until(model.base_model, blocks[-1], {"input_ids": batch["input_ids"]})
+            model.base_model(input_ids=batch["input_ids"])  # the caller's no_grad; the base model has no head
         finally:
             for handle in handles:
                 handle.remove()

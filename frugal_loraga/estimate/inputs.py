@@ -66,23 +66,6 @@ def block_inputs(model: nn.Module, block: nn.Module, batch: dict) -> tuple[tuple
     raise RuntimeError("the forward pass never called the block to start from")
 
 
-def _ended_hook(module, args, output):
-    raise _Reached(args, {})
-
-
-def forward_until(model: nn.Module, block: nn.Module, batch: dict) -> None:
-    """A no-grad forward of the model that ends once `block` has run (nothing above it runs)."""
-    handle = block.register_forward_hook(_ended_hook)
-    try:
-        with torch.no_grad():
-            model(**batch)
-    except _Reached:
-        return
-    finally:
-        handle.remove()
-    raise RuntimeError("the forward pass never called the block to end at")
-
-
 def run_blocks(blocks: list[nn.Module], hidden: torch.Tensor, inputs: list[tuple[tuple, dict]]) -> torch.Tensor:
     """Run consecutive blocks from the hidden state entering the first, made a leaf that needs grad, each block with its
     own other inputs (args, kwargs); the last output."""
