@@ -4,10 +4,13 @@ reload, resuming it, trying the first run and exporting it. UPDATE_SCREENSHOT=1 
 temporary folder, so a test run leaves the tree clean). Skipped where Chromium or Playwright is not installed."""
 import os
 import shutil
+import time
 
 import pytest
 
 import app
+from frugal_loraga import jobs
+from frugal_loraga.progress import Phase
 from conftest import ROOT, free_port
 
 BASELINE = "Also train plain LoRA (QLoRA on a 4-bit base) for comparison"  # the baseline checkbox
@@ -16,9 +19,22 @@ playwright = pytest.importorskip("playwright.sync_api", reason="playwright is no
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 
 
+def steps_at_least(seconds, finetune):
+    """finetune whose training steps each take at least `seconds`: a tiny model's 6-step job would otherwise end
+    between two of the page's 1 s status polls, before the time left could be seen."""
+    def slowed(config, progress, **kwargs):
+        def report(phase, done, total, metrics):
+            if phase == Phase.TRAINING and done:
+                time.sleep(seconds)
+            progress(phase, done, total, metrics)
+        return finetune(config, progress=report, **kwargs)
+    return slowed
+
+
 def test_a_new_user_trains_resumes_tries_and_exports(tiny_model_dir, sample_path, tmp_path, monkeypatch):
     monkeypatch.setattr(app, "RUNS", tmp_path / "runs")
     monkeypatch.setattr(app, "MODEL_ROOTS", [tiny_model_dir])
+    monkeypatch.setattr(jobs, "finetune", steps_at_least(0.4, jobs.finetune))  # the ETA is on screen for a few polls
     port = free_port()
     ui = app.build_ui()
     ui.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
