@@ -19,9 +19,12 @@ from frugal_loraga import Config, finetune
 from frugal_loraga.progress import Phase
 
 
-def run(config: Config) -> dict:
+def run(config: Config, profile: bool = False) -> dict:
+    """profile: the timed training steps under torch's profiler, its top 25 by GPU time printed."""
     marks: dict = {}
     init = InitPeaks()
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                  torch.profiler.ProfilerActivity.CUDA]) if profile else None
 
     def progress(phase, done, total, metrics):
         init(phase, done, total, metrics)
@@ -32,10 +35,16 @@ def run(config: Config) -> dict:
         if phase == Phase.TRAINING and done == 2:
             torch.cuda.synchronize()
             marks["timed_from"] = (time.perf_counter(), metrics["train_tokens"])
+            if profiler:
+                profiler.start()
         if phase == Phase.TRAINING and done == total and "timed_from" in marks:
             torch.cuda.synchronize()
             start, tokens = marks["timed_from"]
             marks["train_tokens_per_second"] = (metrics["train_tokens"] - tokens) / (time.perf_counter() - start)
+            if profiler:
+                profiler.stop()
+                print(profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=25,
+                                                    max_name_column_width=80))
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     try:
@@ -62,6 +71,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--embeddings-on-gpu", action="store_true", help="Config.embeddings_on_cpu off")
+    parser.add_argument("--nf4-error-rank", type=int, default=Config.nf4_error_rank, help="0: no correction")
+    parser.add_argument("--profile", action="store_true", help="print the GPU kernels that took longest in training")
     add_output_args(parser, None, work="/tmp/fit_card")
     args = parser.parse_args()
     layers = args.layers or {"qwen25_14b": 48}.get(args.shape, 32)
@@ -72,13 +83,13 @@ def main():
     config = Config(model=str(model_dir), data=str(data), estimation_samples=args.estimation_samples,
                     max_length=args.max_length, batch_size=args.batch_size, steps=args.steps, eval_fraction=0,
                     save_every=0, out=str(work / f"run-{args.name}"), overwrite=True, progress=False,
-                    embeddings_on_cpu=not args.embeddings_on_gpu)
+                    embeddings_on_cpu=not args.embeddings_on_gpu, nf4_error_rank=args.nf4_error_rank)
     kind, sizes = SHAPES[args.shape]
     result = {"device": torch.cuda.get_device_name(), "shape": args.shape, "layers": layers, "card_gib": args.card_gib,
               "model_config": {"class": kind, "num_hidden_layers": layers, **sizes},
               "estimation_samples": args.estimation_samples, "train_batch": f"{args.batch_size} x {args.max_length}",
-              "embeddings_on_cpu": not args.embeddings_on_gpu,
-              **run(config)}
+              "embeddings_on_cpu": not args.embeddings_on_gpu, "nf4_error_rank": args.nf4_error_rank,
+              **run(config, args.profile)}
     print(json.dumps(result), flush=True)
     save_result(args.name, result)
 

@@ -6,8 +6,8 @@ L (m x q), R (q x n): a frozen correction of a 4-bit base's quantization error (
 A (r x n), B (m x r): trainable fp32; A0, B0: frozen copies of their initial values (LoRA-GA), empty for plain LoRA.
 At step 0 A == A0 and B == B0 bit for bit, so the two products cancel exactly: the model is the base (with its
 correction) unchanged.
-The sum is computed by kernels.lora.lora_add: one fused Triton shrink/expand on CUDA, the torch reference elsewhere
-(or where Triton is not installed).
+The sum (correction included) is computed by kernels.lora.lora_add: one fused Triton shrink/expand on CUDA, the torch
+reference elsewhere (or where Triton is not installed). At step 0 it gives the bits of the corrected base alone.
 Inside torch.compile a 4-bit base is dequantized by torch ops (nf4.py) that fuse into the compiled layer (FrozenLinear,
 which the LoRA-GA gradient estimate wraps around its targets too).
 """
@@ -41,7 +41,7 @@ Correction = tuple[torch.Tensor, torch.Tensor]  # (L (m x q), R (q x n)): y += (
 
 class FrozenLinear(nn.Module):
     """A frozen linear layer (nn.Linear or bitsandbytes Linear4bit) W (m x n): y = base(x) [+ (x R^T) L^T, a frozen
-    correction, in x's dtype]. Inside torch.compile a 4-bit base is dequantized by torch ops (nf4.py) with
+    correction, by kernels.lora.lora_add]. Inside torch.compile a 4-bit base is dequantized by torch ops (nf4.py) with
     bitsandbytes' casts, so that it fuses into the layer."""
 
     def __init__(self, base: nn.Module, correction: Correction | None = None):
@@ -57,15 +57,18 @@ class FrozenLinear(nn.Module):
     def correction(self) -> Correction | None:
         return (self.L, self.R) if self.R.numel() else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """base(x), without the correction."""
         if self.four_bit is not None and torch.compiler.is_compiling():
             dtype = self.four_bit.dtype
             bias = None if self.base.bias is None else self.base.bias.to(dtype)
-            y = F.linear(x.to(dtype), self.four_bit(), bias).to(x.dtype)
-        else:
-            y = self.base(x)
-        if self.R.numel():
-            y = y + F.linear(F.linear(x, self.R.to(x.dtype)), self.L.to(x.dtype))
+            return F.linear(x.to(dtype), self.four_bit(), bias).to(x.dtype)
+        return self.base(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_forward(x)
+        if self.R.numel():  # the correction as a frozen adapter of scale 1: the dots LoraLinear's fused call makes
+            y = lora_add(y, x, self.R, self.L, self.R[:0], self.L[:, :0], 1.0)
         return y
 
 
@@ -85,7 +88,7 @@ class LoraLinear(FrozenLinear):
         return self.A0.numel() > 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lora_add(super().forward(x), x, self.A, self.B, self.A0, self.B0, self.eta)
+        return lora_add(self.base_forward(x), x, self.A, self.B, self.A0, self.B0, self.eta, self.R, self.L)
 
 
 def find_targets(model: nn.Module, targets: list[str], rank: int, init: str) -> dict[str, nn.Module]:

@@ -5,7 +5,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from frugal_loraga.kernels.lora import lora_add_reference, lora_add_triton, triton
+from frugal_loraga.kernels.lora import NONE, lora_add_reference, lora_add_triton, triton
 
 pytestmark = pytest.mark.skipif(triton is None, reason="Triton is not installed (a CPU install): the kernels cannot "
                                                        "run, not even in its interpreter")
@@ -26,14 +26,23 @@ def adapter(rank, n, m, frozen, trained=True):
     return A.requires_grad_(), B.requires_grad_(), A0, B0
 
 
+def correction(rank, n, m):
+    """(R (rank x n), L (m x rank)): a frozen correction of the base (nf4_error.py), none for rank 0."""
+    if not rank:
+        return NONE, NONE
+    return torch.randn(rank, n, device=DEVICE) / n ** 0.5, 0.1 * torch.randn(m, rank, device=DEVICE) / rank ** 0.5
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rank", [1, 4, 8, 24])
 @pytest.mark.parametrize("frozen", [True, False], ids=["lora_ga", "lora"])
 @pytest.mark.parametrize("shape", [(3, 13, 50, 70), (1, 5, 129, 33)])
-def test_fused_lora_matches_reference_forward_and_backward(dtype, rank, frozen, shape):
+@pytest.mark.parametrize("corrected", [0, 5], ids=["", "corrected"])
+def test_fused_lora_matches_reference_forward_and_backward(dtype, rank, frozen, shape, corrected):
     torch.manual_seed(rank)
     *lead, n, m = shape
     A, B, A0, B0 = adapter(rank, n, m, frozen)
+    R, L = correction(corrected, n, m)
     x = torch.randn(*lead, n, device=DEVICE).to(dtype).requires_grad_()
     y = torch.randn(*lead, m, device=DEVICE).to(dtype)
     grad_out = torch.randn(*lead, m, device=DEVICE).to(dtype)
@@ -42,7 +51,7 @@ def test_fused_lora_matches_reference_forward_and_backward(dtype, rank, frozen, 
     for fn in (lora_add_reference, lora_add_triton):
         base = y.clone().requires_grad_()
         with autocast:  # on a GPU, 16-bit products as under training's autocast
-            out = fn(base, x, A, B, A0, B0, 2.0)
+            out = fn(base, x, A, B, A0, B0, 2.0, R, L)
         grads = torch.autograd.grad(out, (x, A, B, base), grad_out)
         results.append((out.detach(), *grads))
     tokens = x.numel() // n
@@ -60,6 +69,23 @@ def test_fused_lora_is_bit_exact_at_step_zero(dtype):
     x = torch.randn(4, 9, 70, device=DEVICE).to(dtype)
     y = torch.randn(4, 9, 50, device=DEVICE).to(dtype)
     assert torch.equal(lora_add_triton(y, x, A, B, A0, B0, 4.0), y)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rank, corrected", [(8, 16), (4, 24)])
+def test_fused_lora_at_step_zero_is_the_corrected_base_bit_for_bit(dtype, rank, corrected):
+    """With a correction, the adapters cancel and the sum is the correction alone as a frozen layer computes it
+    (lora.FrozenLinear: the correction as an adapter of scale 1), to the bit: the model at step 0 is the corrected
+    model the gradient was estimated at."""
+    torch.manual_seed(0)
+    A, B, A0, B0 = adapter(rank, 70, 50, frozen=True, trained=False)
+    R, L = correction(corrected, 70, 50)
+    x = torch.randn(4, 9, 70, device=DEVICE).to(dtype)
+    y = torch.randn(4, 9, 50, device=DEVICE).to(dtype)
+    for fn in (lora_add_reference, lora_add_triton):
+        corrected_base = fn(y, x, R, L, R[:0], L[:, :0], 1.0)
+        assert not torch.equal(corrected_base, y)
+        assert torch.equal(fn(y, x, A, B, A0, B0, 4.0, R, L), corrected_base)
 
 
 @pytest.mark.parametrize("fn", [lora_add_reference, lora_add_triton], ids=["reference", "triton"])

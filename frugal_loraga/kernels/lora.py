@@ -1,14 +1,19 @@
-"""The LoRA-GA adapter on top of the base output, fused: y += eta * ((x A^T) B^T - (x A0^T) B0^T).
+"""The LoRA-GA adapter and a 4-bit base's frozen correction on top of the base output, fused:
+    y += eta * ((x A^T) B^T - (x A0^T) B0^T) + (x R^T) L^T
 
 x (N x n) tokens, y (N x m) the base layer's output, A (r x n), B (m x r) trainable fp32, A0, B0 frozen (empty for
-plain LoRA). Two kernels, each keeping the two adapters in separate dots so that at step 0 (A == A0, B == B0) they
-cancel bit for bit:
-  shrink:  T = [x A^T | x A0^T]                       (N x 2r, fp32): one pass over x serves both adapters
-  expand:  y + eta * (T[:, :r] B^T - T[:, r:] B0^T)   one read of the base output y and one write of the sum
-Backward, from dY (N x m):  dT = eta * [dY B | dY B0] (a shrink),  dx = dT[:, :r] A - dT[:, r:] A0 (an expand into a
-fresh tensor),  dB = eta * dY^T T[:, :r],  dA = dT[:, :r]^T x  (small GEMMs, left to cuBLAS).
+plain LoRA), R (q x n), L (m x q) the frozen correction of the base's quantization error (nf4_error.py; empty without
+one). Two kernels, each keeping the adapters in separate dots so that at step 0 (A == A0, B == B0) they cancel bit for
+bit, and the model is then the corrected base exactly as the correction alone computes it (lora_add(y, x, R, L) with
+eta = 1 and no frozen adapter: the same dots):
+  shrink:  T = [x A^T | x A0^T | x R^T]                        (N x (2r + q), fp32): one pass over x serves all three
+  expand:  y + eta * (T_A B^T - T_A0 B0^T) + T_R L^T          one read of the base output y and one write of the sum
+Backward, from dY (N x m):  dT = [eta dY B | eta dY B0 | dY L] (a shrink),  dx = dT_A A - dT_A0 A0 + dT_R R (an
+expand into a fresh tensor),  dB = eta * dY^T T_A,  dA = dT_A^T x  (small GEMMs, left to cuBLAS).
 16-bit x goes through 16-bit tensor-core dots with fp32 accumulation, as torch.autocast computes the reference; the
-reference (lora_add_reference) is LoraLinear's torch code.
+reference (lora_add_reference) is LoraLinear's torch code. One fused call instead of separate GEMMs for the
+correction matters because a 4-bit training step at a few thousand tokens is bound by kernel launches: two cuBLAS
+GEMMs and an add per layer for the correction cost a third of the training speed (bench/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -26,16 +31,19 @@ except ImportError:  # a CPU install without Triton: lora_add takes the torch re
 
 
 @jit
-def _shrink_kernel(x_ptr, w_ptr, w2_ptr, out_ptr, N, K, R, scale, stride_xn, stride_xk, stride_wr, stride_wk,
-                   stride_w2r, stride_w2k, stride_on,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SECOND: tl.constexpr,
-                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """out = scale * [x w^T | x w2^T] (N x 2R, fp32; N x R without w2) for x (N x K), w and w2 (R x K)."""
+def _shrink_kernel(x_ptr, w_ptr, w2_ptr, w3_ptr, out_ptr, N, K, R, Q, col3, scale, stride_xn, stride_xk, stride_wr,
+                   stride_wk, stride_w2r, stride_w2k, stride_w3r, stride_w3k, stride_on,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr,
+                   SECOND: tl.constexpr, THIRD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """out = [scale x w^T | scale x w2^T | x w3^T] (fp32; w2's part only with SECOND, w3's, from column col3, only
+    with THIRD) for x (N x K), w and w2 (R x K), w3 (Q x K)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ranks = tl.arange(0, BLOCK_R)
+    ranks3 = tl.arange(0, BLOCK_Q)
     offs_k = tl.arange(0, BLOCK_K)
     total = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
     total2 = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    total3 = tl.zeros((BLOCK_N, BLOCK_Q), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
         w_mask = (ranks[None, :] < R) & (k[:, None] < K)
@@ -51,18 +59,28 @@ def _shrink_kernel(x_ptr, w_ptr, w2_ptr, out_ptr, N, K, R, scale, stride_xn, str
             w2_t = tl.load(w2_ptr + ranks[None, :] * stride_w2r + k[:, None] * stride_w2k, mask=w_mask, other=0.0)
             w2_t = w2_t.to(tl.float32) if UPCAST else w2_t.to(x_ptr.dtype.element_ty)
             total2 += tl.dot(x, w2_t, input_precision=PRECISION)
+        if THIRD:
+            w3_t = tl.load(w3_ptr + ranks3[None, :] * stride_w3r + k[:, None] * stride_w3k,
+                           mask=(ranks3[None, :] < Q) & (k[:, None] < K), other=0.0)
+            w3_t = w3_t.to(tl.float32) if UPCAST else w3_t.to(x_ptr.dtype.element_ty)
+            total3 += tl.dot(x, w3_t, input_precision=PRECISION)
     out_mask = (rows[:, None] < N) & (ranks[None, :] < R)
     tl.store(out_ptr + rows[:, None] * stride_on + ranks[None, :], total * scale, mask=out_mask)
     if SECOND:
         tl.store(out_ptr + rows[:, None] * stride_on + R + ranks[None, :], total2 * scale, mask=out_mask)
+    if THIRD:
+        tl.store(out_ptr + rows[:, None] * stride_on + col3 + ranks3[None, :], total3,
+                 mask=(rows[:, None] < N) & (ranks3[None, :] < Q))
 
 
 @jit
-def _expand_kernel(t_ptr, w_ptr, w2_ptr, src_ptr, y_ptr, N, M, R, scale, stride_tn, stride_wm, stride_wr, stride_w2m,
-                   stride_w2r, stride_sn, stride_sm, stride_yn, stride_ym,
-                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, SECOND: tl.constexpr,
-                   ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """y (N x M) = [src +] scale * (t[:, :R] w^T - t[:, R:] w2^T), t (N x 2R, fp32; N x R without w2), w, w2 (M x R)."""
+def _expand_kernel(t_ptr, w_ptr, w2_ptr, w3_ptr, src_ptr, y_ptr, N, M, R, Q, col3, scale, stride_tn, stride_wm,
+                   stride_wr, stride_w2m, stride_w2r, stride_w3m, stride_w3r, stride_sn, stride_sm, stride_yn,
+                   stride_ym, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_Q: tl.constexpr, SECOND: tl.constexpr, THIRD: tl.constexpr, ACCUMULATE: tl.constexpr,
+                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """y (N x M) = [src +] scale * (t[:, :R] w^T - t[:, R:2R] w2^T) + t[:, col3:col3 + Q] w3^T for fp32 t, w, w2
+    (M x R), w3 (M x Q); w2's term only with SECOND, w3's only with THIRD."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, BLOCK_R)
@@ -86,93 +104,125 @@ def _expand_kernel(t_ptr, w_ptr, w2_ptr, src_ptr, y_ptr, N, M, R, scale, stride_
             t2, w2_t = t2.to(y_ptr.dtype.element_ty), w2_t.to(y_ptr.dtype.element_ty)
         delta -= tl.dot(t2, w2_t, input_precision=PRECISION)
     delta *= scale
+    if THIRD:  # its own dot, added to the exact zero of the cancelled adapters at step 0
+        ranks3 = tl.arange(0, BLOCK_Q)
+        t3 = tl.load(t_ptr + rows[:, None] * stride_tn + col3 + ranks3[None, :],
+                     mask=(rows[:, None] < N) & (ranks3[None, :] < Q), other=0.0)
+        w3_t = tl.load(w3_ptr + cols[None, :] * stride_w3m + ranks3[:, None] * stride_w3r,
+                       mask=(cols[None, :] < M) & (ranks3[:, None] < Q), other=0.0)
+        if UPCAST:
+            w3_t = w3_t.to(tl.float32)
+        else:
+            t3, w3_t = t3.to(y_ptr.dtype.element_ty), w3_t.to(y_ptr.dtype.element_ty)
+        delta += tl.dot(t3, w3_t, input_precision=PRECISION)
     if ACCUMULATE:
         src = tl.load(src_ptr + rows[:, None] * stride_sn + cols[None, :] * stride_sm, mask=inside, other=0.0)
         delta += src.to(tl.float32)
     tl.store(y_ptrs, delta.to(y_ptr.dtype.element_ty), mask=inside)
 
 
-def shrink(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, scale: float = 1.0) -> torch.Tensor:
-    """scale * [x w^T | x w2^T] in fp32, for x (N x K) and thin w, w2 (R x K), R <= 64 (w2 may be None)."""
+def _block(rank: int) -> int:
+    """A dot's rank tile: at least 16 (the tensor cores' smallest), the rank's next power of two."""
+    return max(16, triton.next_power_of_2(rank))
+
+
+def shrink(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, w3: torch.Tensor | None = None,
+           scale: float = 1.0) -> torch.Tensor:
+    """[scale x w^T | scale x w2^T | x w3^T] in fp32, for x (N x K) and thin w, w2 (R x K), w3 (Q x K), R, Q <= 64
+    (w2, w3 may be None: their parts are then left out)."""
     N, K = x.shape
-    R = w.shape[0]
-    second = w2 is not None
-    w2 = w2 if second else w
-    out = torch.empty(N, 2 * R if second else R, dtype=torch.float32, device=x.device)
+    R, Q = w.shape[0], 0 if w3 is None else w3.shape[0]
+    second, third = w2 is not None, w3 is not None
+    w2, w3 = w2 if second else w, w3 if third else w
+    col3 = 2 * R if second else R
+    out = torch.empty(N, col3 + Q, dtype=torch.float32, device=x.device)
     block_n = 16 if N <= 8192 else 64
     precision, upcast = dot_precision(x.dtype)
     _shrink_kernel[(triton.cdiv(N, block_n),)](
-        x, w, w2, out, N, K, R, scale, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w2.stride(0), w2.stride(1),
-        out.stride(0), BLOCK_N=block_n, BLOCK_K=128, BLOCK_R=max(16, triton.next_power_of_2(R)), SECOND=second,
-        PRECISION=precision, UPCAST=upcast, num_warps=4)
+        x, w, w2, w3, out, N, K, R, Q, col3, scale, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w2.stride(0),
+        w2.stride(1), w3.stride(0), w3.stride(1), out.stride(0), BLOCK_N=block_n, BLOCK_K=128, BLOCK_R=_block(R),
+        BLOCK_Q=_block(Q), SECOND=second, THIRD=third, PRECISION=precision, UPCAST=upcast, num_warps=4)
     return out
 
 
 def expand(t: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, scale: float, out: torch.Tensor,
-           src: torch.Tensor | None = None) -> torch.Tensor:
-    """out (N x M) = [src +] scale * (t[:, :R] w^T - t[:, R:] w2^T) for fp32 t and thin w, w2 (M x R); returns out."""
+           src: torch.Tensor | None = None, w3: torch.Tensor | None = None) -> torch.Tensor:
+    """out (N x M) = [src +] scale * (t[:, :R] w^T - t[:, R:2R] w2^T) + t[:, -Q:] w3^T for fp32 t (as shrink lays it
+    out) and thin w, w2 (M x R), w3 (M x Q) (w2, w3 may be None); returns out."""
     N, M = out.shape
     accumulate = src is not None
     src = src if accumulate else out
-    R = w.shape[1]
-    second = w2 is not None
-    w2 = w2 if second else w
+    R, Q = w.shape[1], 0 if w3 is None else w3.shape[1]
+    second, third = w2 is not None, w3 is not None
+    w2, w3 = w2 if second else w, w3 if third else w
     precision, upcast = dot_precision(out.dtype)
     grid = (triton.cdiv(N, 64), triton.cdiv(M, 128))
     _expand_kernel[grid](
-        t, w, w2, src, out, N, M, R, scale, t.stride(0), w.stride(0), w.stride(1), w2.stride(0), w2.stride(1),
-        src.stride(0), src.stride(1), out.stride(0), out.stride(1), BLOCK_N=64, BLOCK_M=128,
-        BLOCK_R=max(16, triton.next_power_of_2(R)), SECOND=second, ACCUMULATE=accumulate, PRECISION=precision,
-        UPCAST=upcast, num_warps=4)
+        t, w, w2, w3, src, out, N, M, R, Q, t.shape[1] - Q, scale, t.stride(0), w.stride(0), w.stride(1),
+        w2.stride(0), w2.stride(1), w3.stride(0), w3.stride(1), src.stride(0), src.stride(1), out.stride(0),
+        out.stride(1), BLOCK_N=64, BLOCK_M=128, BLOCK_R=_block(R), BLOCK_Q=_block(Q), SECOND=second, THIRD=third,
+        ACCUMULATE=accumulate, PRECISION=precision, UPCAST=upcast, num_warps=4)
     return out
+
+
+def _given(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The tensor, or None where it is empty (no frozen adapter, no correction)."""
+    return tensor if tensor.numel() else None
 
 
 class _LoraAdd(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, x, A, B, A0, B0, eta):
-        frozen = A0.numel() > 0
+    def forward(ctx, y, x, A, B, A0, B0, eta, R, L):
         x2 = x.reshape(-1, x.shape[-1])
-        T = shrink(x2, A, A0 if frozen else None)                         # [x A^T | x A0^T]
+        T = shrink(x2, A, _given(A0), _given(R))                           # [x A^T | x A0^T | x R^T]
         y2 = y.reshape(-1, y.shape[-1])
         out = torch.empty(y.shape, dtype=y.dtype, device=y.device)  # returned itself, not a view: the model may add
-        expand(T, B, B0 if frozen else None, eta, out=out.view(-1, y.shape[-1]), src=y2)  # into it in place (Falcon)
-        ctx.save_for_backward(x2, T, A, B, A0, B0)
-        ctx.eta, ctx.frozen, ctx.x_shape = eta, frozen, x.shape
+        expand(T, B, _given(B0), eta, out=out.view(-1, y.shape[-1]), src=y2, w3=_given(L))  # into it in place (Falcon)
+        ctx.save_for_backward(x2, T, A, B, A0, B0, R, L)
+        ctx.eta, ctx.x_shape = eta, x.shape
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        x2, T, A, B, A0, B0 = ctx.saved_tensors
-        eta, frozen, r = ctx.eta, ctx.frozen, A.shape[0]
+        x2, T, A, B, A0, B0, R, L = ctx.saved_tensors
+        eta, r = ctx.eta, A.shape[0]
+        frozen, corrected = A0.numel() > 0, R.numel() > 0
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dT = shrink(dy2, B.T, B0.T if frozen else None, eta)              # [eta dY B | eta dY B0]
+        dT = shrink(dy2, B.T, B0.T if frozen else None, L.T if corrected else None, eta)  # [eta dY B | .. B0 | dY L]
         dx = dA = dB = None
-        if ctx.needs_input_grad[1]:                                       # dx = dT_1 A - dT_2 A0
-            dx = expand(dT, A.T, A0.T if frozen else None, 1.0, out=torch.empty_like(x2))
+        if ctx.needs_input_grad[1]:                                       # dx = dT_A A - dT_A0 A0 + dT_R R
+            dx = expand(dT, A.T, A0.T if frozen else None, 1.0, out=torch.empty_like(x2),
+                        w3=R.T if corrected else None)
             dx = dx.view(ctx.x_shape)
         if ctx.needs_input_grad[2]:
             dA = (dT[:, :r].T.to(x2.dtype) @ x2).float()                  # (r x n)
         if ctx.needs_input_grad[3]:
             dB = (dy2.T @ T[:, :r].to(dy2.dtype)).float() * eta            # (m x r)
-        return dy, dx, dA, dB, None, None, None
+        return dy, dx, dA, dB, None, None, None, None, None
 
 
-def lora_add_triton(y, x, A, B, A0, B0, eta: float) -> torch.Tensor:
-    """y + eta * ((x A^T) B^T - (x A0^T) B0^T) (empty A0, B0: plain LoRA)."""
-    return _LoraAdd.apply(y, x, A, B, A0, B0, eta)
+NONE = torch.zeros(0)  # an absent frozen adapter or correction
 
 
-def lora_add_reference(y, x, A, B, A0, B0, eta: float) -> torch.Tensor:
-    """The torch reference: separate products for the trainable and the frozen adapter."""
+def lora_add_triton(y, x, A, B, A0, B0, eta: float, R=NONE, L=NONE) -> torch.Tensor:
+    """y + eta * ((x A^T) B^T - (x A0^T) B0^T) + (x R^T) L^T (empty A0, B0: plain LoRA; empty R, L: no correction)."""
+    return _LoraAdd.apply(y, x, A, B, A0, B0, eta, R, L)
+
+
+def lora_add_reference(y, x, A, B, A0, B0, eta: float, R=NONE, L=NONE) -> torch.Tensor:
+    """The torch reference: separate products for the trainable and the frozen adapter and the correction."""
     x = x.to(A.dtype) if not torch.is_autocast_enabled(x.device.type) else x
     delta = (x @ A.T) @ B.T
     if A0.numel():
         delta = delta - (x @ A0.T) @ B0.T
-    return y + (eta * delta).to(y.dtype)
+    delta = eta * delta
+    if R.numel():
+        delta = delta + (x @ R.T) @ L.T
+    return y + delta.to(y.dtype)
 
 
-def lora_add(y, x, A, B, A0, B0, eta: float) -> torch.Tensor:
+def lora_add(y, x, A, B, A0, B0, eta: float, R=NONE, L=NONE) -> torch.Tensor:
     """The fused kernel on CUDA for ranks up to 64 (when Triton is installed), the torch reference elsewhere."""
-    if triton is not None and y.is_cuda and A.shape[0] <= 64:
-        return lora_add_triton(y, x, A, B, A0, B0, eta)
-    return lora_add_reference(y, x, A, B, A0, B0, eta)
+    if triton is not None and y.is_cuda and A.shape[0] <= 64 and R.shape[0] <= 64:
+        return lora_add_triton(y, x, A, B, A0, B0, eta, R, L)
+    return lora_add_reference(y, x, A, B, A0, B0, eta, R, L)
