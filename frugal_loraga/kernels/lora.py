@@ -11,9 +11,8 @@ eta = 1 and no frozen adapter: the same dots):
 Backward, from dY (N x m):  dT = [eta dY B | eta dY B0 | dY L] (a shrink),  dx = dT_A A - dT_A0 A0 + dT_R R (an
 expand into a fresh tensor),  dB = eta * dY^T T_A,  dA = dT_A^T x  (small GEMMs, left to cuBLAS).
 16-bit x goes through 16-bit tensor-core dots with fp32 accumulation, as torch.autocast computes the reference; the
-reference (lora_add_reference) is LoraLinear's torch code. One fused call instead of separate GEMMs for the
-correction matters because a 4-bit training step at a few thousand tokens is bound by kernel launches: two cuBLAS
-GEMMs and an add per layer for the correction cost a third of the training speed (bench/RESULTS.md).
+reference (lora_add_reference) is LoraLinear's torch code. The correction rides in the same two kernels rather than
+GEMMs of its own because a 4-bit training step at a few thousand tokens is bound by kernel launches (bench/RESULTS.md).
 """
 from __future__ import annotations
 
