@@ -98,6 +98,8 @@ def initial_corrections(model, targets, train_examples, config: Config, model_pa
                 raise StoppedInEstimate
         corrections = nf4_corrections(model, targets, batches, config.nf4_error_rank, budget_bytes(config, device),
                                       weights, report, config.svd)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the calibration's blocks (of many sizes) back: the estimate lays out its own
     return corrections, Metrics(correction_seconds=time.perf_counter() - start, corrected_layers=len(corrections))
 
 
