@@ -19,8 +19,15 @@ from frugal_loraga import Config, finetune
 from frugal_loraga.progress import Phase
 
 
-def run(config: Config, profile: bool = False) -> dict:
-    """profile: the timed training steps under torch's profiler, its top 25 by GPU time printed."""
+def print_profile(profiler) -> None:
+    """The top 25 by GPU time and by CPU time (each op's own, not its children's)."""
+    table = profiler.key_averages()
+    for key in ("self_cuda_time_total", "self_cpu_time_total"):
+        print(table.table(sort_by=key, row_limit=25, max_name_column_width=80), flush=True)
+
+
+def run(config: Config, profile: str = "") -> dict:
+    """profile: 'training' (the timed steps) or 'correcting' (the 4-bit error's correction) under torch's profiler."""
     marks: dict = {}
     init = InitPeaks()
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
@@ -28,6 +35,12 @@ def run(config: Config, profile: bool = False) -> dict:
 
     def progress(phase, done, total, metrics):
         init(phase, done, total, metrics)
+        if profile == "correcting" and phase == Phase.CORRECTING and done == 0:
+            profiler.start()
+        if profile == "correcting" and phase == Phase.CORRECTING and total and done == total:
+            torch.cuda.synchronize()
+            profiler.stop()
+            print_profile(profiler)
         if phase == Phase.LOADING_MODEL:
             marks["loaded_from"] = torch.cuda.memory_allocated()
         if phase in (Phase.COMPILING, Phase.ESTIMATING) and "weights_gib" not in marks:
@@ -35,16 +48,15 @@ def run(config: Config, profile: bool = False) -> dict:
         if phase == Phase.TRAINING and done == 2:
             torch.cuda.synchronize()
             marks["timed_from"] = (time.perf_counter(), metrics["train_tokens"])
-            if profiler:
+            if profile == "training":
                 profiler.start()
         if phase == Phase.TRAINING and done == total and "timed_from" in marks:
             torch.cuda.synchronize()
             start, tokens = marks["timed_from"]
             marks["train_tokens_per_second"] = (metrics["train_tokens"] - tokens) / (time.perf_counter() - start)
-            if profiler:
+            if profile == "training":
                 profiler.stop()
-                print(profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=25,
-                                                    max_name_column_width=80))
+                print_profile(profiler)
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     try:
@@ -72,7 +84,8 @@ def main():
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--embeddings-on-gpu", action="store_true", help="Config.embeddings_on_cpu off")
     parser.add_argument("--nf4-error-rank", type=int, default=Config.nf4_error_rank, help="0: no correction")
-    parser.add_argument("--profile", action="store_true", help="print the GPU kernels that took longest in training")
+    parser.add_argument("--profile", choices=["training", "correcting"], default="",
+                        help="print what took longest in the timed training steps or in the correction")
     add_output_args(parser, None, work="/tmp/fit_card")
     args = parser.parse_args()
     layers = args.layers or {"qwen25_14b": 48}.get(args.shape, 32)
