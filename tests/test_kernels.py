@@ -5,7 +5,8 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from frugal_loraga.kernels.lora import NONE, lora_add_reference, lora_add_triton, triton
+from frugal_loraga.kernels import lora as kernels
+from frugal_loraga.kernels.lora import MAX_RANK, NONE, lora_add, lora_add_reference, lora_add_triton, triton
 
 pytestmark = pytest.mark.skipif(triton is None, reason="Triton is not installed (a CPU install): the kernels cannot "
                                                        "run, not even in its interpreter")
@@ -86,6 +87,22 @@ def test_fused_lora_at_step_zero_is_the_corrected_base_bit_for_bit(dtype, rank, 
         corrected_base = fn(y, x, R, L, R[:0], L[:, :0], 1.0)
         assert not torch.equal(corrected_base, y)
         assert torch.equal(fn(y, x, A, B, A0, B0, 4.0, R, L), corrected_base)
+
+
+@pytest.mark.parametrize("rank, corrected", [(MAX_RANK + 8, 16), (MAX_RANK, 16), (MAX_RANK + 8, 0),
+                                              (8, MAX_RANK + 8)])
+def test_step_zero_is_the_corrected_base_whichever_path_each_rank_takes(monkeypatch, rank, corrected):
+    """lora_add picks the kernel or the reference by rank: a trainable layer at step 0 must still give what its frozen
+    twin (the correction as an adapter of scale 1, lora.FrozenLinear) gives, to the bit, also for an adapter wider
+    than the kernel holds beside a correction that fits."""
+    monkeypatch.setattr(kernels, "fused_available", lambda t: True)  # the GPU's dispatch, here in the interpreter
+    torch.manual_seed(0)  # n = 1000: the kernel's blocked sums round differently from torch's, also in the interpreter
+    A, B, A0, B0 = adapter(rank, 1000, 300, frozen=True, trained=False)
+    R, L = correction(corrected, 1000, 300)
+    x = torch.randn(4, 9, 1000, device=DEVICE)
+    y = torch.randn(4, 9, 300, device=DEVICE)
+    frozen_twin = lora_add(y, x, R, L, R[:0], L[:, :0], 1.0) if corrected else y
+    assert torch.equal(lora_add(y, x, A, B, A0, B0, 4.0, R, L), frozen_twin)
 
 
 @pytest.mark.parametrize("fn", [lora_add_reference, lora_add_triton], ids=["reference", "triton"])

@@ -220,8 +220,22 @@ def lora_add_reference(y, x, A, B, A0, B0, eta: float, R=NONE, L=NONE) -> torch.
     return y + delta.to(y.dtype)
 
 
+MAX_RANK = 64  # the widest adapter or correction the fused kernel's blocks hold
+
+
+def fused_available(t: torch.Tensor) -> bool:
+    """Whether the fused kernel can run on t: a CUDA tensor, with Triton installed."""
+    return triton is not None and t.is_cuda
+
+
 def lora_add(y, x, A, B, A0, B0, eta: float, R=NONE, L=NONE) -> torch.Tensor:
-    """The fused kernel on CUDA for ranks up to 64 (when Triton is installed), the torch reference elsewhere."""
-    if triton is not None and y.is_cuda and A.shape[0] <= 64 and R.shape[0] <= 64:
+    """The fused kernel on CUDA for ranks up to MAX_RANK (when Triton is installed), the torch reference elsewhere.
+    An adapter too wide for the kernel beside a correction that fits: the correction still through the kernel, as
+    lora.FrozenLinear computes it, so that the model at step 0 stays the corrected model to the bit."""
+    if not fused_available(y) or R.shape[0] > MAX_RANK:
+        return lora_add_reference(y, x, A, B, A0, B0, eta, R, L)
+    if A.shape[0] <= MAX_RANK:
         return lora_add_triton(y, x, A, B, A0, B0, eta, R, L)
-    return lora_add_reference(y, x, A, B, A0, B0, eta, R, L)
+    if R.numel():
+        y = lora_add_triton(y, x, R, L, R[:0], L[:, :0], 1.0)
+    return lora_add_reference(y, x, A, B, A0, B0, eta)
