@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import shutil
 import time
@@ -28,7 +29,7 @@ from frugal_loraga.data import IGNORE, load_examples
 from frugal_loraga.jobs import Jobs
 from frugal_loraga.memory import card, estimate_memory_gib, fit_advice
 from frugal_loraga.models import cached_model_ids, load_tokenizer, resolve_model_path
-from frugal_loraga.runs import list_runs, run_config
+from frugal_loraga.runs import list_runs, resume_config, run_config
 
 ROOT = Path(__file__).resolve().parent
 SAMPLE = ROOT / "data" / "sample.jsonl"
@@ -84,6 +85,8 @@ def checked_model(model: str) -> str:
     """The model field's value if the page may use it: 'demo', a hub id, or a folder below MODEL_ROOTS. Any other
     path gets the same message whether or not it exists, so the page reveals nothing of the server's folders."""
     model = model.strip()
+    if not model:
+        raise ConfigError("choose a model: 'demo', a model folder or a hub id (org/name)")
     path = Path(model).expanduser().resolve()
     inside = any(path.is_relative_to(root.resolve()) for root in MODEL_ROOTS)
     if model == "demo" or (is_hub_id(model) and not inside):
@@ -124,11 +127,12 @@ def preview(upload, data_format, model, max_length, columns=None, chat_template=
 
 
 def memory_estimate(model, load_in_4bit, rank, batch_size, max_length, init, estimation_batch_size=2,
-                    grad_budget_gib=None):
+                    grad_budget_gib=None, nf4_error_rank=16):
     """The estimated peak by part, and whether it fits this machine's card (or RAM) with what to lower if not."""
     from transformers import AutoConfig
     fields = dict(model=model, load_in_4bit=load_in_4bit, rank=rank, batch_size=batch_size, max_length=max_length,
-                  init=init, estimation_batch_size=estimation_batch_size, grad_budget_gib=grad_budget_gib)
+                  init=init, estimation_batch_size=estimation_batch_size, grad_budget_gib=grad_budget_gib,
+                  nf4_error_rank=nf4_error_rank)
     card_bytes, gpu = card()
     try:
         settings = {name: form_value(name, value) for name, value in fields.items()}
@@ -152,7 +156,7 @@ KINDS = {int: "a whole number", float: "a number", str: "text", bool: "true or f
 def form_value(name: str, value):
     """A form field's value as its Config setting's type; an empty optional box is None (its default)."""
     kind, _, optional = field_type(get_type_hints(Config)[name])
-    if optional and value in (None, ""):
+    if optional and (value is None or isinstance(value, str) and not value.strip()):
         return None
     if kind in (int, float) and not isinstance(value, bool):
         try:
@@ -185,7 +189,7 @@ def form_configs(form: dict, name: str, stored: bool) -> list[Config]:
     else:
         data, eval_data = Path(form["upload"]).name if form["upload"] else SAMPLE, form["eval_upload"] and Path(
             form["eval_upload"]).name
-    out = RUNS if stored else Path("runs")
+    out = RUNS if stored else Path(os.path.relpath(RUNS))  # the app's runs folder, as seen from where it was started
     configs = [Config(data=str(data), eval_data=eval_data or None, out=str(out / name), **settings)]
     if form["baseline"] and settings["init"] == "lora_ga":
         configs.append(dataclasses.replace(configs[0], init="lora", lr=DEFAULT_LR["lora"], nf4_error_rank=0,
@@ -221,7 +225,7 @@ def start(*values):
 def resume(selected: str):
     """Continue the selected run with the settings read from its own folder (after a reload or a restart too)."""
     try:
-        config = dataclasses.replace(run_config(run_folder(selected)), resume=True, overwrite=False)
+        config = resume_config(run_folder(selected))
     except (ConfigError, FileNotFoundError) as e:
         return f"**Error:** {e}"
     return JOBS.launch(selected, [config])
@@ -355,31 +359,32 @@ def build_ui() -> gr.Blocks:
         with gr.Row():
             init = gr.Radio(choices("init"), value="lora_ga", label="Init", info="lora_ga: A and B start from the "
                             "SVD of the full fine-tuning gradient, estimated on a few batches; lora: random A, zero B")
-            rank = number("rank", "Rank", precision=0)
+            rank = number("rank", "Rank")
             alpha = gr.Number(value=defaults.alpha, label="Alpha", info="the adapter's scale: " + HELP["use_rslora"])
             use_rslora = gr.Checkbox(value=defaults.use_rslora, label="rsLoRA", info=HELP["use_rslora"])
             lr = gr.Number(value=DEFAULT_LR[defaults.init], label="Learning rate", info=HELP["lr"])
         with gr.Row():
-            steps = gr.Number(value=30, label="Steps", precision=0, info=HELP["steps"])
-            batch_size = number("batch_size", "Batch", precision=0)
-            max_length = gr.Number(value=256, label="Max length", precision=0, info=HELP["max_length"])
-            estimation_samples = gr.Number(value=16, label="Estimation samples", precision=0,
+            steps = gr.Number(value=30, label="Steps", info=HELP["steps"])
+            batch_size = number("batch_size", "Batch")
+            max_length = gr.Number(value=256, label="Max length", info=HELP["max_length"])
+            estimation_samples = gr.Number(value=16, label="Estimation samples",
                                            info=HELP["estimation_samples"])
             baseline = gr.Checkbox(value=False, label="Also train plain LoRA (QLoRA on a 4-bit base) for "
                                    "comparison, at LoRA's learning rate")
         with gr.Accordion("Advanced", open=False):
             with gr.Row():
-                grad_accum = number("grad_accum", "Gradient accumulation", precision=0)
+                grad_accum = number("grad_accum", "Gradient accumulation")
                 schedule = gr.Dropdown(choices("schedule"), value=defaults.schedule, label="Schedule",
                                        info=HELP["schedule"])
                 warmup_ratio = number("warmup_ratio", "Warmup ratio")
-                seed = number("seed", "Seed", precision=0)
+                seed = number("seed", "Seed")
             with gr.Row():
                 target_modules = gr.Textbox(value=defaults.target_modules, label="Target modules",
                                             info=HELP["target_modules"])
-                estimation_batch_size = number("estimation_batch_size", "Estimation batch", precision=0)
-                grad_budget_gib = gr.Number(value=None, label="Gradient budget (GiB)", info=HELP["grad_budget_gib"])
-                nf4_error_rank = number("nf4_error_rank", "4-bit error correction rank", precision=0)
+                estimation_batch_size = number("estimation_batch_size", "Estimation batch")
+                grad_budget_gib = gr.Textbox(label="Gradient budget (GiB)", placeholder="automatic",
+                                             info=HELP["grad_budget_gib"])  # empty: None; a Number would send 0
+                nf4_error_rank = number("nf4_error_rank", "4-bit error correction rank")
                 compile_on = gr.Checkbox(value=defaults.compile, label="Compile (CUDA)", info=HELP["compile"])
             eval_upload = gr.File(label="Eval data file (empty: " + HELP["eval_data"].split("default: ")[-1] + ")",
                                   file_types=sorted(ALLOWED), type="filepath")
@@ -422,8 +427,8 @@ def build_ui() -> gr.Blocks:
         upload.change(preview, preview_inputs, preview_box)  # a new file, or none (the sample), is shown at once
         command_button.click(show_command, form, command_box)
         estimate_inputs = [model, load_in_4bit, rank, batch_size, max_length, init, estimation_batch_size,
-                           grad_budget_gib]
-        for component in (load_in_4bit, rank, batch_size, max_length, init, estimation_batch_size, grad_budget_gib):
+                           grad_budget_gib, nf4_error_rank]
+        for component in estimate_inputs[1:]:
             component.change(memory_estimate, estimate_inputs, memory_box)
         for event in (model.select, model.blur):  # not on every keystroke: a hub id would be looked up for each
             event(memory_estimate, estimate_inputs, memory_box)

@@ -22,16 +22,16 @@ from transformers import AutoConfig
 from .blocks import enable_checkpointing, start_compile_workers
 from .config import Config
 from .checkpoint import (atomic_write, check_outputs, clear_previous_run, factors_from_checkpoint, load_checkpoint,
-                         run_inputs, save_checkpoint, write_record)
+                         read_record, run_inputs, save_checkpoint, write_record)
 from .data import Example, load_examples, split_eval
 from .distributed import barrier, check_shares, join
 from .errors import OutOfMemory, RunError
 from .export import export_adapter
 from .init import StoppedInEstimate, initial_corrections, initial_factors
-from .lora import find_targets, inject
+from .lora import check_correction_rank, find_targets, inject
 from .memory import check_fits, free_bytes
 from .progress import Metrics, Phase, ProgressFn
-from .models import load_base, load_tokenizer, release, resolve_device, resolve_model_path
+from .models import check_weight_shapes, load_base, load_tokenizer, model_skeleton, release, resolve_device, resolve_model_path
 from .train import train
 
 log = logging.getLogger("frugal_loraga")
@@ -39,7 +39,7 @@ log = logging.getLogger("frugal_loraga")
 
 @dataclass
 class FinetuneResult:
-    adapter_dir: Optional[Path]  # None when stopped during the LoRA-GA estimate: nothing was saved
+    adapter_dir: Optional[Path]  # None when stopped before training began: nothing was saved
     metrics: Metrics
     stopped: bool
 
@@ -80,9 +80,14 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         barrier()  # every rank has checked the out folder before rank 0 writes in it
         if config.overwrite:
             clear_previous_run(config.out)
+        model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
         if resolve_device(config).type == "cuda":
-            check_fits(AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code), config,
-                       free_bytes(resolve_device(config)))
+            check_fits(model_config, config, free_bytes(resolve_device(config)))
+        skeleton = model_skeleton(model_config, config.trust_remote_code)  # bad weights, targets and ranks
+        check_weight_shapes(model_path, skeleton)                           # refused before the weights load
+        planned = find_targets(skeleton, config.target_list(), config.rank, config.init)
+        if config.load_in_4bit and config.nf4_error_rank:
+            check_correction_rank(planned, config.nf4_error_rank)
         write_record(config, inputs, "running")
         phase = enter(Phase.LOADING_MODEL)
         torch.manual_seed(config.seed)
@@ -91,7 +96,7 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         model, device = load_base(config, model_path)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        targets = find_targets(model, config.target_list(), config.rank, config.init)
+        targets = {name: model.get_submodule(name) for name in planned}
         if config.gradient_checkpointing:
             enable_checkpointing(model)
         pad_id = tokenizer.pad_token_id
@@ -130,7 +135,8 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         barrier()  # the adapter is written when finetune returns, on every rank
         return FinetuneResult(adapter_dir, metrics, stopped)
     except StoppedInEstimate:
-        write_record(config, inputs, "stopped", "stopped during the LoRA-GA estimate: nothing to resume")
+        write_record(config, inputs, "stopped", "stopped before training began: nothing was saved; resuming starts "
+                     "it over")
         return FinetuneResult(None, {}, stopped=True)
     except torch.cuda.OutOfMemoryError as e:
         error = OutOfMemory(f"CUDA ran out of memory while {phase}. Lower batch_size or max_length, keep "
@@ -147,8 +153,8 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
 
 
 def fail(config: Config, inputs: Optional[dict], error: Exception) -> None:
-    """Mark the run failed in its record, once it has one (bad input found before that leaves none)."""
-    if inputs is not None:
+    """Mark the run failed in its record, once it has one (bad input found before that leaves none, nor a folder)."""
+    if inputs is not None and read_record(config.out) is not None:
         try:
             write_record(config, inputs, "failed", str(error) or type(error).__name__)
         except RunError:  # the disk that failed the run may refuse the record too: the error raised says it all

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -29,15 +30,15 @@ from .distributed import is_writer
 from .errors import ConfigError, RunError
 from .progress import Metrics
 
+log = logging.getLogger(__name__)
+
+# What makes the init (factors and corrections): a resume takes them from the checkpoint, so these may differ there (a
+# resume that names other values is told so).
+INIT_SETTINGS = {"estimation_samples", "estimation_batch_size", "grad_budget_gib", "svd", "nf4_error_rank"}
 # Fields that may change between a run and its resume without changing the result. The paths (out, data, eval_data,
 # model) are compared through `inputs` instead: the same file spelled another way, or at another path, is the same.
 RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "metrics_json", "save_every", "device", "compile", "out",
-                     "data", "eval_data", "model", "embeddings_on_cpu",
-                     "estimation_samples", "estimation_batch_size", "grad_budget_gib", "svd",
-                     "nf4_error_rank"}  # a resume's factors and corrections come from the checkpoint, so the
-# settings that make them do not matter there
-
-
+                     "data", "eval_data", "model", "embeddings_on_cpu", *INIT_SETTINGS}
 RECORD = "run.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what export_adapter writes in an adapter folder
 ADAPTER_FOLDERS = ("adapter", "adapter_nf4")  # for the original base; for the 4-bit base, with its correction
@@ -91,7 +92,15 @@ def check_outputs(config: Config) -> None:
         if metrics.is_dir():
             raise ConfigError(f"metrics_json={metrics} is a folder; give a file path such as {metrics / 'metrics.json'}")
         _probe_writable(metrics.parent, "the metrics file")
+        if metrics.exists() and not (config.resume or config.overwrite):
+            raise ConfigError(f"metrics_json={metrics} exists; choose another path, or replace it with overwrite "
+                              "(--overwrite)")
     existing = checkpoint_path(out).exists()
+    adapters = [str(out / folder / ADAPTER_FILES[1]) for folder in ADAPTER_FOLDERS
+                if (out / folder / ADAPTER_FILES[1]).exists()]
+    if adapters and not existing and not config.overwrite:
+        raise ConfigError(f"{out} holds an adapter ({adapters[0]}) but no checkpoint to resume: the run would replace "
+                          "it; choose another out folder, or replace it with overwrite (--overwrite)")
     if config.resume and not existing:
         raise ConfigError(f"nothing to resume: {checkpoint_path(out)} does not exist; start a new run without resume, "
                           "or point out at the folder of the run to continue")
@@ -129,7 +138,11 @@ def load_checkpoint(config: Config, inputs: dict) -> Optional[dict]:
     if not config.resume:
         return None
     path = checkpoint_path(config.out)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: torch's errors vary by how it is broken
+        raise ConfigError(f"cannot resume: {path} does not read as a checkpoint ({type(e).__name__}: {e}); start the "
+                          "run over with overwrite (--overwrite) or in a new out folder") from e
     now = config.to_dict()
     changed = sorted(k for k, v in state["config"].items()  # a setting left None takes the checkpoint's (resolve)
                      if k not in RESUMABLE_CHANGES and now.get(k) is not None and now.get(k) != v)
@@ -137,6 +150,10 @@ def load_checkpoint(config: Config, inputs: dict) -> Optional[dict]:
     if changed:
         raise ConfigError(f"cannot resume {path}: it was written with other settings or inputs for "
                           f"{', '.join(changed)}; use the same settings and files, or a new out folder")
+    kept = sorted(k for k in INIT_SETTINGS if now.get(k) is not None and now.get(k) != state["config"].get(k))
+    if kept:
+        log.warning("resuming keeps the init of %s (made with %s); the %s given now apply to a new run only", path,
+                    ", ".join(f"{k}={state['config'].get(k)}" for k in kept), ", ".join(kept))
     return state
 
 

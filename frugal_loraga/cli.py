@@ -1,15 +1,20 @@
 """Command line: `frugal-loraga train --model demo --data FILE ...` (or `python -m frugal_loraga`); one flag per Config
-field. Exit codes: 0 done (or stopped with a checkpoint), 2 bad input (settings, data, model folder, out of memory:
-the message says what to change), 1 a failure during the run (a full disk, training that diverged)."""
+field. Exit codes: 0 done, 2 bad input (settings, data, model folder, out of memory: the message says what to change),
+1 a failure during the run (a full disk, training that diverged), 130 stopped by Ctrl-C (after the current step, with
+a checkpoint to resume from; a second Ctrl-C ends it at once)."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
 import logging
+import os
 import shlex
+import signal
 import sys
-from typing import Optional, get_type_hints
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Optional, get_type_hints
 
 from .config import Config, field_type
 from .errors import ConfigError, DataError, OutOfMemory, RunError
@@ -53,6 +58,42 @@ def join_negative_values(argv: list[str]) -> list[str]:
     return joined
 
 
+STOPPED = 130  # the shell's code for a command ended by Ctrl-C
+
+
+@contextmanager
+def ctrl_c_stops() -> Iterator[threading.Event]:
+    """An event that the first Ctrl-C (SIGINT) sets: the run stops as the app's Stop button stops it, after the
+    current step with a checkpoint written. A second Ctrl-C raises KeyboardInterrupt, as Python does by default. Under
+    torchrun (several processes, which must stop at the same step) Ctrl-C keeps Python's default."""
+    stop = threading.Event()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        yield stop
+        return
+
+    def handle(signum, frame) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nstopping after the current step (a checkpoint is written); Ctrl-C again ends at once",
+              file=sys.stderr)
+    previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stopped_message(config: Config, result) -> str:
+    """What a stopped run kept, and the command that continues it."""
+    if result.adapter_dir is None:
+        return "stopped before training began: nothing was saved; run the same command to start again"
+    step = (result.metrics.get("train_loss") or [[0]])[-1][0]
+    resume = dataclasses.replace(config, resume=True, overwrite=False)
+    return (f"stopped after step {step} of {config.steps}; the checkpoint is in {config.out}/checkpoint and the "
+            f"adapter so far in {result.adapter_dir}. Continue with:\n  {command_line(resume)}")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(join_negative_values(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -61,13 +102,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         from .api import finetune  # torch loads here, not for --help
         from .blocks import keep_compiled_graphs
         keep_compiled_graphs()
-        result = finetune(config)
+        with ctrl_c_stops() as stop:
+            result = finetune(config, stop=stop)
+    except KeyboardInterrupt:
+        print("\nended by Ctrl-C; the last checkpoint written is kept", file=sys.stderr)
+        return STOPPED
     except (ConfigError, DataError, OutOfMemory) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if result.stopped:
+        print(stopped_message(config, result), file=sys.stderr)
+        return STOPPED
     summary = {k: v for k, v in result.metrics.items() if not isinstance(v, list)}
     print(json.dumps({"adapter": str(result.adapter_dir), **summary}, indent=1))
     return 0

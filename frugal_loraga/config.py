@@ -154,8 +154,11 @@ class Config:
         """A copy with the settings left as None filled in; finetune runs with it. A resumed run takes them from the
         settings it was started with (`previous`, its checkpoint's), so that a resume on another machine continues
         the same run. Otherwise the learning rate is the init method's, and the CPU gets fewer estimation and eval
-        samples (a 135M model takes seconds a batch on two cores)."""
+        samples (a 135M model takes seconds a batch on two cores). Refuses settings this device cannot run."""
         cpu, previous = device_type == "cpu", previous or {}
+        if self.optimizer == "paged_adamw_8bit" and device_type != "cuda":
+            raise ConfigError(f"optimizer=paged_adamw_8bit needs CUDA and this run is on {device_type}; use "
+                              "optimizer=adamw")
         return dataclasses.replace(
             self, lr=self.lr or previous.get("lr") or DEFAULT_LR[self.init],
             estimation_samples=self.estimation_samples or previous.get("estimation_samples") or (16 if cpu else 128),

@@ -88,7 +88,8 @@ class Job:
             if result.stopped:
                 self.message = ("Stopped; a checkpoint was saved. Select the run and press Resume to continue."
                                 if result.adapter_dir else
-                                "Stopped during the LoRA-GA estimate; nothing was saved. Press Train to start again.")
+                                "Stopped before training began; nothing was saved. Select the run and press Resume to "
+                                "start it over.")
                 break
             summaries.append(summary(label, result))
         else:

@@ -124,6 +124,16 @@ def find_targets(model: nn.Module, targets: list[str], rank: int, init: str) -> 
     return {name: module for name, module in found.items() if name not in narrow}
 
 
+def check_correction_rank(targets: dict[str, nn.Module], rank: int) -> None:
+    """Refuses a 4-bit error correction (nf4_error.py) of a rank no target layer has: a layer m x n has rank at most
+    min(m, n), and a correction past it would hold only zeros."""
+    widest = max(min(features(module)) for module in targets.values())
+    if rank > widest:
+        raise ConfigError(f"nf4_error_rank {rank} is above the rank of every adapted layer (at most {widest} here: a "
+                          f"layer m x n has rank min(m, n)); lower nf4_error_rank to {widest} or less (16 is the "
+                          "default)")
+
+
 def replace(model: nn.Module, modules: dict[str, nn.Module]) -> None:
     """Put each module in the model under its name, in place of what is there."""
     for name, module in modules.items():

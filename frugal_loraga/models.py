@@ -130,16 +130,29 @@ def _check_causal(path: Path, model_config, trust_remote_code: bool) -> None:
     raise ConfigError(f"{path} holds a '{model_type}' model{named}, {kind}; {DECODER_ONLY}")
 
 
+class _BadHeaderSize(Exception):
+    pass
+
+
+def _header(file: Path) -> tuple[int, dict]:
+    """A .safetensors file's header size and header (name -> dtype, shape, data_offsets), read without the tensors;
+    _BadHeaderSize when its size field cannot be right."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        if not 2 <= header_size <= min(size - 8, 100_000_000):
+            raise _BadHeaderSize(f"its header size field reads {header_size} bytes but the file has {size}")
+        return header_size, json.loads(f.read(header_size))
+
+
 def _safetensors_problem(file: Path) -> str | None:
     """What is wrong with a .safetensors file's header or size, or None; reads the header only, not the tensors."""
     size = file.stat().st_size
     try:
-        with open(file, "rb") as f:
-            header_size = int.from_bytes(f.read(8), "little")
-            if not 2 <= header_size <= min(size - 8, 100_000_000):
-                return f"its header size field reads {header_size} bytes but the file has {size}"
-            header = json.loads(f.read(header_size))
+        header_size, header = _header(file)
         end = max((t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"), default=0)
+    except _BadHeaderSize as e:
+        return str(e)
     except Exception as e:  # any malformed header: bad JSON, wrong types, missing keys
         return f"its header does not parse ({type(e).__name__}: {e})"
     if 8 + header_size + end != size:
@@ -269,6 +282,46 @@ def load_model(config: Config):
     return model, tokenizer, device
 
 
+def model_skeleton(model_config, trust_remote_code: bool) -> nn.Module:
+    """The model's modules without their weights (on the meta device, in about a second for 8B): the layers' names
+    and shapes, to check the settings against before the weights load."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+
+
+def check_weight_shapes(path: str, skeleton: nn.Module) -> None:
+    """Refuses, before the weights load, a local folder whose safetensors hold a weight of another shape than the
+    model its config.json describes (model_skeleton) under the same name. Names the files and the model do not share
+    (renamed by transformers' conversions, or missing) are left to load_base; 4-bit files saved quantized are
+    not compared."""
+    folder = Path(path)
+    if not folder.is_dir() or "quantization_config" in _read_json(folder / "config.json"):
+        return
+    expected = {name: list(t.shape) for name, t in skeleton.state_dict().items()}
+    for file in sorted(folder.glob("*.safetensors")):
+        for name, tensor in _header(file)[1].items():
+            if name in expected and tensor["shape"] != expected[name]:
+                raise ConfigError(f"{file.name} holds {name} of shape {tensor['shape']}, but the model its "
+                                  f"config.json describes needs {expected[name]}; use the config.json saved with "
+                                  "these weights, or save the model again")
+
+
+def check_loaded(path: str, loading_info: dict) -> None:
+    """Refuses a model whose files lack weights it needs (transformers would start them at random) or hold some of
+    another shape: names up to three of each, with the file's names nobody asked for beside them (a renamed key)."""
+    missing = sorted(loading_info.get("missing_keys") or [])
+    mismatched = sorted(f"{k} ({list(file)} in the files, {list(model)} in the model)"
+                        for k, file, model in loading_info.get("mismatched_keys") or [])
+    if not (missing or mismatched):
+        return
+    unexpected = sorted(loading_info.get("unexpected_keys") or [])
+    problems = [f"{what} {', '.join(keys[:3])}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
+                for keys, what in ((missing, "missing:"), (mismatched, "of another shape:"),
+                                   (unexpected, "in the files but not used (renamed?):")) if keys]
+    raise ConfigError(f"the weights of {path} do not match its config.json: {'; '.join(problems)}. Download or "
+                      "save the model again, with the config.json it was saved with")
+
+
 def load_base(config: Config, path: str):
     """Returns (model, device) for a checked model path (resolve_model_path). All base parameters are frozen;
     use_cache is off for training."""
@@ -284,9 +337,15 @@ def load_base(config: Config, path: str):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model, loading_info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True,
+                                                                   ignore_mismatched_sizes=True, **kwargs)
     except OSError as e:
         raise ConfigError(f"could not load model '{config.model}': {e}. Offline? Use a local folder or 'demo'") from e
+    try:
+        check_loaded(path, loading_info)
+    except ConfigError:
+        release(model)
+        raise
     model.config.use_cache = False
     for p in model.parameters():
         p.requires_grad_(False)

@@ -6,7 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .checkpoint import has_adapter, read_record
+from .checkpoint import checkpoint_path, has_adapter, read_record
 from .config import Config
 
 
@@ -18,6 +18,15 @@ def run_config(folder: str | Path) -> Config:
         raise FileNotFoundError(f"{folder} holds no run (no {Path(folder) / 'run.json'})")
     names = {f.name for f in dataclasses.fields(Config)}
     return Config(**{k: v for k, v in record["config"].items() if k in names})
+
+
+def resume_config(folder: str | Path) -> Config:
+    """The settings that continue the run in folder: from its checkpoint, or, for a run that ended before writing one
+    (stopped or failed before training began: nothing was saved), the same run started over."""
+    config = run_config(folder)
+    if checkpoint_path(folder).exists():
+        return dataclasses.replace(config, resume=True, overwrite=False)
+    return dataclasses.replace(config, resume=False, overwrite=True)
 
 
 def final_loss(metrics: dict, key: str):

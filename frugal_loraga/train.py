@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import save_checkpoint
 from .config import Config
-from .errors import ConfigError, RunError
+from .errors import RunError
 from .data import Example, causal_inputs, collate, micro_batch, padded_width
 from .distributed import is_writer, share, sum_grads_over_ranks_, sum_values_over_ranks
 from .blocks import attention_for, block_layout, compiled
@@ -35,9 +35,7 @@ def lr_factor(step: int, config: Config) -> float:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: Config, device: torch.device) -> torch.optim.Optimizer:
-    if config.optimizer == "paged_adamw_8bit":
-        if device.type != "cuda":
-            raise ConfigError("optimizer=paged_adamw_8bit needs CUDA; use optimizer=adamw on CPU")
+    if config.optimizer == "paged_adamw_8bit":  # on CUDA only (Config.resolve)
         import bitsandbytes as bnb
         return bnb.optim.PagedAdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)

@@ -1,4 +1,5 @@
 """The web app's handlers end to end on a tiny model: upload, preview, start, refuse a second start, plot, try, export."""
+import os
 import re
 import threading
 import time
@@ -18,7 +19,7 @@ def form(**settings) -> list:
     values = dict(upload=None, eval_upload=None, data_format="auto", columns="", chat_template="model", load_in_4bit=False,
                   init="lora", rank=2, alpha=16, use_rslora=True, lr=3e-3, steps=2, batch_size=2, max_length=96,
                   estimation_samples=4, grad_accum=1, schedule="cosine", warmup_ratio=0.03, target_modules="all-linear",
-                  seed=0, estimation_batch_size=2, grad_budget_gib=None, nf4_error_rank=16, compile=True, baseline=False,
+                  seed=0, estimation_batch_size=2, grad_budget_gib="", nf4_error_rank=16, compile=True, baseline=False,
                   run_name="")
     values.update(settings)
     return [values[name] for name in app.FORM]
@@ -192,12 +193,42 @@ def test_unexpected_errors_reach_the_page(tiny_model_dir, monkeypatch):
     ("rank", None, "rank needs a whole number, got None"), ("steps", 2.5, "steps needs a whole number, got 2.5"),
     ("lr", "fast", "lr needs a number, got 'fast'"), ("model", 7, "model needs text, got 7"),
     ("compile", "yes", "compile needs true or false, got 'yes'"), ("columns", "x=y", "columns: 'x=y' is not format_column="),
-    ("schedule", "step", "schedule='step' is not one of cosine, linear, constant")])
+    ("schedule", "step", "schedule='step' is not one of cosine, linear, constant"),
+    ("nf4_error_rank", 1.5, "nf4_error_rank needs a whole number, got 1.5"),
+    ("grad_budget_gib", "lots", "grad_budget_gib needs a number, got 'lots'"),
+    ("grad_budget_gib", "0", "grad_budget_gib must be positive"),
+    ("model", " ", "choose a model: 'demo', a model folder or a hub id")])
 def test_a_field_of_the_wrong_kind_is_named_before_anything_runs(tiny_model_dir, field, value, message):
     """What a client may send through the API, too: each refused with the field's name, and nothing written."""
     for handler in (app.start, app.show_command):
         assert message in handler(*form(**{"model": str(tiny_model_dir), field: value}))
     assert not (app.RUNS).exists()
+
+
+@pytest.mark.parametrize("typed, budget", [("", None), ("  ", None), ("1.5", 1.5), (2, 2.0)])
+def test_an_empty_gradient_budget_is_the_automatic_one(tiny_model_dir, typed, budget):
+    """The budget box is text (a Number box sends 0 once shown): empty means the default, a number its value."""
+    config = app.form_configs(dict(zip(app.FORM, form(model=str(tiny_model_dir), grad_budget_gib=typed))), "x",
+                              stored=False)[0]
+    assert config.grad_budget_gib == budget
+    assert "Error" not in app.show_command(*form(model=str(tiny_model_dir), grad_budget_gib=typed))
+
+
+def test_the_memory_estimate_counts_the_correction_rank():
+    peaks = [app.memory_estimate("demo", True, 4, 2, 128, "lora_ga", 2, "", q) for q in (0, 16)]
+    assert peaks[0] != peaks[1] and all("Estimated peak" in p for p in peaks)
+
+
+def test_resume_starts_over_a_run_stopped_before_training(tiny_model_dir):
+    """Nothing was saved before training began: Resume runs it again from the start, with its own settings."""
+    assert app.start(*form(model=str(tiny_model_dir), init="lora_ga", run_name="early")) == "Started early."
+    app.JOBS.job.stop.set()  # seen at the estimate's first batch
+    app.JOBS.job.thread.join(60)
+    assert "Stopped before training began; nothing was saved. Select the run and press Resume" in app.status()[0]
+    assert app.resume("early") == "Started early."
+    app.JOBS.job.thread.join(120)
+    assert "Finished." in app.status()[0]
+    assert app.runs_table().set_index("name").loc["early", "status"] == "finished"
 
 
 def test_a_run_whose_process_ended_shows_as_interrupted(tmp_path):
@@ -214,7 +245,7 @@ def test_the_cli_command_of_the_form_runs_the_same_settings(tiny_model_dir):
                                    columns="text=body", eval_upload="/somewhere/held out.jsonl", run_name="my run"))
     assert shown.startswith("```bash\nfrugal-loraga train --model ") and shown.endswith("\n```")
     for flag in ("--no-load-in-4bit", "--rank 4", "--lr 3e-05", "--steps 12", "--max-length 96",
-                 "--estimation-samples 8", "--out runs/my_run", f"--data {app.SAMPLE}", "--grad-accum 2",
+                 "--estimation-samples 8", f"--out {os.path.relpath(app.RUNS / 'my_run')}", f"--data {app.SAMPLE}", "--grad-accum 2",
                  "--schedule linear", "--grad-budget-gib 0.5", "--columns text=body", "--eval-data 'held out.jsonl'"):
         assert flag in shown, flag
 

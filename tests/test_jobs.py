@@ -149,8 +149,8 @@ def test_stop_ends_the_job_with_what_was_kept(runner, engine, calls):
     runner.launch("x", CONFIGS)
     runner.stop()
     runner.job.thread.join(10)
-    assert runner.job.message == ("Stopped during the LoRA-GA estimate; nothing was saved. Press Train to start "
-                                  "again.")
+    assert runner.job.message == ("Stopped before training began; nothing was saved. Select the run and press "
+                                  "Resume to start it over.")
 
 
 def test_an_error_ends_the_job_and_reaches_the_page(runner, engine, calls):

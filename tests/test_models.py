@@ -234,3 +234,38 @@ def test_the_input_embedding_is_looked_up_in_cpu_memory_with_the_same_result(tin
     model, _, _ = load_model(Config(data="x", model=str(tmp_path / "tied"), load_in_4bit=False, device="cpu"))
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert not isinstance(model.get_input_embeddings(), HostEmbedding)
+
+
+def edited_weights(tiny_model_dir, folder, edit):
+    """A copy of the tiny model whose safetensors went through edit(name -> tensor)."""
+    from safetensors.torch import load_file
+    shutil.copytree(tiny_model_dir, folder)
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+Q = "model.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["16-bit", "4-bit"])
+def test_missing_or_renamed_weights_are_named_not_trained_from_random(tiny_model_dir, tmp_path, load_in_4bit):
+    """transformers starts a weight the files lack at random (and the 4-bit path fails later in bitsandbytes)."""
+    missing = edited_weights(tiny_model_dir, tmp_path / "missing", lambda t: t.pop(Q))
+    renamed = edited_weights(tiny_model_dir, tmp_path / "renamed", lambda t: t.update({"attn.q": t.pop(Q)}))
+    config = dict(data="x", device="cpu", load_in_4bit=load_in_4bit)
+    with pytest.raises(ConfigError, match=rf"the weights of .*missing do not match its config.json: missing: {Q}\. "
+                                          r"Download or save the model again"):
+        models.load_base(Config(model=str(missing), **config), str(missing))
+    with pytest.raises(ConfigError, match=rf"missing: {Q}; in the files but not used \(renamed\?\): attn.q\."):
+        models.load_base(Config(model=str(renamed), **config), str(renamed))
+
+
+def test_a_weight_of_another_shape_is_refused_before_the_weights_load(tiny_model_dir, tmp_path):
+    folder = edited_weights(tiny_model_dir, tmp_path / "shape", lambda t: t.update({Q: t[Q][:32].contiguous()}))
+    skeleton = models.model_skeleton(AutoConfig.from_pretrained(folder), False)
+    with pytest.raises(ConfigError, match=rf"model.safetensors holds {Q} of shape \[32, 64\], but the model its "
+                                          r"config.json describes needs \[64, 64\]; use the config.json saved with"):
+        models.check_weight_shapes(str(folder), skeleton)
+    models.check_weight_shapes(str(tiny_model_dir), skeleton)  # the sound folder passes

@@ -7,7 +7,11 @@ import json
 import re
 import shlex
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 import bitsandbytes as bnb
 import pytest
@@ -46,6 +50,12 @@ def no_model_load(monkeypatch):
     (["--lr", "-1e-4"], r"lr must be a positive finite number, got -0.0001"),
     (["--resume"], r"nothing to resume: .*checkpoint/state.pt does not exist"),
     (["--resume", "--overwrite"], r"resume and overwrite exclude each other"),
+    (["--target-modules", "q_proj,nonexistent"], r"no module matches target_modules nonexistent; linear layers here: "),
+    (["--rank", "4096"], r"rank 4096 is too large for .*: lora_ga needs 8192 <= \d+; lower rank"),
+    (["--optimizer", "paged_adamw_8bit", "--device", "cpu"], r"optimizer=paged_adamw_8bit needs CUDA and this run is "
+                                                             r"on cpu; use optimizer=adamw"),
+    (["--nf4-error-rank", "5000"], r"nf4_error_rank 5000 is above the rank of every adapted layer \(at most \d+ "
+                                   r"here.*lower nf4_error_rank to \d+ or less"),
 ])
 def test_bad_settings_exit_2_before_the_model_loads(tiny_model_dir, sample_path, tmp_path, capsys, no_model_load,
                                                      args, message):
@@ -67,11 +77,6 @@ def test_the_command_line_of_a_config_builds_the_same_config():
 def test_negative_numbers_reach_the_config_as_values():
     assert join_negative_values(["--lr", "-1e-4", "--seed", "-3", "--out", "-x"]) == \
         ["--lr=-1e-4", "--seed=-3", "--out", "-x"]
-
-
-def test_a_typo_in_one_of_several_targets_is_refused(tiny_model_dir, sample_path, tmp_path, capsys):
-    assert cli(tiny_model_dir, sample_path, tmp_path / "run", "--target-modules", "q_proj,nonexistent") == 2
-    assert "no module matches target_modules nonexistent; linear layers here: " in capsys.readouterr().err
 
 
 def test_unwritable_outputs_are_refused_first(tiny_model_dir, sample_path, tmp_path, capsys, no_model_load):
@@ -151,6 +156,57 @@ def test_a_full_disk_keeps_the_last_checkpoint(tiny_model_dir, sample_path, tmp_
     assert torch.load(checkpoint_path(out), weights_only=True)["step"] == 1
     assert [p.name for p in checkpoint_path(out).parent.iterdir()] == ["state.pt"]
     assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--save-every", "1", "--resume") == 0
+
+
+def test_what_a_run_would_replace_or_cannot_read_is_refused(tiny_model_dir, sample_path, tmp_path, capsys, caplog):
+    """A metrics file or an adapter the run did not write there is kept; a damaged checkpoint is named, not a
+    traceback; a resume that asks for another init is told that the checkpoint's is kept."""
+    mine = tmp_path / "mine.json"
+    mine.write_text("my numbers")
+    assert cli(tiny_model_dir, sample_path, tmp_path / "a", "--metrics-json", str(mine)) == 2
+    assert f"metrics_json={mine} exists; choose another path, or replace it with overwrite" in capsys.readouterr().err
+    assert mine.read_text() == "my numbers" and not (tmp_path / "a").exists()
+    out = tmp_path / "run"
+    assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--init", "lora") == 0
+    shutil.rmtree(out / "checkpoint")
+    assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit") == 2
+    assert re.search(r"run holds an adapter \(.*adapter_model.safetensors\) but no checkpoint to resume: the run would "
+                     r"replace it; choose another out folder, or replace it with overwrite", capsys.readouterr().err)
+    assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--overwrite", "--steps", "4",
+               "--estimation-samples", "4", "--nf4-error-rank", "8") == 0
+    with caplog.at_level("WARNING"):
+        assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--steps", "4", "--resume",
+                   "--estimation-samples", "2") == 0
+    assert re.search(r"resuming keeps the init of .*state.pt \(made with estimation_samples=4, nf4_error_rank=8\); "
+                     r"the estimation_samples, nf4_error_rank given now apply to a new run only", caplog.text)
+    state = checkpoint_path(out)
+    state.write_bytes(state.read_bytes()[:1000])
+    assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--steps", "4", "--resume") == 2
+    assert re.search(r"cannot resume: .*state.pt does not read as a checkpoint \(.*\); start the run over with "
+                     r"overwrite \(--overwrite\) or in a new out folder", capsys.readouterr().err)
+
+
+def test_ctrl_c_stops_the_run_with_a_checkpoint_and_says_how_to_continue(tiny_model_dir, sample_path, tmp_path):
+    """The first Ctrl-C is the app's Stop: after the current step, a checkpoint and the adapter so far kept, exit
+    130 and the command that resumes."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "frugal_loraga", "train", "--model", str(tiny_model_dir), "--data",
+               str(sample_path), "--out", str(out), "--steps", "500", "--rank", "2", "--init", "lora",
+               "--no-load-in-4bit", "--no-progress", "--save-every", "0", "--eval-every", "1000"]
+    run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not checkpoint_path(out).exists() and time.time() < deadline and run.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1)  # into training
+    run.send_signal(signal.SIGINT)
+    err = run.communicate(timeout=120)[1]
+    assert run.returncode == 130, err
+    match = re.search(r"stopped after step (\d+) of 500; the checkpoint is in .*run/checkpoint and the adapter so far "
+                      r"in .*adapter. Continue with:\n  (frugal-loraga train .*)", err)
+    assert match, err
+    assert torch.load(checkpoint_path(out), weights_only=True)["step"] == int(match[1]) > 0
+    assert read_record(out)["status"] == "stopped" and (out / "adapter" / "adapter_model.safetensors").exists()
+    assert "--resume" in shlex.split(match[2]) and "--overwrite" not in shlex.split(match[2])
 
 
 def test_training_that_diverges_stops_before_exporting_nans(tiny_model_dir, sample_path, tmp_path, capsys):
