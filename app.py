@@ -141,8 +141,11 @@ def memory_estimate(model, load_in_4bit, rank, batch_size, max_length, init, est
     except (ConfigError, OSError) as e:
         return f"**Error:** {e}"
     parts = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in estimate.items() if k != "total")
+    slow = (" On the CPU a 4-bit run is slower (every weight is dequantized at each use, and the 4-bit error is "
+            "corrected first): untick 4-bit (NF4) for a quicker run of a small model." if settings["load_in_4bit"]
+            and not torch.cuda.is_available() else "")
     return (f"Estimated peak **{estimate['total']:.1f} GiB** ({parts} GiB) — {gpu}: "
-            f"**{fit_advice(estimate, card_bytes / 2**30)}**")
+            f"**{fit_advice(estimate, card_bytes / 2**30)}**{slow}")
 
 
 def run_name_or(run_name: str | None, default: str) -> str:

@@ -3,10 +3,12 @@ progress calls finetune makes.
 
 Work is counted in examples through the network. Per example, the LoRA-GA estimate runs about one forward and one
 forward + backward (estimate/walk.py), as a training micro-batch with gradient checkpointing does; an eval example
-costs a forward, about a third of that. So one rate, seconds per example, measured in whichever stage has advanced last, prices
-the stages still to come:
-  estimate  estimation_samples examples
-  training  steps x batch_size x grad_accum examples, plus eval_samples / 3 per evaluation
+costs a forward, about a third of that; the 4-bit error's correction runs three forwards over the estimation samples
+(nf4_error.py), besides reading each weight and its SVD. So one rate, seconds per example, measured in whichever stage
+has advanced last, prices the stages still to come:
+  correction  estimation_samples examples (load_in_4bit with nf4_error_rank > 0, either init)
+  estimate    estimation_samples examples (LoRA-GA)
+  training    steps x batch_size x grad_accum examples, plus eval_samples / 3 per evaluation
 The running stage goes at its own pace once it has one (from its first unit on: a compile before it is not counted).
 Loading the data and the model is not priced. The time shown is the predicted end minus now, so it counts down while a
 step runs instead of climbing.
@@ -27,9 +29,12 @@ EVAL_COST = 1 / 3  # an eval example's forward, against a training example's for
 def stage_work(config: Config) -> dict[str, float]:
     """Examples of network work per stage of one run (config resolved: estimation_samples and eval_samples set)."""
     evals = (config.steps // config.eval_every if config.eval_every else 0) + 1  # at step 0, every eval_every
-    work = {"training": config.steps * config.batch_size * config.grad_accum + evals * config.eval_samples * EVAL_COST}
+    work = {}
+    if config.load_in_4bit and config.nf4_error_rank and not config.resume:
+        work["correction"] = float(config.estimation_samples)
     if config.init == "lora_ga" and not config.resume:
-        work = {"estimate": float(config.estimation_samples), **work}
+        work["estimate"] = float(config.estimation_samples)
+    work["training"] = config.steps * config.batch_size * config.grad_accum + evals * config.eval_samples * EVAL_COST
     return work
 
 
@@ -76,9 +81,12 @@ class JobClock:
         return max(self.end - (time.time() if now is None else now), 0.0)
 
     def _stage(self, run: int, phase: str) -> str:
-        """'estimate' until the run's estimate is done, then 'training'; loading phases belong to no stage."""
+        """The correction's phase is its stage; then 'estimate' until the run's estimate is done (its compile
+        included), then 'training'; loading phases belong to no stage."""
         if phase in (Phase.LOADING_DATA, Phase.LOADING_MODEL):
             return "loading"
+        if phase == Phase.CORRECTING:
+            return "correction"
         if "estimate" in self.work[run] and run not in self._estimated and phase != Phase.TRAINING:
             return "estimate"
         return "training"

@@ -219,6 +219,12 @@ def test_the_memory_estimate_counts_the_correction_rank():
     assert peaks[0] != peaks[1] and all("Estimated peak" in p for p in peaks)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the hint is for runs on the CPU")
+def test_on_the_cpu_the_estimate_says_4_bit_is_slower():
+    assert "untick 4-bit (NF4) for a quicker run" in app.memory_estimate("demo", True, 4, 2, 128, "lora_ga")
+    assert "untick" not in app.memory_estimate("demo", False, 4, 2, 128, "lora_ga")
+
+
 def test_resume_starts_over_a_run_stopped_before_training(tiny_model_dir):
     """Nothing was saved before training began: Resume runs it again from the start, with its own settings."""
     assert app.start(*form(model=str(tiny_model_dir), init="lora_ga", run_name="early")) == "Started early."

@@ -10,13 +10,27 @@ def config(**kw) -> Config:
 
 
 def test_stage_work_counts_examples_through_the_network():
-    assert stage_work(config()) == {"estimate": 8.0, "training": 10 * 2 + 6 / 3}
-    assert stage_work(config(init="lora")) == {"training": 22.0}
-    assert stage_work(config(resume=True)) == {"training": 22.0}  # a resumed run skips the estimate
+    assert stage_work(config()) == {"correction": 8.0, "estimate": 8.0, "training": 10 * 2 + 6 / 3}
+    assert stage_work(config(init="lora")) == {"correction": 8.0, "training": 22.0}  # QLoRA on the corrected base
+    assert stage_work(config(nf4_error_rank=0)) == {"estimate": 8.0, "training": 22.0}
+    assert stage_work(config(load_in_4bit=False, init="lora")) == {"training": 22.0}
+    assert stage_work(config(resume=True)) == {"training": 22.0}  # a resumed run skips the init
+
+
+def test_the_correction_has_a_time_of_its_own_and_prices_what_follows():
+    """The correction's groups are its own units: 2 of 4 done in 8 s is 8 s more for it, then its rate (16 s for 8
+    examples: 2 s an example) prices the estimate and training."""
+    clock = JobClock.for_runs([config()], "cpu")
+    clock.update(0, "correcting the 4-bit error", 0, 4, now=0)
+    assert clock.seconds_left(now=0) is None
+    clock.update(0, "correcting the 4-bit error", 2, 4, now=8)
+    assert clock.seconds_left(now=8) == pytest.approx(8 + 2 * (8 + 22))
+    clock.update(0, "estimating gradients", 0, 4, now=16)
+    assert clock.seconds_left(now=16) == pytest.approx(2 * (8 + 22))
 
 
 def test_the_estimate_prices_the_training_and_the_baseline_run():
-    clock = JobClock.for_runs([config(), config(init="lora")], "cpu")
+    clock = JobClock.for_runs([config(nf4_error_rank=0), config(init="lora", nf4_error_rank=0)], "cpu")
     clock.update(0, "loading the model", 0, 0, now=0)
     assert clock.seconds_left(now=1) is None  # nothing measured yet
     clock.update(0, "estimating gradients", 0, 4, now=10)
@@ -26,7 +40,7 @@ def test_the_estimate_prices_the_training_and_the_baseline_run():
 
 
 def test_training_goes_at_its_own_pace_after_a_compile():
-    clock = JobClock.for_runs([config(), config(init="lora")], "cpu")
+    clock = JobClock.for_runs([config(nf4_error_rank=0), config(init="lora", nf4_error_rank=0)], "cpu")
     clock.update(0, "estimating gradients", 0, 4, now=0)
     clock.update(0, "estimating gradients", 4, 4, now=8)  # 1 s an example
     clock.update(0, "compiling the decoder layers", 0, 10, now=8)
