@@ -126,8 +126,9 @@ def preview(upload, data_format, model, max_length, columns=None, chat_template=
             "[[ ]] (the answers), the rest is context.\n\n" + "\n".join(rows))
 
 
-def memory_estimate(model, load_in_4bit, rank, batch_size, max_length, init, estimation_batch_size=2,
-                    grad_budget_gib=None, nf4_error_rank=16):
+def memory_estimate(model, load_in_4bit, rank, batch_size, max_length, init,
+                    estimation_batch_size=Config.estimation_batch_size,
+                    grad_budget_gib=None, nf4_error_rank=Config.nf4_error_rank):
     """The estimated peak by part, and whether it fits this machine's card (or RAM) with what to lower if not."""
     from transformers import AutoConfig
     fields = dict(model=model, load_in_4bit=load_in_4bit, rank=rank, batch_size=batch_size, max_length=max_length,

@@ -66,8 +66,8 @@ def run(config: Config, profile: str = "") -> dict:
                 "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
     marks.pop("timed_from", None), marks.pop("loaded_from", None)
     return {"seconds": time.perf_counter() - start, "init_seconds": result.metrics["init_seconds"],
-            "estimation_budget_gib": result.metrics["estimation_budget_gib"],
-            "estimation_groups": result.metrics["estimation_groups"],
+            "estimation_budget_gib": result.metrics.get("estimation_budget_gib"),
+            "estimation_groups": result.metrics.get("estimation_groups"),
             "correction_seconds": result.metrics.get("correction_seconds"),
             "corrected_layers": result.metrics.get("corrected_layers"), **marks, **init.peaks, **peaks("train"),
             "final_train_loss": result.metrics["train_loss"][-1][1]}
@@ -84,6 +84,9 @@ def main():
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--embeddings-on-gpu", action="store_true", help="Config.embeddings_on_cpu off")
     parser.add_argument("--nf4-error-rank", type=int, default=Config.nf4_error_rank, help="0: no correction")
+    parser.add_argument("--init", choices=["lora_ga", "lora"], default=Config.init, help="lora: no estimate (to time "
+                        "training alone)")
+    parser.add_argument("--no-gradient-checkpointing", action="store_true", help="every layer keeps its activations")
     parser.add_argument("--profile", choices=["training", "correcting"], default="",
                         help="print what took longest in the timed training steps or in the correction")
     add_output_args(parser, None, work="/tmp/fit_card")
@@ -96,12 +99,14 @@ def main():
     config = Config(model=str(model_dir), data=str(data), estimation_samples=args.estimation_samples,
                     max_length=args.max_length, batch_size=args.batch_size, steps=args.steps, eval_fraction=0,
                     save_every=0, out=str(work / f"run-{args.name}"), overwrite=True, progress=False,
-                    embeddings_on_cpu=not args.embeddings_on_gpu, nf4_error_rank=args.nf4_error_rank)
+                    embeddings_on_cpu=not args.embeddings_on_gpu, nf4_error_rank=args.nf4_error_rank, init=args.init,
+                    gradient_checkpointing=not args.no_gradient_checkpointing)
     kind, sizes = SHAPES[args.shape]
     result = {"device": torch.cuda.get_device_name(), "shape": args.shape, "layers": layers, "card_gib": args.card_gib,
               "model_config": {"class": kind, "num_hidden_layers": layers, **sizes},
               "estimation_samples": args.estimation_samples, "train_batch": f"{args.batch_size} x {args.max_length}",
               "embeddings_on_cpu": not args.embeddings_on_gpu, "nf4_error_rank": args.nf4_error_rank,
+              "init": args.init, "gradient_checkpointing": not args.no_gradient_checkpointing,
               **run(config, args.profile)}
     print(json.dumps(result), flush=True)
     save_result(args.name, result)

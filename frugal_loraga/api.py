@@ -57,8 +57,9 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
     Bad settings, data and model folders, and settings whose estimated peak is above the free GPU memory
     (memory.check_fits), are refused (ConfigError, DataError) before the model loads. progress(phase,
     done, total, metrics) is called as work advances; setting `stop` ends training after the current step with a
-    checkpoint written (resume with config.resume = True), or the LoRA-GA estimate after the current batch, with
-    nothing written (adapter_dir None). When it returns or raises, nothing of its model is left
+    checkpoint written (resume with config.resume = True), or the init (the 4-bit error's correction, the LoRA-GA
+    estimate) after the current group or batch, with nothing saved but the run's record (adapter_dir None). A run
+    that fails after its record is written is marked failed there. When it returns or raises, nothing of its model is left
     in memory, with Python's cyclic garbage collector on or off. Under torchrun each process (one per GPU) runs it:
     the estimate and each step's micro-batches are shared, and rank 0 writes (distributed.py)."""
     def enter(name: Phase) -> Phase:
@@ -68,6 +69,7 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
 
     phase = enter(Phase.LOADING_DATA)
     model = inputs = None
+    recorded = False  # whether this call has written the run's record
     try:
         join(resolve_device(config).type)  # under torchrun: one process per GPU, data parallel (distributed.py)
         check_shares(config.grad_accum)
@@ -77,18 +79,15 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         train_examples, eval_examples = load_data(config, tokenizer)
         state = load_checkpoint(config, inputs := run_inputs(config, model_path))
         config = config.resolve(resolve_device(config).type, state["config"] if state else None)
-        barrier()  # every rank has checked the out folder before rank 0 writes in it
-        if config.overwrite:
-            clear_previous_run(config.out)
         model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
         if resolve_device(config).type == "cuda":
             check_fits(model_config, config, free_bytes(resolve_device(config)))
-        skeleton = model_skeleton(model_config, config.trust_remote_code)  # bad weights, targets and ranks
-        check_weight_shapes(model_path, skeleton)                           # refused before the weights load
-        planned = find_targets(skeleton, config.target_list(), config.rank, config.init)
-        if config.load_in_4bit and config.nf4_error_rank:
-            check_correction_rank(planned, config.nf4_error_rank)
+        planned = planned_targets(model_config, model_path, config, resuming=state is not None)
+        barrier()  # every rank has checked the out folder and the settings before rank 0 writes in it
+        if config.overwrite:  # only now: a run refused above leaves the one it would replace as it was
+            clear_previous_run(config.out)
         write_record(config, inputs, "running")
+        recorded = True
         phase = enter(Phase.LOADING_MODEL)
         torch.manual_seed(config.seed)
         if config.compile and resolve_device(config).type == "cuda":
@@ -96,7 +95,8 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         model, device = load_base(config, model_path)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        targets = {name: model.get_submodule(name) for name in planned}
+        targets = ({name: model.get_submodule(name) for name in planned} if planned is not None
+                   else checked_targets(model, config, resuming=state is not None))
         if config.gradient_checkpointing:
             enable_checkpointing(model)
         pad_id = tokenizer.pad_token_id
@@ -135,26 +135,51 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         barrier()  # the adapter is written when finetune returns, on every rank
         return FinetuneResult(adapter_dir, metrics, stopped)
     except StoppedInEstimate:
-        write_record(config, inputs, "stopped", "stopped before training began: nothing was saved; resuming starts "
-                     "it over")
+        write_record(config, inputs, "stopped", "stopped before training began: nothing was saved")
         return FinetuneResult(None, {}, stopped=True)
     except torch.cuda.OutOfMemoryError as e:
         error = OutOfMemory(f"CUDA ran out of memory while {phase}. Lower batch_size or max_length, keep "
                             "gradient_checkpointing and load_in_4bit on, or for the init lower estimation_batch_size "
                             "and grad_budget_gib.")
-        fail(config, inputs, error)
+        fail(config, inputs, error, recorded)
         raise error from e
     except Exception as e:
-        fail(config, inputs, e)
+        fail(config, inputs, e, recorded)
         raise
     finally:
         if model is not None:
             release(model)
 
 
-def fail(config: Config, inputs: Optional[dict], error: Exception) -> None:
-    """Mark the run failed in its record, once it has one (bad input found before that leaves none, nor a folder)."""
-    if inputs is not None and read_record(config.out) is not None:
+def planned_targets(model_config, model_path: str, config: Config, resuming: bool) -> Optional[list[str]]:
+    """The names of the layers to adapt, found on the model built without its weights (models.model_skeleton), with
+    the weights' shapes and the ranks checked: bad input refused before the weights load. None for a model that
+    cannot be built so (remote code that needs real tensors): its loaded model is checked instead."""
+    try:
+        skeleton = model_skeleton(model_config, config.trust_remote_code)
+    except Exception as e:
+        log.warning("could not build %s without its weights (%s: %s); its layers are checked once it has loaded",
+                    config.model, type(e).__name__, e)
+        return None
+    check_weight_shapes(model_path, skeleton)
+    return list(checked_targets(skeleton, config, resuming))
+
+
+def checked_targets(model, config: Config, resuming: bool) -> dict:
+    """find_targets, and the 4-bit error's correction rank checked against them (a resume takes its correction from
+    the checkpoint)."""
+    targets = find_targets(model, config.target_list(), config.rank, config.init)
+    if config.load_in_4bit and config.nf4_error_rank and not resuming:
+        check_correction_rank(targets, config.nf4_error_rank)
+    return targets
+
+
+def fail(config: Config, inputs: Optional[dict], error: Exception, recorded: bool) -> None:
+    """Mark the run failed in its record: one this call wrote, or where the out folder exists without one (the app
+    makes the folder first, for its copy of the data), so that the run is listed with its error. A folder that
+    holds another run's record keeps it, and a refused CLI run leaves no folder."""
+    out_without_record = Path(config.out).is_dir() and read_record(config.out) is None
+    if inputs is not None and (recorded or out_without_record):
         try:
             write_record(config, inputs, "failed", str(error) or type(error).__name__)
         except RunError:  # the disk that failed the run may refuse the record too: the error raised says it all

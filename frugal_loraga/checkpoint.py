@@ -142,7 +142,8 @@ def load_checkpoint(config: Config, inputs: dict) -> Optional[dict]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: torch's errors vary by how it is broken
         raise ConfigError(f"cannot resume: {path} does not read as a checkpoint ({type(e).__name__}: {e}); start the "
-                          "run over with overwrite (--overwrite) or in a new out folder") from e
+                          "run over with overwrite (--overwrite) or in a new out folder (in the app: Train under a new "
+                          "name)") from e
     now = config.to_dict()
     changed = sorted(k for k, v in state["config"].items()  # a setting left None takes the checkpoint's (resolve)
                      if k not in RESUMABLE_CHANGES and now.get(k) is not None and now.get(k) != v)
@@ -150,10 +151,12 @@ def load_checkpoint(config: Config, inputs: dict) -> Optional[dict]:
     if changed:
         raise ConfigError(f"cannot resume {path}: it was written with other settings or inputs for "
                           f"{', '.join(changed)}; use the same settings and files, or a new out folder")
-    kept = sorted(k for k in INIT_SETTINGS if now.get(k) is not None and now.get(k) != state["config"].get(k))
-    if kept:
-        log.warning("resuming keeps the init of %s (made with %s); the %s given now apply to a new run only", path,
-                    ", ".join(f"{k}={state['config'].get(k)}" for k in kept), ", ".join(kept))
+    used = INIT_SETTINGS if config.load_in_4bit else INIT_SETTINGS - {"nf4_error_rank"}
+    differ = sorted(k for k in used if now.get(k) is not None and now.get(k) != state["config"].get(k))
+    if differ:
+        log.warning("resuming %s with its own init, made with %s: the %s here differ and would apply to a new run "
+                    "only", path, ", ".join(f"{k}={state['config'].get(k)}" for k in differ),
+                    ", ".join(f"{k}={now[k]}" for k in differ))
     return state
 
 

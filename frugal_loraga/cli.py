@@ -65,9 +65,10 @@ STOPPED = 130  # the shell's code for a command ended by Ctrl-C
 def ctrl_c_stops() -> Iterator[threading.Event]:
     """An event that the first Ctrl-C (SIGINT) sets: the run stops as the app's Stop button stops it, after the
     current step with a checkpoint written. A second Ctrl-C raises KeyboardInterrupt, as Python does by default. Under
-    torchrun (several processes, which must stop at the same step) Ctrl-C keeps Python's default."""
+    torchrun (several processes, which must stop at the same step), or outside the main thread (where no handler can
+    be set), Ctrl-C keeps Python's default."""
     stop = threading.Event()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or threading.current_thread() is not threading.main_thread():
         yield stop
         return
 
@@ -105,7 +106,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         with ctrl_c_stops() as stop:
             result = finetune(config, stop=stop)
     except KeyboardInterrupt:
-        print("\nended by Ctrl-C; the last checkpoint written is kept", file=sys.stderr)
+        print("\nended by Ctrl-C; any checkpoint written so far is kept (resume with --resume)", file=sys.stderr)
         return STOPPED
     except (ConfigError, DataError, OutOfMemory) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -138,8 +138,11 @@ class Jobs:
         with self.idle() as idle:
             if not idle:
                 return "A run is already in progress: wait for it or press Stop."
+            try:
+                clock = JobClock.for_runs(configs, "cuda" if torch.cuda.is_available() else "cpu")
+            except ConfigError as e:  # settings this machine cannot run (Config.resolve), e.g. a run from elsewhere
+                return f"**Error:** {e}"
             self.generator.release()  # a Train after a Try gets the whole card
-            clock = JobClock.for_runs(configs, "cuda" if torch.cuda.is_available() else "cpu")
             self.job = Job(phase="starting", clock=clock, run=name)
             self.job.thread = threading.Thread(target=self.job.work, args=(configs,), daemon=True)
             self.job.thread.start()

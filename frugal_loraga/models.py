@@ -290,12 +290,13 @@ def model_skeleton(model_config, trust_remote_code: bool) -> nn.Module:
 
 
 def check_weight_shapes(path: str, skeleton: nn.Module) -> None:
-    """Refuses, before the weights load, a local folder whose safetensors hold a weight of another shape than the
-    model its config.json describes (model_skeleton) under the same name. Names the files and the model do not share
+    """Refuses, before the weights load, a model folder (local, or a hub id's cached snapshot) whose safetensors hold a
+    weight of another shape than the model its config.json describes (model_skeleton) under the same name. Names the files and the model do not share
     (renamed by transformers' conversions, or missing) are left to load_base; 4-bit files saved quantized are
     not compared."""
-    folder = Path(path)
-    if not folder.is_dir() or "quantization_config" in _read_json(folder / "config.json"):
+    cached = None if Path(path).is_dir() else try_to_load_from_cache(path, "config.json")  # a hub id's snapshot
+    folder = Path(cached).parent if isinstance(cached, str) else Path(path)
+    if not (folder / "config.json").is_file() or "quantization_config" in _read_json(folder / "config.json"):
         return
     expected = {name: list(t.shape) for name, t in skeleton.state_dict().items()}
     for file in sorted(folder.glob("*.safetensors")):
@@ -308,7 +309,8 @@ def check_weight_shapes(path: str, skeleton: nn.Module) -> None:
 
 def check_loaded(path: str, loading_info: dict) -> None:
     """Refuses a model whose files lack weights it needs (transformers would start them at random) or hold some of
-    another shape: names up to three of each, with the file's names nobody asked for beside them (a renamed key)."""
+    another shape (transformers does not compare the weights it quantizes to 4 bits: check_weight_shapes does, before
+    loading): names up to three of each, with the file's names nobody asked for beside them (a renamed key)."""
     missing = sorted(loading_info.get("missing_keys") or [])
     mismatched = sorted(f"{k} ({list(file)} in the files, {list(model)} in the model)"
                         for k, file, model in loading_info.get("mismatched_keys") or [])

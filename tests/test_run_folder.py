@@ -4,6 +4,7 @@ training that diverges stopped before it exports NaNs, and nothing of the model 
 import dataclasses
 import gc
 import json
+import os
 import re
 import shlex
 import shutil
@@ -22,7 +23,7 @@ import frugal_loraga.checkpoint as checkpoint_module
 from frugal_loraga import Config, ConfigError, DataError, RunError, finetune
 from frugal_loraga.checkpoint import checkpoint_path, read_record
 from frugal_loraga.runs import list_runs, run_config
-from frugal_loraga.cli import build_parser, command_line, join_negative_values, main
+from frugal_loraga.cli import build_parser, command_line, ctrl_c_stops, join_negative_values, main
 
 
 def tiny_config(model_dir, data, out, **kw):
@@ -177,13 +178,33 @@ def test_what_a_run_would_replace_or_cannot_read_is_refused(tiny_model_dir, samp
     with caplog.at_level("WARNING"):
         assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--steps", "4", "--resume",
                    "--estimation-samples", "2") == 0
-    assert re.search(r"resuming keeps the init of .*state.pt \(made with estimation_samples=4, nf4_error_rank=8\); "
-                     r"the estimation_samples, nf4_error_rank given now apply to a new run only", caplog.text)
+    assert re.search(r"resuming .*state.pt with its own init, made with estimation_samples=4: the "
+                     r"estimation_samples=2 here differ and would apply to a new run only", caplog.text)
     state = checkpoint_path(out)
     state.write_bytes(state.read_bytes()[:1000])
     assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--steps", "4", "--resume") == 2
     assert re.search(r"cannot resume: .*state.pt does not read as a checkpoint \(.*\); start the run over with "
-                     r"overwrite \(--overwrite\) or in a new out folder", capsys.readouterr().err)
+                     r"overwrite \(--overwrite\) or in a new out folder \(in the app", capsys.readouterr().err)
+
+
+def test_a_refused_overwrite_leaves_the_run_it_would_replace(tiny_model_dir, sample_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--init", "lora") == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert cli(tiny_model_dir, sample_path, out, "--overwrite", "--target-modules", "typo") == 2
+    assert "no module matches target_modules typo" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_the_first_ctrl_c_sets_stop_the_second_interrupts_and_the_handler_is_put_back():
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_stops() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.wait(5)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the second Ctrl-C raises here
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_ctrl_c_stops_the_run_with_a_checkpoint_and_says_how_to_continue(tiny_model_dir, sample_path, tmp_path):
