@@ -29,7 +29,7 @@ from frugal_loraga.data import IGNORE, load_examples
 from frugal_loraga.jobs import Jobs
 from frugal_loraga.memory import card, estimate_memory_gib, fit_advice
 from frugal_loraga.models import cached_model_ids, load_tokenizer, resolve_model_path
-from frugal_loraga.runs import list_runs, resume_config, run_config
+from frugal_loraga.runs import check_not_running_elsewhere, list_runs, resume_config, run_config
 
 ROOT = Path(__file__).resolve().parent
 SAMPLE = ROOT / "data" / "sample.jsonl"
@@ -229,7 +229,9 @@ def start(*values):
 def resume(selected: str):
     """Continue the selected run with the settings read from its own folder (after a reload or a restart too)."""
     try:
-        config = resume_config(run_folder(selected))
+        folder = run_folder(selected)
+        check_not_running_elsewhere(folder)
+        config = resume_config(folder)
     except (ConfigError, FileNotFoundError) as e:
         return f"**Error:** {e}"
     return JOBS.launch(selected, [config])
@@ -247,6 +249,7 @@ def delete_run(selected: str) -> str:
     """Remove a run's folder: what the app wrote for it (record, checkpoint, adapter, metrics, data copy)."""
     try:
         folder = run_folder(selected)
+        check_not_running_elsewhere(folder)
     except ConfigError as e:
         return f"**Error:** {e}"
     with JOBS.idle() as idle:
@@ -259,10 +262,7 @@ def delete_run(selected: str) -> str:
 def runs_table() -> pd.DataFrame:
     """The runs below RUNS, the last updated first."""
     columns = ["name", "status", "init", "steps", "train_loss", "eval_loss", "adapter", "message"]
-    rows = [{c: row[c] for c in columns} for row in list_runs(RUNS)]
-    for row in rows:  # a run's record says running, but no job runs here: its process ended before it could say so
-        if row["status"] == "running" and not JOBS.busy():
-            row["status"] = "interrupted"
+    rows = [{c: row[c] for c in columns} for row in list_runs(RUNS, JOBS.busy())]
     return pd.DataFrame(rows, columns=columns).round(4)
 
 

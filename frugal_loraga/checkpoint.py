@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -215,9 +216,10 @@ def factors_from_checkpoint(adapter: dict, device: torch.device) -> tuple[dict, 
 
 
 def write_record(config: Config, inputs: dict, status: str, message: str = "") -> None:
-    """out/run.json with the run's settings, inputs and status (running, stopped, finished, failed)."""
+    """out/run.json with the run's settings, inputs and status (running, stopped, finished, failed), and the process
+    that wrote it (host and pid: whether a run said to be running still is, runs.live_status)."""
     record = {"config": config.to_dict(), "inputs": inputs, "status": status, "message": message,
-              "updated": time.time()}
+              "updated": time.time(), "host": socket.gethostname(), "pid": os.getpid()}
     atomic_write(Path(config.out) / RECORD, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
 from pathlib import Path
 
 from .checkpoint import checkpoint_path, has_adapter, read_record
-from .config import Config
+from .config import Config, ConfigError
 
 
 def run_config(folder: str | Path) -> Config:
@@ -35,9 +37,40 @@ def final_loss(metrics: dict, key: str):
     return curve[-1][1] if curve else None
 
 
-def list_runs(root: str | Path) -> list[dict]:
-    """One row per run folder directly below root, the last updated first: name, status, method, model, steps
-    done and asked, final train and eval loss, and whether an adapter was exported."""
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def live_status(record: dict, busy_here: bool) -> str:
+    """The record's status, a 'running' one checked against its process: 'running' while this process runs a job
+    (busy_here) or its own process is alive on this machine ('running elsewhere' when that is another process),
+    'interrupted' once that process has ended without saying so. A run on another machine stays 'running'."""
+    if record["status"] != "running" or record.get("host", socket.gethostname()) != socket.gethostname():
+        return record["status"]
+    pid = record.get("pid")
+    if pid == os.getpid() or pid is None:
+        return "running" if busy_here else "interrupted"
+    return "running elsewhere" if pid_alive(pid) else "interrupted"
+
+
+def check_not_running_elsewhere(folder: str | Path) -> None:
+    """ConfigError while another process on this machine runs the run in folder (from the CLI, say)."""
+    record = read_record(folder)
+    if record is not None and live_status(record, busy_here=False) == "running elsewhere":
+        raise ConfigError(f"{Path(folder).name} is running in another process (pid {record['pid']}); stop it (Ctrl-C "
+                          "in its terminal) or wait for it to end")
+
+
+def list_runs(root: str | Path, busy_here: bool = False) -> list[dict]:
+    """One row per run folder directly below root, the last updated first: name, status (live_status; busy_here:
+    whether this process runs a job now), method, model, steps done and asked, final train and eval loss, and
+    whether an adapter was exported."""
     rows = []
     for folder in sorted(p for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []:
         record = read_record(folder)
@@ -49,7 +82,7 @@ def list_runs(root: str | Path) -> list[dict]:
             metrics = {}
         config = record["config"]
         steps_done = (metrics.get("train_loss") or [[0]])[-1][0]
-        rows.append({"name": folder.name, "status": record["status"], "init": config["init"], "model": config["model"],
+        rows.append({"name": folder.name, "status": live_status(record, busy_here), "init": config["init"], "model": config["model"],
                      "steps": f"{steps_done}/{config['steps']}", "train_loss": final_loss(metrics, "train_loss"),
                      "eval_loss": final_loss(metrics, "eval_loss"),
                      "adapter": has_adapter(folder),

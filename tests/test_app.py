@@ -1,6 +1,10 @@
 """The web app's handlers end to end on a tiny model: upload, preview, start, refuse a second start, plot, try, export."""
+import json
 import os
 import re
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -259,6 +263,26 @@ def test_a_run_this_machine_cannot_run_is_refused_at_start(tiny_model_dir, monke
     config = app.form_configs(dict(zip(app.FORM, form(model=str(tiny_model_dir)))), "x", stored=False)[0]
     message = app.JOBS.launch("x", [app.dataclasses.replace(config, optimizer="paged_adamw_8bit")])
     assert message.startswith("**Error:** optimizer=paged_adamw_8bit needs CUDA") and not app.JOBS.busy()
+
+
+def test_a_run_of_another_live_process_shows_as_running_elsewhere_and_is_left_alone(tmp_path):
+    """A run started from the CLI command the page shows writes in the same folder: while its process lives, the
+    page neither resumes nor deletes it."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        folder = tmp_path / "runs" / "cli"
+        folder.mkdir(parents=True)
+        (folder / "run.json").write_text(json.dumps({"config": {"init": "lora", "model": "demo", "steps": 9},
+                                                     "status": "running", "updated": 0, "pid": other.pid,
+                                                     "host": socket.gethostname()}))
+        assert app.runs_table().set_index("name").loc["cli", "status"] == "running elsewhere"
+        for handler in (app.resume, app.delete_run):
+            assert f"cli is running in another process (pid {other.pid})" in handler("cli")
+        assert folder.exists()
+    finally:
+        other.kill()
+        other.wait()
+    assert app.runs_table().set_index("name").loc["cli", "status"] == "interrupted"
 
 
 def test_a_run_whose_process_ended_shows_as_interrupted(tmp_path):
