@@ -120,10 +120,8 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         if state is None:
             save_checkpoint(config, inputs, 0, metrics, layers)
         phase = Phase.TRAINING
-        start = time.perf_counter()
         stopped = train(model, layers, train_examples, eval_examples, config, inputs, pad_id, metrics,
                         resume_state=state, progress=progress, stop=stop)
-        metrics["train_seconds"] += time.perf_counter() - start
         metrics["tokens_per_second"] = metrics["train_tokens"] / max(metrics["train_seconds"], 1e-9)
         metrics["peak_memory_gib"] = peak_memory_gib(device)
         phase = enter(Phase.SAVING)

@@ -102,12 +102,22 @@ def check_outputs(config: Config) -> None:
     if adapters and not existing and not config.overwrite:
         raise ConfigError(f"{out} holds an adapter ({adapters[0]}) but no checkpoint to resume: the run would replace "
                           "it; choose another out folder, or replace it with overwrite (--overwrite)")
+    check_unfinished(out, config.resume)
     if config.resume and not existing:
         raise ConfigError(f"nothing to resume: {checkpoint_path(out)} does not exist; start a new run without resume, "
                           "or point out at the folder of the run to continue")
     if existing and not config.resume and not config.overwrite:
         raise ConfigError(f"{out} already holds a run ({checkpoint_path(out)}); continue it with resume "
                           "(--resume), choose another out folder, or replace it with overwrite (--overwrite)")
+
+
+def check_unfinished(out: str | Path, resume: bool) -> None:
+    """ConfigError for a resume of a run that has finished: it would train nothing and export the same adapter
+    again. (A run whose last checkpoint was written but whose export was cut short is not finished: it resumes.)"""
+    record = read_record(out)
+    if resume and record is not None and record["status"] == "finished":
+        raise ConfigError(f"the run in {out} has finished its {record['config']['steps']} steps (its adapter is in "
+                          f"{Path(out) / ADAPTER_FOLDERS[0]}): nothing to resume; to train more, start a new run")
 
 
 def has_adapter(out: str | Path) -> bool:

@@ -8,7 +8,7 @@ import os
 import socket
 from pathlib import Path
 
-from .checkpoint import checkpoint_path, has_adapter, read_record
+from .checkpoint import check_unfinished, checkpoint_path, has_adapter, read_record
 from .config import Config, ConfigError
 
 
@@ -24,8 +24,10 @@ def run_config(folder: str | Path) -> Config:
 
 def resume_config(folder: str | Path) -> Config:
     """The settings that continue the run in folder: from its checkpoint, or, for a run that ended before writing one
-    (stopped or failed before training began: nothing was saved), the same run started over."""
+    (stopped or failed before training began: nothing was saved), the same run started over. ConfigError for a run
+    that has finished."""
     config = run_config(folder)
+    check_unfinished(folder, resume=True)
     if checkpoint_path(folder).exists():
         return dataclasses.replace(config, resume=True, overwrite=False)
     return dataclasses.replace(config, resume=False, overwrite=True)

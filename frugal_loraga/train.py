@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import time
 from typing import Optional
 
 import torch
@@ -94,6 +95,7 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
         progress(Phase.COMPILING if compiling else Phase.TRAINING, start, config.steps, metrics)
     model.train()
     saved = start  # the step of the last checkpoint: the run saved step 0 before training
+    clock = time.perf_counter()  # metrics["train_seconds"] counts up to each step's end, so checkpoints carry it
     bar = tqdm(total=config.steps, initial=start, desc="training", disable=not (config.progress and is_writer()),
                dynamic_ncols=True)
     try:
@@ -122,6 +124,8 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
                 metrics["train_loss"].append([done, step_loss])
                 if eval_examples and ((config.eval_every and done % config.eval_every == 0) or done == config.steps):
                     metrics["eval_loss"].append([done, evaluate(model, eval_examples, config, pad_id, device, dtype)])
+                metrics["train_seconds"] += time.perf_counter() - clock
+                clock = time.perf_counter()
                 bar.set_postfix(loss=f"{step_loss:.4f}")
                 bar.update()
                 if progress:

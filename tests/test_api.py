@@ -66,7 +66,9 @@ def test_stop_ends_the_estimate_after_the_current_batch(tiny_model_dir, sample_p
 
 
 def test_resume_with_other_settings_is_refused(tiny_model_dir, sample_path, tmp_path):
-    finetune(tiny_config(tiny_model_dir, sample_path, tmp_path, steps=2))
+    stop = threading.Event()
+    finetune(tiny_config(tiny_model_dir, sample_path, tmp_path, steps=2), stop=stop,
+             progress=lambda phase, done, total, metrics: phase == "training" and done == 1 and stop.set())
     with pytest.raises(ConfigError, match="written with other settings or inputs for lr, rank"):
         finetune(tiny_config(tiny_model_dir, sample_path, tmp_path, steps=2, rank=2, lr=1e-3, resume=True))
 

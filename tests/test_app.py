@@ -244,6 +244,9 @@ def test_resume_starts_over_a_run_stopped_before_training(tiny_model_dir, tmp_pa
     assert "Finished." in app.status()[0]
     assert app.runs_table().set_index("name").loc["early", "status"] == "finished"
     assert (app.RUNS / "early" / "data" / "mine.jsonl").read_text() == upload.read_text()
+    metrics = (app.RUNS / "early" / "metrics.json").read_text()
+    assert "has finished its 2 steps" in app.resume("early") and not app.JOBS.busy()
+    assert (app.RUNS / "early" / "metrics.json").read_text() == metrics
 
 
 def test_a_run_refused_before_loading_is_listed_with_its_error_and_can_be_deleted(tiny_model_dir, tmp_path):

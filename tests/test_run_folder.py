@@ -127,11 +127,11 @@ def test_resume_compares_paths_resolved_and_data_by_content(tiny_model_dir, samp
     monkeypatch.chdir(tmp_path)
     copy = tmp_path / "copy.jsonl"
     copy.write_bytes(data.read_bytes())
-    resumed = finetune(tiny_config(tiny_model_dir, "copy.jsonl", "run/", steps=4, load_in_4bit=False, resume=True))
-    assert [s for s, _ in resumed.metrics["train_loss"]] == [1, 2, 3, 4]
     data.write_text(data.read_text().replace("apples", "pears"))  # other data at the same path
     with pytest.raises(ConfigError, match="other settings or inputs for data; use the same settings and files"):
         finetune(tiny_config(tiny_model_dir, data, "run", steps=4, load_in_4bit=False, resume=True))
+    resumed = finetune(tiny_config(tiny_model_dir, "copy.jsonl", "run/", steps=4, load_in_4bit=False, resume=True))
+    assert [s for s, _ in resumed.metrics["train_loss"]] == [1, 2, 3, 4]
 
 
 def test_a_full_disk_keeps_the_last_checkpoint(tiny_model_dir, sample_path, tmp_path, monkeypatch, capsys):
@@ -159,6 +159,13 @@ def test_a_full_disk_keeps_the_last_checkpoint(tiny_model_dir, sample_path, tmp_
     assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--save-every", "1", "--resume") == 0
 
 
+def killed_before_export(out):
+    """The run folder as a run killed after its last checkpoint and before its export leaves it."""
+    shutil.rmtree(out / "adapter")
+    record = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**record, "status": "running"}))
+
+
 def test_what_a_run_would_replace_or_cannot_read_is_refused(tiny_model_dir, sample_path, tmp_path, capsys, caplog):
     """A metrics file or an adapter the run did not write there is kept; a damaged checkpoint is named, not a
     traceback; a resume that asks for another init is told that the checkpoint's is kept."""
@@ -169,17 +176,26 @@ def test_what_a_run_would_replace_or_cannot_read_is_refused(tiny_model_dir, samp
     assert mine.read_text() == "my numbers" and not (tmp_path / "a").exists()
     out = tmp_path / "run"
     assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--init", "lora") == 0
+    metrics = (out / "metrics.json").read_text()
+    assert torch.load(checkpoint_path(out), weights_only=True)["metrics"]["train_seconds"] > 0
+    assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--init", "lora", "--resume") == 2
+    assert re.search(r"the run in .*run has finished its 2 steps \(its adapter is in .*adapter\): nothing to resume",
+                     capsys.readouterr().err)
+    assert (out / "metrics.json").read_text() == metrics
     shutil.rmtree(out / "checkpoint")
     assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit") == 2
     assert re.search(r"run holds an adapter \(.*adapter_model.safetensors\) but no checkpoint to resume: the run would "
                      r"replace it; choose another out folder, or replace it with overwrite", capsys.readouterr().err)
     assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--overwrite", "--steps", "4",
                "--estimation-samples", "4", "--nf4-error-rank", "8") == 0
+    killed_before_export(out)
     with caplog.at_level("WARNING"):
         assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--steps", "4", "--resume",
                    "--estimation-samples", "2") == 0
     assert re.search(r"resuming .*state.pt with its own init, made with estimation_samples=4: the "
                      r"estimation_samples=2 here differ and would apply to a new run only", caplog.text)
+    assert (out / "adapter" / "adapter_model.safetensors").exists()  # the resume exported what the kill cut short
+    killed_before_export(out)
     state = checkpoint_path(out)
     state.write_bytes(state.read_bytes()[:1000])
     assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--steps", "4", "--resume") == 2
