@@ -146,7 +146,12 @@ def memory_estimate(model, load_in_4bit, rank, batch_size, max_length, init,
             "corrected first): untick 4-bit (NF4) for a quicker run of a small model." if settings["load_in_4bit"]
             and not torch.cuda.is_available() else "")
     return (f"Estimated peak **{estimate['total']:.1f} GiB** ({parts} GiB) — {gpu}: "
-            f"**{fit_advice(estimate, card_bytes / 2**30)}**{slow}")
+            f"**{fit_advice(estimate, card_bytes / 2**30, torch.cuda.is_available())}**.{slow}")
+
+
+def default_run_name(init: str) -> str:
+    """A run's folder name when none is typed: the method and the time, lora_ga-20261206-031500."""
+    return f"{init}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def run_name_or(run_name: str | None, default: str) -> str:
@@ -178,8 +183,7 @@ def form_settings(form: dict) -> dict:
     """The Config settings the form gives, each checked to be of its kind (ConfigError names the field) before
     anything runs."""
     settings = {name: form_value(name, form[name]) for name in SETTINGS}
-    return {**settings, "model": checked_model(settings["model"]), "eval_every": max(settings["steps"] // 10, 1),
-            "progress": False}
+    return {**settings, "model": checked_model(settings["model"]), "eval_every": max(settings["steps"] // 10, 1)}
 
 
 def form_configs(form: dict, name: str, stored: bool) -> list[Config]:
@@ -193,8 +197,10 @@ def form_configs(form: dict, name: str, stored: bool) -> list[Config]:
     else:
         data, eval_data = Path(form["upload"]).name if form["upload"] else SAMPLE, form["eval_upload"] and Path(
             form["eval_upload"]).name
-    out = RUNS if stored else Path(os.path.relpath(RUNS))  # the app's runs folder, as seen from where it was started
-    configs = [Config(data=str(data), eval_data=eval_data or None, out=str(out / name), **settings)]
+    inside = RUNS.resolve().is_relative_to(Path.cwd())  # the app's runs folder, as seen from where it was started
+    out = RUNS if stored or not inside else Path(os.path.relpath(RUNS))
+    configs = [Config(data=str(data), eval_data=eval_data or None, out=str(out / name), progress=not stored,
+                      **settings)]  # the command's progress bars for a terminal; the page shows its own
     if form["baseline"] and settings["init"] == "lora_ga":
         configs.append(dataclasses.replace(configs[0], init="lora", lr=DEFAULT_LR["lora"], nf4_error_rank=0,
                                            out=str(out / f"{name}-lora")))  # what one runs without us: (Q)LoRA
@@ -205,7 +211,7 @@ def show_command(*values):
     """The CLI command that runs what Train would (its main run; the data as the files you uploaded)."""
     form = dict(zip(FORM, values))
     try:
-        config = form_configs(form, run_name_or(form["run_name"], form["init"]), stored=False)[0]
+        config = form_configs(form, run_name_or(form["run_name"], default_run_name(form["init"])), stored=False)[0]
     except (ConfigError, DataError) as e:
         return f"**Error:** {e}"
     return f"```bash\n{command_line(config)}\n```"
@@ -214,7 +220,7 @@ def show_command(*values):
 def start(*values):
     """Start a new named run (and its plain-LoRA baseline, run_name-lora) in its own folder below RUNS."""
     form = dict(zip(FORM, values))
-    name = run_name_or(form["run_name"], f"{form['init']}-{time.strftime('%Y%m%d-%H%M%S')}")
+    name = run_name_or(form["run_name"], default_run_name(form["init"]))
     try:
         for taken in (name, f"{name}-lora") if form["baseline"] and form["init"] == "lora_ga" else (name,):
             if read_record(RUNS / taken) is not None:

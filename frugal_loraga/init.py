@@ -87,7 +87,7 @@ def initial_corrections(model, targets, train_examples, config: Config, model_pa
         return {}, Metrics()
     start = time.perf_counter()
     batches = estimation_batches(train_examples, config, pad_id, device, masked=True)
-    with tqdm(desc="4-bit error correction", unit="group", disable=not (config.progress and is_writer()),
+    with tqdm(desc="4-bit error correction", unit="part", disable=not (config.progress and is_writer()),
               dynamic_ncols=True) as bar:
         def report(done: int, total: int) -> None:
             bar.total = total

@@ -105,7 +105,7 @@ class Job:
             text += f", about {format_seconds(left)} left for the whole job." if left is not None else "."
             text += gpu_memory()
             if self.stop.is_set():
-                text += " Stop requested: the run ends after the current step or batch."
+                text += " Stop requested: the run ends after the current step, batch or layer."
         return text + (f" {self.message}" if self.message else "")
 
     def loss_points(self) -> list[tuple[int, float, str]]:
@@ -149,11 +149,12 @@ class Jobs:
         return f"Started {name}."
 
     def stop(self) -> str:
-        """Ask the running job to end after its current training step or estimation batch."""
+        """Ask the running job to end after its current training step, estimation batch or corrected layer."""
         if not self.job.busy():
             return "Nothing is running."
         self.job.stop.set()
-        return "Stopping after the current training step (a checkpoint is written) or estimation batch..."
+        return ("Stopping after the current training step (a checkpoint is written), estimation batch or corrected "
+                "layer...")
 
     def generate(self, folder: Path, prompt: str, max_new_tokens: int) -> dict[str, Completion] | None:
         """Greedy completions of the prompt by the base model and by the run in `folder` with its adapter (its model

@@ -160,13 +160,14 @@ def what_to_lower(estimate: dict[str, float], room_gib: float) -> str:
     return "lower batch_size or max_length (and keep gradient checkpointing on)"
 
 
-def fit_advice(estimate: dict[str, float], card_gib: float) -> str:
-    """Whether the estimated peak fits a card of card_gib with CUDA_HEADROOM_BYTES to spare, and if not, what to
-    lower."""
-    headroom = CUDA_HEADROOM_BYTES / GIB
+def fit_advice(estimate: dict[str, float], card_gib: float, cuda: bool = True) -> str:
+    """Whether the estimated peak fits a card of card_gib with CUDA_HEADROOM_BYTES to spare (cuda), or card_gib of
+    RAM as it is, and if not, what to lower."""
+    headroom = CUDA_HEADROOM_BYTES / GIB if cuda else 0.0
     room = card_gib - headroom
     if estimate["total"] <= room:
-        return f"fits ({estimate['total']:.1f} of {card_gib:.1f} GiB, {headroom:.0f} GiB left for the CUDA context)"
+        spare = f", {headroom:.0f} GiB left for the CUDA context" if cuda else " of available RAM"
+        return f"fits ({estimate['total']:.1f} of {card_gib:.1f} GiB{spare})"
     return (f"does not fit ({estimate['total']:.1f} GiB against {room:.1f} usable of {card_gib:.1f}): "
             f"{what_to_lower(estimate, room)}")
 

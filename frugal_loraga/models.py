@@ -31,6 +31,9 @@ from .lora import LINEAR
 from .nf4 import FourBitWeight
 
 log = logging.getLogger("frugal_loraga")
+# bitsandbytes warns at import, on a CPU with AVX-512 BF16, that its packed 4-bit CPU kernel (from the `kernels`
+# package) did not load: load_base switches that kernel off (its packing has no backward), so the warning only alarms.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DECODER_ONLY = "frugal-loraga fine-tunes decoder-only causal language models (Llama, Qwen, Mistral, Gemma, ...)"

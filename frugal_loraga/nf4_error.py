@@ -138,7 +138,9 @@ def nf4_corrections(model: nn.Module, targets: dict[str, nn.Module], batches: li
     """name -> (L, R) for every 4-bit target inside the decoder layers whose original weight is in `weights` (the
     others are named in a warning), from the calibration `batches` (input_ids, attention_mask), a group of layers at
     a time holding at most `budget_bytes`; a layer whose X^T X does not fit alone is weighted by its diagonal (named in
-    a warning). progress(done, total) at the start and after each group. The model is left as it was found.
+    a warning). progress(done, total) at the start and as each group's forwards end and each layer's correction is
+    made, in units of half a layer (a layer counts one for its group's forwards and one for its own SVD), so that the
+    time left shows, and a stop takes effect, within a group. The model is left as it was found.
     One forward keeps every block's inputs on the CPU; then each group runs only its own blocks, from the hidden state
     entering its first block, which is carried up past each group once its corrections are in place: about three
     forwards of the network in all, whatever the number of groups."""
@@ -163,23 +165,29 @@ def nf4_corrections(model: nn.Module, targets: dict[str, nn.Module], batches: li
     try:
         model.eval()
         model.config.use_cache = False
-        if progress:
-            progress(0, len(groups))
+        done, total = 0, 2 * len(names)
+
+        def advance(units: int) -> None:
+            nonlocal done
+            done += units
+            if progress:
+                progress(done, total)
+        advance(0)
         with torch.no_grad(), attention_for({batch["input_ids"].shape[1] for batch in batches}):
             kept, hidden = _block_inputs(model, blocks, batches), None
             at = 0  # hidden: the state entering block `at`, per batch, on the CPU
-            for done, group in enumerate(groups):
+            for group in groups:
                 first, last = index[group[0]], index[group[-1]]
                 hidden = _carried(blocks, kept, hidden, at, first, batches)
                 at = first
                 weightings = _weightings(blocks, kept, hidden, first, last, {n: targets[n] for n in group},
                                          {n: full[n] for n in group}, batches)
+                advance(len(group))
                 for name in group:
                     corrections[name] = _correction(targets[name], weights.weight(name, shapes[name]),
                                                     weightings.pop(name), rank, svd)
+                    advance(1)
                 replace(model, {n: FrozenLinear(targets[n], corrections[n]) for n in group})  # for the groups above
-                if progress:
-                    progress(done + 1, len(groups))
     finally:
         replace(model, targets)
         model.train(was_training)

@@ -10,7 +10,8 @@ class Phase(str, Enum):
     """A run's phases, in order. Each is its own text, so that a callback may compare it with a string."""
     LOADING_DATA = "loading data"
     LOADING_MODEL = "loading the model"
-    CORRECTING = "correcting the 4-bit error"  # done / total: groups of decoder layers (load_in_4bit, nf4_error_rank)
+    CORRECTING = "correcting the 4-bit error"  # done / total: target layers, each twice: its group's forwards, then
+    # its SVD (load_in_4bit, nf4_error_rank)
     COMPILING = "compiling the decoder layers"  # before the estimate's first batch, and training's first step
     ESTIMATING = "estimating gradients"  # done / total: batches x groups
     TRAINING = "training"  # done / total: steps

@@ -302,9 +302,12 @@ def test_the_cli_command_of_the_form_runs_the_same_settings(tiny_model_dir):
                                    columns="text=body", eval_upload="/somewhere/held out.jsonl", run_name="my run"))
     assert shown.startswith("```bash\nfrugal-loraga train --model ") and shown.endswith("\n```")
     for flag in ("--no-load-in-4bit", "--rank 4", "--lr 3e-05", "--steps 12", "--max-length 96",
-                 "--estimation-samples 8", f"--out {os.path.relpath(app.RUNS / 'my_run')}", f"--data {app.SAMPLE}", "--grad-accum 2",
+                 "--estimation-samples 8", f"--out {app.RUNS / 'my_run'}", f"--data {app.SAMPLE}", "--grad-accum 2",
                  "--schedule linear", "--grad-budget-gib 0.5", "--columns text=body", "--eval-data 'held out.jsonl'"):
         assert flag in shown, flag
+    assert "--no-progress" not in shown  # the command is run in a terminal, which shows the progress bars
+    assert re.search(r"--out \S*runs/lora_ga-\d{8}-\d{6}\b", app.show_command(*form(model=str(tiny_model_dir),
+                                                                                 init="lora_ga")))
 
 
 def test_the_model_field_is_looked_up_when_left_not_on_every_keystroke():

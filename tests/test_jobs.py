@@ -138,8 +138,8 @@ def test_stop_ends_the_job_with_what_was_kept(runner, engine, calls):
     runner.launch("x", CONFIGS)
     while runner.job.phase != "lora_ga: training":
         runner.job.thread.join(0.01)
-    assert runner.stop() == ("Stopping after the current training step (a checkpoint is written) or estimation "
-                             "batch...")
+    assert runner.stop() == ("Stopping after the current training step (a checkpoint is written), estimation batch "
+                             "or corrected layer...")
     runner.job.thread.join(10)
     assert runner.job.status() == ("**idle** Stopped; a checkpoint was saved. Select the run and press Resume to "
                                    "continue.")

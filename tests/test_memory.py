@@ -83,6 +83,7 @@ def test_the_default_budget_counts_the_allocators_cache_as_free(monkeypatch):
 def test_fit_advice_names_the_setting_behind_the_peak():
     parts = {"weights": 3.5, "init_estimate": 2.0, "training_activations": 1.0, "adapter_and_optimizer": 0.1}
     assert fit_advice({**parts, "total": 5.5}, 8) == "fits (5.5 of 8.0 GiB, 1 GiB left for the CUDA context)"
+    assert fit_advice({**parts, "total": 7.5}, 8, cuda=False) == "fits (7.5 of 8.0 GiB of available RAM)"
     assert fit_advice({**parts, "total": 7.5}, 8) == ("does not fit (7.5 GiB against 7.0 usable of 8.0): lower "
                                                       "estimation_batch_size or grad_budget_gib")
     assert fit_advice({**parts, "training_activations": 3.0, "total": 7.5}, 8).endswith("lower batch_size or "

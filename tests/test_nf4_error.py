@@ -98,8 +98,12 @@ def test_the_corrected_4bit_model_is_nearer_the_original(deep_model_dir, sample_
     with caplog.at_level(logging.WARNING, "frugal_loraga"):
         corrections = nf4_corrections(model, targets, batches, 16, budget, OriginalWeights(deep_model_dir),
                                       lambda done, total: seen.append((done, total)))
-    groups = 4 if full else len(targets)  # a group a decoder layer, or a layer
-    assert seen == [(done, groups) for done in range(groups + 1)]
+    sizes = [7] * 4 if full else [1] * len(targets)  # a group a decoder layer (its 7 targets), or a layer
+    expected, done = [0], 0
+    for size in sizes:  # the group's forwards count a unit per layer, then each layer's SVD one
+        expected += [done + size + k for k in range(size + 1)]
+        done += 2 * size
+    assert seen == [(d, 2 * len(targets)) for d in expected]
     assert ("weighted by input sizes only" in caplog.text) != full
     assert set(corrections) == set(targets)
     assert all(dict(model.named_modules())[n] is m for n, m in targets.items())
