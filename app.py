@@ -331,9 +331,13 @@ def export_zip(selected: str = ""):
         return None, f"{folder.name} has no adapter yet."
     archive = shutil.make_archive(str(folder / f"{folder.name}-adapter"), "zip", folder / "adapter")
     model = run_config(folder).model
-    base = str(resolve_model_path("demo")) if model == "demo" else model
-    code = ("```python\nfrom transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n"
-            f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), 'adapter_folder')\n```")
+    demo = model == "demo"  # its folder is the one frugal-loraga converts on each machine
+    base = "demo_model_dir()" if demo else repr(model)
+    code = (f"Unzip {Path(archive).name} into a folder `{folder.name}-adapter`, then:\n\n"
+            "```python\nfrom transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n"
+            + ("from frugal_loraga.models import demo_model_dir\n" if demo else "")
+            + f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base}), "
+              f"{folder.name + '-adapter'!r})\n```")
     return archive, code
 
 
@@ -447,6 +451,7 @@ def build_ui() -> gr.Blocks:
         timer = gr.Timer(1.0, active=False)
         shown = [status_box, plot, timer, runs, selected]
         timer.tick(poll, selected, shown)
+        timer.tick(lambda: "", None, notice_box)  # a button's answer is stale once the status line has moved on
         ui.load(poll, selected, shown)  # a reloaded page picks up the runs and a running job
         start_button.click(start, form, notice_box).then(poll, selected, shown)
         resume_button.click(resume, selected, notice_box).then(poll, selected, shown)

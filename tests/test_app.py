@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def test_memory_estimate_names_the_device(tiny_model_dir):
                                                                                "lora_ga")
 
 
-def test_train_with_baseline_plot_try_and_export(tiny_model_dir, monkeypatch):
+def test_train_with_baseline_plot_try_and_export(tiny_model_dir, monkeypatch, tmp_path):
     args = dict(model=str(tiny_model_dir), init="lora_ga", steps=4, baseline=True)
     assert app.start(*form(**args, run_name="first")) == "Started first."
     assert "already in progress" in app.start(*form(**args, run_name="second"))
@@ -93,7 +94,12 @@ def test_train_with_baseline_plot_try_and_export(tiny_model_dir, monkeypatch):
     assert base.endswith("[cut at 5 new tokens]") and isinstance(adapted, str)
     assert allowed and not any(allowed)  # each new token is a new length, which cuDNN's attention would plan for
     archive, code = app.export_zip("first-lora")
-    assert archive.endswith("first-lora-adapter.zip") and "PeftModel.from_pretrained" in code
+    assert archive.endswith("first-lora-adapter.zip") and code.startswith("Unzip first-lora-adapter.zip into a folder")
+    shutil.unpack_archive(archive, tmp_path / "first-lora-adapter")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(code.split("```python\n")[1].split("```")[0], scope)  # the code the page shows, as a user runs it
+    assert type(scope["model"]).__name__ == "PeftModelForCausalLM"
     assert app.try_prompt("x", 5, "")[0].startswith("Train first, or select a run")
     assert app.delete_run("first-lora") == "Deleted first-lora." and list(app.runs_table()["name"]) == ["first"]
 
@@ -315,6 +321,16 @@ def test_the_model_field_is_looked_up_when_left_not_on_every_keystroke():
     model = next(b for b in ui.blocks.values() if getattr(b, "label", "") == "Model: 'demo', a local folder, or a hub id")
     events = {event for fn in ui.fns.values() for block_id, event in fn.targets if block_id == model._id}
     assert events == {"select", "blur"}  # a hub id typed letter by letter would be looked up for each
+
+
+def test_a_buttons_answer_is_cleared_while_a_job_runs():
+    """'Started x.' or 'Stopping...' would otherwise stay beside the status line's later news ('Finished.')."""
+    ui = app.build_ui()
+    timer = next(b for b in ui.blocks.values() if isinstance(b, app.gr.Timer))
+    cleared = [fn for fn in ui.fns.values() if (timer._id, "tick") in fn.targets and len(fn.outputs) == 1]
+    assert len(cleared) == 1 and cleared[0].fn() == ""
+    start = next(fn for fn in ui.fns.values() if fn.fn is app.start)
+    assert cleared[0].outputs == start.outputs  # the notice box
 
 
 def test_the_model_list_offers_the_demo_the_model_folders_and_the_cache(tmp_path, monkeypatch):
