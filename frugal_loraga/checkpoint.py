@@ -225,10 +225,20 @@ def factors_from_checkpoint(adapter: dict, device: torch.device) -> tuple[dict, 
     return factors, corrections
 
 
+def with_absolute_paths(config: Config) -> dict:
+    """config.to_dict() with its files and folders (data, eval_data, out, a local model) as absolute paths: a run
+    started in one folder (the CLI in a terminal) resumes from another (the app)."""
+    settings = config.to_dict()
+    for key in ("data", "eval_data", "out", "model"):
+        if settings[key] and (key != "model" or Path(settings[key]).expanduser().exists()):
+            settings[key] = str(Path(settings[key]).expanduser().absolute())
+    return settings
+
+
 def write_record(config: Config, inputs: dict, status: str, message: str = "") -> None:
     """out/run.json with the run's settings, inputs and status (running, stopped, finished, failed), and the process
     that wrote it (host and pid: whether a run said to be running still is, runs.live_status)."""
-    record = {"config": config.to_dict(), "inputs": inputs, "status": status, "message": message,
+    record = {"config": with_absolute_paths(config), "inputs": inputs, "status": status, "message": message,
               "updated": time.time(), "host": socket.gethostname(), "pid": os.getpid()}
     atomic_write(Path(config.out) / RECORD, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
 

@@ -286,6 +286,16 @@ def test_nothing_of_the_model_outlives_the_run_with_gc_off(tiny_model_dir, sampl
         gc.enable()
 
 
+def test_the_record_names_files_by_absolute_paths(tiny_model_dir, sample_path, tmp_path, monkeypatch):
+    """A CLI run given relative paths in a terminal is resumed by the app, which runs in another folder."""
+    monkeypatch.chdir(sample_path.parent)
+    folder = tmp_path / "run"
+    stop = threading.Event()
+    finetune(tiny_config(tiny_model_dir, sample_path.name, folder, load_in_4bit=False), stop=stop,
+             progress=lambda phase, done, total, metrics: phase == "training" and done == 1 and stop.set())
+    assert run_config(folder).data == str(sample_path) and run_config(folder).out == str(folder)
+
+
 def test_each_run_keeps_a_record_that_lists_and_resumes_it(tiny_model_dir, sample_path, tmp_path, monkeypatch):
     root = tmp_path / "runs"
     stop = threading.Event()
@@ -307,6 +317,7 @@ def test_each_run_keeps_a_record_that_lists_and_resumes_it(tiny_model_dir, sampl
     monkeypatch.undo()
     config = run_config(root / "stopped")  # the settings from the folder alone, as after an app restart
     assert config.steps == 3 and config.lr == 3e-3 and config.estimation_samples == 4
+    monkeypatch.chdir(tmp_path / "runs" / "stopped")  # elsewhere: the record's paths are absolute
     resumed = finetune(dataclasses.replace(config, resume=True))
     assert [s for s, _ in resumed.metrics["train_loss"]] == [1, 2, 3]
     assert read_record(root / "stopped")["status"] == "finished"
