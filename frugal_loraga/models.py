@@ -368,8 +368,9 @@ def load_base(config: Config, path: str):
 
 
 def warn_unquantized(model: nn.Module) -> None:
-    """Say which linear layers transformers' 4-bit loading left in 16 bits (it leaves out whole families, such as
-    Falcon's): they are not 4-bit and hold 16-bit memory."""
+    """Say which weights transformers' 4-bit loading left in 16 bits: linear layers (it leaves out whole families, such
+    as Falcon's) and mixture-of-experts expert stacks (3-D parameters, which it never quantizes). They are not 4-bit
+    and hold 16-bit memory."""
     head = model.get_output_embeddings()
     linear = [(name, m) for name, m in model.named_modules() if isinstance(m, LINEAR) and m is not head]
     unquantized = [name for name, m in linear if FourBitWeight.of(m) is None]
@@ -377,6 +378,12 @@ def warn_unquantized(model: nn.Module) -> None:
         log.warning("load_in_4bit: transformers left %d of the %d linear layers of %s in 16 bits (%s, ...): they are "
                     "not quantized and take 16-bit memory", len(unquantized), len(linear), type(model).__name__,
                     unquantized[0])
+    experts = [(name, p) for name, p in model.named_parameters() if p.dim() >= 3 and p.is_floating_point()]
+    if experts:
+        gib = sum(p.numel() * p.element_size() for _, p in experts) / 2**30
+        log.warning("load_in_4bit: transformers left the %d expert stacks of %s in 16 bits (%s, ...: %.2f GiB); "
+                    "they are not quantized, and not adapted (mixture-of-experts experts are not supported yet)",
+                    len(experts), type(model).__name__, experts[0][0], gib)
 
 
 def release(model: nn.Module) -> None:

@@ -2,6 +2,7 @@
 fp32: the streamed estimate (one decoder layer a group) against the exact gradient, step 0 unchanged bit for bit,
 training through finetune, and its export reloaded by PEFT on the base model giving our logits."""
 import logging
+import re
 
 import pytest
 import torch
@@ -110,3 +111,12 @@ def test_a_4bit_load_names_the_layers_transformers_left_in_16_bits(tmp_path, cap
         load_model(Config(model=str(folder), data="unused", load_in_4bit=True))
     assert "transformers left 8 of the 8 linear layers of FalconForCausalLM in 16 bits " \
            "(transformer.h.0.self_attention.query_key_value, ...)" in caplog.text
+
+
+def test_a_4bit_load_names_the_expert_stacks_left_in_16_bits(tmp_path, caplog):
+    folder = save_tiny(tmp_path / "mixtral", "mixtral")
+    with caplog.at_level(logging.WARNING, "frugal_loraga"):
+        load_model(Config(model=str(folder), data="unused", load_in_4bit=True))
+    assert re.search(r"transformers left the 4 expert stacks of MixtralForCausalLM in 16 bits "
+                     r"\(model.layers.0.mlp.experts.gate_up_proj, ...: \d\.\d\d GiB\); they are not quantized, and not "
+                     r"adapted", caplog.text)
