@@ -45,6 +45,15 @@ SETTINGS = ["data_format", "columns", "chat_template", "model", "load_in_4bit", 
             "compile"]  # Config fields on the form
 FORM = ["upload", "eval_upload", *SETTINGS, "baseline", "run_name"]  # the Train form, in the order handlers take it
 JOBS = Jobs()  # the page's one job at a time, and its Try model
+LABELS: dict[str, str] = {}  # Config setting -> its field's label on the page (build_ui fills it)
+
+
+def error_text(error: Exception) -> str:
+    """An error as the page shows it: with the label, on the page, of the first setting it names by its Config name
+    (the CLI's), so that a newcomer finds the field."""
+    text = str(error)
+    named = [(match.start(), name) for name in LABELS if (match := re.search(rf"\b{name}\b", text))]
+    return f"**Error:** {text}" + (f" (the field '{LABELS[min(named)[1]]}')" if named else "")
 
 
 def sanitize_name(name: str) -> str:
@@ -114,7 +123,7 @@ def preview(upload, data_format, model, max_length, columns=None, chat_template=
         examples, report = load_examples(path, data_format, tokenizer, int(max_length), config.column_map(),
                                          chat_template)
     except (ConfigError, DataError, OSError) as e:
-        return f"**Error:** {e}"
+        return error_text(e)
     except (TypeError, ValueError) as e:
         return f"**Error:** max length needs a number ({e})"
     rows = []
@@ -140,7 +149,7 @@ def memory_estimate(model, load_in_4bit, rank, batch_size, max_length, init,
         model_config = AutoConfig.from_pretrained(resolve_model_path(checked_model(settings["model"])))
         estimate = estimate_memory_gib(model_config, Config(data="-", **settings), card_bytes)
     except (ConfigError, OSError) as e:
-        return f"**Error:** {e}"
+        return error_text(e)
     parts = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in estimate.items() if k != "total")
     slow = (" On the CPU a 4-bit run is slower (every weight is dequantized at each use, and the 4-bit error is "
             "corrected first): untick 4-bit (NF4) for a quicker run of a small model." if settings["load_in_4bit"]
@@ -213,7 +222,7 @@ def show_command(*values):
     try:
         config = form_configs(form, run_name_or(form["run_name"], default_run_name(form["init"])), stored=False)[0]
     except (ConfigError, DataError) as e:
-        return f"**Error:** {e}"
+        return error_text(e)
     return f"```bash\n{command_line(config)}\n```"
 
 
@@ -228,7 +237,7 @@ def start(*values):
                                   "press Resume")
         configs = form_configs(form, name, stored=True)  # every field checked before a file is copied
     except (ConfigError, DataError) as e:
-        return f"**Error:** {e}"
+        return error_text(e)
     return JOBS.launch(name, configs)
 
 
@@ -239,7 +248,7 @@ def resume(selected: str):
         check_not_running_elsewhere(folder)
         config = resume_config(folder)
     except (ConfigError, FileNotFoundError) as e:
-        return f"**Error:** {e}"
+        return error_text(e)
     return JOBS.launch(selected, [config])
 
 
@@ -257,7 +266,7 @@ def delete_run(selected: str) -> str:
         folder = run_folder(selected)
         check_not_running_elsewhere(folder)
     except ConfigError as e:
-        return f"**Error:** {e}"
+        return error_text(e)
     with JOBS.idle() as idle:
         if not idle:
             return "A run is in progress: stop it before deleting runs."
@@ -436,6 +445,7 @@ def build_ui() -> gr.Blocks:
                      estimation_batch_size=estimation_batch_size, grad_budget_gib=grad_budget_gib,
                      nf4_error_rank=nf4_error_rank, compile=compile_on, baseline=baseline, run_name=run_name)
         form = [named[name] for name in FORM]
+        LABELS.update({name: named[name].label for name in SETTINGS if "_" in name})  # names no sentence uses
         preview_inputs = [upload, data_format, model, max_length, columns, chat_template]
         preview_button.click(preview, preview_inputs, preview_box)
         upload.change(preview, preview_inputs, preview_box)  # a new file, or none (the sample), is shown at once

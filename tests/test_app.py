@@ -38,6 +38,7 @@ def runs_in_tmp(tmp_path, tmp_path_factory, monkeypatch):
     monkeypatch.setattr(app, "UPLOADS", tmp_path)
     monkeypatch.setattr(app, "MODEL_ROOTS", [tmp_path_factory.getbasetemp()])
     monkeypatch.setattr(app, "JOBS", jobs.Jobs())
+    monkeypatch.setattr(app, "LABELS", {})  # as before build_ui: the messages as the package words them
 
 
 def test_uploads_are_sanitized_size_limited_and_typed(tmp_path, monkeypatch):
@@ -213,6 +214,13 @@ def test_a_field_of_the_wrong_kind_is_named_before_anything_runs(tiny_model_dir,
     for handler in (app.start, app.show_command):
         assert message in handler(*form(**{"model": str(tiny_model_dir), field: value}))
     assert not (app.RUNS).exists()
+
+
+def test_an_error_names_the_field_by_its_label_on_the_page(tiny_model_dir):
+    app.build_ui()
+    assert app.show_command(*form(model=str(tiny_model_dir), grad_budget_gib="lots")) == (
+        "**Error:** grad_budget_gib needs a number, got 'lots' (the field 'Gradient budget (GiB)')")
+    assert app.show_command(*form(model=str(tiny_model_dir), steps=0)) == "**Error:** steps must be at least 1, got 0"
 
 
 @pytest.mark.parametrize("typed, budget", [("", None), ("  ", None), ("1.5", 1.5), (2, 2.0)])
