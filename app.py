@@ -461,7 +461,6 @@ def build_ui() -> gr.Blocks:
         timer = gr.Timer(1.0, active=False)
         shown = [status_box, plot, timer, runs, selected]
         timer.tick(poll, selected, shown)
-        timer.tick(lambda: "", None, notice_box)  # a button's answer is stale once the status line has moved on
         ui.load(poll, selected, shown)  # a reloaded page picks up the runs and a running job
         start_button.click(start, form, notice_box).then(poll, selected, shown)
         resume_button.click(resume, selected, notice_box).then(poll, selected, shown)

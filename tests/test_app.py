@@ -331,16 +331,6 @@ def test_the_model_field_is_looked_up_when_left_not_on_every_keystroke():
     assert events == {"select", "blur"}  # a hub id typed letter by letter would be looked up for each
 
 
-def test_a_buttons_answer_is_cleared_while_a_job_runs():
-    """'Started x.' or 'Stopping...' would otherwise stay beside the status line's later news ('Finished.')."""
-    ui = app.build_ui()
-    timer = next(b for b in ui.blocks.values() if isinstance(b, app.gr.Timer))
-    cleared = [fn for fn in ui.fns.values() if (timer._id, "tick") in fn.targets and len(fn.outputs) == 1]
-    assert len(cleared) == 1 and cleared[0].fn() == ""
-    start = next(fn for fn in ui.fns.values() if fn.fn is app.start)
-    assert cleared[0].outputs == start.outputs  # the notice box
-
-
 def test_the_model_list_offers_the_demo_the_model_folders_and_the_cache(tmp_path, monkeypatch):
     for folder in ("b", "a", "not-a-model"):
         (tmp_path / "models" / folder).mkdir(parents=True)
