@@ -96,6 +96,10 @@ def check_outputs(config: Config) -> None:
         if metrics.exists() and not (config.resume or config.overwrite):
             raise ConfigError(f"metrics_json={metrics} exists; choose another path, or replace it with overwrite "
                               "(--overwrite)")
+    record = read_record(out)
+    if record is not None and running_elsewhere(record) and (config.resume or config.overwrite):
+        raise ConfigError(f"{out} is being run by another process (pid {record['pid']}); wait for it to end or stop it "
+                          "(Ctrl-C in its terminal)")
     existing = checkpoint_path(out).exists()
     adapters = [str(out / folder / ADAPTER_FILES[1]) for folder in ADAPTER_FOLDERS
                 if (out / folder / ADAPTER_FILES[1]).exists()]
@@ -107,15 +111,17 @@ def check_outputs(config: Config) -> None:
         raise ConfigError(f"nothing to resume: {checkpoint_path(out)} does not exist; start a new run without resume, "
                           "or point out at the folder of the run to continue")
     if existing and not config.resume and not config.overwrite:
-        raise ConfigError(f"{out} already holds a run ({checkpoint_path(out)}); continue it with resume "
-                          "(--resume), choose another out folder, or replace it with overwrite (--overwrite)")
+        resumable = "" if record is not None and record["status"] == "finished" else \
+            "continue it with resume (--resume), "
+        raise ConfigError(f"{out} already holds a run ({checkpoint_path(out)}); {resumable}choose another out folder, "
+                          "or replace it with overwrite (--overwrite)")
 
 
 def check_unfinished(out: str | Path, resume: bool) -> None:
     """ConfigError for a resume of a run that has finished: it would train nothing and export the same adapter
     again. (A run whose last checkpoint was written but whose export was cut short is not finished: it resumes.)"""
     record = read_record(out)
-    if resume and record is not None and record["status"] == "finished":
+    if resume and record is not None and record["status"] == "finished" and has_adapter(out):
         raise ConfigError(f"the run in {out} has finished its {record['config']['steps']} steps (its adapter is in "
                           f"{Path(out) / ADAPTER_FOLDERS[0]}): nothing to resume; to train more, start a new run")
 
@@ -225,21 +231,47 @@ def factors_from_checkpoint(adapter: dict, device: torch.device) -> tuple[dict, 
     return factors, corrections
 
 
+def process_identity(pid: int) -> Optional[str]:
+    """Which process runs under pid, None when none does: on Linux its start time since boot (/proc), which tells it
+    from a later process that reuses the pid; elsewhere only whether one is alive."""
+    if Path("/proc/self/stat").exists():
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        except (OSError, IndexError):
+            return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # another user's process
+        pass
+    return "alive"
+
+
+def running_elsewhere(record: dict) -> bool:
+    """Whether another live process on this machine runs the run of this record now (the CLI in a terminal, say)."""
+    pid = record.get("pid")
+    return (record["status"] == "running" and record.get("host") == socket.gethostname() and isinstance(pid, int)
+            and pid > 0 and pid != os.getpid() and record.get("process") is not None
+            and process_identity(pid) == record["process"])
+
+
 def with_absolute_paths(config: Config) -> dict:
     """config.to_dict() with its files and folders (data, eval_data, out, a local model) as absolute paths: a run
     started in one folder (the CLI in a terminal) resumes from another (the app)."""
     settings = config.to_dict()
-    for key in ("data", "eval_data", "out", "model"):
-        if settings[key] and (key != "model" or Path(settings[key]).expanduser().exists()):
+    for key in ("data", "eval_data", "out", "model"):  # the model: a local folder, not 'demo' or a hub id
+        if settings[key] and (key != "model" or settings[key] != "demo" and Path(settings[key]).expanduser().exists()):
             settings[key] = str(Path(settings[key]).expanduser().absolute())
     return settings
 
 
 def write_record(config: Config, inputs: dict, status: str, message: str = "") -> None:
     """out/run.json with the run's settings, inputs and status (running, stopped, finished, failed), and the process
-    that wrote it (host and pid: whether a run said to be running still is, runs.live_status)."""
+    that wrote it (host, pid and process_identity: whether a run said to be running still is, running_elsewhere)."""
     record = {"config": with_absolute_paths(config), "inputs": inputs, "status": status, "message": message,
-              "updated": time.time(), "host": socket.gethostname(), "pid": os.getpid()}
+              "updated": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
+              "process": process_identity(os.getpid())}
     atomic_write(Path(config.out) / RECORD, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
 
 

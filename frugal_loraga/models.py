@@ -378,7 +378,8 @@ def warn_unquantized(model: nn.Module) -> None:
         log.warning("load_in_4bit: transformers left %d of the %d linear layers of %s in 16 bits (%s, ...): they are "
                     "not quantized and take 16-bit memory", len(unquantized), len(linear), type(model).__name__,
                     unquantized[0])
-    experts = [(name, p) for name, p in model.named_parameters() if p.dim() >= 3 and p.is_floating_point()]
+    experts = [(name, p) for name, p in model.named_parameters()
+               if p.dim() >= 3 and p.is_floating_point() and "expert" in name]  # not a hybrid's convolutions
     if experts:
         gib = sum(p.numel() * p.element_size() for _, p in experts) / 2**30
         log.warning("load_in_4bit: transformers left the %d expert stacks of %s in 16 bits (%s, ...: %.2f GiB); "

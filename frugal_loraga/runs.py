@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 from pathlib import Path
 
-from .checkpoint import check_unfinished, checkpoint_path, has_adapter, read_record
+from .checkpoint import check_unfinished, checkpoint_path, has_adapter, read_record, running_elsewhere
 from .config import Config, ConfigError
 
 
@@ -26,7 +25,7 @@ def resume_config(folder: str | Path) -> Config:
     """The settings that continue the run in folder: from its checkpoint, or, for a run that ended before writing one
     (stopped or failed before training began: nothing was saved), the same run started over. ConfigError for a run
     that has finished."""
-    config = run_config(folder)
+    config = dataclasses.replace(run_config(folder), out=str(Path(folder).absolute()))  # where it is now, if moved
     check_unfinished(folder, resume=True)
     if checkpoint_path(folder).exists():
         return dataclasses.replace(config, resume=True, overwrite=False)
@@ -39,32 +38,22 @@ def final_loss(metrics: dict, key: str):
     return curve[-1][1] if curve else None
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def live_status(record: dict, busy_here: bool) -> str:
-    """The record's status, a 'running' one checked against its process: 'running' while this process runs a job
-    (busy_here) or its own process is alive on this machine ('running elsewhere' when that is another process),
-    'interrupted' once that process has ended without saying so. A run on another machine stays 'running'."""
-    if record["status"] != "running" or record.get("host", socket.gethostname()) != socket.gethostname():
+    """The record's status, a 'running' one checked against its process: 'running elsewhere' while another live
+    process on this machine runs it (checkpoint.running_elsewhere), 'running' while this process runs a job
+    (busy_here) and wrote it, else 'interrupted': its process ended before it could say so (or ran on another
+    machine, which cannot be asked)."""
+    if record["status"] != "running":
         return record["status"]
-    pid = record.get("pid")
-    if pid == os.getpid() or pid is None:
-        return "running" if busy_here else "interrupted"
-    return "running elsewhere" if pid_alive(pid) else "interrupted"
+    if running_elsewhere(record):
+        return "running elsewhere"
+    return "running" if busy_here and record.get("pid") in (os.getpid(), None) else "interrupted"
 
 
 def check_not_running_elsewhere(folder: str | Path) -> None:
     """ConfigError while another process on this machine runs the run in folder (from the CLI, say)."""
     record = read_record(folder)
-    if record is not None and live_status(record, busy_here=False) == "running elsewhere":
+    if record is not None and running_elsewhere(record):
         raise ConfigError(f"{Path(folder).name} is running in another process (pid {record['pid']}); stop it (Ctrl-C "
                           "in its terminal) or wait for it to end")
 

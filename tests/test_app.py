@@ -16,6 +16,7 @@ import torch
 import app
 from conftest import free_port, write_jsonl
 from frugal_loraga import jobs
+from frugal_loraga.checkpoint import process_identity
 from frugal_loraga.eta import JobClock
 
 
@@ -289,9 +290,11 @@ def test_a_run_of_another_live_process_shows_as_running_elsewhere_and_is_left_al
     try:
         folder = tmp_path / "runs" / "cli"
         folder.mkdir(parents=True)
-        (folder / "run.json").write_text(json.dumps({"config": {"init": "lora", "model": "demo", "steps": 9},
-                                                     "status": "running", "updated": 0, "pid": other.pid,
-                                                     "host": socket.gethostname()}))
+        record = {"config": {"init": "lora", "model": "demo", "steps": 9}, "status": "running", "updated": 0,
+                  "pid": other.pid, "host": socket.gethostname(), "process": "another process, same pid"}
+        (folder / "run.json").write_text(json.dumps(record))
+        assert app.runs_table().set_index("name").loc["cli", "status"] == "interrupted"  # its pid, reused
+        (folder / "run.json").write_text(json.dumps({**record, "process": process_identity(other.pid)}))
         assert app.runs_table().set_index("name").loc["cli", "status"] == "running elsewhere"
         for handler in (app.resume, app.delete_run):
             assert f"cli is running in another process (pid {other.pid})" in handler("cli")

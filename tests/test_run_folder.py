@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ import torch
 import frugal_loraga.api as api_module
 import frugal_loraga.checkpoint as checkpoint_module
 from frugal_loraga import Config, ConfigError, DataError, RunError, finetune
-from frugal_loraga.checkpoint import checkpoint_path, read_record
+from frugal_loraga.checkpoint import checkpoint_path, process_identity, read_record
 from frugal_loraga.runs import list_runs, run_config
 from frugal_loraga.cli import build_parser, command_line, ctrl_c_stops, join_negative_values, main
 
@@ -103,7 +104,8 @@ def test_a_finished_run_is_not_replaced_without_overwrite(tiny_model_dir, sample
     first = finetune(tiny_config(tiny_model_dir, sample_path, out, load_in_4bit=False))
     (out / "adapter" / "README.md").write_text("my notes")  # a file the run did not write
     before = checkpoint_path(out).read_bytes()
-    with pytest.raises(ConfigError, match=r"already holds a run .*resume \(--resume\).*overwrite \(--overwrite\)"):
+    with pytest.raises(ConfigError, match=r"already holds a run \(.*state.pt\); choose another out folder, or "
+                                          r"replace it with overwrite \(--overwrite\)"):  # finished: no resume offered
         finetune(tiny_config(tiny_model_dir, sample_path, out, load_in_4bit=False, lr=1e-3))
     assert checkpoint_path(out).read_bytes() == before
     second = finetune(tiny_config(tiny_model_dir, sample_path, out, load_in_4bit=False, lr=1e-3, overwrite=True))
@@ -288,12 +290,32 @@ def test_nothing_of_the_model_outlives_the_run_with_gc_off(tiny_model_dir, sampl
 
 def test_the_record_names_files_by_absolute_paths(tiny_model_dir, sample_path, tmp_path, monkeypatch):
     """A CLI run given relative paths in a terminal is resumed by the app, which runs in another folder."""
-    monkeypatch.chdir(sample_path.parent)
-    folder = tmp_path / "run"
+    shutil.copy(sample_path, tmp_path / "data.jsonl")
+    monkeypatch.chdir(tmp_path)
     stop = threading.Event()
-    finetune(tiny_config(tiny_model_dir, sample_path.name, folder, load_in_4bit=False), stop=stop,
+    finetune(tiny_config(tiny_model_dir, "data.jsonl", "run", load_in_4bit=False), stop=stop,
              progress=lambda phase, done, total, metrics: phase == "training" and done == 1 and stop.set())
-    assert run_config(folder).data == str(sample_path) and run_config(folder).out == str(folder)
+    config = run_config(tmp_path / "run")
+    assert (config.data, config.out, config.model) == (str(tmp_path / "data.jsonl"), str(tmp_path / "run"),
+                                                       str(tiny_model_dir))
+
+
+def test_a_run_another_live_process_runs_is_not_resumed_or_replaced(tiny_model_dir, sample_path, tmp_path, capsys,
+                                                                       no_model_load):
+    out = tmp_path / "run"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        record = {"config": {}, "status": "running", "updated": 0, "host": socket.gethostname(), "pid": other.pid,
+                  "process": process_identity(other.pid)}
+        (out / "run.json").write_text(json.dumps(record))
+        for flag in ("--resume", "--overwrite"):
+            assert cli(tiny_model_dir, sample_path, out, flag) == 2
+            assert f"run is being run by another process (pid {other.pid}); wait for it" in capsys.readouterr().err
+    finally:
+        other.kill()
+        other.wait()
+    assert json.loads((out / "run.json").read_text()) == record
 
 
 def test_each_run_keeps_a_record_that_lists_and_resumes_it(tiny_model_dir, sample_path, tmp_path, monkeypatch):
