@@ -305,6 +305,17 @@ def test_a_run_of_another_live_process_shows_as_running_elsewhere_and_is_left_al
     assert app.runs_table().set_index("name").loc["cli", "status"] == "interrupted"
 
 
+def test_the_export_code_of_a_demo_run_finds_the_demo_on_any_machine(tmp_path):
+    folder = tmp_path / "runs" / "d"
+    (folder / "adapter").mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (folder / "adapter" / name).write_text("{}")
+    (folder / "run.json").write_text(json.dumps({"config": {"model": "demo", "data": "x"}, "status": "finished"}))
+    code = app.export_zip("d")[1]
+    assert "from frugal_loraga.models import demo_model_dir\n" in code
+    assert "AutoModelForCausalLM.from_pretrained(demo_model_dir()), 'd-adapter')" in code
+
+
 def test_a_run_whose_process_ended_shows_as_interrupted(tmp_path):
     folder = tmp_path / "runs" / "killed"
     folder.mkdir(parents=True)
