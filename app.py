@@ -23,13 +23,13 @@ import torch
 from frugal_loraga import Config, ConfigError, DataError
 from frugal_loraga.config import DEFAULT_LR, field_type
 from frugal_loraga.blocks import keep_compiled_graphs
-from frugal_loraga.checkpoint import has_adapter, read_record
+from frugal_loraga.checkpoint import check_not_running_elsewhere, has_adapter, read_record
 from frugal_loraga.cli import command_line
 from frugal_loraga.data import IGNORE, load_examples
 from frugal_loraga.jobs import Jobs
 from frugal_loraga.memory import card, estimate_memory_gib, fit_advice
 from frugal_loraga.models import cached_model_ids, load_tokenizer, resolve_model_path
-from frugal_loraga.runs import check_not_running_elsewhere, list_runs, resume_config, run_config
+from frugal_loraga.runs import list_runs, resume_config, run_config
 
 ROOT = Path(__file__).resolve().parent
 SAMPLE = ROOT / "data" / "sample.jsonl"

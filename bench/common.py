@@ -184,7 +184,7 @@ def our_lora(model_dir: Path, data: Path, max_length: int, checkpointing: bool =
         if reentrant:
             model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
     model.train()
-    optimizer = make_optimizer([p for layer in layers.values() for p in (layer.A, layer.B)], config, device)
+    optimizer = make_optimizer([p for layer in layers.values() for p in (layer.A, layer.B)], config)
     return model, optimizer, lambda: autocast(device, dtype)
 
 

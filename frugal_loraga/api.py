@@ -31,7 +31,8 @@ from .init import StoppedInEstimate, initial_corrections, initial_factors
 from .lora import check_correction_rank, find_targets, inject
 from .memory import check_fits, free_bytes
 from .progress import Metrics, Phase, ProgressFn
-from .models import check_weight_shapes, load_base, load_tokenizer, model_skeleton, release, resolve_device, resolve_model_path
+from .models import (check_weight_shapes, load_base, load_tokenizer, model_skeleton, release, resolve_device,
+                     resolve_model_path)
 from .train import train
 
 log = logging.getLogger("frugal_loraga")

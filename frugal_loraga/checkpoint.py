@@ -96,10 +96,9 @@ def check_outputs(config: Config) -> None:
         if metrics.exists() and not (config.resume or config.overwrite):
             raise ConfigError(f"metrics_json={metrics} exists; choose another path, or replace it with overwrite "
                               "(--overwrite)")
+    if config.resume or config.overwrite:
+        check_not_running_elsewhere(out)
     record = read_record(out)
-    if record is not None and running_elsewhere(record) and (config.resume or config.overwrite):
-        raise ConfigError(f"{out} is being run by another process (pid {record['pid']}); wait for it to end or stop it "
-                          "(Ctrl-C in its terminal)")
     existing = checkpoint_path(out).exists()
     adapters = [str(out / folder / ADAPTER_FILES[1]) for folder in ADAPTER_FOLDERS
                 if (out / folder / ADAPTER_FILES[1]).exists()]
@@ -254,6 +253,15 @@ def running_elsewhere(record: dict) -> bool:
     return (record["status"] == "running" and record.get("host") == socket.gethostname() and isinstance(pid, int)
             and pid > 0 and pid != os.getpid() and record.get("process") is not None
             and process_identity(pid) == record["process"])
+
+
+def check_not_running_elsewhere(out: str | Path) -> None:
+    """ConfigError while another process on this machine runs the run in out: it is neither resumed, replaced nor
+    deleted under that process."""
+    record = read_record(out)
+    if record is not None and running_elsewhere(record):
+        raise ConfigError(f"{Path(out).name} is being run by another process (pid {record['pid']}); wait for it to end "
+                          "or stop it (Ctrl-C in its terminal)")
 
 
 def with_absolute_paths(config: Config) -> dict:

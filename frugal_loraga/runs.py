@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from .checkpoint import check_unfinished, checkpoint_path, has_adapter, read_record, running_elsewhere
-from .config import Config, ConfigError
+from .config import Config
 
 
 def run_config(folder: str | Path) -> Config:
@@ -50,14 +50,6 @@ def live_status(record: dict, busy_here: bool) -> str:
     return "running" if busy_here and record.get("pid") in (os.getpid(), None) else "interrupted"
 
 
-def check_not_running_elsewhere(folder: str | Path) -> None:
-    """ConfigError while another process on this machine runs the run in folder (from the CLI, say)."""
-    record = read_record(folder)
-    if record is not None and running_elsewhere(record):
-        raise ConfigError(f"{Path(folder).name} is running in another process (pid {record['pid']}); stop it (Ctrl-C "
-                          "in its terminal) or wait for it to end")
-
-
 def list_runs(root: str | Path, busy_here: bool = False) -> list[dict]:
     """One row per run folder directly below root, the last updated first: name, status (live_status; busy_here:
     whether this process runs a job now), method, model, steps done and asked, final train and eval loss, and
@@ -73,8 +65,9 @@ def list_runs(root: str | Path, busy_here: bool = False) -> list[dict]:
             metrics = {}
         config = record["config"]
         steps_done = (metrics.get("train_loss") or [[0]])[-1][0]
-        rows.append({"name": folder.name, "status": live_status(record, busy_here), "init": config["init"], "model": config["model"],
-                     "steps": f"{steps_done}/{config['steps']}", "train_loss": final_loss(metrics, "train_loss"),
+        rows.append({"name": folder.name, "status": live_status(record, busy_here), "init": config["init"],
+                     "model": config["model"], "steps": f"{steps_done}/{config['steps']}",
+                     "train_loss": final_loss(metrics, "train_loss"),
                      "eval_loss": final_loss(metrics, "eval_loss"),
                      "adapter": has_adapter(folder),
                      "message": record.get("message", ""), "updated": record["updated"]})

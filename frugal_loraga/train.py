@@ -35,7 +35,7 @@ def lr_factor(step: int, config: Config) -> float:
     return {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}[config.schedule]
 
 
-def make_optimizer(params: list[torch.nn.Parameter], config: Config, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.nn.Parameter], config: Config) -> torch.optim.Optimizer:
     if config.optimizer == "paged_adamw_8bit":  # on CUDA only (Config.resolve)
         import bitsandbytes as bnb
         return bnb.optim.PagedAdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -77,7 +77,7 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
     dtype = resolve_dtype(config, device)
     params = ([p for layer in layers.values() for p in (layer.A, layer.B)] or
               [p for p in model.parameters() if p.requires_grad])
-    optimizer = make_optimizer(params, config, device)
+    optimizer = make_optimizer(params, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     start = 0
     if resume_state is not None and resume_state.get("optimizer"):
@@ -124,8 +124,9 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
                 metrics["train_loss"].append([done, step_loss])
                 if eval_examples and ((config.eval_every and done % config.eval_every == 0) or done == config.steps):
                     metrics["eval_loss"].append([done, evaluate(model, eval_examples, config, pad_id, device, dtype)])
-                metrics["train_seconds"] += time.perf_counter() - clock
-                clock = time.perf_counter()
+                now = time.perf_counter()
+                metrics["train_seconds"] += now - clock
+                clock = now
                 bar.set_postfix(loss=f"{step_loss:.4f}")
                 bar.update()
                 if progress:

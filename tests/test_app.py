@@ -297,7 +297,7 @@ def test_a_run_of_another_live_process_shows_as_running_elsewhere_and_is_left_al
         (folder / "run.json").write_text(json.dumps({**record, "process": process_identity(other.pid)}))
         assert app.runs_table().set_index("name").loc["cli", "status"] == "running elsewhere"
         for handler in (app.resume, app.delete_run):
-            assert f"cli is running in another process (pid {other.pid})" in handler("cli")
+            assert f"cli is being run by another process (pid {other.pid}); wait for it" in handler("cli")
         assert folder.exists()
     finally:
         other.kill()
