@@ -88,7 +88,7 @@ for one in "${steps[@]}"; do
       convergence_gsm) TORCHINDUCTOR_COMPILE_THREADS=2 step convergence_gsm "${SECONDS_LIMIT:-550}" convergence_gsm python3 bench/convergence.py \
                  --task gsm --methods "${METHODS:-qlora,qlora_corrected,lora_ga_ours,lora_ga_ours_uncorrected,lora}" \
                  --lrs 0:4 --seeds 3 --parallel 12 --no-fidelity
-               tar czf "$logs/convergence_gsm_runs.tgz" runs/convergence_gsm/*.json ;;
+               tar czf "$logs/convergence_gsm_runs.tgz" runs/convergence_gsm/*.json runs/convergence_gsm/*.log ;;
       tests_api) step tests_api 540 "" python3 -m pytest -q --durations=10 tests/test_api.py -k "not demo" ;;
       kernels) step kernels 120 kernels python3 bench/bench_kernels.py ;;
       24|8) step "$one" 240 "bench_7b_${one}gib_128samples_compiled" python3 bench/bench_7b.py --card-gib "$one" \
