@@ -37,6 +37,10 @@ SHAPES = {  # the model shapes the benchmarks build: (config class, its sizes)
                                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0)),
     "qwen25_14b": ("Qwen2Config", dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40,
                                        num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False)),
+    "qwen3_30b_a3b": ("Qwen3MoeConfig", dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                                             num_experts=128, num_experts_per_tok=8, num_attention_heads=32,
+                                             num_key_value_heads=4, head_dim=128, vocab_size=151936,
+                                             tie_word_embeddings=False)),
 }
 
 

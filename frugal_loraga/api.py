@@ -28,7 +28,7 @@ from .distributed import barrier, check_shares, join
 from .errors import OutOfMemory, RunError
 from .export import export_adapter
 from .init import StoppedInEstimate, initial_corrections, initial_factors
-from .lora import check_correction_rank, find_targets, inject
+from .lora import check_correction_rank, find_targets, inject, named_targets
 from .memory import check_fits, free_bytes
 from .progress import Metrics, Phase, ProgressFn
 from .models import (check_weight_shapes, load_base, load_tokenizer, model_skeleton, release, resolve_device,
@@ -96,7 +96,7 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         model, device = load_base(config, model_path)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        targets = ({name: model.get_submodule(name) for name in planned} if planned is not None
+        targets = (named_targets(model, planned) if planned is not None
                    else checked_targets(model, config, resuming=state is not None))
         if config.gradient_checkpointing:
             enable_checkpointing(model)

@@ -6,7 +6,8 @@ For the 4-bit base (with_correction), the frozen correction L R (nf4_error.py) j
   lora_A = [A ; A0 ; R],  lora_B = [B | -B0 | L / eta];
 without it, the adapter is for the original base, whose weights the correction stands in for.
 alpha' keeps PEFT's scaling at eta: alpha' = eta sqrt(r') with rsLoRA, else eta r' (sqrt(2) alpha, 2 alpha for 2r).
-Plain LoRA exports as is (rank r, alpha).
+Plain LoRA exports as is (rank r, alpha). An expert stack's experts each export so, in PEFT's layout of fused
+experts (target_parameters: experts.to_peft).
 """
 from __future__ import annotations
 
@@ -16,37 +17,44 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
+from torch import nn
 from safetensors.torch import save_file
 from transformers.pytorch_utils import Conv1D
 
 from .checkpoint import ADAPTER_FILES, atomic_write
 from .config import Config
-from .lora import LoraLinear
+from .experts import ExpertsLora, peft_prefixes, to_peft
 
 
-def export_adapter(layers: dict[str, LoraLinear], config: Config, base_model: str, out_dir: str | Path,
+def export_adapter(layers: dict[str, nn.Module], config: Config, base_model: str, out_dir: str | Path,
                    with_correction: bool = False) -> Path:
     """Write adapter_config.json + adapter_model.safetensors into out_dir, each replaced atomically; any other file
     in out_dir is left alone. with_correction: for the 4-bit base, the layers' corrections (all of one rank q)
-    included."""
+    included. Expert stacks (experts.py) export as PEFT's target_parameters, each expert's factors as above."""
     out_dir = Path(out_dir)
     q = max(layer.R.shape[0] if layer.R.numel() else 0 for layer in layers.values())
     frozen = any(layer.has_frozen for layer in layers.values())
+    stacks = {name: layer for name, layer in layers.items() if isinstance(layer, ExpertsLora)}
+    prefixes = {name: f"base_model.model.{name}" for name in layers} | peft_prefixes(stacks)
     tensors, eta = {}, config.eta
     for name, layer in layers.items():
         A, B = layer.A.detach(), layer.B.detach()
         if frozen:
-            A, B = torch.cat([A, layer.A0]), torch.cat([B, -layer.B0], dim=1)
-        if with_correction:  # a layer left uncorrected (nf4_error.py says which) gets zeros
-            L, R = layer.correction or (B.new_zeros(B.shape[0], q), A.new_zeros(q, A.shape[1]))
-            A, B = torch.cat([A, R]), torch.cat([B, L / eta], dim=1)
-        tensors[f"base_model.model.{name}.lora_A.weight"] = A.float().cpu().contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = B.float().cpu().contiguous()
-    rank = next(iter(tensors.values())).shape[0]
+            A, B = torch.cat([A, layer.A0], dim=-2), torch.cat([B, -layer.B0], dim=-1)
+        if with_correction:  # a layer left uncorrected (nf4_error.py says which) and an expert stack get zeros
+            L, R = layer.correction or (B.new_zeros(*B.shape[:-1], q), A.new_zeros(*A.shape[:-2], q, A.shape[-1]))
+            A, B = torch.cat([A, R], dim=-2), torch.cat([B, L / eta], dim=-1)
+        if name in stacks:
+            A, B = to_peft(A, B)
+        tensors[f"{prefixes[name]}.lora_A.weight"] = A.float().cpu().contiguous()
+        tensors[f"{prefixes[name]}.lora_B.weight"] = B.float().cpu().contiguous()
+    rank = (2 if frozen else 1) * config.rank + (q if with_correction else 0)
     alpha = config.alpha if rank == config.rank else eta * (math.sqrt(rank) if config.use_rslora else rank)
     peft_config = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=config.use_rslora, lora_dropout=0.0, bias="none",
-                             target_modules=sorted(layers), task_type="CAUSAL_LM", base_model_name_or_path=base_model,
-                             fan_in_fan_out=any(isinstance(layer.base, Conv1D) for layer in layers.values()))
+                             target_modules=sorted(set(layers) - set(stacks)), target_parameters=sorted(stacks),
+                             task_type="CAUSAL_LM", base_model_name_or_path=base_model,
+                             fan_in_fan_out=any(isinstance(getattr(layer, "base", None), Conv1D)
+                                                for layer in layers.values()))
     config_json = json.dumps(peft_config.to_dict(), indent=2, sort_keys=True, default=sorted)  # sets as lists
     config_file, weights_file = ADAPTER_FILES
     atomic_write(out_dir / config_file, lambda tmp: tmp.write_text(config_json))

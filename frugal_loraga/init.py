@@ -35,23 +35,36 @@ log = logging.getLogger("frugal_loraga")
 
 def lora_ga_factors(svd: LayerSVD, rank: int, direction: str, scale: str, gamma: float,
                     eta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A0 (r x n), B0 (m x r)) in fp32."""
+    """(A0 (r x n), B0 (m x r)) in fp32; stacked (E x r x n, E x m x r) for an expert stack's stacked SVD."""
     U, V, r = svd.U.float(), svd.V.float(), rank
     if direction == "ArB2r":
-        A0, B0 = V[:, :r].T, U[:, r:2 * r]
+        A0, B0 = V[..., :r].mT, U[..., r:2 * r]
     else:
-        A0, B0 = V[:, r:2 * r].T, U[:, :r]
-    m = U.shape[0]
+        A0, B0 = V[..., r:2 * r].mT, U[..., :r]
+    m = U.shape[-2]
     factor = {"stable": m ** 0.25 / gamma ** 0.5, "gd": 1 / eta, "unit": 1.0}[scale]
     return (A0 * factor).contiguous(), (B0 * factor).contiguous()
 
 
-def lora_factors(out_features: int, in_features: int, rank: int, generator: torch.Generator,
+def lora_factors(shape: tuple[int, ...], rank: int, generator: torch.Generator,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A (r x n) Kaiming-uniform, B (m x r) zeros) in fp32."""
-    bound = 1 / math.sqrt(in_features)  # kaiming_uniform_ with a = sqrt(5) gives U(-1/sqrt(n), 1/sqrt(n))
-    A = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
-    return A.to(device), torch.zeros(out_features, rank, device=device)
+    """(A (r x n) Kaiming-uniform, B (m x r) zeros) in fp32 for a weight of shape (m, n); stacked for (E, m, n)."""
+    *experts, m, n = shape
+    bound = 1 / math.sqrt(n)  # kaiming_uniform_ with a = sqrt(5) gives U(-1/sqrt(n), 1/sqrt(n))
+    A = (torch.rand(*experts, rank, n, generator=generator) * 2 - 1) * bound
+    return A.to(device), torch.zeros(*experts, m, rank, device=device)
+
+
+def unreached_experts_as_lora(name: str, svd: LayerSVD, A0: torch.Tensor, B0: torch.Tensor, rank: int,
+                              generator: torch.Generator) -> None:
+    """Experts of a stack that no estimation token was routed to have a zero gradient, so LoRA-GA would start them
+    at A0 = B0 = 0, where they could never train: they start as plain LoRA instead (in place), with a warning."""
+    unreached = svd.S[:, 0] == 0
+    if unreached.any():
+        A, B = lora_factors((int(unreached.sum()), B0.shape[-2], A0.shape[-1]), rank, generator, A0.device)
+        A0[unreached], B0[unreached] = A, B
+        log.warning("%d of the %d experts of %s got no estimation tokens: they start as plain LoRA",
+                    int(unreached.sum()), len(unreached), name)
 
 
 def estimation_batches(train_examples, config: Config, pad_id: int, device, masked: bool = False) -> list[dict]:
@@ -115,7 +128,7 @@ def initial_factors(model, targets, train_examples, config: Config, pad_id: int,
     4-bit error's (initial_corrections), in place while the gradient is estimated."""
     if config.init == "lora":
         generator = torch.Generator().manual_seed(config.seed)
-        return {n: (*lora_factors(*features(m), config.rank, generator, device), None, None)
+        return {n: (*lora_factors(features(m), config.rank, generator, device), None, None)
                 for n, m in targets.items()}, Metrics()
     batches = estimation_batches(train_examples, config, pad_id, device)
     budget = budget_bytes(config, device)
@@ -134,8 +147,11 @@ def initial_factors(model, targets, train_examples, config: Config, pad_id: int,
     log.info("gradient estimated over %d batches in %d group(s), peak gradient state %.3f GiB of %.3f GiB budget",
              stats.batches, len(stats.groups), stats.peak_state_bytes / 2**30, budget / 2**30)
     factors = {}
+    generator = torch.Generator().manual_seed(config.seed)
     for name, svd in svds.items():
         A0, B0 = lora_ga_factors(svd, config.rank, config.direction, config.scale, config.gamma, config.eta)
+        if A0.dim() == 3:
+            unreached_experts_as_lora(name, svd, A0, B0, config.rank, generator)
         factors[name] = (A0, B0, A0, B0)
     return factors, Metrics(estimation_groups=len(stats.groups), estimation_batches=stats.batches,
                             estimation_peak_state_gib=stats.peak_state_bytes / 2**30,

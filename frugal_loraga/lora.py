@@ -23,17 +23,21 @@ from transformers.pytorch_utils import Conv1D
 from .kernels.lora import lora_add
 
 from .config import ALL_LINEAR, ConfigError
+from .experts import ExpertParameter, expert_parameters, inject_experts
 from .nf4 import FourBitWeight
 
 log = logging.getLogger("frugal_loraga")
 LINEAR = (nn.Linear, Conv1D)  # Conv1D: GPT-2's linear layer, its weight stored as (in x out)
 
 
-def features(module: nn.Module) -> tuple[int, int]:
-    """(out, in) of a linear layer: m x n of y = x W^T."""
-    if isinstance(module, Conv1D):
-        return module.nf, module.nx
-    return module.out_features, module.in_features
+def features(target) -> tuple[int, ...]:
+    """The shape of a target's weight as y = x W^T sees it: (out, in) = m x n of a linear layer, (E, m, n) of an
+    expert stack (experts.py)."""
+    if isinstance(target, ExpertParameter):
+        return target.shape
+    if isinstance(target, Conv1D):
+        return target.nf, target.nx
+    return target.out_features, target.in_features
 
 
 Correction = tuple[torch.Tensor, torch.Tensor]  # (L (m x q), R (q x n)): y += (x R^T) L^T
@@ -91,29 +95,32 @@ class LoraLinear(FrozenLinear):
         return lora_add(self.base_forward(x), x, self.A, self.B, self.A0, self.B0, self.eta, self.R, self.L)
 
 
-def find_targets(model: nn.Module, targets: list[str], rank: int, init: str) -> dict[str, nn.Module]:
-    """Modules to adapt: for 'all-linear' every linear layer but the output head and a mixture of experts' routers
-    (the linear layers beside its experts: gates such as Qwen2-MoE's shared_expert_gate too), else the names equal
-    to or ending in '.<suffix>'. Checks that each is linear. A layer narrower than the rank needs is refused when named,
-    and left out of all-linear with a warning naming it (refused if that leaves none)."""
+def find_targets(model: nn.Module, targets: list[str], rank: int, init: str) -> dict:
+    """What to adapt: for 'all-linear' every linear layer but the output head and a mixture of experts' routers (the
+    linear layers beside its experts: gates such as Qwen2-MoE's shared_expert_gate too), and every expert stack
+    (experts.py); else the linear layers and expert stacks named, or whose names end in '.<suffix>'. A layer narrower
+    than the rank needs is refused when named, and left out of all-linear with a warning naming it (refused if that
+    leaves none)."""
     head = model.get_output_embeddings()
     routers = {id(child) for module in model.modules() if hasattr(module, "experts") for child in module.children()}
-    found = {}
-    for name, module in model.named_modules():
-        if targets == [ALL_LINEAR]:
-            if isinstance(module, LINEAR) and module is not head and id(module) not in routers:
-                found[name] = module
-        elif any(name == t or name.endswith("." + t) for t in targets):
-            if not isinstance(module, LINEAR):
-                raise ConfigError(f"target {name} is a {type(module).__name__}; only linear layers can be adapted")
-            found[name] = module
-    suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LINEAR)})
+    linear = {name: module for name, module in model.named_modules() if isinstance(module, LINEAR)}
+    candidates = {**linear, **expert_parameters(model)}
+    if targets == [ALL_LINEAR]:
+        found = {name: target for name, target in candidates.items() if target is not head and id(target) not in routers}
+    else:
+        found = {name: target for name, target in candidates.items()
+                 if any(name == t or name.endswith("." + t) for t in targets)}
+        for name, module in model.named_modules():
+            if name not in candidates and any(name == t or name.endswith("." + t) for t in targets):
+                raise ConfigError(f"target {name} is a {type(module).__name__}; only linear layers and mixture-of-"
+                                  "experts expert stacks can be adapted")
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in candidates})
     unmatched = [t for t in targets if t != ALL_LINEAR and not any(n == t or n.endswith("." + t) for n in found)]
     if not found or unmatched:
         raise ConfigError(f"no module matches target_modules {', '.join(unmatched or targets)}; "
                           f"linear layers here: {', '.join(suffixes)} (or all-linear)")
     need = 2 * rank if init == "lora_ga" else rank
-    narrow = {name: features(module) for name, module in found.items() if need > min(features(module))}
+    narrow = {name: features(t)[-2:] for name, t in found.items() if need > min(features(t)[-2:])}
     if narrow and (targets != [ALL_LINEAR] or len(narrow) == len(found)):
         name, (m, n) = next(iter(narrow.items()))
         raise ConfigError(f"rank {rank} is too large for {name} ({m} x {n}): {init} needs {need} <= {min(m, n)}; "
@@ -121,32 +128,45 @@ def find_targets(model: nn.Module, targets: list[str], rank: int, init: str) -> 
     if narrow:
         log.warning("left out %d layer(s) narrower than rank %d needs (%d): %s", len(narrow), rank, need,
                     ", ".join(f"{name} ({m} x {n})" for name, (m, n) in narrow.items()))
-    return {name: module for name, module in found.items() if name not in narrow}
+    return {name: target for name, target in found.items() if name not in narrow}
+
+
+def named_targets(model: nn.Module, names: list[str]) -> dict:
+    """The targets of these names (as find_targets names them): linear layers and expert stacks."""
+    stacks = expert_parameters(model)
+    return {name: stacks[name] if name in stacks else model.get_submodule(name) for name in names}
 
 
 def check_correction_rank(targets: dict[str, nn.Module], rank: int) -> None:
     """Refuses a 4-bit error correction (nf4_error.py) of a rank no target layer has: a layer m x n has rank at most
     min(m, n), and a correction past it would hold only zeros."""
-    widest = max(min(features(module)) for module in targets.values())
+    widest = max(min(features(module)) for module in targets.values() if not isinstance(module, ExpertParameter))
     if rank > widest:
         raise ConfigError(f"nf4_error_rank {rank} is above the rank of every adapted layer (at most {widest} here: a "
                           f"layer m x n has rank min(m, n)); lower nf4_error_rank to {widest} or less (16 is the "
                           "default)")
 
 
-def replace(model: nn.Module, modules: dict[str, nn.Module]) -> None:
-    """Put each module in the model under its name, in place of what is there."""
+def replace(model: nn.Module, modules: dict) -> None:
+    """Put each module in the model under its name, in place of what is there; for an expert stack's target, tap or
+    adapter (experts.py), its owner in place of its experts module."""
     for name, module in modules.items():
+        owner = getattr(module, "owner", None)
+        if owner is not None:
+            name, module = name.rpartition(".")[0], owner
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def inject(model: nn.Module, factors: dict[str, tuple], eta: float,
-           corrections: dict[str, Correction] | None = None) -> dict[str, LoraLinear]:
-    """Replace each named linear layer by a LoraLinear around it. factors: name -> (A, B, A0 | None, B0 | None);
-    corrections: name -> (L, R) for the layers that have one (nf4_error.py)."""
+           corrections: dict[str, Correction] | None = None) -> dict[str, nn.Module]:
+    """Replace each named linear layer by a LoraLinear around it, and each named expert stack's experts module by an
+    AdaptedExperts with an ExpertsLora for it (experts.py). factors: name -> (A, B, A0 | None, B0 | None), stacked per
+    expert for an expert stack; corrections: name -> (L, R) for the layers that have one (nf4_error.py)."""
     corrections = corrections or {}
-    layers = {name: LoraLinear(model.get_submodule(name), A, B, A0, B0, eta, corrections.get(name))
-              for name, (A, B, A0, B0) in factors.items()}
+    stacks = expert_parameters(model)
+    layers = inject_experts(stacks, {name: f for name, f in factors.items() if name in stacks}, eta)
+    layers.update({name: LoraLinear(model.get_submodule(name), A, B, A0, B0, eta, corrections.get(name))
+                   for name, (A, B, A0, B0) in factors.items() if name not in stacks})
     replace(model, layers)
-    return layers
+    return {name: layers[name] for name in factors}

@@ -24,6 +24,7 @@ Checked against bench/results/{llama2_7b,llama3_8b,qwen25_14b}_*gib.json (tests/
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -43,21 +44,25 @@ CUDA_HEADROOM_BYTES = GIB
 TRAIN_SLACK_BYTES = GIB // 2
 
 
-def gradient_bytes(shapes: dict[str, tuple[int, int]]) -> dict[str, int]:
-    """The fp32 gradient accumulator of each layer (m x n): 4 m n bytes."""
-    return {n: 4 * m * k for n, (m, k) in shapes.items()}
+def gradient_bytes(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """The fp32 gradient accumulator of each layer (m x n, or E x m x n for an expert stack): 4 m n (E) bytes."""
+    return {n: 4 * math.prod(shape) for n, shape in shapes.items()}
 
 
-def activation_bytes(shapes: dict[str, tuple[int, int]], tokens: int, element_size: int) -> dict[str, int]:
+def activation_bytes(shapes: dict[str, tuple[int, ...]], tokens: int, element_size: int,
+                     routes: Optional[dict[str, int]] = None) -> dict[str, int]:
     """The activations a layer (m x n) keeps for backward over a batch of `tokens`: its input and output, counted
-    twice (the block's norms, attention and SwiGLU keep about as much again per layer)."""
-    return {n: 2 * tokens * (m + k) * element_size for n, (m, k) in shapes.items()}
+    twice (the block's norms, attention and SwiGLU keep about as much again per layer); an expert stack's over the
+    tokens' routes (routes[name]: the experts each token goes to, top-k)."""
+    routes = routes or {}
+    return {n: 2 * tokens * routes.get(n, 1) * (shape[-2] + shape[-1]) * element_size for n, shape in shapes.items()}
 
 
-def layer_costs(shapes: dict[str, tuple[int, int]], tokens: int, element_size: int) -> dict[str, int]:
+def layer_costs(shapes: dict[str, tuple[int, ...]], tokens: int, element_size: int,
+                routes: Optional[dict[str, int]] = None) -> dict[str, int]:
     """Bytes the estimate holds per layer (m x n) for a batch of `tokens` when its block is tapped whole: its fp32
-    gradient and its activations."""
-    activations = activation_bytes(shapes, tokens, element_size)
+    gradient and its activations (routes: as activation_bytes takes them)."""
+    activations = activation_bytes(shapes, tokens, element_size, routes)
     return {n: size + activations[n] for n, size in gradient_bytes(shapes).items()}
 
 

@@ -383,7 +383,7 @@ def warn_unquantized(model: nn.Module) -> None:
     if experts:
         gib = sum(p.numel() * p.element_size() for _, p in experts) / 2**30
         log.warning("load_in_4bit: transformers left the %d expert stacks of %s in 16 bits (%s, ...: %.2f GiB); "
-                    "they are not quantized, and not adapted (mixture-of-experts experts are not supported yet)",
+                    "they are not quantized and take 16-bit memory",
                     len(experts), type(model).__name__, experts[0][0], gib)
 
 

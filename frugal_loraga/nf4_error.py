@@ -32,6 +32,7 @@ from .blocks import attention_for, block_layout
 from .distributed import from_rank0_
 from .estimate.inputs import KeptInputs, moved, run_blocks
 from .estimate.tap import accumulate_outer
+from .experts import ExpertParameter
 from .lora import Correction, FrozenLinear, features, replace
 from .nf4 import FourBitWeight
 from .svd import top_singular
@@ -148,7 +149,7 @@ def nf4_corrections(model: nn.Module, targets: dict[str, nn.Module], batches: li
     found = [n for n in targets if FourBitWeight.of(targets[n]) is not None and weights.has(n, shapes[n])]
     blocks, index = block_layout(model, found)
     names = sorted((n for n in found if index[n] is not None), key=lambda n: index[n])  # stable: model order
-    missing = [n for n in targets if n not in names]
+    missing = [n for n in targets if n not in names and not isinstance(targets[n], ExpertParameter)]  # said on load
     if missing:
         log.warning("the 4-bit error of %d layer(s) is not corrected (not 4-bit, outside the decoder layers or no "
                     "saved weight found): %s", len(missing), _some(missing))

@@ -67,10 +67,18 @@ def randomized_svds(Gs: list[torch.Tensor], k: int) -> list[LayerSVD]:
 
 def top_singular(Gs: dict[str, torch.Tensor], k: int, method: str) -> dict[str, LayerSVD]:
     """Top-k SVD of each gradient: exact (torch.linalg.svd), or lowrank (randomized_svds, all at once) where
-    2k < min(m, n) and exact elsewhere."""
-    exact = {n for n, G in Gs.items() if method == "exact" or 2 * k >= min(G.shape)}
-    results = {n: exact_svd(Gs[n], k) for n in exact}
-    rest = [n for n in Gs if n not in exact]
+    2k < min(m, n) and exact elsewhere. A stack of E gradients (E x m x n, an expert stack's) gives each expert's,
+    stacked: U (E x m x k), S (E x k), V (E x n x k)."""
+    flat = {(n, e): G[e] for n, G in Gs.items() if G.dim() == 3 for e in range(G.shape[0])}
+    flat.update({n: G for n, G in Gs.items() if G.dim() == 2})
+    exact = {n for n, G in flat.items() if method == "exact" or 2 * k >= min(G.shape)}
+    results = {n: exact_svd(flat[n], k) for n in exact}
+    rest = [n for n in flat if n not in exact]
     if rest:
-        results.update(zip(rest, randomized_svds([Gs[n] for n in rest], k)))
-    return {n: results[n] for n in Gs}
+        results.update(zip(rest, randomized_svds([flat[n] for n in rest], k)))
+    return {n: stacked([results[n, e] for e in range(G.shape[0])]) if G.dim() == 3 else results[n]
+            for n, G in Gs.items()}
+
+
+def stacked(svds: list[LayerSVD]) -> LayerSVD:
+    return LayerSVD(*(torch.stack([getattr(svd, f) for svd in svds]) for f in ("U", "S", "V")))

@@ -50,12 +50,13 @@ def make_tiny_model_dir(path: Path, layers: int = 2, seed: int = 0) -> Path:
 def one_block_budget(model, targets, batches):
     """The bytes the estimate holds for one decoder layer: with this budget each group holds one block."""
     from frugal_loraga.blocks import block_layout
+    from frugal_loraga.experts import routes
     from frugal_loraga.lora import features
     from frugal_loraga.memory import layer_costs
 
     shapes = {n: features(m) for n, m in targets.items()}
     costs = layer_costs(shapes, max(b["input_ids"].numel() for b in batches),
-                        model.get_input_embeddings().weight.element_size())
+                        model.get_input_embeddings().weight.element_size(), routes(targets))
     _, index = block_layout(model, list(targets))
     return max(sum(c for n, c in costs.items() if index[n] == i) for i in set(index.values()))
 

@@ -24,7 +24,7 @@ SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atte
              max_position_embeddings=256, tie_word_embeddings=False, moe_intermediate_size=32,
              shared_expert_intermediate_size=32, num_experts=4, num_local_experts=4, num_experts_per_tok=2,
              ffn_dim=96, word_embed_proj_dim=64, n_inner=96)
-HEAD_DIM = {t: dict(head_dim=16) for t in ("qwen3", "gemma2", "gemma3_text")}  # not hidden / heads by default
+HEAD_DIM = {t: dict(head_dim=16) for t in ("qwen3", "gemma2", "gemma3_text", "qwen3_moe", "gpt_oss")}  # not hidden / heads by default
 # What all-linear adapts in each family: the linear layers' name suffixes in a decoder layer.
 ADAPTED = {
     "llama": "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj",
@@ -40,8 +40,11 @@ ADAPTED = {
     "opt": "q_proj k_proj v_proj out_proj fc1 fc2",
     "gpt2": "c_attn c_proj c_fc",
     "falcon": "query_key_value dense dense_h_to_4h dense_4h_to_h",
-    "qwen2_moe": "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj",  # attention and the shared expert
-    "mixtral": "q_proj k_proj v_proj o_proj",
+    # mixtures of experts: the experts' stacks (gate_up_proj, down_proj) too; Qwen2-MoE's shared expert is linear
+    "qwen2_moe": "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj gate_up_proj",
+    "mixtral": "q_proj k_proj v_proj o_proj gate_up_proj down_proj",
+    "qwen3_moe": "q_proj k_proj v_proj o_proj gate_up_proj down_proj",
+    "gpt_oss": "q_proj k_proj v_proj o_proj gate_up_proj down_proj",
 }
 
 
@@ -118,5 +121,5 @@ def test_a_4bit_load_names_the_expert_stacks_left_in_16_bits(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, "frugal_loraga"):
         load_model(Config(model=str(folder), data="unused", load_in_4bit=True))
     assert re.search(r"transformers left the 4 expert stacks of MixtralForCausalLM in 16 bits "
-                     r"\(model.layers.0.mlp.experts.gate_up_proj, ...: \d\.\d\d GiB\); they are not quantized, and not "
-                     r"adapted", caplog.text)
+                     r"\(model.layers.0.mlp.experts.gate_up_proj, ...: \d\.\d\d GiB\); they are not quantized and take "
+                     r"16-bit memory", caplog.text)

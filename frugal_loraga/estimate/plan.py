@@ -26,6 +26,7 @@ from torch import nn
 
 from ..blocks import block_layout, without_cudnn_attention
 from ..config import ConfigError
+from ..experts import routes
 from ..lora import features
 from ..memory import activation_bytes, gradient_bytes
 
@@ -45,7 +46,7 @@ class Segment:
 class Plan:
     """What the walk does, worked out before it starts."""
     order: list[str]  # the targets in the order a forward pass calls them
-    shapes: dict[str, tuple[int, int]]  # target -> (out, in)
+    shapes: dict[str, tuple[int, ...]]  # target -> (out, in), or (experts, out, in) for an expert stack
     blocks: list[nn.Module]  # the decoder layers
     index: dict[str, Optional[int]]  # target -> its block, None for a layer outside the blocks
     segments: list[Segment]  # the groups, top down
@@ -86,8 +87,9 @@ def make_plan(model: nn.Module, targets: dict[str, nn.Module], batches: list[dic
     blocks, index = block_layout(model, order)
     embedding = model.get_input_embeddings().weight
     tokens = max(b["input_ids"].numel() for b in batches)
-    groups = plan_groups(order, gradient_bytes(shapes), activation_bytes(shapes, tokens, embedding.element_size()),
-                         index, budget_bytes)
+    groups = plan_groups(order, gradient_bytes(shapes),
+                         activation_bytes(shapes, tokens, embedding.element_size(), routes(targets)), index,
+                         budget_bytes)
     segments = plan_segments(groups, index)
     all_inputs_bytes = sum(b["input_ids"].numel() for b in batches) * embedding.shape[1] * embedding.element_size()
     return Plan(order, shapes, blocks, index, segments, plan_cache(segments, all_inputs_bytes, host_budget_bytes),
@@ -98,8 +100,8 @@ def execution_order(model: nn.Module, targets: dict[str, nn.Module], batch: dict
     """Target names in the order a forward pass calls them (one short no-grad forward, 8 tokens wide, which cuDNN's
     attention would plan kernels for and never meet again)."""
     order: list[str] = []
-    handles = [m.register_forward_hook(lambda *_, n=n: order.append(n) if n not in order else None)
-               for n, m in targets.items()]
+    handles = [getattr(m, "owner", m).register_forward_hook(lambda *_, n=n: order.append(n) if n not in order else None)
+               for n, m in targets.items()]  # an expert stack's: on its experts module (in parameter order)
     try:
         with torch.no_grad(), without_cudnn_attention():
             model(input_ids=batch["input_ids"][:1, :8])

@@ -6,6 +6,8 @@ W itself is not needed, so a 4-bit base works: G is the gradient at the quantize
 While its layer's group is being estimated, a tap's backward adds dY^T X into the layer's fp32 accumulator
 (accumulate_outer: on CUDA one cuBLAS GEMM of the 16-bit inputs into the fp32 accumulator, a custom op that
 torch.compile keeps in the compiled backward). Only the current group's layers hold accumulators (GradientState).
+An expert stack (experts.py, E x m x n) is tapped the same way per expert: dL/dW_e = dY_e^T X_e over the tokens routed
+to expert e (ExpertsTap).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..experts import ExpertParameter, adapted
 from ..lora import Correction, FrozenLinear
 
 
@@ -25,9 +28,9 @@ class GradientState:
     live_bytes: int = 0
     peak_bytes: int = 0
 
-    def allocate(self, name: str, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    def allocate(self, name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         self.accumulators[name] = torch.zeros(shape, dtype=torch.float32, device=device)
-        self.live_bytes += 4 * shape[0] * shape[1]
+        self.live_bytes += 4 * self.accumulators[name].numel()
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
         return self.accumulators[name]
 
@@ -87,3 +90,56 @@ class GradientTap(FrozenLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
         return y if self.accumulator is None else _AddWeightGradient.apply(y, x, self.accumulator)
+
+
+@torch.library.custom_op("frugal_loraga::accumulate_grouped", mutates_args=("acc",))
+def accumulate_grouped(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> None:
+    """acc[e] (m x n, fp32) += dy_e^T x_e for the rows of each expert e (dy (S x m), x (S x n) grouped by expert,
+    group e ending at row offsets[e]), each by accumulate_outer."""
+    start = 0
+    for e, end in enumerate(offsets.tolist()):  # one sync with the device
+        if end > start:
+            accumulate_outer(acc[e], dy[start:end], x[start:end])
+        start = end
+
+
+@accumulate_grouped.register_fake
+def _(acc: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> None:
+    return None
+
+
+class _AddExpertsGradient(torch.autograd.Function):
+    """y unchanged in forward; in backward, dL/dW_e = dY_e^T X_e added into the accumulator (E x m x n)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, accumulator: torch.Tensor):
+        ctx.save_for_backward(x, offsets, accumulator)
+        ctx.mark_dirty(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, offsets, accumulator = ctx.saved_tensors
+        accumulate_grouped(accumulator, dy, x, offsets)
+        return dy, None, None, None
+
+
+class ExpertsTap(nn.Module):
+    """An expert stack during the estimate: while `accumulator` (fp32, E x m x n) is set, each backward adds every
+    expert's dY_e^T X_e into it (a buffer, as GradientTap's)."""
+
+    def __init__(self, target: ExpertParameter):
+        super().__init__()
+        self.target = target
+        self.register_buffer("accumulator", None, persistent=False)
+
+    def forward(self, y: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return y if self.accumulator is None else _AddExpertsGradient.apply(y, x, offsets, self.accumulator)
+
+
+def make_taps(targets: dict, corrections: dict[str, Correction]) -> dict[str, nn.Module]:
+    """A tap for each target: GradientTap for a linear layer (with its correction, if any), ExpertsTap for an expert
+    stack (in the AdaptedExperts of its experts module)."""
+    taps = {name: ExpertsTap(target) for name, target in targets.items() if isinstance(target, ExpertParameter)}
+    adapted(taps, {})
+    return {name: taps.get(name) or GradientTap(target, corrections.get(name)) for name, target in targets.items()}

@@ -30,7 +30,7 @@ from ..svd import LayerSVD, top_singular
 from ..transfers import HostTransfers
 from .inputs import KeptInputs, cut_hook, cut_input_hook, detach_hook, hidden_of, moved, run_blocks
 from .plan import Plan, Segment, make_plan
-from .tap import GradientState, GradientTap
+from .tap import GradientState, GradientTap, make_taps
 
 
 @dataclass
@@ -64,7 +64,7 @@ def estimate_gradient_svd(model: nn.Module, targets: dict[str, nn.Module], batch
                  else None)
     kept = KeptInputs(len(batches), len(plan.blocks), plan.kept_starts, transfers)
     state = GradientState(budget_bytes)
-    taps = {name: GradientTap(targets[name], (corrections or {}).get(name)) for name in plan.order}
+    taps = make_taps({name: targets[name] for name in plan.order}, corrections or {})
     widths = {b["input_ids"].shape[1] for b in batches}
     results: dict[str, LayerSVD] = {}
     svd_seconds = 0.0

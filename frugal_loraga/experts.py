@@ -1,0 +1,182 @@
+"""Mixture-of-experts experts as targets: LoRA on every expert of transformers' fused expert stacks.
+
+transformers keeps an MoE layer's E experts in one module (the @use_experts_implementation classes: Mixtral, Qwen2-MoE,
+Qwen3-MoE, gpt-oss, ...), each projection as a 3-D parameter: gate_up_proj (or up_proj) and down_proj, expert e's
+weight W_e (m x n, y = x W_e^T) stored as (E, m, n), or as (E, n, m) where the module is_transposed. A token x routed
+to its top-k experts e with weights w_e gives  sum_e w_e down_e(gate(gate_up_e(x))).
+Each such parameter is a target of its own, named <experts module>.<parameter> (model.layers.3.mlp.experts.down_proj),
+adapted expert by expert as lora.py adapts a linear layer:
+  y_e = x W_e^T + eta ((x A_e^T) B_e^T - (x A0_e^T) B0_e^T)      A (E x r x n), B (E x m x r), A0, B0 frozen
+and LoRA-GA's gradient of an expert is dL/dW_e = dY_e^T X_e over the tokens routed to it (the routing weight is in dY).
+While adapted or tapped, the experts module is replaced by AdaptedExperts: the grouped forward of transformers'
+grouped_mm implementation (the tokens sorted by expert, each projection by transformers' grouped matmul), so that the
+base's bits are the model's own, with a part after each adapted projection: an ExpertsTap (the estimate) or an
+ExpertsLora (training). The router is never adapted. Experts stay in 16 bits on a 4-bit base (transformers does not
+quantize them; models.warn_unquantized says so).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers.integrations.moe import _grouped_linear as grouped_linear  # transformers' own: the model's bits
+
+
+PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")  # the experts' 3-D parameters that can be adapted
+
+
+def is_experts(module: nn.Module) -> bool:
+    """Whether the module is a transformers experts module (fused 3-D expert stacks)."""
+    return hasattr(module, "is_transposed") and hasattr(module, "num_experts") and any(
+        getattr(module, p, None) is not None and getattr(module, p).dim() == 3 for p in PROJECTIONS)
+
+
+class ExpertParameter:
+    """A target: the expert stack `param` of an experts module, its experts' weights in math orientation
+    (E x m x n). Stands in the targets as a linear layer does; its experts module is what goes back into the model
+    (lora.replace puts a part's `owner` in place of the module)."""
+
+    def __init__(self, experts: nn.Module, param: str, top_k: int):
+        self.owner, self.param, self.top_k = experts, param, top_k
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return getattr(self.owner, self.param)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        E, d1, d2 = self.weight.shape
+        return (E, d2, d1) if self.owner.is_transposed else (E, d1, d2)
+
+
+def expert_parameters(model: nn.Module) -> dict[str, ExpertParameter]:
+    """Every expert stack of the model by name (<experts module>.<parameter>), in the order of its parameters."""
+    top_k = getattr(model.config, "num_experts_per_tok", None) or 1
+    return {f"{name}.{p}": ExpertParameter(module, p, top_k) for name, module in model.named_modules()
+            if is_experts(module) for p, _ in module.named_parameters(recurse=False) if p in PROJECTIONS}
+
+
+def routes(targets: dict) -> dict[str, int]:
+    """Expert stack name -> the experts each token is routed to (top-k), for memory.activation_bytes."""
+    return {name: t.top_k for name, t in targets.items() if isinstance(t, ExpertParameter)}
+
+
+class AdaptedExperts(nn.Module):
+    """An experts module run by our grouped forward, with a part (ExpertsTap or ExpertsLora) after each adapted
+    projection. Without parts it gives the bits of transformers' grouped_mm experts forward."""
+
+    def __init__(self, experts: nn.Module):
+        super().__init__()
+        self.experts = experts
+        self.parts = nn.ModuleDict()
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """hidden (T x H), top_k_index and top_k_weights (T x k) -> (T x H)."""
+        experts, k = self.experts, top_k_index.shape[-1]
+        expert_ids, order = torch.sort(top_k_index.reshape(-1))  # the T k (token, expert) pairs grouped by expert
+        x = hidden[order // k]
+        counts = torch.histc(expert_ids.float() if hidden.device.type == "cpu" else expert_ids.int(),
+                             bins=experts.num_experts, min=0, max=experts.num_experts - 1)
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)  # group e ends at row offsets[e]
+        up = "gate_up_proj" if experts.has_gate else "up_proj"
+        h = self.project(up, x, offsets, expert_ids)
+        h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
+        y = self.project("down_proj", h, offsets, expert_ids)
+        if getattr(experts, "has_post_expert_norm", False):
+            y = experts.post_expert_norm(y)
+        y = y * top_k_weights.reshape(-1)[order].unsqueeze(-1)
+        unsorted = torch.empty_like(order)
+        unsorted[order] = torch.arange(order.numel(), device=order.device)
+        return y[unsorted].view(hidden.shape[0], k, -1).sum(dim=1).to(hidden.dtype)
+
+    def project(self, param: str, x: torch.Tensor, offsets: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """One projection of the grouped rows x (S x n): the base's, then its part's."""
+        experts = self.experts
+        bias = getattr(experts, f"{param}_bias")[expert_ids] if experts.has_bias else None
+        y = grouped_linear(x, getattr(experts, param), offsets, bias=bias, is_transposed=experts.is_transposed)
+        return self.parts[param](y, x, offsets) if param in self.parts else y
+
+
+def adapted(parts: dict[str, nn.Module], wrappers: dict[int, AdaptedExperts]) -> None:
+    """Put each part (name: <experts module>.<parameter>) into the AdaptedExperts of its experts module (made once
+    per module, kept in wrappers by the experts module's id), and make that its owner."""
+    for name, part in parts.items():
+        target: ExpertParameter = part.target
+        wrapper = wrappers.setdefault(id(target.owner), AdaptedExperts(target.owner))
+        wrapper.parts[target.param] = part
+        part.__dict__["owner"] = wrapper  # not a submodule: the wrapper holds the part
+
+
+def grouped_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(x_e A_e^T) B_e^T in fp32 for the rows x_e (of x, S x n, grouped by expert) of each expert: S x m."""
+    rows, start = [], 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            rows.append((x[start:end].float() @ A[e].T) @ B[e].T)
+        start = end
+    return torch.cat(rows)
+
+
+class ExpertsLora(nn.Module):
+    """The adapter of an expert stack: A (E x r x n), B (E x m x r) trainable fp32, A0, B0 their frozen initial
+    copies (empty for plain LoRA). No correction (L, R empty): the experts are not 4-bit."""
+
+    def __init__(self, target: ExpertParameter, A: torch.Tensor, B: torch.Tensor, A0: Optional[torch.Tensor],
+                 B0: Optional[torch.Tensor], eta: float):
+        super().__init__()
+        self.target, self.eta = target, eta
+        self.A = nn.Parameter(A.float().clone())
+        self.B = nn.Parameter(B.float().clone())
+        empty = A.new_zeros(0)
+        self.register_buffer("A0", empty if A0 is None else A0.float().clone())
+        self.register_buffer("B0", empty if B0 is None else B0.float().clone())
+        self.register_buffer("L", empty.clone())
+        self.register_buffer("R", empty.clone())
+
+    @property
+    def has_frozen(self) -> bool:
+        return self.A0.numel() > 0
+
+    @property
+    def correction(self) -> None:
+        return None
+
+    def forward(self, y: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """y + eta ((x A_e^T) B_e^T - (x A0_e^T) B0_e^T): at step 0 the two products are the same bits, so y is
+        returned unchanged."""
+        delta = grouped_lora(x, self.A, self.B, offsets)
+        if self.has_frozen:
+            delta = delta - grouped_lora(x, self.A0, self.B0, offsets)
+        return (y + self.eta * delta).to(y.dtype)
+
+
+def inject_experts(targets: dict[str, ExpertParameter], factors: dict[str, tuple], eta: float
+                   ) -> dict[str, ExpertsLora]:
+    """An ExpertsLora for each expert stack named in factors (name -> (A, B, A0 | None, B0 | None), stacked per
+    expert), in AdaptedExperts owners for lora.replace to put in the model."""
+    layers = {name: ExpertsLora(targets[name], *factors[name], eta) for name in factors}
+    adapted(layers, {})
+    return layers
+
+
+def to_peft(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (E x r x n), B (E x m x r) -> PEFT's lora_A (E r x n, grouped by expert) and lora_B (m x r E, grouped by
+    rank: column j E + e is column j of B_e), the layout of its target_parameters adapters (ParamWrapper)."""
+    E, r, n = A.shape
+    return A.reshape(E * r, n).contiguous(), B.permute(1, 2, 0).reshape(B.shape[1], r * E).contiguous()
+
+
+def peft_prefixes(layers: dict[str, ExpertsLora]) -> dict[str, str]:
+    """Expert stack name -> its adapter's key prefix in PEFT: the stacks adapted in one experts module nest, the first
+    registered innermost (<module>.base_layer.lora_A for it when two are adapted)."""
+    by_module: dict[str, list[str]] = {}
+    for name in layers:
+        by_module.setdefault(name.rpartition(".")[0], []).append(name)
+    prefixes = {}
+    for module, stacks in by_module.items():
+        registered = list(layers[stacks[0]].target.owner._parameters)
+        stacks.sort(key=lambda name: registered.index(layers[name].target.param))
+        for i, name in enumerate(stacks):
+            prefixes[name] = f"base_model.model.{module}" + ".base_layer" * (len(stacks) - 1 - i)
+    return prefixes

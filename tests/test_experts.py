@@ -1,0 +1,115 @@
+"""Mixture-of-experts expert stacks as targets (experts.py): the estimate cut inside a layer, the adapters on a 4-bit
+base and named alone, both exports reloaded by PEFT, and experts no estimation token reached."""
+import json
+import logging
+
+import pytest
+import torch
+from peft import PeftModel
+
+from frugal_loraga import Config, finetune
+from frugal_loraga.checkpoint import adapter_for, checkpoint_path, factors_from_checkpoint
+from frugal_loraga.data import collate, load_examples
+from frugal_loraga.estimate import estimate_gradient_svd
+from frugal_loraga.experts import ExpertsLora, routes
+from frugal_loraga.fidelity import captured_energy, exact_gradients
+from frugal_loraga.init import estimation_batches, unreached_experts_as_lora
+from frugal_loraga.lora import features, find_targets, inject
+from frugal_loraga.memory import activation_bytes, gradient_bytes
+from frugal_loraga.models import load_model
+from frugal_loraga.svd import LayerSVD
+from conftest import SAMPLE
+from test_families import logits, save_tiny
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("mixtral"), "mixtral")
+
+
+def test_the_estimate_of_an_expert_stack_cut_from_its_layer_is_exact(mixtral):
+    """A budget that holds one expert stack's gradient beside its layer's activations, not the whole layer's: the
+    layer is estimated in parts, and each stack's top-4 still captures its exact gradient's."""
+    config = Config(model=str(mixtral), data=str(SAMPLE), rank=2, load_in_4bit=False, dtype="float32",
+                    estimation_samples=8)
+    model, tokenizer, device = load_model(config)
+    targets = find_targets(model, config.target_list(), config.rank, config.init)
+    examples, _ = load_examples(SAMPLE, "auto", tokenizer, 96)
+    batches = estimation_batches(examples, config, tokenizer.pad_token_id, device)
+    shapes = {n: features(t) for n, t in targets.items()}
+    tokens = max(b["input_ids"].numel() for b in batches)
+    activations = activation_bytes(shapes, tokens, 4, routes(targets))
+    layer0 = [n for n in targets if ".layers.0." in n]
+    budget = max(gradient_bytes(shapes).values()) + sum(activations[n] for n in layer0)
+    svds, stats = estimate_gradient_svd(model, targets, batches, 4, budget, svd="exact")
+    assert any(len(group) == 1 and group[0].endswith("experts.gate_up_proj") for group in stats.groups)
+    for name, G in exact_gradients(model, targets, batches).items():
+        assert captured_energy(G, svds[name].U, svds[name].V) >= 0.9999, name
+
+
+@pytest.mark.parametrize("init", ["lora_ga", "lora"])
+def test_a_4bit_moe_adapts_its_experts_and_both_exports_give_our_logits_in_peft(mixtral, tmp_path, init):
+    """On a 4-bit base (attention 4-bit and corrected, the experts left in 16 bits by transformers) the experts are
+    adapted; adapter_nf4 on the 4-bit base and adapter on the original base each give our model in PEFT."""
+    config = Config(model=str(mixtral), data=str(SAMPLE), init=init, rank=2, dtype="float32", steps=3, lr=5e-3,
+                    estimation_samples=8, eval_every=0, out=str(tmp_path / "run"), progress=False, nf4_error_rank=4)
+    finetune(config)
+    adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["target_parameters"] == [f"model.layers.{i}.mlp.experts.{p}" for i in range(2)
+                                            for p in ("down_proj", "gate_up_proj")]
+    factors, corrections = factors_from_checkpoint(torch.load(checkpoint_path(config.out), weights_only=True)["adapter"],
+                                                   torch.device("cpu"))
+    assert factors["model.layers.0.mlp.experts.down_proj"][0].shape == (4, 2, 96)  # E x r x n
+    assert corrections and not any("experts" in name for name in corrections)
+
+    model, tokenizer, device = load_model(config)
+    batch = collate(load_examples(SAMPLE, "auto", tokenizer, 96)[0][:3], tokenizer.pad_token_id, device)
+    layers = inject(model, factors, config.eta, corrections)
+    assert isinstance(layers["model.layers.1.mlp.experts.gate_up_proj"], ExpertsLora)
+    assert (layers["model.layers.1.mlp.experts.gate_up_proj"].B.detach() != 0).any(), "the experts did not train"
+    base, _, _ = load_model(config)
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(base, adapter_for(config.out, True)), batch),
+                               logits(model, batch), rtol=1e-4, atol=1e-4)
+
+    original = Config(model=str(mixtral), data="unused", load_in_4bit=False, dtype="float32")
+    model, _, _ = load_model(original)
+    inject(model, factors, config.eta)
+    base, _, _ = load_model(original)
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(base, adapter_for(config.out, False)), batch),
+                               logits(model, batch), rtol=1e-4, atol=1e-4)
+
+
+def test_an_expert_stack_named_alone_exports_as_a_target_parameter(mixtral, tmp_path):
+    config = Config(model=str(mixtral), data=str(SAMPLE), target_modules="experts.down_proj", rank=2,
+                    load_in_4bit=False, dtype="float32", steps=2, lr=5e-3, estimation_samples=8, eval_every=0,
+                    out=str(tmp_path / "run"), progress=False)
+    result = finetune(config)
+    adapter = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert adapter["target_modules"] == []
+    assert adapter["target_parameters"] == ["model.layers.0.mlp.experts.down_proj",
+                                           "model.layers.1.mlp.experts.down_proj"]
+    factors, _ = factors_from_checkpoint(torch.load(checkpoint_path(config.out), weights_only=True)["adapter"],
+                                         torch.device("cpu"))
+    model, tokenizer, device = load_model(config)
+    batch = collate(load_examples(SAMPLE, "auto", tokenizer, 96)[0][:3], tokenizer.pad_token_id, device)
+    inject(model, factors, config.eta)
+    base, _, _ = load_model(config)
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(base, result.adapter_dir), batch),
+                               logits(model, batch), rtol=1e-4, atol=1e-4)
+
+
+def test_experts_no_estimation_token_reached_start_as_plain_lora(caplog):
+    """A zero gradient would start an expert at A0 = B0 = 0, where it never trains."""
+    E, m, n, r = 3, 6, 5, 2
+    U, V = torch.randn(E, m, 2 * r), torch.randn(E, n, 2 * r)
+    S = torch.ones(E, 2 * r)
+    U[1], V[1], S[1] = 0, 0, 0
+    A0, B0 = torch.randn(E, r, n), torch.randn(E, m, r)
+    reached = A0[[0, 2]].clone(), B0[[0, 2]].clone()
+    with caplog.at_level(logging.WARNING, "frugal_loraga"):
+        unreached_experts_as_lora("layers.0.experts.down_proj", LayerSVD(U, S, V), A0, B0, r,
+                                  torch.Generator().manual_seed(0))
+    assert "1 of the 3 experts of layers.0.experts.down_proj got no estimation tokens" in caplog.text
+    assert torch.equal(A0[[0, 2]], reached[0]) and torch.equal(B0[[0, 2]], reached[1])
+    assert torch.equal(B0[1], torch.zeros(m, r))
+    assert (A0[1] != 0).all() and A0[1].abs().max() <= n ** -0.5
