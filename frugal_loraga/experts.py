@@ -20,7 +20,11 @@ from typing import Optional
 
 import torch
 from torch import nn
-from transformers.integrations.moe import _grouped_linear as grouped_linear  # transformers' own: the model's bits
+
+try:  # transformers' grouped matmul of its experts: ours then gives the model's own bits
+    from transformers.integrations.moe import _grouped_linear as grouped_linear
+except ImportError:  # a transformers without it (a private function): experts are not adapted
+    grouped_linear = None
 
 
 PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")  # the experts' 3-D parameters that can be adapted
@@ -52,7 +56,9 @@ class ExpertParameter:
 
 def expert_parameters(model: nn.Module) -> dict[str, ExpertParameter]:
     """Every expert stack of the model by name (<experts module>.<parameter>), in the order of its parameters."""
-    top_k = getattr(model.config, "num_experts_per_tok", None) or 1
+    if grouped_linear is None:
+        return {}
+    top_k = getattr(getattr(model, "config", None), "num_experts_per_tok", None) or 1
     return {f"{name}.{p}": ExpertParameter(module, p, top_k) for name, module in model.named_modules()
             if is_experts(module) for p, _ in module.named_parameters(recurse=False) if p in PROJECTIONS}
 

@@ -106,7 +106,8 @@ def find_targets(model: nn.Module, targets: list[str], rank: int, init: str) -> 
     linear = {name: module for name, module in model.named_modules() if isinstance(module, LINEAR)}
     candidates = {**linear, **expert_parameters(model)}
     if targets == [ALL_LINEAR]:
-        found = {name: target for name, target in candidates.items() if target is not head and id(target) not in routers}
+        found = {name: target for name, target in candidates.items()
+                 if target is not head and id(target) not in routers}
     else:
         found = {name: target for name, target in candidates.items()
                  if any(name == t or name.endswith("." + t) for t in targets)}

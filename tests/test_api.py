@@ -92,7 +92,7 @@ def test_cli_trains_and_writes_metrics(tiny_model_dir, sample_path, tmp_path, ca
     (["--model", "/nonexistent/model"], "model folder /nonexistent/model does not exist"),
     (["--rank", "0"], "rank must be at least 1"),
     (["--data", "/nonexistent.jsonl"], "data file /nonexistent.jsonl does not exist"),
-    (["--target-modules", "embed_tokens"], "only linear layers can be adapted"),
+    (["--target-modules", "embed_tokens"], "only linear layers and mixture-of-experts expert stacks can be adapted"),
     (["--rank", "64"], "rank 64 is too large"),
     (["--grad-budget-gib", "0.000001"], "smaller than what the estimate holds for decoder layer .* raise grad_budget_gib"),
 ])

@@ -57,8 +57,8 @@ def test_a_4bit_moe_adapts_its_experts_and_both_exports_give_our_logits_in_peft(
     adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert adapter["target_parameters"] == [f"model.layers.{i}.mlp.experts.{p}" for i in range(2)
                                             for p in ("down_proj", "gate_up_proj")]
-    factors, corrections = factors_from_checkpoint(torch.load(checkpoint_path(config.out), weights_only=True)["adapter"],
-                                                   torch.device("cpu"))
+    state = torch.load(checkpoint_path(config.out), weights_only=True)
+    factors, corrections = factors_from_checkpoint(state["adapter"], torch.device("cpu"))
     assert factors["model.layers.0.mlp.experts.down_proj"][0].shape == (4, 2, 96)  # E x r x n
     assert corrections and not any("experts" in name for name in corrections)
 

@@ -24,7 +24,8 @@ SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atte
              max_position_embeddings=256, tie_word_embeddings=False, moe_intermediate_size=32,
              shared_expert_intermediate_size=32, num_experts=4, num_local_experts=4, num_experts_per_tok=2,
              ffn_dim=96, word_embed_proj_dim=64, n_inner=96)
-HEAD_DIM = {t: dict(head_dim=16) for t in ("qwen3", "gemma2", "gemma3_text", "qwen3_moe", "gpt_oss")}  # not hidden / heads by default
+HEAD_DIM = {t: dict(head_dim=16)  # not hidden / heads by default
+            for t in ("qwen3", "gemma2", "gemma3_text", "qwen3_moe", "gpt_oss")}
 # What all-linear adapts in each family: the linear layers' name suffixes in a decoder layer.
 ADAPTED = {
     "llama": "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj",
