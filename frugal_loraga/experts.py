@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 try:  # transformers' grouped matmul of its experts: ours then gives the model's own bits
@@ -115,7 +116,17 @@ def adapted(parts: dict[str, nn.Module], wrappers: dict[int, AdaptedExperts]) ->
 
 
 def grouped_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """(x_e A_e^T) B_e^T in fp32 for the rows x_e (of x, S x n, grouped by expert) of each expert: S x m."""
+    """(x_e A_e^T) B_e^T for the rows x_e (of x, S x n, grouped by expert, group e ending at row offsets[e]) of each
+    expert: S x m. On bf16 rows, two calls of torch's grouped matmul with the adapter cast to bf16 (as autocast computes
+    a linear layer's adapter), where the rank keeps its rows 16-byte aligned; else grouped_lora_reference."""
+    if x.dtype == torch.bfloat16 and hasattr(F, "grouped_mm") and A.shape[1] % 8 == 0:
+        h = F.grouped_mm(x, A.to(x.dtype).mT, offs=offsets)  # S x r
+        return F.grouped_mm(h, B.to(x.dtype).mT, offs=offsets)
+    return grouped_lora_reference(x, A, B, offsets)
+
+
+def grouped_lora_reference(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """grouped_lora expert by expert, in fp32 (one sync with the device for the offsets)."""
     rows, start = [], 0
     for e, end in enumerate(offsets.tolist()):
         if end > start:

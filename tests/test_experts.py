@@ -11,7 +11,7 @@ from frugal_loraga import Config, finetune
 from frugal_loraga.checkpoint import adapter_for, checkpoint_path, factors_from_checkpoint
 from frugal_loraga.data import collate, load_examples
 from frugal_loraga.estimate import estimate_gradient_svd
-from frugal_loraga.experts import ExpertsLora, routes
+from frugal_loraga.experts import ExpertsLora, grouped_lora, grouped_lora_reference, routes
 from frugal_loraga.fidelity import captured_energy, exact_gradients
 from frugal_loraga.init import estimation_batches, unreached_experts_as_lora
 from frugal_loraga.lora import features, find_targets, inject
@@ -113,3 +113,45 @@ def test_experts_no_estimation_token_reached_start_as_plain_lora(caplog):
     assert torch.equal(A0[[0, 2]], reached[0]) and torch.equal(B0[[0, 2]], reached[1])
     assert torch.equal(B0[1], torch.zeros(m, r))
     assert (A0[1] != 0).all() and A0[1].abs().max() <= n ** -0.5
+
+
+@pytest.mark.parametrize("rank", [8, 16])
+def test_grouped_lora_in_bf16_matches_its_reference_forward_and_backward(rank):
+    """torch's grouped matmul path (bf16 rows) against the expert-by-expert fp32 reference, over uneven groups with
+    an expert that gets no rows, values and the gradients of A and B."""
+    torch.manual_seed(0)
+    E, S, n, m = 5, 45, 40, 24
+    x = torch.randn(S, n, dtype=torch.bfloat16)
+    offsets = torch.cumsum(torch.tensor([11, 0, 17, 9, 8]), 0, dtype=torch.int32)
+    A, B = torch.randn(E, rank, n) / n ** 0.5, torch.randn(E, m, rank) / rank ** 0.5
+    outputs, grads = [], []
+    for fn in (grouped_lora, grouped_lora_reference):
+        a, b = A.clone().requires_grad_(), B.clone().requires_grad_()
+        y = fn(x, a, b, offsets)
+        (y.float() * torch.linspace(-1, 1, m)).sum().backward()
+        outputs.append(y.float())
+        grads.append((a.grad, b.grad))
+    for ours, reference in [outputs, *zip(grads[0], grads[1])]:  # bf16 rounding: relative to the whole tensor
+        assert (ours - reference).norm() <= 1e-2 * reference.norm()
+    assert torch.equal(grads[0][0][1], torch.zeros(rank, n))  # the expert without rows
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_step_0_is_the_bf16_model_bit_for_bit(family, tmp_path):
+    """In bf16 the adapters of rank 8 run through torch's grouped matmul (gpt-oss: transposed stacks with biases):
+    the model at step 0 is still the loaded model to the bit."""
+    folder = save_tiny(tmp_path / family, family)
+    model, tokenizer, device = load_model(Config(model=str(folder), data="unused", load_in_4bit=False,
+                                                 dtype="bfloat16"))
+    model.to(torch.bfloat16)
+    targets = find_targets(model, ["all-linear"], 8, "lora_ga")
+    batch = collate(load_examples(SAMPLE, "auto", tokenizer, 96)[0][:3], tokenizer.pad_token_id, device)
+    before = logits(model, batch)
+    torch.manual_seed(0)
+    factors = {}
+    for name, target in targets.items():
+        *experts, m, n = features(target)
+        A, B = torch.randn(*experts, 8, n), torch.randn(*experts, m, 8)
+        factors[name] = (A, B, A, B)
+    inject(model, factors, 2.0)
+    assert torch.equal(logits(model, batch), before)
