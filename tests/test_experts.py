@@ -16,7 +16,7 @@ from frugal_loraga.fidelity import captured_energy, exact_gradients
 from frugal_loraga.init import estimation_batches, unreached_experts_as_lora
 from frugal_loraga.lora import features, find_targets, inject
 from frugal_loraga.memory import activation_bytes, gradient_bytes
-from frugal_loraga.models import load_model
+from frugal_loraga.models import load_model, resolve_device
 from frugal_loraga.svd import LayerSVD
 from conftest import SAMPLE
 from test_families import logits, save_tiny
@@ -58,7 +58,7 @@ def test_a_4bit_moe_adapts_its_experts_and_both_exports_give_our_logits_in_peft(
     assert adapter["target_parameters"] == [f"model.layers.{i}.mlp.experts.{p}" for i in range(2)
                                             for p in ("down_proj", "gate_up_proj")]
     state = torch.load(checkpoint_path(config.out), weights_only=True)
-    factors, corrections = factors_from_checkpoint(state["adapter"], torch.device("cpu"))
+    factors, corrections = factors_from_checkpoint(state["adapter"], resolve_device(config))
     assert factors["model.layers.0.mlp.experts.down_proj"][0].shape == (4, 2, 96)  # E x r x n
     assert corrections and not any("experts" in name for name in corrections)
 
@@ -89,7 +89,7 @@ def test_an_expert_stack_named_alone_exports_as_a_target_parameter(mixtral, tmp_
     assert adapter["target_parameters"] == ["model.layers.0.mlp.experts.down_proj",
                                            "model.layers.1.mlp.experts.down_proj"]
     factors, _ = factors_from_checkpoint(torch.load(checkpoint_path(config.out), weights_only=True)["adapter"],
-                                         torch.device("cpu"))
+                                         resolve_device(config))
     model, tokenizer, device = load_model(config)
     batch = collate(load_examples(SAMPLE, "auto", tokenizer, 96)[0][:3], tokenizer.pad_token_id, device)
     inject(model, factors, config.eta)

@@ -16,7 +16,7 @@ from frugal_loraga.checkpoint import adapter_for, checkpoint_path, factors_from_
 from frugal_loraga.data import collate, load_examples
 from frugal_loraga.init import estimation_batches, initial_corrections, initial_factors
 from frugal_loraga.lora import FrozenLinear, features, find_targets, inject, replace
-from frugal_loraga.models import load_model
+from frugal_loraga.models import load_model, resolve_device
 from frugal_loraga.nf4_error import RIDGE, OriginalWeights, best_correction, layer_bytes, nf4_corrections
 
 
@@ -153,7 +153,7 @@ def test_both_exports_reproduce_our_logits_in_peft(tiny_model_dir, sample_path, 
     assert adapter_for(config.out, True) == tmp_path / "run" / "adapter_nf4"
     assert adapter_for(config.out, False) == result.adapter_dir
     factors, corrections = factors_from_checkpoint(torch.load(checkpoint_path(config.out), weights_only=True)["adapter"],
-                                                   torch.device("cpu"))
+                                                   resolve_device(config))  # the device the model loads on
     assert set(corrections) == set(factors)
 
     model, tokenizer, device = load_model(config)
