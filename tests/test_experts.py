@@ -151,7 +151,7 @@ def test_step_0_is_the_bf16_model_bit_for_bit(family, tmp_path):
     factors = {}
     for name, target in targets.items():
         *experts, m, n = features(target)
-        A, B = torch.randn(*experts, 8, n), torch.randn(*experts, m, 8)
+        A, B = torch.randn(*experts, 8, n, device=device), torch.randn(*experts, m, 8, device=device)
         factors[name] = (A, B, A, B)
     inject(model, factors, 2.0)
     assert torch.equal(logits(model, batch), before)
