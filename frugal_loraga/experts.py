@@ -11,7 +11,7 @@ and LoRA-GA's gradient of an expert is dL/dW_e = dY_e^T X_e over the tokens rout
 While adapted or tapped, the experts module is replaced by AdaptedExperts: the grouped forward of transformers'
 grouped_mm implementation (the tokens sorted by expert, each projection by transformers' grouped matmul), so that the
 base's bits are the model's own, with a part after each adapted projection: an ExpertsTap (the estimate) or an
-ExpertsLora (training). The router is never adapted. Experts stay in 16 bits on a 4-bit base (transformers does not
+ExpertsLora (training). Routers are not expert stacks (find_targets leaves the linear layers beside the experts out). Experts stay in 16 bits on a 4-bit base (transformers does not
 quantize them; models.warn_unquantized says so).
 """
 from __future__ import annotations
@@ -59,7 +59,9 @@ def expert_parameters(model: nn.Module) -> dict[str, ExpertParameter]:
     """Every expert stack of the model by name (<experts module>.<parameter>), in the order of its parameters."""
     if grouped_linear is None:
         return {}
-    top_k = getattr(getattr(model, "config", None), "num_experts_per_tok", None) or 1
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    top_k = getattr(config, "num_experts_per_tok", None) or 1
     return {f"{name}.{p}": ExpertParameter(module, p, top_k) for name, module in model.named_modules()
             if is_experts(module) for p, _ in module.named_parameters(recurse=False) if p in PROJECTIONS}
 
@@ -105,12 +107,15 @@ class AdaptedExperts(nn.Module):
         return self.parts[param](y, x, offsets) if param in self.parts else y
 
 
-def adapted(parts: dict[str, nn.Module], wrappers: dict[int, AdaptedExperts]) -> None:
-    """Put each part (name: <experts module>.<parameter>) into the AdaptedExperts of its experts module (made once
-    per module, kept in wrappers by the experts module's id), and make that its owner."""
+def adapted(parts: dict[str, nn.Module]) -> None:
+    """Put each part (name: <experts module>.<parameter>) into the AdaptedExperts of its experts module (one per
+    module), and make that its owner."""
+    wrappers: dict[int, AdaptedExperts] = {}
     for name, part in parts.items():
         target: ExpertParameter = part.target
-        wrapper = wrappers.setdefault(id(target.owner), AdaptedExperts(target.owner))
+        if id(target.owner) not in wrappers:
+            wrappers[id(target.owner)] = AdaptedExperts(target.owner)
+        wrapper = wrappers[id(target.owner)]
         wrapper.parts[target.param] = part
         part.__dict__["owner"] = wrapper  # not a submodule: the wrapper holds the part
 
@@ -126,7 +131,7 @@ def grouped_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, offsets: tor
 
 
 def grouped_lora_reference(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """grouped_lora expert by expert, in fp32 (one sync with the device for the offsets)."""
+    """grouped_lora expert by expert, in fp32 (bf16 under CUDA autocast), one sync with the device for the offsets."""
     rows, start = [], 0
     for e, end in enumerate(offsets.tolist()):
         if end > start:
@@ -165,7 +170,7 @@ class ExpertsLora(nn.Module):
         delta = grouped_lora(x, self.A, self.B, offsets)
         if self.has_frozen:
             delta = delta - grouped_lora(x, self.A0, self.B0, offsets)
-        return (y + self.eta * delta).to(y.dtype)
+        return (y.float() + self.eta * delta.float()).to(y.dtype)
 
 
 def inject_experts(targets: dict[str, ExpertParameter], factors: dict[str, tuple], eta: float
@@ -173,7 +178,7 @@ def inject_experts(targets: dict[str, ExpertParameter], factors: dict[str, tuple
     """An ExpertsLora for each expert stack named in factors (name -> (A, B, A0 | None, B0 | None), stacked per
     expert), in AdaptedExperts owners for lora.replace to put in the model."""
     layers = {name: ExpertsLora(targets[name], *factors[name], eta) for name in factors}
-    adapted(layers, {})
+    adapted(layers)
     return layers
 
 

@@ -55,16 +55,17 @@ def lora_factors(shape: tuple[int, ...], rank: int, generator: torch.Generator,
     return A.to(device), torch.zeros(*experts, m, rank, device=device)
 
 
-def unreached_experts_as_lora(name: str, svd: LayerSVD, A0: torch.Tensor, B0: torch.Tensor, rank: int,
-                              generator: torch.Generator) -> None:
-    """Experts of a stack that no estimation token was routed to have a zero gradient, so LoRA-GA would start them
-    at A0 = B0 = 0, where they could never train: they start as plain LoRA instead (in place), with a warning."""
-    unreached = svd.S[:, 0] == 0
-    if unreached.any():
-        A, B = lora_factors((int(unreached.sum()), B0.shape[-2], A0.shape[-1]), rank, generator, A0.device)
-        A0[unreached], B0[unreached] = A, B
-        log.warning("%d of the %d experts of %s got no estimation tokens: they start as plain LoRA",
-                    int(unreached.sum()), len(unreached), name)
+def dead_pairs_as_lora(name: str, A0: torch.Tensor, B0: torch.Tensor, generator: torch.Generator) -> None:
+    """Rank pairs (row j of A0, column j of B0) that are both zero could never train (each one's gradient holds the
+    other): a gradient of rank below 2r gives them, as an expert no estimation token reached (a zero gradient) does.
+    Their A0 rows start as plain LoRA's (Kaiming-uniform; B0's column stays zero), in place, with a warning."""
+    dead = (A0 == 0).all(dim=-1) & (B0 == 0).all(dim=-2)  # (..., r)
+    if dead.any():
+        n = A0.shape[-1]
+        A0[dead] = ((torch.rand(int(dead.sum()), n, generator=generator) * 2 - 1) / math.sqrt(n)).to(A0.device)
+        log.warning("%d of the %d rank pairs of %s had a zero gradient direction (%s): they start as plain LoRA",
+                    int(dead.sum()), dead.numel(), name, "experts no estimation token reached, or a gradient of "
+                    "lower rank" if A0.dim() == 3 else "a gradient of lower rank than 2 x rank")
 
 
 def estimation_batches(train_examples, config: Config, pad_id: int, device, masked: bool = False) -> list[dict]:
@@ -150,8 +151,7 @@ def initial_factors(model, targets, train_examples, config: Config, pad_id: int,
     generator = torch.Generator().manual_seed(config.seed)
     for name, svd in svds.items():
         A0, B0 = lora_ga_factors(svd, config.rank, config.direction, config.scale, config.gamma, config.eta)
-        if A0.dim() == 3:
-            unreached_experts_as_lora(name, svd, A0, B0, config.rank, generator)
+        dead_pairs_as_lora(name, A0, B0, generator)
         factors[name] = (A0, B0, A0, B0)
     return factors, Metrics(estimation_groups=len(stats.groups), estimation_batches=stats.batches,
                             estimation_peak_state_gib=stats.peak_state_bytes / 2**30,

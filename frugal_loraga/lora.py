@@ -98,7 +98,8 @@ class LoraLinear(FrozenLinear):
 def find_targets(model: nn.Module, targets: list[str], rank: int, init: str) -> dict:
     """What to adapt: for 'all-linear' every linear layer but the output head and a mixture of experts' routers (the
     linear layers beside its experts: gates such as Qwen2-MoE's shared_expert_gate too), and every expert stack
-    (experts.py); else the linear layers and expert stacks named, or whose names end in '.<suffix>'. A layer narrower
+    (experts.py); else the linear layers named or whose names end in '.<suffix>', and the expert stacks named in full
+    or as '<module>.<parameter>' (experts.down_proj: a bare down_proj is a linear layer's name). A layer narrower
     than the rank needs is refused when named, and left out of all-linear with a warning naming it (refused if that
     leaves none)."""
     head = model.get_output_embeddings()
@@ -109,13 +110,13 @@ def find_targets(model: nn.Module, targets: list[str], rank: int, init: str) -> 
         found = {name: target for name, target in candidates.items()
                  if target is not head and id(target) not in routers}
     else:
-        found = {name: target for name, target in candidates.items()
-                 if any(name == t or name.endswith("." + t) for t in targets)}
+        found = {name: target for name, target in candidates.items() if any(
+            name == t or name.endswith("." + t) and (name in linear or "." in t) for t in targets)}
         for name, module in model.named_modules():
             if name not in candidates and any(name == t or name.endswith("." + t) for t in targets):
                 raise ConfigError(f"target {name} is a {type(module).__name__}; only linear layers and mixture-of-"
                                   "experts expert stacks can be adapted")
-    suffixes = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+    suffixes = sorted({n.rsplit(".", 1)[-1] if n in linear else ".".join(n.rsplit(".", 2)[-2:]) for n in candidates})
     unmatched = [t for t in targets if t != ALL_LINEAR and not any(n == t or n.endswith("." + t) for n in found)]
     if not found or unmatched:
         raise ConfigError(f"no module matches target_modules {', '.join(unmatched or targets)}; "
@@ -141,8 +142,9 @@ def named_targets(model: nn.Module, names: list[str]) -> dict:
 def check_correction_rank(targets: dict[str, nn.Module], rank: int) -> None:
     """Refuses a 4-bit error correction (nf4_error.py) of a rank no target layer has: a layer m x n has rank at most
     min(m, n), and a correction past it would hold only zeros."""
-    widest = max(min(features(module)) for module in targets.values() if not isinstance(module, ExpertParameter))
-    if rank > widest:
+    linear = [min(features(module)) for module in targets.values() if not isinstance(module, ExpertParameter)]
+    widest = max(linear, default=0)
+    if linear and rank > widest:  # expert stacks are not 4-bit: they get no correction
         raise ConfigError(f"nf4_error_rank {rank} is above the rank of every adapted layer (at most {widest} here: a "
                           f"layer m x n has rank min(m, n)); lower nf4_error_rank to {widest} or less (16 is the "
                           "default)")

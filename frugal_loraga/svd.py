@@ -81,4 +81,5 @@ def top_singular(Gs: dict[str, torch.Tensor], k: int, method: str) -> dict[str, 
 
 
 def stacked(svds: list[LayerSVD]) -> LayerSVD:
+    """The experts' SVDs as one: U (E x m x k), S (E x k), V (E x n x k)."""
     return LayerSVD(*(torch.stack([getattr(svd, f) for svd in svds]) for f in ("U", "S", "V")))

@@ -10,14 +10,14 @@ from peft import PeftModel
 from frugal_loraga import Config, finetune
 from frugal_loraga.checkpoint import adapter_for, checkpoint_path, factors_from_checkpoint
 from frugal_loraga.data import collate, load_examples
+from frugal_loraga.errors import ConfigError
 from frugal_loraga.estimate import estimate_gradient_svd
 from frugal_loraga.experts import ExpertsLora, grouped_lora, grouped_lora_reference, routes
 from frugal_loraga.fidelity import captured_energy, exact_gradients
-from frugal_loraga.init import estimation_batches, unreached_experts_as_lora
+from frugal_loraga.init import dead_pairs_as_lora, estimation_batches
 from frugal_loraga.lora import features, find_targets, inject
 from frugal_loraga.memory import activation_bytes, gradient_bytes
 from frugal_loraga.models import load_model, resolve_device
-from frugal_loraga.svd import LayerSVD
 from conftest import SAMPLE
 from test_families import logits, save_tiny
 
@@ -80,8 +80,14 @@ def test_a_4bit_moe_adapts_its_experts_and_both_exports_give_our_logits_in_peft(
 
 
 def test_an_expert_stack_named_alone_exports_as_a_target_parameter(mixtral, tmp_path):
+    """Named as experts.down_proj (a bare down_proj names linear layers only), on the 4-bit base: no linear layer
+    is adapted, so none is corrected."""
+    model, _, _ = load_model(Config(model=str(mixtral), data="unused", load_in_4bit=False))
+    with pytest.raises(ConfigError, match=r"no module matches target_modules down_proj; linear layers here: "
+                                          r"experts.down_proj, experts.gate_up_proj, k_proj, lm_head"):
+        find_targets(model, ["down_proj"], 2, "lora_ga")
     config = Config(model=str(mixtral), data=str(SAMPLE), target_modules="experts.down_proj", rank=2,
-                    load_in_4bit=False, dtype="float32", steps=2, lr=5e-3, estimation_samples=8, eval_every=0,
+                    dtype="float32", steps=2, lr=5e-3, estimation_samples=8, eval_every=0,
                     out=str(tmp_path / "run"), progress=False)
     result = finetune(config)
     adapter = json.loads((result.adapter_dir / "adapter_config.json").read_text())
@@ -98,21 +104,21 @@ def test_an_expert_stack_named_alone_exports_as_a_target_parameter(mixtral, tmp_
                                logits(model, batch), rtol=1e-4, atol=1e-4)
 
 
-def test_experts_no_estimation_token_reached_start_as_plain_lora(caplog):
-    """A zero gradient would start an expert at A0 = B0 = 0, where it never trains."""
+def test_rank_pairs_with_no_gradient_start_as_plain_lora(caplog):
+    """A zero gradient (an expert no estimation token reached) or one of lower rank gives rank pairs with A0's row
+    and B0's column both zero, which never train: their A0 rows start as plain LoRA's."""
     E, m, n, r = 3, 6, 5, 2
-    U, V = torch.randn(E, m, 2 * r), torch.randn(E, n, 2 * r)
-    S = torch.ones(E, 2 * r)
-    U[1], V[1], S[1] = 0, 0, 0
     A0, B0 = torch.randn(E, r, n), torch.randn(E, m, r)
-    reached = A0[[0, 2]].clone(), B0[[0, 2]].clone()
+    A0[1], B0[1] = 0, 0  # no tokens
+    A0[2, 1], B0[2, :, 1] = 0, 0  # a gradient of rank 1
+    A0[0, 0] = 0  # B0's column alive: trains
+    kept = A0[0].clone(), B0.clone()
     with caplog.at_level(logging.WARNING, "frugal_loraga"):
-        unreached_experts_as_lora("layers.0.experts.down_proj", LayerSVD(U, S, V), A0, B0, r,
-                                  torch.Generator().manual_seed(0))
-    assert "1 of the 3 experts of layers.0.experts.down_proj got no estimation tokens" in caplog.text
-    assert torch.equal(A0[[0, 2]], reached[0]) and torch.equal(B0[[0, 2]], reached[1])
-    assert torch.equal(B0[1], torch.zeros(m, r))
-    assert (A0[1] != 0).all() and A0[1].abs().max() <= n ** -0.5
+        dead_pairs_as_lora("layers.0.experts.down_proj", A0, B0, torch.Generator().manual_seed(0))
+    assert "3 of the 6 rank pairs of layers.0.experts.down_proj had a zero gradient direction" in caplog.text
+    assert torch.equal(A0[0], kept[0]) and torch.equal(B0, kept[1])
+    for row in (A0[1, 0], A0[1, 1], A0[2, 1]):  # Kaiming-uniform: U(-1/sqrt(n), 1/sqrt(n))
+        assert (row != 0).all() and row.abs().max() <= n ** -0.5
 
 
 @pytest.mark.parametrize("rank", [8, 16])

@@ -141,5 +141,5 @@ def make_taps(targets: dict, corrections: dict[str, Correction]) -> dict[str, nn
     """A tap for each target: GradientTap for a linear layer (with its correction, if any), ExpertsTap for an expert
     stack (in the AdaptedExperts of its experts module)."""
     taps = {name: ExpertsTap(target) for name, target in targets.items() if isinstance(target, ExpertParameter)}
-    adapted(taps, {})
+    adapted(taps)
     return {name: taps.get(name) or GradientTap(target, corrections.get(name)) for name, target in targets.items()}
