@@ -11,8 +11,8 @@ and LoRA-GA's gradient of an expert is dL/dW_e = dY_e^T X_e over the tokens rout
 While adapted or tapped, the experts module is replaced by AdaptedExperts: the grouped forward of transformers'
 grouped_mm implementation (the tokens sorted by expert, each projection by transformers' grouped matmul), so that the
 base's bits are the model's own, with a part after each adapted projection: an ExpertsTap (the estimate) or an
-ExpertsLora (training). Routers are not expert stacks (find_targets leaves the linear layers beside the experts out). Experts stay in 16 bits on a 4-bit base (transformers does not
-quantize them; models.warn_unquantized says so).
+ExpertsLora (training). Routers are not expert stacks (find_targets leaves the linear layers beside the experts
+out). Experts stay in 16 bits on a 4-bit base (transformers does not quantize them; models.warn_unquantized says so).
 """
 from __future__ import annotations
 
