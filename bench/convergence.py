@@ -9,6 +9,8 @@ Methods (rank 8, alpha 16, rsLoRA, all linear layers; same seeds, data order and
   lora_ga_exact             LoRA-GA on the bf16 base: the whole gradient at once, exact SVD
   lora_ga_ours              LoRA-GA on the NF4 base with its error corrected (the default), streamed in groups
   lora_ga_ours_uncorrected  the same without the correction (nf4_error_rank 0: before 2026-12-05)
+  lora_ga_original          LoRA-GA on the NF4 base, corrected, its factors from the gradient of the original (bf16)
+                            model: what estimating it from the weights streamed off the safetensors files would give
 Each method's learning rate is picked on a small grid by its final eval loss (seed 0); the picked lr is then rerun with
 more seeds to measure the noise. Tasks (--task): arithmetic word problems from data/make_sample.py (train and test
 drawn with different seeds; accuracy: the greedy answer's "The answer is N"), or gsm: GSM8K-style problems with worked
@@ -17,7 +19,8 @@ answers (bench/data, made by bench/make_gsm.py; test templates held out of train
 
 Run on a GPU:                                python bench/convergence.py --task gsm --parallel 10
 Plot and table from saved results:            python bench/convergence.py --task gsm --report   (needs matplotlib)
-Every finished run is saved under --work as it ends and skipped when the script runs again: a stopped sweep continues.
+Every finished run is saved under --work as it ends and skipped when the script runs again: a stopped sweep continues,
+also on another machine from the runs saved in --out's JSON.
 """
 from __future__ import annotations
 
@@ -31,7 +34,9 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import replace
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 
@@ -39,7 +44,7 @@ from common import RESULTS, ROOT
 from data.make_sample import problem
 from frugal_loraga.api import finetune
 from frugal_loraga.checkpoint import adapter_for
-from frugal_loraga.init import estimation_batches, initial_corrections
+from frugal_loraga.init import estimation_batches, initial_corrections, initial_factors
 from frugal_loraga.config import Config
 from frugal_loraga.data import load_examples, render
 from frugal_loraga.fidelity import captured_energy, exact_gradients, subspace_agreement
@@ -54,16 +59,18 @@ LORA_LRS = [3e-5, 1e-4, 3e-4, 1e-3]
 LORA_GA_LRS = [3e-6, 1e-5, 3e-5, 1e-4, 3e-4]
 UNCORRECTED = dict(nf4_error_rank=0)
 METHODS = {  # name: (Config settings, lr grid)
-    "full": (dict(init="lora", load_in_4bit=False, dtype="float32"), [1e-5, 3e-5, 1e-4]),
+    "full": (dict(init="lora", load_in_4bit=False, dtype="float32"), [3e-6, 1e-5, 3e-5, 1e-4]),
     "lora": (dict(init="lora", load_in_4bit=False), LORA_LRS),
     "qlora": (dict(init="lora", load_in_4bit=True, **UNCORRECTED), LORA_LRS),
     "qlora_corrected": (dict(init="lora", load_in_4bit=True), LORA_LRS),
     "lora_ga_exact": (dict(init="lora_ga", load_in_4bit=False, svd="exact", grad_budget_gib=64.0), LORA_GA_LRS),
     "lora_ga_ours": (dict(init="lora_ga", load_in_4bit=True, svd="lowrank"), LORA_GA_LRS),
     "lora_ga_ours_uncorrected": (dict(init="lora_ga", load_in_4bit=True, svd="lowrank", **UNCORRECTED), LORA_GA_LRS),
+    "lora_ga_original": (dict(init="lora_ga", load_in_4bit=True, svd="lowrank"), LORA_GA_LRS),
 }
 COLORS = {"full": "black", "lora": "#1e40af", "qlora": "#60a5fa", "qlora_corrected": "#0d9488",
-          "lora_ga_exact": "#9a3412", "lora_ga_ours": "#ea580c", "lora_ga_ours_uncorrected": "#fbbf24"}
+          "lora_ga_exact": "#9a3412", "lora_ga_ours": "#ea580c", "lora_ga_ours_uncorrected": "#fbbf24",
+          "lora_ga_original": "#7c3aed"}
 TASKS = {  # name: (max_length, new tokens for the accuracy, the answer's pattern in a completion, our budget in GiB:
     # a few groups on the demo model)
     "arithmetic": (128, 32, r"answer is (-?\d+)", 0.1),
@@ -130,11 +137,24 @@ def full_finetune(config: Config):
         p.requires_grad_(True)
     train_examples, _ = load_examples(config.data, config.data_format, tokenizer, config.max_length)
     eval_examples, _ = load_examples(config.eval_data, config.data_format, tokenizer, config.max_length)
-    metrics = {"train_loss": [], "eval_loss": [], "train_tokens": 0}
-    start = time.perf_counter()
+    metrics = {"train_loss": [], "eval_loss": [], "train_tokens": 0, "train_seconds": 0.0}
     train(model, {}, train_examples, eval_examples, config, {}, tokenizer.pad_token_id, metrics)
-    metrics["tokens_per_second"] = metrics["train_tokens"] / (time.perf_counter() - start)
+    metrics["tokens_per_second"] = metrics["train_tokens"] / metrics["train_seconds"]
     return metrics, model, tokenizer, device
+
+
+def original_factors(config: Config):
+    """LoRA-GA's factors estimated on the original (bf16) model, for the NF4 base: finetune's initial_factors, its
+    call on the NF4 model replaced by these (the corrections are still made on the NF4 base)."""
+    original = replace(config, load_in_4bit=False)
+    model, tokenizer, device = load_model(original)
+    examples, _ = load_examples(original.data, original.data_format, tokenizer, original.max_length)
+    targets = find_targets(model, original.target_list(), original.rank, original.init)
+    factors, metrics = initial_factors(model, targets, examples, original.resolve(device.type), tokenizer.pad_token_id,
+                                       device)
+    factors = {name: tuple(t.detach().clone() for t in f) for name, f in factors.items()}
+    del model
+    return lambda *_, **__: (factors, metrics)
 
 
 def run(method: str, lr: float, seed: int, args, data: tuple[Path, Path]) -> dict:
@@ -143,7 +163,7 @@ def run(method: str, lr: float, seed: int, args, data: tuple[Path, Path]) -> dic
     if cache.exists():
         return json.loads(cache.read_text())
     settings, _ = METHODS[method]
-    if method == "lora_ga_ours":
+    if method in ("lora_ga_ours", "lora_ga_original"):
         settings = dict(settings, grad_budget_gib=args.ours_budget_gib)
     config = Config(model=args.model, data=str(data[0]), eval_data=str(data[1]), rank=RANK, lr=lr, seed=seed,
                     steps=args.steps, batch_size=args.batch_size, max_length=TASKS[args.task][0],
@@ -154,11 +174,13 @@ def run(method: str, lr: float, seed: int, args, data: tuple[Path, Path]) -> dic
     print(f"{method} lr {lr:g} seed {seed}", flush=True)
     if method == "full":
         metrics, model, tokenizer, device = full_finetune(config)
+    elif method == "lora_ga_original":
+        with patch("frugal_loraga.api.initial_factors", original_factors(config)):
+            metrics = finetune(config).metrics
+        model, tokenizer, device = peft_model(config)
     else:
-        from peft import PeftModel
         metrics = finetune(config).metrics
-        base, tokenizer, device = load_model(config)
-        model = PeftModel.from_pretrained(base, str(adapter_for(config.out, config.load_in_4bit)))  # via PEFT
+        model, tokenizer, device = peft_model(config)
     result = {"method": method, "lr": lr, "seed": seed, "eval_loss": metrics["eval_loss"],
               "train_loss": metrics["train_loss"], "tokens_per_second": metrics["tokens_per_second"],
               "init_seconds": metrics.get("init_seconds", 0.0), "estimation_groups": metrics.get("estimation_groups"),
@@ -169,6 +191,13 @@ def run(method: str, lr: float, seed: int, args, data: tuple[Path, Path]) -> dic
         torch.cuda.empty_cache()
     cache.write_text(json.dumps(result))
     return result
+
+
+def peft_model(config: Config):
+    """The run's adapter on its base, through PEFT (the 4-bit base's export on a 4-bit base)."""
+    from peft import PeftModel
+    base, tokenizer, device = load_model(config)
+    return PeftModel.from_pretrained(base, str(adapter_for(config.out, config.load_in_4bit))), tokenizer, device
 
 
 def run_all(jobs: list[tuple[str, float, int]], args, data: tuple[Path, Path], save) -> None:
@@ -325,6 +354,8 @@ def main():
     parser.add_argument("--ours-budget-gib", type=float, help="default: the task's, forcing several groups on the demo "
                         "model")
     parser.add_argument("--seeds", type=int, default=2, help="seeds for each method's picked lr")
+    parser.add_argument("--all-seeds", action="store_true", help="every lr with every seed at once (one wave on a GPU "
+                        "with room for them all), not seed 0 first")
     parser.add_argument("--lrs", default="", help="lrs of each grid to use, as a slice: 1:4 (default: all)")
     parser.add_argument("--work", type=Path, help="default: runs/convergence[_gsm]")
     parser.add_argument("--out", type=Path, help="default: bench/results/convergence[_gsm]")
@@ -355,6 +386,11 @@ def main():
     if args.model == "demo":
         demo_model_dir()  # converted once here, not by several children at a time
     fidelity_path = args.work / "fidelity.json"
+    if saved.exists():  # runs finished elsewhere (another machine's sweep) are not run again
+        for result in json.loads(saved.read_text())["runs"]:
+            cache = args.work / f"{result['method']}_lr{result['lr']:g}_seed{result['seed']}.json"
+            if not cache.exists():
+                cache.write_text(json.dumps(result))
 
     def save() -> dict:
         """Everything finished so far into --out (.json), so a sweep cut short still reports."""
@@ -368,7 +404,8 @@ def main():
             "runs": results}, indent=1))
         return summary
 
-    run_all([(m, lr, 0) for m, lrs in grids.items() for lr in lrs], args, data, save)
+    first = range(args.seeds) if args.all_seeds else [0]
+    run_all([(m, lr, seed) for m, lrs in grids.items() for lr in lrs for seed in first], args, data, save)
     run_all([(m, s["lr"], seed) for m, s in save().items() for seed in range(1, args.seeds)], args, data, save)
     if not args.no_fidelity and not fidelity_path.exists():  # last: a sweep cut short keeps its runs
         fidelity_path.write_text(json.dumps(fidelity(args, data)))

