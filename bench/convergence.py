@@ -32,7 +32,6 @@ import re
 import statistics
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
@@ -152,14 +151,17 @@ def original_factors(config: Config):
     targets = find_targets(model, original.target_list(), original.rank, original.init)
     factors, metrics = initial_factors(model, targets, examples, original.resolve(device.type), tokenizer.pad_token_id,
                                        device)
-    factors = {name: tuple(t.detach().clone() for t in f) for name, f in factors.items()}
-    del model
     return lambda *_, **__: (factors, metrics)
+
+
+def run_name(method: str, lr: float, seed: int) -> str:
+    """The stem of a run's cached result and log under --work."""
+    return f"{method}_lr{lr:g}_seed{seed}"
 
 
 def run(method: str, lr: float, seed: int, args, data: tuple[Path, Path]) -> dict:
     """One training run; its result is cached as JSON under --work."""
-    cache = args.work / f"{method}_lr{lr:g}_seed{seed}.json"
+    cache = args.work / f"{run_name(method, lr, seed)}.json"
     if cache.exists():
         return json.loads(cache.read_text())
     settings, _ = METHODS[method]
@@ -212,7 +214,7 @@ def run_all(jobs: list[tuple[str, float, int]], args, data: tuple[Path, Path], s
 
     def child(job):
         method, lr, seed = job
-        log = args.work / f"{method}_lr{lr:g}_seed{seed}.log"
+        log = args.work / f"{run_name(method, lr, seed)}.log"
         with open(log, "w") as f:
             done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", f"{method}:{lr!r}:{seed}"],
                                   stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="2"))
@@ -388,7 +390,7 @@ def main():
     fidelity_path = args.work / "fidelity.json"
     if saved.exists():  # runs finished elsewhere (another machine's sweep) are not run again
         for result in json.loads(saved.read_text())["runs"]:
-            cache = args.work / f"{result['method']}_lr{result['lr']:g}_seed{result['seed']}.json"
+            cache = args.work / f"{run_name(result['method'], result['lr'], result['seed'])}.json"
             if not cache.exists():
                 cache.write_text(json.dumps(result))
 
