@@ -69,7 +69,8 @@ def run(config: Config, profile: str = "") -> dict:
             "estimation_budget_gib": result.metrics.get("estimation_budget_gib"),
             "estimation_groups": result.metrics.get("estimation_groups"),
             "correction_seconds": result.metrics.get("correction_seconds"),
-            "corrected_layers": result.metrics.get("corrected_layers"), **marks, **init.peaks, **peaks("train"),
+            "corrected_layers": result.metrics.get("corrected_layers"),
+            "recomputed_layers": result.metrics.get("recomputed_layers"), **marks, **init.peaks, **peaks("train"),
             "final_train_loss": result.metrics["train_loss"][-1][1]}
 
 
@@ -87,6 +88,8 @@ def main():
     parser.add_argument("--init", choices=["lora_ga", "lora"], default=Config.init, help="lora: no estimate (to time "
                         "training alone)")
     parser.add_argument("--no-gradient-checkpointing", action="store_true", help="every layer keeps its activations")
+    parser.add_argument("--keep-activations-gib", type=float, default=None,
+                        help="Config.keep_activations_gib (default: what the card has free; 0: recompute every layer)")
     parser.add_argument("--profile", choices=["training", "correcting"], default="",
                         help="print what took longest in the timed training steps or in the correction")
     add_output_args(parser, None, work="/tmp/fit_card")
@@ -100,13 +103,15 @@ def main():
                     max_length=args.max_length, batch_size=args.batch_size, steps=args.steps, eval_fraction=0,
                     save_every=0, out=str(work / f"run-{args.name}"), overwrite=True, progress=False,
                     embeddings_on_cpu=not args.embeddings_on_gpu, nf4_error_rank=args.nf4_error_rank, init=args.init,
-                    gradient_checkpointing=not args.no_gradient_checkpointing)
+                    gradient_checkpointing=not args.no_gradient_checkpointing,
+                    keep_activations_gib=args.keep_activations_gib)
     kind, sizes = SHAPES[args.shape]
     result = {"device": torch.cuda.get_device_name(), "shape": args.shape, "layers": layers, "card_gib": args.card_gib,
               "model_config": {"class": kind, "num_hidden_layers": layers, **sizes},
               "estimation_samples": args.estimation_samples, "train_batch": f"{args.batch_size} x {args.max_length}",
               "embeddings_on_cpu": not args.embeddings_on_gpu, "nf4_error_rank": args.nf4_error_rank,
               "init": args.init, "gradient_checkpointing": not args.no_gradient_checkpointing,
+              "keep_activations_gib": args.keep_activations_gib,
               **run(config, args.profile)}
     print(json.dumps(result), flush=True)
     save_result(args.name, result)

@@ -1,5 +1,6 @@
 """The decoder layers (blocks): finding the ones that hold the targets, compiling them, the attention kernels they may
-use, and switching off their gradient checkpointing for a while."""
+use, switching off their gradient checkpointing for a while, and whether their 4-bit layers dequantize again in
+backward."""
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .lora import FrozenLinear
 from .models import cache_dir
 
 
@@ -119,6 +121,14 @@ def enable_checkpointing(model: nn.Module) -> None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def recompute_weights(blocks: list[nn.Module], on: bool) -> None:
+    """Whether the blocks' compiled 4-bit layers dequantize each weight again in backward (on, the default: a block
+    that keeps its activations would otherwise hold all its weights' copies from forward to backward) or keep the
+    copy (off: in a checkpointed block it lives only while the block's recompute and backward run)."""
+    for module in (m for block in blocks for m in block.modules() if isinstance(m, FrozenLinear)):
+        module.recompute_weight = on
 
 
 @contextlib.contextmanager

@@ -39,7 +39,8 @@ INIT_SETTINGS = {"estimation_samples", "estimation_batch_size", "grad_budget_gib
 # Fields that may change between a run and its resume without changing the result. The paths (out, data, eval_data,
 # model) are compared through `inputs` instead: the same file spelled another way, or at another path, is the same.
 RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "metrics_json", "save_every", "device", "compile", "out",
-                     "data", "eval_data", "model", "embeddings_on_cpu", *INIT_SETTINGS}
+                     "data", "eval_data", "model", "embeddings_on_cpu", "gradient_checkpointing",
+                     "keep_activations_gib", *INIT_SETTINGS}
 RECORD = "run.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what export_adapter writes in an adapter folder
 ADAPTER_FOLDERS = ("adapter", "adapter_nf4")  # for the original base; for the 4-bit base, with its correction

@@ -97,7 +97,12 @@ class Config:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
     optimizer: Optimizer = _f("adamw", "adamw (torch) or paged_adamw_8bit (bitsandbytes, CUDA only)")
-    gradient_checkpointing: bool = _f(True, "recompute activations in backward to save memory")
+    gradient_checkpointing: bool = _f(True, "recompute activations in backward to save memory, in the decoder layers "
+                                            "that cannot keep them (keep_activations_gib)")
+    keep_activations_gib: Optional[float] = _f(None, "with gradient_checkpointing: memory for decoder layers that keep "
+                                                     "their activations for backward rather than recompute them, as "
+                                                     "many as fit; default: what the GPU has free once training has "
+                                                     "what it needs (none on the CPU); 0: recompute in every layer")
     compile: bool = _f(True, "torch.compile each decoder layer for the LoRA-GA estimate and training on CUDA: faster "
                              "4-bit steps after a one-off compile, cached in ~/.cache/frugal_loraga/compiled for later "
                              "runs (ignored on CPU)")
@@ -127,8 +132,9 @@ class Config:
         for name in ["alpha", "lr", "gamma"]:
             if getattr(self, name) is not None and not 0 < getattr(self, name) < math.inf:
                 raise ConfigError(f"{name} must be a positive finite number, got {getattr(self, name)}")
-        for name in ["eval_every", "save_every", "weight_decay", "max_grad_norm", "nf4_error_rank"]:
-            if not 0 <= getattr(self, name) < math.inf:
+        for name in ["eval_every", "save_every", "weight_decay", "max_grad_norm", "nf4_error_rank",
+                     "keep_activations_gib"]:
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) < math.inf:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")

@@ -85,8 +85,8 @@ class AdaptedExperts(nn.Module):
         experts, k = self.experts, top_k_index.shape[-1]
         expert_ids, order = torch.sort(top_k_index.reshape(-1))  # the T k (token, expert) pairs grouped by expert
         x = hidden[order // k]
-        counts = torch.histc(expert_ids.float() if hidden.device.type == "cpu" else expert_ids.int(),
-                             bins=experts.num_experts, min=0, max=experts.num_experts - 1)
+        counts = torch.histc(expert_ids.int() if hidden.device.type == "cuda" else expert_ids.float(),  # CUDA's
+                             bins=experts.num_experts, min=0, max=experts.num_experts - 1)  # takes ints, others floats
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)  # group e ends at row offsets[e]
         up = "gate_up_proj" if experts.has_gate else "up_proj"
         h = self.project(up, x, offsets, expert_ids)

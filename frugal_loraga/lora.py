@@ -9,7 +9,8 @@ correction) unchanged.
 The sum (correction included) is computed by kernels.lora.lora_add: one fused Triton shrink/expand on CUDA, the torch
 reference elsewhere (or where Triton is not installed). At step 0 it gives the bits of the corrected base alone.
 Inside torch.compile a 4-bit base is dequantized by torch ops (nf4.py) that fuse into the compiled layer (FrozenLinear,
-which the LoRA-GA gradient estimate wraps around its targets too).
+which the LoRA-GA gradient estimate wraps around its targets too), and again in backward for dx = dy W rather than
+kept, outside checkpointed blocks.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.pytorch_utils import Conv1D
 
 from .kernels.lora import lora_add
@@ -52,6 +54,10 @@ class FrozenLinear(nn.Module):
         super().__init__()
         self.base = base
         self.four_bit = FourBitWeight.of(base)
+        # compiled, a 4-bit W is dequantized again in backward rather than kept from forward to backward (as much as
+        # the layer's activations); blocks.recompute_weights turns that off in checkpointed blocks, which hold it
+        # only while their own backward runs
+        self.recompute_weight = True
         empty = torch.zeros(0, device=next(base.parameters()).device)
         L, R = correction if correction is not None else (empty, empty)
         self.register_buffer("L", L.float())  # frozen: the estimate's taps and the LoRA layers share one copy
@@ -66,7 +72,8 @@ class FrozenLinear(nn.Module):
         if self.four_bit is not None and torch.compiler.is_compiling():
             dtype = self.four_bit.dtype
             bias = None if self.base.bias is None else self.base.bias.to(dtype)
-            return F.linear(x.to(dtype), self.four_bit(), bias).to(x.dtype)
+            weight = checkpoint(self.four_bit, use_reentrant=False) if self.recompute_weight else self.four_bit()
+            return F.linear(x.to(dtype), weight, bias).to(x.dtype)
         return self.base(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,8 @@ q, o: h x h; k, v: kv x h; gate, up: i x h; down: h x i), in bytes:
              parameters a target at 28 bytes (A, B, A0, B0, the gradient and AdamW's two moments in fp32; 20 for
              plain LoRA, which has no A0, B0); TRAIN_SLACK_BYTES for the allocator's rounding
   peak       weights + the larger of the estimate and training (finetune hands the estimate's memory back first)
+Training then spends what the card has left beyond that peak on layers that keep their activations, T (8h + 3i) e
+each, rather than recompute them (layers_keeping_activations).
 Checked against bench/results/{llama2_7b,llama3_8b,qwen25_14b}_*gib.json (tests/test_memory.py).
 """
 from __future__ import annotations
@@ -142,7 +144,7 @@ def estimate_memory_gib(model_config, config: Config, card_bytes: Optional[int] 
         held = min(layers, budget // block) * block or budget  # groups of whole blocks, else parts of one
         estimate = held + CUDA_HEADROOM_BYTES
     tokens = config.batch_size * config.max_length
-    layer = tokens * (8 * h + 3 * i) * e
+    layer = layer_activation_bytes(model_config, config)
     kept = tokens * h * e * layers + layer + i * h * e if config.gradient_checkpointing else layer * layers
     activations = kept + 3 * CHUNK_BYTES + TRAIN_SLACK_BYTES
     edges = layers * sum(m + n for m, n in shapes.values())  # a factor's numbers per unit of rank, all layers
@@ -153,6 +155,29 @@ def estimate_memory_gib(model_config, config: Config, card_bytes: Optional[int] 
     result = {k: v / GIB for k, v in parts.items()}
     result["total"] = (weights + max(estimate, activations + adapter)) / GIB
     return result
+
+
+def layer_activation_bytes(model_config, config: Config) -> int:
+    """What a dense decoder layer keeps for backward over a training micro-batch of T tokens: T (8h + 3i) e."""
+    tokens = config.batch_size * config.max_length
+    e = resolve_dtype(config, resolve_device(config)).itemsize
+    return tokens * (8 * model_config.hidden_size + 3 * model_config.intermediate_size) * e
+
+
+def layers_keeping_activations(model_config, config: Config, free: int) -> int:
+    """How many decoder layers can keep their activations for backward rather than recompute them (their gradient
+    checkpointing off), layer_activation_bytes each: within config.keep_activations_gib, or by default within the
+    `free` bytes left once training with every layer checkpointed (estimate_memory_gib's training parts, the adapter
+    counted whole though it is in memory by then: a margin) and CUDA_HEADROOM_BYTES are met. 0 for a model this
+    estimate does not describe."""
+    if decoder_shapes(model_config) is None:
+        return 0
+    if config.keep_activations_gib is not None:
+        budget = config.keep_activations_gib * GIB
+    else:
+        need = estimate_memory_gib(model_config, config)
+        budget = free - (need["training_activations"] + need["adapter_and_optimizer"]) * GIB - CUDA_HEADROOM_BYTES
+    return int(min(max(budget // layer_activation_bytes(model_config, config), 0), model_config.num_hidden_layers))
 
 
 def what_to_lower(estimate: dict[str, float], room_gib: float) -> str:

@@ -20,10 +20,11 @@ from .config import Config
 from .errors import RunError
 from .data import Example, causal_inputs, collate, micro_batch, padded_width
 from .distributed import is_writer, share, sum_grads_over_ranks_, sum_values_over_ranks
-from .blocks import attention_for, block_layout, compiled
+from .blocks import attention_for, block_layout, compiled, no_checkpointing, recompute_weights
 from .progress import Metrics, Phase, ProgressFn
 from .lora import LoraLinear
 from .loss import causal_lm_loss
+from .memory import free_bytes, layers_keeping_activations
 from .models import resolve_device, resolve_dtype
 
 def lr_factor(step: int, config: Config) -> float:
@@ -91,6 +92,11 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
     compiling = config.compile and device.type == "cuda"
     widths = {padded_width(len(e.input_ids)) for e in train_examples + eval_examples}
     blocks = block_layout(model, list(layers))[0]
+    free = free_bytes(device) if device.type == "cuda" else 0
+    kept = layers_keeping_activations(model.config, config, free) if config.gradient_checkpointing else 0
+    recomputed = [block for block in blocks[kept:] if block.__dict__.get("gradient_checkpointing")]
+    recompute_weights(recomputed, False)
+    metrics["recomputed_layers"] = len(recomputed)
     if progress:
         progress(Phase.COMPILING if compiling else Phase.TRAINING, start, config.steps, metrics)
     model.train()
@@ -99,7 +105,8 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
     bar = tqdm(total=config.steps, initial=start, desc="training", disable=not (config.progress and is_writer()),
                dynamic_ncols=True)
     try:
-        with compiled(blocks, compiling, any_width=len(widths) > 1), attention_for(widths):
+        with compiled(blocks, compiling, any_width=len(widths) > 1), attention_for(widths), \
+                no_checkpointing(blocks[:kept]):
             if eval_examples and start == 0:
                 metrics["eval_loss"].append([0, evaluate(model, eval_examples, config, pad_id, device, dtype)])
             for step in range(start, config.steps):

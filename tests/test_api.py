@@ -54,6 +54,18 @@ def test_interrupted_run_resumes_to_the_same_adapter(tiny_model_dir, sample_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_layers_that_keep_their_activations_train_as_recomputed_ones(tiny_model_dir, sample_path, tmp_path):
+    """keep_activations_gib=0 recomputes both layers in backward, 1 GiB keeps both layers' activations: the same
+    losses and adapter either way."""
+    recomputed = finetune(tiny_config(tiny_model_dir, sample_path, tmp_path / "a", keep_activations_gib=0))
+    kept = finetune(tiny_config(tiny_model_dir, sample_path, tmp_path / "b", keep_activations_gib=1))
+    assert (recomputed.metrics["recomputed_layers"], kept.metrics["recomputed_layers"]) == (2, 0)
+    assert kept.metrics["train_loss"] == recomputed.metrics["train_loss"]
+    a = load_file(recomputed.adapter_dir / "adapter_model.safetensors")
+    b = load_file(kept.adapter_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_stop_ends_the_estimate_after_the_current_batch(tiny_model_dir, sample_path, tmp_path):
     stop, batches = threading.Event(), []
 

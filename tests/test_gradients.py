@@ -336,14 +336,15 @@ def test_blocks_with_inputs_of_their_own_in_several_groups():
         assert_faithful(svds, grads, 2 * RANK, bar=0.9999)
 
 
-@pytest.mark.parametrize("width", [96, None])
-def test_compiled_estimate_matches_eager_from_a_few_graphs(deep_model_dir, sample_path, width, monkeypatch):
+@pytest.mark.parametrize("width,four_bit", [(96, False), (None, False), (96, True)])
+def test_compiled_estimate_matches_eager_from_a_few_graphs(deep_model_dir, sample_path, width, four_bit, monkeypatch):
     """The blocks compiled for the estimate (inductor on CUDA; on CPU aot_eager: dynamo and AOTAutograd as on CUDA,
     without inductor's code generation): the eager factors, with no graph break, from 2 graphs for four blocks in four
     groups (the top group's forward below its blocks, and a tapped block), whether the batches share one width (as
-    the estimation batches do) or not (then compiled for any width), and the blocks left uncompiled. Compared as
+    the estimation batches do) or not (then compiled for any width), on a 4-bit base too (its weights dequantized in
+    the graphs, and again in backward), and the blocks left uncompiled. Compared as
     rank-k reconstructions, which singular-vector signs do not change; 1e-4: compiled code may reorder fp32 sums."""
-    model, tokenizer, targets = load(deep_model_dir, four_bit=False)
+    model, tokenizer, targets = load(deep_model_dir, four_bit=four_bit)
     batches = [causal_inputs(b) for b in make_batches(model, tokenizer, sample_path, width=width)]
     assert (len({b["input_ids"].shape[1] for b in batches}) == 1) == bool(width)
     budget = one_block_budget(model, targets, batches)

@@ -1,4 +1,5 @@
 """The LoRA layer, LoRA-GA factors, step-0 invariance on an NF4 base, and the PEFT export round trip."""
+import functools
 import logging
 import math
 
@@ -14,7 +15,7 @@ from frugal_loraga.svd import LayerSVD
 from frugal_loraga.init import lora_ga_factors
 from frugal_loraga.lora import find_targets, inject
 from frugal_loraga.models import load_model
-from frugal_loraga.blocks import compile_blocks, uncompile_blocks
+from frugal_loraga.blocks import compile_blocks, enable_checkpointing, recompute_weights, uncompile_blocks
 from frugal_loraga.checkpoint import checkpoint_path
 
 
@@ -124,11 +125,19 @@ def test_compile_blocks_compiles_each_decoder_layer_in_place(tiny_model_dir, sam
     assert all("forward" not in block.__dict__ for block in model.model.layers)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: training compiles the decoder layers on CUDA only")
-def test_compiled_layers_give_eager_loss_and_gradients(tiny_model_dir, sample_path):
-    """fp32 NF4 model; tolerance 1e-4: inductor reorders the fp32 reductions of norms and softmax."""
+def test_compiled_layers_give_eager_loss_and_gradients(tiny_model_dir, sample_path, monkeypatch):
+    """fp32 NF4 model, the first layer keeping its activations (and dequantizing its weights again in backward), the
+    second recomputing them (checkpointed, keeping its dequantized weights for backward); on CPU through aot_eager
+    (dynamo and AOTAutograd as on CUDA, without inductor's code generation). Tolerance 1e-4: inductor reorders the
+    fp32 reductions of norms and softmax."""
     model, layers, batch = lora_model(tiny_model_dir, sample_path, dtype="float32")
     eager_loss, eager_grads = loss_and_adapter_grads(model, layers, batch)
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    enable_checkpointing(model)
+    model.train()  # transformers checkpoints in training mode only (the model has no dropout)
+    model.model.layers[0].gradient_checkpointing = False
+    recompute_weights([model.model.layers[1]], False)  # as training sets them: two graphs
     compile_blocks(list(model.model.layers))
     compiled_loss, compiled_grads = loss_and_adapter_grads(model, layers, batch)
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-4)

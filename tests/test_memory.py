@@ -1,6 +1,7 @@
 """The peak-memory estimate (the app's, and finetune's check before loading) against the peaks measured on capped
 H200s (bench/results), the default budget and the advice on what to lower."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ from transformers import LlamaConfig, MixtralConfig
 from conftest import ROOT
 from frugal_loraga.config import Config
 from frugal_loraga.errors import ConfigError
-from frugal_loraga.memory import check_fits, decoder_shapes, default_budget_bytes, estimate_memory_gib, fit_advice
+from frugal_loraga.memory import (check_fits, decoder_shapes, default_budget_bytes, estimate_memory_gib, fit_advice,
+                                  layers_keeping_activations)
 
 LLAMA_2_7B = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=32, vocab_size=32000)
@@ -91,3 +93,22 @@ def test_fit_advice_names_the_setting_behind_the_peak():
                                                                                          "gradient checkpointing on)")
     assert fit_advice({**parts, "weights": 7.5, "total": 9.5}, 8).endswith("turn load_in_4bit on if it is off, else "
                                                                            "pick a smaller model")
+
+
+def test_layers_keep_their_activations_in_what_training_leaves_free():
+    """Llama-3-8B's sizes, 2 x 1024 tokens in bf16: a layer keeps 2048 (8 * 4096 + 3 * 14336) 2 bytes = 0.29 GiB."""
+    gib, layer = 2**30, 2048 * (8 * 4096 + 3 * 14336) * 2
+    llama_3_8b = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                             num_key_value_heads=8, vocab_size=128256)
+    config = Config(data="-", model="x", batch_size=2, max_length=1024, dtype="bfloat16")
+    estimate = estimate_memory_gib(llama_3_8b, config)
+    need = (estimate["training_activations"] + estimate["adapter_and_optimizer"]) * gib + gib  # + CUDA_HEADROOM_BYTES
+    assert layers_keeping_activations(llama_3_8b, config, int(need + 5.5 * layer)) == 5
+    assert layers_keeping_activations(llama_3_8b, config, int(need - layer)) == 0  # a small card: all recomputed
+    assert layers_keeping_activations(llama_3_8b, config, 80 * gib) == 32  # never more than the model has
+    assert layers_keeping_activations(llama_3_8b, replace(config, keep_activations_gib=1.0), 80 * gib) == gib // layer
+    assert layers_keeping_activations(llama_3_8b, replace(config, keep_activations_gib=0.0), 80 * gib) == 0
+    mixtral = MixtralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_local_experts=8)
+    assert layers_keeping_activations(mixtral, config, 80 * gib) == 0  # not described by the estimate: all recomputed
+    with pytest.raises(ConfigError, match="keep_activations_gib must be a finite number >= 0, got -1"):
+        replace(config, keep_activations_gib=-1)

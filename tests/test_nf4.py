@@ -47,3 +47,23 @@ def test_compiled_frozen_linear_matches_the_bitsandbytes_layer(monkeypatch):
     expected = base(x)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_four_bit_layer_keeps_no_dequantized_weight_for_backward():
+    """Compiled, the layer keeps for backward only what it already holds (the packed codes and scales) and its input,
+    never the m x n dequantized W, which it makes again in backward; its input's gradient is eager's. In a
+    checkpointed block (recompute_weight off) it keeps W."""
+    base = four_bit_linear(96, 160, True, torch.float32)
+    layer = FrozenLinear(base)
+    x = torch.randn(2, 3, 160, requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        y = torch.compile(layer, fullgraph=True)(x)
+    assert kept and not any(t.numel() >= 96 * 160 and t.is_floating_point() for t in kept)
+    grad = torch.autograd.grad(y.square().sum(), x)[0]
+    torch.testing.assert_close(grad, torch.autograd.grad(base(x).square().sum(), x)[0], rtol=1e-5, atol=1e-5)
+    layer.recompute_weight = False  # as in a checkpointed block: W kept, dequantized once
+    kept.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        torch.compile(layer, fullgraph=True)(x)
+    assert any(t.shape == (96, 160) and t.is_floating_point() for t in kept)
