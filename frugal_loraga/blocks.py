@@ -123,12 +123,20 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def recompute_weights(blocks: list[nn.Module], on: bool) -> None:
-    """Whether the blocks' compiled 4-bit layers dequantize each weight again in backward (on, the default: a block
-    that keeps its activations would otherwise hold all its weights' copies from forward to backward) or keep the
-    copy (off: in a checkpointed block it lives only while the block's recompute and backward run)."""
-    for module in (m for block in blocks for m in block.modules() if isinstance(m, FrozenLinear)):
-        module.recompute_weight = on
+@contextlib.contextmanager
+def keeping_weights(blocks: list[nn.Module]):
+    """Inside, the blocks' compiled 4-bit layers keep each weight they dequantize for backward, as checkpointed blocks
+    should: there the copy lives only while the block's recompute and backward run, and dequantizing once saves time.
+    Elsewhere (by default) they dequantize it again in backward: a block that keeps its activations would otherwise
+    hold all its weights' copies from forward to backward."""
+    layers = [m for block in blocks for m in block.modules() if isinstance(m, FrozenLinear)]
+    for layer in layers:
+        layer.recompute_weight = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.recompute_weight = True
 
 
 @contextlib.contextmanager

@@ -55,7 +55,7 @@ class FrozenLinear(nn.Module):
         self.base = base
         self.four_bit = FourBitWeight.of(base)
         # compiled, a 4-bit W is dequantized again in backward rather than kept from forward to backward (as much as
-        # the layer's activations); blocks.recompute_weights turns that off in checkpointed blocks, which hold it
+        # the layer's activations); blocks.keeping_weights turns that off in checkpointed blocks, which hold it
         # only while their own backward runs
         self.recompute_weight = True
         empty = torch.zeros(0, device=next(base.parameters()).device)
@@ -72,7 +72,8 @@ class FrozenLinear(nn.Module):
         if self.four_bit is not None and torch.compiler.is_compiling():
             dtype = self.four_bit.dtype
             bias = None if self.base.bias is None else self.base.bias.to(dtype)
-            weight = checkpoint(self.four_bit, use_reentrant=False) if self.recompute_weight else self.four_bit()
+            recompute = torch.is_grad_enabled() and self.recompute_weight  # read only with grad: one no-grad graph
+            weight = checkpoint(self.four_bit, use_reentrant=False) if recompute else self.four_bit()
             return F.linear(x.to(dtype), weight, bias).to(x.dtype)
         return self.base(x)
 

@@ -164,19 +164,21 @@ def layer_activation_bytes(model_config, config: Config) -> int:
     return tokens * (8 * model_config.hidden_size + 3 * model_config.intermediate_size) * e
 
 
-def layers_keeping_activations(model_config, config: Config, free: int) -> int:
+def layers_keeping_activations(model_config, config: Config, free: Optional[int]) -> int:
     """How many decoder layers can keep their activations for backward rather than recompute them (their gradient
-    checkpointing off), layer_activation_bytes each: within config.keep_activations_gib, or by default within the
-    `free` bytes left once training with every layer checkpointed (estimate_memory_gib's training parts, the adapter
-    counted whole though it is in memory by then: a margin) and CUDA_HEADROOM_BYTES are met. 0 for a model this
-    estimate does not describe."""
-    if decoder_shapes(model_config) is None:
+    checkpointing off), layer_activation_bytes each, within the `free` bytes of the GPU (None without one) left once
+    training with every layer checkpointed (estimate_memory_gib's training parts, the adapter counted whole though it
+    is in memory by then) and CUDA_HEADROOM_BYTES are met, and within config.keep_activations_gib where set (without a
+    GPU, only that). 0 for a model this estimate does not describe, and for eager attention (it keeps T^2 a head)."""
+    if decoder_shapes(model_config) is None or getattr(model_config, "_attn_implementation", None) == "eager":
         return 0
-    if config.keep_activations_gib is not None:
-        budget = config.keep_activations_gib * GIB
+    explicit = math.inf if config.keep_activations_gib is None else config.keep_activations_gib * GIB
+    if free is None:
+        budget = 0 if config.keep_activations_gib is None else explicit
     else:
         need = estimate_memory_gib(model_config, config)
-        budget = free - (need["training_activations"] + need["adapter_and_optimizer"]) * GIB - CUDA_HEADROOM_BYTES
+        room = free - (need["training_activations"] + need["adapter_and_optimizer"]) * GIB - CUDA_HEADROOM_BYTES
+        budget = min(explicit, room)
     return int(min(max(budget // layer_activation_bytes(model_config, config), 0), model_config.num_hidden_layers))
 
 

@@ -45,7 +45,8 @@ class FourBitWeight(nn.Module):
         """The per-block scales absmax in fp32."""
         if not self.nested:
             return self.absmax.float()
-        return per_block(self.code2[self.absmax.long()], self.blocksize2, self.absmax2) + self.offset
+        scales = per_block(self.code2[self.absmax.long()], self.blocksize2, self.absmax2) + self.offset
+        return scales[:self.absmax.numel()]
 
     def forward(self) -> torch.Tensor:
         codes = torch.stack((self.packed >> 4, self.packed & 15), dim=1).view(-1)

@@ -20,7 +20,7 @@ from .config import Config
 from .errors import RunError
 from .data import Example, causal_inputs, collate, micro_batch, padded_width
 from .distributed import is_writer, share, sum_grads_over_ranks_, sum_values_over_ranks
-from .blocks import attention_for, block_layout, compiled, no_checkpointing, recompute_weights
+from .blocks import attention_for, block_layout, compiled, keeping_weights, no_checkpointing
 from .progress import Metrics, Phase, ProgressFn
 from .lora import LoraLinear
 from .loss import causal_lm_loss
@@ -92,10 +92,9 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
     compiling = config.compile and device.type == "cuda"
     widths = {padded_width(len(e.input_ids)) for e in train_examples + eval_examples}
     blocks = block_layout(model, list(layers))[0]
-    free = free_bytes(device) if device.type == "cuda" else 0
+    free = free_bytes(device) if device.type == "cuda" else None
     kept = layers_keeping_activations(model.config, config, free) if config.gradient_checkpointing else 0
     recomputed = [block for block in blocks[kept:] if block.__dict__.get("gradient_checkpointing")]
-    recompute_weights(recomputed, False)
     metrics["recomputed_layers"] = len(recomputed)
     if progress:
         progress(Phase.COMPILING if compiling else Phase.TRAINING, start, config.steps, metrics)
@@ -106,7 +105,7 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
                dynamic_ncols=True)
     try:
         with compiled(blocks, compiling, any_width=len(widths) > 1), attention_for(widths), \
-                no_checkpointing(blocks[:kept]):
+                no_checkpointing(blocks[:kept]), keeping_weights(recomputed):
             if eval_examples and start == 0:
                 metrics["eval_loss"].append([0, evaluate(model, eval_examples, config, pad_id, device, dtype)])
             for step in range(start, config.steps):

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from peft import PeftModel
+from torch._dynamo.utils import counters
 
 from frugal_loraga import Config, ConfigError, finetune
 from frugal_loraga.checkpoint import factors_from_checkpoint
@@ -15,7 +16,7 @@ from frugal_loraga.svd import LayerSVD
 from frugal_loraga.init import lora_ga_factors
 from frugal_loraga.lora import find_targets, inject
 from frugal_loraga.models import load_model
-from frugal_loraga.blocks import compile_blocks, enable_checkpointing, recompute_weights, uncompile_blocks
+from frugal_loraga.blocks import compile_blocks, enable_checkpointing, keeping_weights, uncompile_blocks
 from frugal_loraga.checkpoint import checkpoint_path
 
 
@@ -137,9 +138,14 @@ def test_compiled_layers_give_eager_loss_and_gradients(tiny_model_dir, sample_pa
     enable_checkpointing(model)
     model.train()  # transformers checkpoints in training mode only (the model has no dropout)
     model.model.layers[0].gradient_checkpointing = False
-    recompute_weights([model.model.layers[1]], False)  # as training sets them: two graphs
     compile_blocks(list(model.model.layers))
-    compiled_loss, compiled_grads = loss_and_adapter_grads(model, layers, batch)
+    torch._dynamo.reset()
+    counters.clear()
+    with keeping_weights([model.model.layers[1]]):  # as training runs them
+        compiled_loss, compiled_grads = loss_and_adapter_grads(model, layers, batch)
+    assert not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # one for each kind of block
+    assert not any(layer.recompute_weight is False for layer in layers.values())  # the default back on exit
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-4)
     for got, expected in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)

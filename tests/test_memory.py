@@ -11,8 +11,8 @@ from transformers import LlamaConfig, MixtralConfig
 from conftest import ROOT
 from frugal_loraga.config import Config
 from frugal_loraga.errors import ConfigError
-from frugal_loraga.memory import (check_fits, decoder_shapes, default_budget_bytes, estimate_memory_gib, fit_advice,
-                                  layers_keeping_activations)
+from frugal_loraga.memory import (CUDA_HEADROOM_BYTES, check_fits, decoder_shapes, default_budget_bytes,
+                                  estimate_memory_gib, fit_advice, layers_keeping_activations)
 
 LLAMA_2_7B = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=32, vocab_size=32000)
@@ -102,12 +102,19 @@ def test_layers_keep_their_activations_in_what_training_leaves_free():
                              num_key_value_heads=8, vocab_size=128256)
     config = Config(data="-", model="x", batch_size=2, max_length=1024, dtype="bfloat16")
     estimate = estimate_memory_gib(llama_3_8b, config)
-    need = (estimate["training_activations"] + estimate["adapter_and_optimizer"]) * gib + gib  # + CUDA_HEADROOM_BYTES
+    need = (estimate["training_activations"] + estimate["adapter_and_optimizer"]) * gib + CUDA_HEADROOM_BYTES
     assert layers_keeping_activations(llama_3_8b, config, int(need + 5.5 * layer)) == 5
     assert layers_keeping_activations(llama_3_8b, config, int(need - layer)) == 0  # a small card: all recomputed
     assert layers_keeping_activations(llama_3_8b, config, 80 * gib) == 32  # never more than the model has
-    assert layers_keeping_activations(llama_3_8b, replace(config, keep_activations_gib=1.0), 80 * gib) == gib // layer
+    assert layers_keeping_activations(llama_3_8b, config, None) == 0  # no GPU: all recomputed unless asked
+    one_gib = replace(config, keep_activations_gib=1.0)
+    assert layers_keeping_activations(llama_3_8b, one_gib, 80 * gib) == gib // layer
+    assert layers_keeping_activations(llama_3_8b, one_gib, None) == gib // layer
+    assert layers_keeping_activations(llama_3_8b, replace(config, keep_activations_gib=20.0), int(need + 5.5 * layer)) \
+        == 5  # capped by what the card has
     assert layers_keeping_activations(llama_3_8b, replace(config, keep_activations_gib=0.0), 80 * gib) == 0
+    llama_3_8b._attn_implementation = "eager"  # keeps T^2 per head: not budgeted
+    assert layers_keeping_activations(llama_3_8b, config, 80 * gib) == 0
     mixtral = MixtralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_local_experts=8)
     assert layers_keeping_activations(mixtral, config, 80 * gib) == 0  # not described by the estimate: all recomputed
     with pytest.raises(ConfigError, match="keep_activations_gib must be a finite number >= 0, got -1"):

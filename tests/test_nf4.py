@@ -23,7 +23,8 @@ def four_bit_linear(m: int, n: int, nested: bool, dtype: torch.dtype, quant_type
     (97, 200, True, torch.bfloat16, "nf4"),     # 19400 values: the last block of 64 is partial
     (96, 200, False, torch.float32, "nf4"),     # plain fp32 scales
     (300, 1030, True, torch.float32, "nf4"),    # 4828 scales: the last block of 256 scales is partial
-    (64, 129, True, torch.bfloat16, "fp4"),     # odd count: the last byte holds one value
+    (64, 129, True, torch.bfloat16, "fp4"),     # 8256 values: the last block of 64 is partial, in fp4
+    (63, 129, True, torch.bfloat16, "nf4"),     # 8127 values, odd: the last byte holds one value
 ])
 def test_dequantized_weight_equals_bitsandbytes(m, n, nested, dtype, quant_type):
     """Tolerance: none. Same fp32 products in the same order, then one cast."""
