@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch import nn
 from transformers import AutoConfig
 
 from .blocks import enable_checkpointing, start_compile_workers
@@ -81,9 +82,10 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         state = load_checkpoint(config, inputs := run_inputs(config, model_path))
         config = config.resolve(resolve_device(config).type, state["config"] if state else None)
         model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
+        skeleton = skeleton_of(model_config, config)
         if resolve_device(config).type == "cuda":
-            check_fits(model_config, config, free_bytes(resolve_device(config)))
-        planned = planned_targets(model_config, model_path, config, resuming=state is not None)
+            check_fits(model_config, config, free_bytes(resolve_device(config)), skeleton)
+        planned = planned_targets(skeleton, model_path, config, resuming=state is not None)
         barrier()  # every rank has checked the out folder and the settings before rank 0 writes in it
         if config.overwrite:  # only now: a run refused above leaves the one it would replace as it was
             clear_previous_run(config.out)
@@ -150,15 +152,22 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
             release(model)
 
 
-def planned_targets(model_config, model_path: str, config: Config, resuming: bool) -> Optional[list[str]]:
-    """The names of the layers to adapt, found on the model built without its weights (models.model_skeleton), with
-    the weights' shapes and the ranks checked: bad input refused before the weights load. None for a model that
-    cannot be built so (remote code that needs real tensors): its loaded model is checked instead."""
+def skeleton_of(model_config, config: Config) -> Optional[nn.Module]:
+    """The model built without its weights (models.model_skeleton), or None for one that cannot be built so (remote
+    code that needs real tensors): its loaded model is checked instead."""
     try:
-        skeleton = model_skeleton(model_config, config.trust_remote_code)
+        return model_skeleton(model_config, config.trust_remote_code)
     except Exception as e:
         log.warning("could not build %s without its weights (%s: %s); its layers are checked once it has loaded",
                     config.model, type(e).__name__, e)
+        return None
+
+
+def planned_targets(skeleton: Optional[nn.Module], model_path: str, config: Config, resuming: bool
+                    ) -> Optional[list[str]]:
+    """The names of the layers to adapt, found on the model's skeleton (skeleton_of), with the weights' shapes and
+    the ranks checked: bad input refused before the weights load. None without a skeleton."""
+    if skeleton is None:
         return None
     check_weight_shapes(model_path, skeleton)
     return list(checked_targets(skeleton, config, resuming))

@@ -31,9 +31,11 @@ import os
 from typing import Optional
 
 import torch
+from torch import nn
 
 from .config import Config
 from .errors import ConfigError
+from .lora import LINEAR
 from .loss import CHUNK_BYTES
 from .models import resolve_device, resolve_dtype
 
@@ -204,12 +206,43 @@ def fit_advice(estimate: dict[str, float], card_gib: float, cuda: bool = True) -
             f"{what_to_lower(estimate, room)}")
 
 
-def check_fits(model_config, config: Config, free: int) -> None:
+def check_fits(model_config, config: Config, free: int, skeleton: Optional[nn.Module] = None) -> None:
     """ConfigError, before the model loads, when the estimated peak of a dense decoder is above the `free` bytes the
-    run has (free_bytes); other models are not checked."""
+    run has (free_bytes); for other models, when their weights alone (weight_bytes of their skeleton, where given)
+    and CUDA_HEADROOM_BYTES are."""
     if decoder_shapes(model_config) is None:
+        if skeleton is None:
+            return
+        weights, experts = weight_bytes(skeleton, config)
+        if weights + CUDA_HEADROOM_BYTES > free:
+            held = (f" ({experts / GIB:.1f} GiB of them mixture-of-experts experts, which stay in 16 bits on a 4-bit "
+                    "base)" if experts else "")
+            advice = "pick a smaller model" if config.load_in_4bit else "turn load_in_4bit on, or pick a smaller model"
+            raise ConfigError(f"the weights of this model alone take about {weights / GIB:.1f} GiB{held}, beside "
+                              f"{CUDA_HEADROOM_BYTES / GIB:.0f} GiB for CUDA, and {free / GIB:.1f} GiB is free: "
+                              f"{advice}")
         return
     estimate = estimate_memory_gib(model_config, config, free)
     if estimate["total"] * GIB > free:
         raise ConfigError(f"this run needs about {estimate['total']:.1f} GiB of memory at these settings and "
                           f"{free / GIB:.1f} GiB is free: {what_to_lower(estimate, free / GIB)}")
+
+
+def weight_bytes(skeleton: nn.Module, config: Config) -> tuple[int, int]:
+    """The bytes the weights of a model take once loaded, counted on its skeleton (models.model_skeleton): linear
+    layers but the output head at NF4_BYTES_PER_PARAM with load_in_4bit, every other parameter at the compute dtype's
+    size (expert stacks too: transformers does not quantize them), the input embedding left out where it sits in CPU
+    memory (Config.embeddings_on_cpu, an untied head); and the expert stacks' part of them."""
+    e = resolve_dtype(config, resolve_device(config)).itemsize
+    head, embedding = skeleton.get_output_embeddings(), skeleton.get_input_embeddings()
+    on_cpu = config.embeddings_on_cpu and head is not None and head.weight is not embedding.weight
+    four_bit = {id(m.weight) for m in skeleton.modules()
+                if config.load_in_4bit and isinstance(m, LINEAR) and m is not head}
+    total = experts = 0
+    for name, p in skeleton.named_parameters():
+        if on_cpu and p is embedding.weight:
+            continue
+        size = p.numel() * (NF4_BYTES_PER_PARAM if id(p) in four_bit else e)
+        total += size
+        experts += size if p.dim() == 3 and "expert" in name else 0
+    return int(total), int(experts)

@@ -12,7 +12,8 @@ from conftest import ROOT
 from frugal_loraga.config import Config
 from frugal_loraga.errors import ConfigError
 from frugal_loraga.memory import (CUDA_HEADROOM_BYTES, check_fits, decoder_shapes, default_budget_bytes,
-                                  estimate_memory_gib, fit_advice, layers_keeping_activations)
+                                  estimate_memory_gib, fit_advice, layers_keeping_activations, weight_bytes)
+from frugal_loraga.models import model_skeleton
 
 LLAMA_2_7B = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=32, vocab_size=32000)
@@ -119,3 +120,20 @@ def test_layers_keep_their_activations_in_what_training_leaves_free():
     assert layers_keeping_activations(mixtral, config, 80 * gib) == 0  # not described by the estimate: all recomputed
     with pytest.raises(ConfigError, match="keep_activations_gib must be a finite number >= 0, got -1"):
         replace(config, keep_activations_gib=-1)
+
+
+def test_the_weights_of_a_mixture_of_experts_are_checked_against_the_card():
+    """bench/results/qwen3_30b_a3b_4layers_24gib.json: a Qwen3-30B-A3B-shaped model (4 layers, 128 experts) in NF4,
+    its experts in 16 bits, held 5.16 GiB of weights on the GPU; counted on its skeleton within 10%."""
+    run = measured("qwen3_30b_a3b_4layers_24gib")
+    sizes = dict(run["model_config"])
+    skeleton = model_skeleton(getattr(transformers, sizes.pop("class"))(**sizes), False)
+    config = Config(data="-", model="x", dtype="bfloat16")
+    weights, experts = weight_bytes(skeleton, config)
+    assert weights / 2**30 == pytest.approx(run["weights_gib"], rel=0.1)
+    assert experts / 2**30 == pytest.approx(4 * 3 * 128 * 2048 * 768 * 2 / 2**30)  # gate, up, down of each expert
+    check_fits(skeleton.config, config, 24 * 2**30, skeleton)
+    with pytest.raises(ConfigError, match=r"weights of this model alone take about 5\.\d GiB \(4\.5 GiB of them "
+                                          r"mixture-of-experts experts, which stay in 16 bits on a 4-bit base\), "
+                                          r"beside 1 GiB for CUDA, and 5\.0 GiB is free: pick a smaller model"):
+        check_fits(skeleton.config, config, 5 * 2**30, skeleton)
