@@ -27,7 +27,7 @@ from frugal_loraga.checkpoint import check_not_running_elsewhere, has_adapter, r
 from frugal_loraga.cli import command_line
 from frugal_loraga.data import IGNORE, load_examples
 from frugal_loraga.jobs import Jobs
-from frugal_loraga.memory import card, estimate_memory_gib, fit_advice
+from frugal_loraga.memory import card, decoder_shapes, estimate_memory_gib, fit_advice, weights_advice
 from frugal_loraga.models import cached_model_ids, load_tokenizer, resolve_model_path
 from frugal_loraga.runs import list_runs, resume_config, run_config
 
@@ -147,8 +147,11 @@ def memory_estimate(model, load_in_4bit, rank, batch_size, max_length, init,
     try:
         settings = {name: form_value(name, value) for name, value in fields.items()}
         model_config = AutoConfig.from_pretrained(resolve_model_path(checked_model(settings["model"])))
-        estimate = estimate_memory_gib(model_config, Config(data="-", **settings), card_bytes)
-    except (ConfigError, OSError) as e:
+        config = Config(data="-", **settings)
+        if decoder_shapes(model_config) is None:
+            return f"**{weights_advice(model_config, config, card_bytes, torch.cuda.is_available())}** — {gpu}."
+        estimate = estimate_memory_gib(model_config, config, card_bytes)
+    except (ConfigError, OSError, ValueError) as e:
         return error_text(e)
     parts = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in estimate.items() if k != "total")
     slow = (" On the CPU a 4-bit run is slower (every weight is dequantized at each use, and the 4-bit error is "

@@ -37,7 +37,7 @@ from .config import Config
 from .errors import ConfigError
 from .lora import LINEAR
 from .loss import CHUNK_BYTES
-from .models import resolve_device, resolve_dtype
+from .models import model_skeleton, resolve_device, resolve_dtype
 
 GIB = 2**30
 NF4_BYTES_PER_PARAM = 0.53
@@ -226,6 +226,17 @@ def check_fits(model_config, config: Config, free: int, skeleton: Optional[nn.Mo
     if estimate["total"] * GIB > free:
         raise ConfigError(f"this run needs about {estimate['total']:.1f} GiB of memory at these settings and "
                           f"{free / GIB:.1f} GiB is free: {what_to_lower(estimate, free / GIB)}")
+
+
+def weights_advice(model_config, config: Config, card_bytes: int, cuda: bool = True) -> str:
+    """For a model estimate_memory_gib does not describe: what its weights alone take (weight_bytes of its skeleton)
+    and whether they fit card_bytes with CUDA_HEADROOM_BYTES to spare (cuda), or card_bytes of RAM."""
+    weights, experts = weight_bytes(model_skeleton(model_config, config.trust_remote_code), config)
+    held = f", {experts / GIB:.1f} GiB of them mixture-of-experts experts in 16 bits" if experts else ""
+    fits = weights + (CUDA_HEADROOM_BYTES if cuda else 0) <= card_bytes
+    return (f"no estimate of the peak for {getattr(model_config, 'model_type', 'this model')} (it covers dense "
+            f"decoders); its weights alone take about {weights / GIB:.1f} GiB{held}: "
+            f"{'they fit' if fits else 'they do not fit, pick a smaller model'}")
 
 
 def weight_bytes(skeleton: nn.Module, config: Config) -> tuple[int, int]:

@@ -15,6 +15,7 @@ import torch
 
 import app
 from conftest import free_port, write_jsonl
+from test_families import save_tiny
 from frugal_loraga import jobs
 from frugal_loraga.checkpoint import process_identity
 from frugal_loraga.eta import JobClock
@@ -69,6 +70,13 @@ def test_memory_estimate_names_the_device(tiny_model_dir):
     assert "Error" in app.memory_estimate("/nonexistent", True, 4, 2, 128, "lora_ga")
     assert "batch_size needs a whole number, got 2.5" in app.memory_estimate(str(tiny_model_dir), True, 4, 2.5, 128,
                                                                                "lora_ga")
+
+
+def test_memory_estimate_of_a_mixture_of_experts_gives_its_weights(tmp_path):
+    """No peak estimate for experts: the weights alone, counted on the model's skeleton, with the 16-bit experts."""
+    text = app.memory_estimate(str(save_tiny(tmp_path, "mixtral")), True, 4, 2, 128, "lora_ga")
+    assert re.search(r"no estimate of the peak for mixtral \(it covers dense decoders\); its weights alone take about "
+                     r"0\.\d GiB, 0\.\d GiB of them mixture-of-experts experts in 16 bits: they fit\*\* — ", text), text
 
 
 def test_train_with_baseline_plot_try_and_export(tiny_model_dir, monkeypatch, tmp_path):
