@@ -83,9 +83,9 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         config = config.resolve(resolve_device(config).type, state["config"] if state else None)
         model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
         skeleton = skeleton_of(model_config, config)
-        if resolve_device(config).type == "cuda":
-            check_fits(model_config, config, free_bytes(resolve_device(config)), skeleton)
         planned = planned_targets(skeleton, model_path, config, resuming=state is not None)
+        if resolve_device(config).type == "cuda":
+            check_fits(model_config, config, free_bytes(resolve_device(config)), skeleton, planned)
         barrier()  # every rank has checked the out folder and the settings before rank 0 writes in it
         if config.overwrite:  # only now: a run refused above leaves the one it would replace as it was
             clear_previous_run(config.out)
@@ -164,13 +164,13 @@ def skeleton_of(model_config, config: Config) -> Optional[nn.Module]:
 
 
 def planned_targets(skeleton: Optional[nn.Module], model_path: str, config: Config, resuming: bool
-                    ) -> Optional[list[str]]:
-    """The names of the layers to adapt, found on the model's skeleton (skeleton_of), with the weights' shapes and
-    the ranks checked: bad input refused before the weights load. None without a skeleton."""
+                    ) -> Optional[dict]:
+    """The layers to adapt by name, found on the model's skeleton (skeleton_of), with the weights' shapes and the
+    ranks checked: bad input refused before the weights load. None without a skeleton."""
     if skeleton is None:
         return None
     check_weight_shapes(model_path, skeleton)
-    return list(checked_targets(skeleton, config, resuming))
+    return checked_targets(skeleton, config, resuming)
 
 
 def checked_targets(model, config: Config, resuming: bool) -> dict:

@@ -49,6 +49,9 @@ class Config:
     # --- model
     model: str = _f("demo", "'demo' (embedded SmolLM2-135M-Instruct), a local Hugging Face folder, or a hub id when online")
     load_in_4bit: bool = _f(True, "load the base weights in 4-bit NF4 (bitsandbytes, double quant)")
+    quantize_experts: bool = _f(True, "with load_in_4bit: mixture-of-experts expert stacks in NF4 too (transformers "
+                                      "keeps them in 16 bits, so its 4-bit model differs from ours by their 4-bit "
+                                      "error); off: in 16 bits")
     embeddings_on_cpu: bool = _f(True, "keep the input embedding table in CPU memory, looking tokens up there (saves "
                                        "vocab x hidden x 2 bytes of GPU memory: 1 GiB for Llama-3-8B; not for models "
                                        "whose head shares the table)")

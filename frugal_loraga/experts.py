@@ -12,7 +12,7 @@ While adapted or tapped, the experts module is replaced by AdaptedExperts: the g
 grouped_mm implementation (the tokens sorted by expert, each projection by transformers' grouped matmul), so that the
 base's bits are the model's own, with a part after each adapted projection: an ExpertsTap (the estimate) or an
 ExpertsLora (training). Routers are not expert stacks (find_targets leaves the linear layers beside the experts
-out). Experts stay in 16 bits on a 4-bit base (transformers does not quantize them; models.warn_unquantized says so).
+out). On a 4-bit base the stacks are NF4 (experts_4bit.py), read dequantized.
 """
 from __future__ import annotations
 
@@ -33,8 +33,25 @@ PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")  # the experts' 3-D param
 
 def is_experts(module: nn.Module) -> bool:
     """Whether the module is a transformers experts module (fused 3-D expert stacks)."""
-    return hasattr(module, "is_transposed") and hasattr(module, "num_experts") and any(
-        getattr(module, p, None) is not None and getattr(module, p).dim() == 3 for p in PROJECTIONS)
+    return hasattr(module, "is_transposed") and hasattr(module, "num_experts") and bool(stacks(module))
+
+
+def stacks(module: nn.Module) -> list[str]:
+    """The expert stacks (3-D PROJECTIONS) a module holds, in the order it registered them: a 4-bit stack is a
+    parametrization (experts_4bit.py), and all of a module's are made so in that order."""
+    names = [*getattr(module, "parametrizations", {}), *module._parameters]
+    return [p for p in names if p in PROJECTIONS and len(stack_shape(module, p) or ()) == 3]
+
+
+def stack_shape(module: nn.Module, param: str) -> Optional[torch.Size]:
+    """The shape of the module's parameter `param` (E x d1 x d2 for an expert stack), read without dequantizing a 4-bit
+    stack: its quant_state knows it (experts_4bit.py), and so does its DequantizedStack once it is one."""
+    parametrizations = getattr(module, "parametrizations", {})
+    if param in parametrizations:
+        return getattr(parametrizations[param][0], "shape", None)
+    tensor = module._parameters.get(param)
+    state = getattr(tensor, "quant_state", None)
+    return torch.Size(state.shape) if state is not None else None if tensor is None else tensor.shape
 
 
 class ExpertParameter:
@@ -46,12 +63,13 @@ class ExpertParameter:
         self.owner, self.param, self.top_k = experts, param, top_k
 
     @property
-    def weight(self) -> nn.Parameter:
+    def weight(self) -> torch.Tensor:
+        """The stack as the model reads it (dequantized, where it is 4-bit)."""
         return getattr(self.owner, self.param)
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        E, d1, d2 = self.weight.shape
+        E, d1, d2 = stack_shape(self.owner, self.param)
         return (E, d2, d1) if self.owner.is_transposed else (E, d1, d2)
 
 
@@ -63,7 +81,7 @@ def expert_parameters(model: nn.Module) -> dict[str, ExpertParameter]:
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     top_k = getattr(config, "num_experts_per_tok", None) or 1
     return {f"{name}.{p}": ExpertParameter(module, p, top_k) for name, module in model.named_modules()
-            if is_experts(module) for p, _ in module.named_parameters(recurse=False) if p in PROJECTIONS}
+            if is_experts(module) for p in stacks(module)}
 
 
 def routes(targets: dict) -> dict[str, int]:
@@ -196,9 +214,9 @@ def peft_prefixes(layers: dict[str, ExpertsLora]) -> dict[str, str]:
     for name in layers:
         by_module.setdefault(name.rpartition(".")[0], []).append(name)
     prefixes = {}
-    for module, stacks in by_module.items():
-        registered = list(layers[stacks[0]].target.owner._parameters)
-        stacks.sort(key=lambda name: registered.index(layers[name].target.param))
-        for i, name in enumerate(stacks):
-            prefixes[name] = f"base_model.model.{module}" + ".base_layer" * (len(stacks) - 1 - i)
+    for module, names in by_module.items():
+        registered = stacks(layers[names[0]].target.owner)
+        names.sort(key=lambda name: registered.index(layers[name].target.param))
+        for i, name in enumerate(names):
+            prefixes[name] = f"base_model.model.{module}" + ".base_layer" * (len(names) - 1 - i)
     return prefixes

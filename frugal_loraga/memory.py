@@ -20,6 +20,8 @@ q, o: h x h; k, v: kv x h; gate, up: i x h; down: h x i), in bytes:
              parameters a target at 28 bytes (A, B, A0, B0, the gradient and AdamW's two moments in fp32; 20 for
              plain LoRA, which has no A0, B0); TRAIN_SLACK_BYTES for the allocator's rounding
   peak       weights + the larger of the estimate and training (finetune hands the estimate's memory back first)
+A model this does not describe (mixture-of-experts layers) gets a floor of its peak instead: its weights and its
+adapter, counted on its skeleton (weights_estimate).
 Training then spends what the card has left beyond that peak on layers that keep their activations, T (8h + 3i) e
 each, rather than recompute them (layers_keeping_activations).
 Checked against bench/results/{llama2_7b,llama3_8b,qwen25_14b}_*gib.json (tests/test_memory.py).
@@ -35,7 +37,9 @@ from torch import nn
 
 from .config import Config
 from .errors import ConfigError
-from .lora import LINEAR
+from .experts import ExpertParameter, is_experts, stacks
+from .experts_4bit import loads_stacks_in_4bit
+from .lora import LINEAR, features, find_targets
 from .loss import CHUNK_BYTES
 from .models import model_skeleton, resolve_device, resolve_dtype
 
@@ -149,14 +153,21 @@ def estimate_memory_gib(model_config, config: Config, card_bytes: Optional[int] 
     layer = layer_activation_bytes(model_config, config)
     kept = tokens * h * e * layers + layer + i * h * e if config.gradient_checkpointing else layer * layers
     activations = kept + 3 * CHUNK_BYTES + TRAIN_SLACK_BYTES
-    edges = layers * sum(m + n for m, n in shapes.values())  # a factor's numbers per unit of rank, all layers
-    adapter = (28 if config.init == "lora_ga" else 20) * config.rank * edges
-    adapter += 4 * config.nf4_error_rank * edges if corrected else 0
+    edges = layers * sum(m + n for m, n in shapes.values())
+    adapter = adapter_bytes(edges, edges if corrected else 0, config)
     parts = {"weights": weights, "init_estimate": estimate, "training_activations": activations,
              "adapter_and_optimizer": adapter}
     result = {k: v / GIB for k, v in parts.items()}
     result["total"] = (weights + max(estimate, activations + adapter)) / GIB
     return result
+
+
+def adapter_bytes(edges: int, corrected_edges: int, config: Config) -> int:
+    """The adapter with its gradient and optimizer state, over the `edges` of its targets (a factor's numbers per unit
+    of rank: m + n a layer, E (m + n) an expert stack): r numbers an edge at 28 bytes (A, B, A0, B0, the gradient and
+    AdamW's two moments in fp32; 20 for plain LoRA, which has no A0, B0); and the 4-bit error's correction, q numbers
+    an edge of the corrected layers at 4 bytes."""
+    return (28 if config.init == "lora_ga" else 20) * config.rank * edges + 4 * config.nf4_error_rank * corrected_edges
 
 
 def layer_activation_bytes(model_config, config: Config) -> int:
@@ -189,6 +200,8 @@ def what_to_lower(estimate: dict[str, float], room_gib: float) -> str:
     CUDA_HEADROOM_BYTES beside them."""
     if estimate["weights"] + CUDA_HEADROOM_BYTES / GIB > room_gib:
         return "turn load_in_4bit on if it is off, else pick a smaller model"
+    if estimate["weights"] + estimate["adapter_and_optimizer"] + CUDA_HEADROOM_BYTES / GIB > room_gib:
+        return "lower rank, or adapt fewer layers (target_modules)"
     if estimate["init_estimate"] > estimate["training_activations"] + estimate["adapter_and_optimizer"]:
         return "lower estimation_batch_size or grad_budget_gib"
     return "lower batch_size or max_length (and keep gradient checkpointing on)"
@@ -206,21 +219,19 @@ def fit_advice(estimate: dict[str, float], card_gib: float, cuda: bool = True) -
             f"{what_to_lower(estimate, room)}")
 
 
-def check_fits(model_config, config: Config, free: int, skeleton: Optional[nn.Module] = None) -> None:
+def check_fits(model_config, config: Config, free: int, skeleton: Optional[nn.Module] = None,
+               targets: Optional[dict] = None) -> None:
     """ConfigError, before the model loads, when the estimated peak of a dense decoder is above the `free` bytes the
-    run has (free_bytes); for other models, when their weights alone (weight_bytes of their skeleton, where given)
-    and CUDA_HEADROOM_BYTES are."""
+    run has (free_bytes); for other models, when what is known of it (weights_estimate of their skeleton and targets,
+    where given) and CUDA_HEADROOM_BYTES are."""
     if decoder_shapes(model_config) is None:
         if skeleton is None:
             return
-        weights, experts = weight_bytes(skeleton, config)
-        if weights + CUDA_HEADROOM_BYTES > free:
-            held = (f" ({experts / GIB:.1f} GiB of them mixture-of-experts experts, which stay in 16 bits on a 4-bit "
-                    "base)" if experts else "")
-            advice = "pick a smaller model" if config.load_in_4bit else "turn load_in_4bit on, or pick a smaller model"
-            raise ConfigError(f"the weights of this model alone take about {weights / GIB:.1f} GiB{held}, beside "
-                              f"{CUDA_HEADROOM_BYTES / GIB:.0f} GiB for CUDA, and {free / GIB:.1f} GiB is free: "
-                              f"{advice}")
+        estimate, held = weights_estimate(skeleton, config, targets or {})
+        if estimate["total"] * GIB + CUDA_HEADROOM_BYTES > free:
+            raise ConfigError(f"the weights of this model{held} and its adapter take about {estimate['total']:.1f} "
+                              f"GiB before any activation, beside {CUDA_HEADROOM_BYTES / GIB:.0f} GiB for CUDA, and "
+                              f"{free / GIB:.1f} GiB is free: {what_to_lower(estimate, free / GIB)}")
         return
     estimate = estimate_memory_gib(model_config, config, free)
     if estimate["total"] * GIB > free:
@@ -229,31 +240,53 @@ def check_fits(model_config, config: Config, free: int, skeleton: Optional[nn.Mo
 
 
 def weights_advice(model_config, config: Config, card_bytes: int, cuda: bool = True) -> str:
-    """For a model estimate_memory_gib does not describe: what its weights alone take (weight_bytes of its skeleton)
-    and whether they fit card_bytes with CUDA_HEADROOM_BYTES to spare (cuda), or card_bytes of RAM."""
-    weights, experts = weight_bytes(model_skeleton(model_config, config.trust_remote_code), config)
-    held = f", {experts / GIB:.1f} GiB of them mixture-of-experts experts in 16 bits" if experts else ""
-    fits = weights + (CUDA_HEADROOM_BYTES if cuda else 0) <= card_bytes
+    """For a model estimate_memory_gib does not describe: whether its weights and adapter (weights_estimate, its
+    targets found on its skeleton) fit card_bytes, as fit_advice says it."""
+    skeleton = model_skeleton(model_config, config.trust_remote_code)
+    estimate, held = weights_estimate(skeleton, config, find_targets(skeleton, config.target_list(), config.rank,
+                                                                     config.init))
     return (f"no estimate of the peak for {getattr(model_config, 'model_type', 'this model')} (it covers dense "
-            f"decoders); its weights alone take about {weights / GIB:.1f} GiB{held}: "
-            f"{'they fit' if fits else 'they do not fit, pick a smaller model'}")
+            f"decoders); its weights{held} and adapter, before any activation: "
+            f"{fit_advice(estimate, card_bytes / GIB, cuda)}")
+
+
+def weights_estimate(skeleton: nn.Module, config: Config, targets: dict) -> tuple[dict[str, float], str]:
+    """estimate_memory_gib's parts for a model it does not describe, the parts known: its weights (weight_bytes) and
+    its targets' adapter (adapter_bytes), their sum a floor of the peak ("total"); and a note of the expert stacks
+    the weights hold in 16 bits, if any."""
+    weights, experts_16bit = weight_bytes(skeleton, config)
+    edges = {name: math.prod(features(t)[:-2]) * sum(features(t)[-2:]) for name, t in targets.items()}
+    corrected = config.load_in_4bit and config.nf4_error_rank > 0
+    linear = sum(e for name, e in edges.items() if not isinstance(targets[name], ExpertParameter)) if corrected else 0
+    adapter = adapter_bytes(sum(edges.values()), linear, config)
+    estimate = dict(weights=weights / GIB, init_estimate=0.0, training_activations=0.0,
+                    adapter_and_optimizer=adapter / GIB, total=(weights + adapter) / GIB)
+    held = ""
+    if experts_16bit:
+        why = "quantize_experts is off" if config.load_in_4bit and not config.quantize_experts else \
+            "this transformers cannot load them in 4 bits" if config.load_in_4bit else "load_in_4bit is off"
+        held = f" ({experts_16bit / GIB:.1f} GiB of them mixture-of-experts expert stacks in 16 bits: {why})"
+    return estimate, held
 
 
 def weight_bytes(skeleton: nn.Module, config: Config) -> tuple[int, int]:
-    """The bytes the weights of a model take once loaded, counted on its skeleton (models.model_skeleton): linear
-    layers but the output head at NF4_BYTES_PER_PARAM with load_in_4bit, every other parameter at the compute dtype's
-    size (expert stacks too: transformers does not quantize them), the input embedding left out where it sits in CPU
-    memory (Config.embeddings_on_cpu, an untied head); and the expert stacks' part of them."""
+    """The bytes the weights of a model take once loaded, counted on its skeleton (models.model_skeleton): with
+    load_in_4bit, linear layers but the output head, and expert stacks with quantize_experts (experts_4bit.py), at
+    NF4_BYTES_PER_PARAM; every other parameter at the compute dtype's size; the input embedding left out where it sits
+    in CPU memory (Config.embeddings_on_cpu, an untied head). And the part of them expert stacks hold in 16 bits."""
     e = resolve_dtype(config, resolve_device(config)).itemsize
     head, embedding = skeleton.get_output_embeddings(), skeleton.get_input_embeddings()
     on_cpu = config.embeddings_on_cpu and head is not None and head.weight is not embedding.weight
-    four_bit = {id(m.weight) for m in skeleton.modules()
-                if config.load_in_4bit and isinstance(m, LINEAR) and m is not head}
-    total = experts = 0
-    for name, p in skeleton.named_parameters():
+    stack_ids = {id(m._parameters[p]) for m in skeleton.modules() if is_experts(m) for p in stacks(m)}
+    four_bit = set()
+    if config.load_in_4bit:
+        four_bit = {id(m.weight) for m in skeleton.modules() if isinstance(m, LINEAR) and m is not head}
+        four_bit |= stack_ids if config.quantize_experts and loads_stacks_in_4bit() else set()
+    total = experts_16bit = 0
+    for p in skeleton.parameters():
         if on_cpu and p is embedding.weight:
             continue
         size = p.numel() * (NF4_BYTES_PER_PARAM if id(p) in four_bit else e)
         total += size
-        experts += size if p.dim() == 3 and "expert" in name else 0
-    return int(total), int(experts)
+        experts_16bit += size if id(p) in stack_ids and id(p) not in four_bit else 0
+    return int(total), int(experts_16bit)

@@ -27,6 +27,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from .config import Config
 from .errors import ConfigError
+from .experts_4bit import dequantize_on_read, quantizing_expert_stacks
 from .lora import LINEAR
 from .nf4 import FourBitWeight
 
@@ -342,8 +343,9 @@ def load_base(config: Config, path: str):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
     try:
-        model, loading_info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True,
-                                                                   ignore_mismatched_sizes=True, **kwargs)
+        with quantizing_expert_stacks(config.load_in_4bit and config.quantize_experts):
+            model, loading_info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True,
+                                                                       ignore_mismatched_sizes=True, **kwargs)
     except OSError as e:
         raise ConfigError(f"could not load model '{config.model}': {e}. Offline? Use a local folder or 'demo'") from e
     try:
@@ -355,6 +357,7 @@ def load_base(config: Config, path: str):
     for p in model.parameters():
         p.requires_grad_(False)
     if config.load_in_4bit:
+        dequantize_on_read(model)
         warn_unquantized(model)
     if config.embeddings_on_cpu and model.get_output_embeddings() is not None and \
             model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
@@ -368,9 +371,9 @@ def load_base(config: Config, path: str):
 
 
 def warn_unquantized(model: nn.Module) -> None:
-    """Say which weights transformers' 4-bit loading left in 16 bits: linear layers (it leaves out whole families, such
-    as Falcon's) and mixture-of-experts expert stacks (3-D parameters, which it never quantizes). They are not 4-bit
-    and hold 16-bit memory."""
+    """Say which weights a 4-bit load left in 16 bits: linear layers (transformers leaves out whole families, such as
+    Falcon's) and mixture-of-experts expert stacks (with quantize_experts off, or a transformers that
+    experts_4bit.py cannot hook). They are not 4-bit and hold 16-bit memory."""
     head = model.get_output_embeddings()
     linear = [(name, m) for name, m in model.named_modules() if isinstance(m, LINEAR) and m is not head]
     unquantized = [name for name, m in linear if FourBitWeight.of(m) is None]

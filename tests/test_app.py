@@ -73,10 +73,15 @@ def test_memory_estimate_names_the_device(tiny_model_dir):
 
 
 def test_memory_estimate_of_a_mixture_of_experts_gives_its_weights(tmp_path):
-    """No peak estimate for experts: the weights alone, counted on the model's skeleton, with the 16-bit experts."""
-    text = app.memory_estimate(str(save_tiny(tmp_path, "mixtral")), True, 4, 2, 128, "lora_ga")
-    assert re.search(r"no estimate of the peak for mixtral \(it covers dense decoders\); its weights alone take about "
-                     r"0\.\d GiB, 0\.\d GiB of them mixture-of-experts experts in 16 bits: they fit\*\* — ", text), text
+    """No peak estimate for experts: the weights and adapter, counted on the model's skeleton, as fit_advice words a
+    fit; the expert stacks in 16 bits named where they are."""
+    folder = str(save_tiny(tmp_path, "mixtral"))
+    text = app.memory_estimate(folder, True, 4, 2, 128, "lora_ga")
+    assert re.search(r"no estimate of the peak for mixtral \(it covers dense decoders\); its weights and adapter, "
+                     r"before any activation: fits \(0\.\d of \d+\.\d GiB", text), text
+    text = app.memory_estimate(folder, False, 4, 2, 128, "lora_ga")
+    assert re.search(r"its weights \(0\.\d GiB of them mixture-of-experts expert stacks in 16 bits: load_in_4bit is "
+                     r"off\) and adapter, before any activation: fits", text), text
 
 
 def test_train_with_baseline_plot_try_and_export(tiny_model_dir, monkeypatch, tmp_path):

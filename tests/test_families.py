@@ -120,7 +120,7 @@ def test_a_4bit_load_names_the_layers_transformers_left_in_16_bits(tmp_path, cap
 def test_a_4bit_load_names_the_expert_stacks_left_in_16_bits(tmp_path, caplog):
     folder = save_tiny(tmp_path / "mixtral", "mixtral")
     with caplog.at_level(logging.WARNING, "frugal_loraga"):
-        load_model(Config(model=str(folder), data="unused", load_in_4bit=True))
+        load_model(Config(model=str(folder), data="unused", load_in_4bit=True, quantize_experts=False))
     assert re.search(r"transformers left the 4 expert stacks of MixtralForCausalLM in 16 bits "
                      r"\(model.layers.0.mlp.experts.gate_up_proj, ...: \d\.\d\d GiB\); they are not quantized and take "
                      r"16-bit memory", caplog.text)

@@ -11,8 +11,10 @@ from transformers import LlamaConfig, MixtralConfig
 from conftest import ROOT
 from frugal_loraga.config import Config
 from frugal_loraga.errors import ConfigError
-from frugal_loraga.memory import (CUDA_HEADROOM_BYTES, check_fits, decoder_shapes, default_budget_bytes,
-                                  estimate_memory_gib, fit_advice, layers_keeping_activations, weight_bytes)
+from frugal_loraga.memory import (CUDA_HEADROOM_BYTES, NF4_BYTES_PER_PARAM, check_fits, decoder_shapes,
+                                  default_budget_bytes, estimate_memory_gib, fit_advice, layers_keeping_activations,
+                                  weight_bytes, weights_estimate)
+from frugal_loraga.lora import find_targets
 from frugal_loraga.models import model_skeleton
 
 LLAMA_2_7B = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -124,16 +126,42 @@ def test_layers_keep_their_activations_in_what_training_leaves_free():
 
 def test_the_weights_of_a_mixture_of_experts_are_checked_against_the_card():
     """bench/results/qwen3_30b_a3b_4layers_24gib.json: a Qwen3-30B-A3B-shaped model (4 layers, 128 experts) in NF4,
-    its experts in 16 bits, held 5.16 GiB of weights on the GPU; counted on its skeleton within 10%."""
+    its experts in 16 bits (before experts_4bit.py), held 5.16 GiB of weights on the GPU; counted on its skeleton
+    within 10%. With its expert stacks in NF4 too (the default), they count as the linear layers do."""
     run = measured("qwen3_30b_a3b_4layers_24gib")
     sizes = dict(run["model_config"])
     skeleton = model_skeleton(getattr(transformers, sizes.pop("class"))(**sizes), False)
-    config = Config(data="-", model="x", dtype="bfloat16")
+    config = Config(data="-", model="x", dtype="bfloat16", quantize_experts=False)
     weights, experts = weight_bytes(skeleton, config)
     assert weights / 2**30 == pytest.approx(run["weights_gib"], rel=0.1)
     assert experts / 2**30 == pytest.approx(4 * 3 * 128 * 2048 * 768 * 2 / 2**30)  # gate, up, down of each expert
     check_fits(skeleton.config, config, 24 * 2**30, skeleton)
-    with pytest.raises(ConfigError, match=r"weights of this model alone take about 5\.\d GiB \(4\.5 GiB of them "
-                                          r"mixture-of-experts experts, which stay in 16 bits on a 4-bit base\), "
-                                          r"beside 1 GiB for CUDA, and 5\.0 GiB is free: pick a smaller model"):
+    with pytest.raises(ConfigError, match=r"weights of this model \(4\.5 GiB of them mixture-of-experts expert stacks "
+                                          r"in 16 bits: quantize_experts is off\) and its adapter take about 5\.\d GiB "
+                                          r"before any activation, beside 1 GiB for CUDA, and 5\.0 GiB is free: turn "
+                                          r"load_in_4bit on if it is off, else pick a smaller model"):
         check_fits(skeleton.config, config, 5 * 2**30, skeleton)
+    nf4 = replace(config, quantize_experts=True)
+    assert weight_bytes(skeleton, nf4) == (pytest.approx(weights - experts + experts / 2 * NF4_BYTES_PER_PARAM,
+                                                         abs=1), 0)
+    check_fits(skeleton.config, nf4, 5 * 2**30, skeleton)
+
+
+def test_a_mixture_of_experts_whose_adapter_does_not_fit_is_refused_naming_the_rank():
+    """The whole Qwen3-30B-A3B in NF4 (about 15.4 GiB) at rank 8 on all its 6,144 experts: LoRA-GA's adapter with
+    its frozen copy, gradient and AdamW state takes 28 bytes a number, r E (m + n) numbers a stack: 8.4 GiB."""
+    sizes = dict(measured("qwen3_30b_a3b_4layers_24gib")["model_config"], num_hidden_layers=48)
+    skeleton = model_skeleton(getattr(transformers, sizes.pop("class"))(**sizes), False)
+    config = Config(data="-", model="x", dtype="bfloat16")
+    targets = find_targets(skeleton, config.target_list(), config.rank, config.init)
+    estimate, held = weights_estimate(skeleton, config, targets)
+    stack = 128 * ((2 * 768 + 2048) + (2048 + 768))  # E (m + n) of gate_up_proj (1536 x 2048) and down_proj
+    attention = (4096 + 2048) * 2 + (512 + 2048) * 2
+    assert estimate["adapter_and_optimizer"] == pytest.approx(
+        (28 * 8 * 48 * (stack + attention) + 4 * 16 * 48 * attention) / 2**30)
+    assert held == "" and estimate["weights"] == pytest.approx(15.4, abs=0.1)
+    with pytest.raises(ConfigError, match=r"the weights of this model and its adapter take about 23\.8 GiB before any "
+                                          r"activation, beside 1 GiB for CUDA, and 24\.0 GiB is free: lower rank, or "
+                                          r"adapt fewer layers \(target_modules\)"):
+        check_fits(skeleton.config, config, 24 * 2**30, skeleton, targets)
+    check_fits(skeleton.config, replace(config, rank=4), 24 * 2**30, skeleton, targets)
