@@ -137,12 +137,12 @@ def preview(upload, data_format, model, max_length, columns=None, chat_template=
 
 def memory_estimate(model, load_in_4bit, rank, batch_size, max_length, init,
                     estimation_batch_size=Config.estimation_batch_size,
-                    grad_budget_gib=None, nf4_error_rank=Config.nf4_error_rank):
+                    grad_budget_gib=None, nf4_error_rank=Config.nf4_error_rank, target_modules=Config.target_modules):
     """The estimated peak by part, and whether it fits this machine's card (or RAM) with what to lower if not."""
     from transformers import AutoConfig
     fields = dict(model=model, load_in_4bit=load_in_4bit, rank=rank, batch_size=batch_size, max_length=max_length,
                   init=init, estimation_batch_size=estimation_batch_size, grad_budget_gib=grad_budget_gib,
-                  nf4_error_rank=nf4_error_rank)
+                  nf4_error_rank=nf4_error_rank, target_modules=target_modules)
     card_bytes, gpu = card()
     try:
         settings = {name: form_value(name, value) for name, value in fields.items()}
@@ -157,8 +157,10 @@ def memory_estimate(model, load_in_4bit, rank, batch_size, max_length, init,
     slow = (" On the CPU a 4-bit run is slower (every weight is dequantized at each use, and the 4-bit error is "
             "corrected first): untick 4-bit (NF4) for a quicker run of a small model." if settings["load_in_4bit"]
             and not torch.cuda.is_available() else "")
+    grows = (" Training then keeps activations in what the card has left, less 1 GiB, rather than recompute them: "
+             "its memory use grows past this peak, as expected." if torch.cuda.is_available() else "")
     return (f"Estimated peak **{estimate['total']:.1f} GiB** ({parts} GiB) — {gpu}: "
-            f"**{fit_advice(estimate, card_bytes / 2**30, torch.cuda.is_available())}**.{slow}")
+            f"**{fit_advice(estimate, card_bytes / 2**30, torch.cuda.is_available())}**.{slow}{grows}")
 
 
 def default_run_name(init: str) -> str:
@@ -454,7 +456,7 @@ def build_ui() -> gr.Blocks:
         upload.change(preview, preview_inputs, preview_box)  # a new file, or none (the sample), is shown at once
         command_button.click(show_command, form, command_box)
         estimate_inputs = [model, load_in_4bit, rank, batch_size, max_length, init, estimation_batch_size,
-                           grad_budget_gib, nf4_error_rank]
+                           grad_budget_gib, nf4_error_rank, target_modules]
         for component in estimate_inputs[1:]:
             component.change(memory_estimate, estimate_inputs, memory_box)
         for event in (model.select, model.blur):  # not on every keystroke: a hub id would be looked up for each

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .config import Config
+from .config import ABSENT_FROM_OLDER_RUNS, Config
 from .distributed import is_writer
 from .errors import ConfigError, RunError
 from .progress import Metrics
@@ -162,6 +162,7 @@ def load_checkpoint(config: Config, inputs: dict) -> Optional[dict]:
                           "run over with overwrite (--overwrite) or in a new out folder (in the app: Train under a new "
                           "name)") from e
     now = config.to_dict()
+    state["config"] = {**ABSENT_FROM_OLDER_RUNS, **state["config"]}
     changed = sorted(k for k, v in state["config"].items()  # a setting left None takes the checkpoint's (resolve)
                      if k not in RESUMABLE_CHANGES and now.get(k) is not None and now.get(k) != v)
     changed += sorted(k for k, v in state.get("inputs", {}).items() if inputs.get(k) != v)

@@ -28,6 +28,8 @@ ALL_LINEAR = "all-linear"
 # Each init method's learning rate: LoRA-GA's best is near full fine-tuning's, about 10x below LoRA's (the paper's
 # 2e-5 at Llama-2-7B; our sweep on the demo model picked 3e-5 for LoRA-GA on NF4 and 3e-4 for LoRA and QLoRA).
 DEFAULT_LR = {"lora_ga": 3e-5, "lora": 3e-4}
+# A field a run recorded before it existed ran with this value, not the field's default (experts were 16-bit then).
+ABSENT_FROM_OLDER_RUNS = {"quantize_experts": False}
 
 
 def field_type(hint) -> tuple[type, Optional[list], bool]:

@@ -50,8 +50,10 @@ def stack_shape(module: nn.Module, param: str) -> Optional[torch.Size]:
     if param in parametrizations:
         return getattr(parametrizations[param][0], "shape", None)
     tensor = module._parameters.get(param)
+    if tensor is None:
+        return None
     state = getattr(tensor, "quant_state", None)
-    return torch.Size(state.shape) if state is not None else None if tensor is None else tensor.shape
+    return tensor.shape if state is None else torch.Size(state.shape)
 
 
 class ExpertParameter:
@@ -82,6 +84,13 @@ def expert_parameters(model: nn.Module) -> dict[str, ExpertParameter]:
     top_k = getattr(config, "num_experts_per_tok", None) or 1
     return {f"{name}.{p}": ExpertParameter(module, p, top_k) for name, module in model.named_modules()
             if is_experts(module) for p in stacks(module)}
+
+
+def dequantized(targets: dict) -> frozenset:
+    """The expert stacks read through a parametrization (4-bit ones, experts_4bit.py): each read is a new dequantized
+    copy (E x m x n), which a backward keeps."""
+    return frozenset(name for name, t in targets.items()
+                     if isinstance(t, ExpertParameter) and t.param in getattr(t.owner, "parametrizations", {}))
 
 
 def routes(targets: dict) -> dict[str, int]:

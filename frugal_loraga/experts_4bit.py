@@ -15,6 +15,7 @@ the stacks load in 16 bits and models.warn_unquantized says so.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Iterator
 
 import torch
@@ -71,22 +72,27 @@ def loads_stacks_in_4bit() -> bool:
     return all(hasattr(Bnb4BitHfQuantizer, m) for m in ("param_needs_quantization", "get_quantize_ops"))
 
 
+LOADING = threading.Lock()  # one load at a time sees the quantizer as it wants it
+
+
 @contextlib.contextmanager
 def quantizing_expert_stacks(enabled: bool = True) -> Iterator[None]:
     """While inside (and enabled, with a transformers that loads_stacks_in_4bit), a 4-bit load quantizes expert stacks
-    too (quantize_stack). The quantizer's class gets its methods back on exit."""
-    if not (enabled and loads_stacks_in_4bit()):
-        yield
-        return
-    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer as Quantizer
-    needs_quantization, quantize_operation = Quantizer.param_needs_quantization, Quantizer.get_quantize_ops
-    Quantizer.param_needs_quantization = lambda self, model, name, **kwargs: (
-        needs_quantization(self, model, name, **kwargs) or is_expert_stack(model, name))
-    Quantizer.get_quantize_ops = lambda self: QuantizeStacks(quantize_operation(self))
-    try:
-        yield
-    finally:
-        Quantizer.param_needs_quantization, Quantizer.get_quantize_ops = needs_quantization, quantize_operation
+    too (quantize_stack). The quantizer's class gets its methods back on exit. Loads under this context, enabled or
+    not, run one at a time (LOADING), so that another thread's load never sees the wrong quantizer."""
+    with LOADING:
+        if not (enabled and loads_stacks_in_4bit()):
+            yield
+            return
+        from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer as Quantizer
+        needs_quantization, quantize_operation = Quantizer.param_needs_quantization, Quantizer.get_quantize_ops
+        Quantizer.param_needs_quantization = lambda self, model, name, **kwargs: (
+            needs_quantization(self, model, name, **kwargs) or is_expert_stack(model, name))
+        Quantizer.get_quantize_ops = lambda self: QuantizeStacks(quantize_operation(self))
+        try:
+            yield
+        finally:
+            Quantizer.param_needs_quantization, Quantizer.get_quantize_ops = needs_quantization, quantize_operation
 
 
 class DequantizedStack(nn.Module):
@@ -110,6 +116,15 @@ def dequantize(packed: torch.Tensor, quant_state) -> torch.Tensor:
     different for each stack)."""
     from bitsandbytes.functional import dequantize_4bit
     return dequantize_4bit(packed, quant_state)
+
+
+def drop_stacks(model: nn.Module) -> None:
+    """Remove the DequantizedStack parametrizations, their packed stacks with them: torch's parametrized class holds
+    its module in a reference cycle, which would keep the stacks in memory until Python's cyclic collector runs."""
+    for module in model.modules():
+        for param in list(getattr(module, "parametrizations", {})):
+            if isinstance(module.parametrizations[param][0], DequantizedStack):
+                parametrize.remove_parametrizations(module, param, leave_parametrized=False)
 
 
 def dequantize_on_read(model: nn.Module) -> int:

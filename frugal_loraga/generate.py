@@ -9,7 +9,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -76,9 +76,12 @@ class Generator:
         self._lock = threading.RLock()
 
     def load(self, config: Config, adapter_dir: str | Path) -> None:
-        """Make the run's base model with the adapter in adapter_dir the one loaded."""
+        """Make the run's base model with the adapter in adapter_dir the one loaded. A mixture of experts' expert
+        stacks load in 16 bits, as transformers' 4-bit model has them: PEFT nests its adapters on 4-bit stacks
+        (parametrized, experts_4bit.py) in another order than the export's."""
         from peft import PeftModel
         adapter_dir = Path(adapter_dir).resolve()
+        config = replace(config, quantize_experts=False)
         key = (config.model, config.load_in_4bit, config.dtype, config.device, config.trust_remote_code,
                str(adapter_dir), adapter_digest(adapter_dir))
         with self._lock:

@@ -58,12 +58,15 @@ def gradient_bytes(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
 
 
 def activation_bytes(shapes: dict[str, tuple[int, ...]], tokens: int, element_size: int,
-                     routes: Optional[dict[str, int]] = None) -> dict[str, int]:
+                     routes: Optional[dict[str, int]] = None, dequantized: frozenset = frozenset()
+                     ) -> dict[str, int]:
     """The activations a layer (m x n) keeps for backward over a batch of `tokens`: its input and output, counted
     twice (the block's norms, attention and SwiGLU keep about as much again per layer); an expert stack's over the
-    tokens' routes (routes[name]: the experts each token goes to, top-k)."""
+    tokens' routes (routes[name]: the experts each token goes to, top-k), and, for a stack read dequantized (a 4-bit
+    one: experts.dequantized), its copy E m n kept for dX."""
     routes = routes or {}
-    return {n: 2 * tokens * routes.get(n, 1) * (shape[-2] + shape[-1]) * element_size for n, shape in shapes.items()}
+    return {n: (2 * tokens * routes.get(n, 1) * (shape[-2] + shape[-1]) + (math.prod(shape) if n in dequantized else 0))
+            * element_size for n, shape in shapes.items()}
 
 
 def layer_costs(shapes: dict[str, tuple[int, ...]], tokens: int, element_size: int,
@@ -200,7 +203,7 @@ def what_to_lower(estimate: dict[str, float], room_gib: float) -> str:
     CUDA_HEADROOM_BYTES beside them."""
     if estimate["weights"] + CUDA_HEADROOM_BYTES / GIB > room_gib:
         return "turn load_in_4bit on if it is off, else pick a smaller model"
-    if estimate["weights"] + estimate["adapter_and_optimizer"] + CUDA_HEADROOM_BYTES / GIB > room_gib:
+    if estimate["adapter_and_optimizer"] > max(estimate["init_estimate"], estimate["training_activations"]):
         return "lower rank, or adapt fewer layers (target_modules)"
     if estimate["init_estimate"] > estimate["training_activations"] + estimate["adapter_and_optimizer"]:
         return "lower estimation_batch_size or grad_budget_gib"
@@ -228,10 +231,11 @@ def check_fits(model_config, config: Config, free: int, skeleton: Optional[nn.Mo
         if skeleton is None:
             return
         estimate, held = weights_estimate(skeleton, config, targets or {})
+        advice = "turn quantize_experts on" if "quantize_experts is off" in held else what_to_lower(estimate, free / GIB)
         if estimate["total"] * GIB + CUDA_HEADROOM_BYTES > free:
             raise ConfigError(f"the weights of this model{held} and its adapter take about {estimate['total']:.1f} "
                               f"GiB before any activation, beside {CUDA_HEADROOM_BYTES / GIB:.0f} GiB for CUDA, and "
-                              f"{free / GIB:.1f} GiB is free: {what_to_lower(estimate, free / GIB)}")
+                              f"{free / GIB:.1f} GiB is free: {advice}")
         return
     estimate = estimate_memory_gib(model_config, config, free)
     if estimate["total"] * GIB > free:

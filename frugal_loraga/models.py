@@ -27,7 +27,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from .config import Config
 from .errors import ConfigError
-from .experts_4bit import dequantize_on_read, quantizing_expert_stacks
+from .experts_4bit import dequantize_on_read, drop_stacks, quantizing_expert_stacks
 from .lora import LINEAR
 from .nf4 import FourBitWeight
 
@@ -392,9 +392,11 @@ def warn_unquantized(model: nn.Module) -> None:
 
 def release(model: nn.Module) -> None:
     """Break the reference cycle that keeps a 4-bit model's weights alive after its last reference goes, until
-    Python's cyclic collector happens to run: bitsandbytes' Params4bit points back at its Linear4bit (weight.module).
+    Python's cyclic collector happens to run: bitsandbytes' Params4bit points back at its Linear4bit (weight.module),
+    and a 4-bit expert stack's parametrized class at its module (experts_4bit.drop_stacks).
     finetune calls it when it is done with its model, so that the next run in the process (the app's) finds the GPU
     memory free."""
+    drop_stacks(model)
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if getattr(weight, "module", None) is module:

@@ -8,17 +8,17 @@ import os
 from pathlib import Path
 
 from .checkpoint import check_unfinished, checkpoint_path, has_adapter, read_record, running_elsewhere
-from .config import Config
+from .config import ABSENT_FROM_OLDER_RUNS, Config
 
 
 def run_config(folder: str | Path) -> Config:
     """The settings a run was started with (resolved), from its record; fields this version does not know are left
-    out, fields it added since keep their defaults."""
+    out, fields it added since keep their defaults, or the value older runs ran with (ABSENT_FROM_OLDER_RUNS)."""
     record = read_record(folder)
     if record is None:
         raise FileNotFoundError(f"{folder} holds no run (no {Path(folder) / 'run.json'})")
     names = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in record["config"].items() if k in names})
+    return Config(**{k: v for k, v in {**ABSENT_FROM_OLDER_RUNS, **record["config"]}.items() if k in names})
 
 
 def resume_config(folder: str | Path) -> Config:

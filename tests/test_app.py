@@ -82,6 +82,8 @@ def test_memory_estimate_of_a_mixture_of_experts_gives_its_weights(tmp_path):
     text = app.memory_estimate(folder, False, 4, 2, 128, "lora_ga")
     assert re.search(r"its weights \(0\.\d GiB of them mixture-of-experts expert stacks in 16 bits: load_in_4bit is "
                      r"off\) and adapter, before any activation: fits", text), text
+    text = app.memory_estimate(folder, True, 4, 2, 128, "lora_ga", 2, "", 16, "gate_proj")  # the form's targets
+    assert "no module matches target_modules gate_proj" in text, text
 
 
 def test_train_with_baseline_plot_try_and_export(tiny_model_dir, monkeypatch, tmp_path):

@@ -139,7 +139,7 @@ def test_the_weights_of_a_mixture_of_experts_are_checked_against_the_card():
     with pytest.raises(ConfigError, match=r"weights of this model \(4\.5 GiB of them mixture-of-experts expert stacks "
                                           r"in 16 bits: quantize_experts is off\) and its adapter take about 5\.\d GiB "
                                           r"before any activation, beside 1 GiB for CUDA, and 5\.0 GiB is free: turn "
-                                          r"load_in_4bit on if it is off, else pick a smaller model"):
+                                          r"quantize_experts on"):
         check_fits(skeleton.config, config, 5 * 2**30, skeleton)
     nf4 = replace(config, quantize_experts=True)
     assert weight_bytes(skeleton, nf4) == (pytest.approx(weights - experts + experts / 2 * NF4_BYTES_PER_PARAM,

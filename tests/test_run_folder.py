@@ -298,6 +298,15 @@ def test_the_record_names_files_by_absolute_paths(tiny_model_dir, sample_path, t
     config = run_config(tmp_path / "run")
     assert (config.data, config.out, config.model) == (str(tmp_path / "data.jsonl"), str(tmp_path / "run"),
                                                        str(tiny_model_dir))
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    del record["config"]["quantize_experts"]  # a run recorded before the field: its experts loaded in 16 bits
+    (tmp_path / "run" / "run.json").write_text(json.dumps(record))
+    assert run_config(tmp_path / "run").quantize_experts is False
+    state = torch.load(checkpoint_path(config.out), weights_only=True)
+    del state["config"]["quantize_experts"]
+    torch.save(state, checkpoint_path(config.out))
+    with pytest.raises(ConfigError, match="it was written with other settings or inputs for quantize_experts"):
+        finetune(dataclasses.replace(config, resume=True, quantize_experts=True))
 
 
 def test_a_run_another_live_process_runs_is_not_resumed_or_replaced(tiny_model_dir, sample_path, tmp_path, capsys,

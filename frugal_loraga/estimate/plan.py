@@ -26,7 +26,7 @@ from torch import nn
 
 from ..blocks import block_layout, without_cudnn_attention
 from ..config import ConfigError
-from ..experts import routes
+from ..experts import dequantized, routes
 from ..lora import features
 from ..memory import activation_bytes, gradient_bytes
 
@@ -88,7 +88,8 @@ def make_plan(model: nn.Module, targets: dict[str, nn.Module], batches: list[dic
     embedding = model.get_input_embeddings().weight
     tokens = max(b["input_ids"].numel() for b in batches)
     groups = plan_groups(order, gradient_bytes(shapes),
-                         activation_bytes(shapes, tokens, embedding.element_size(), routes(targets)), index,
+                         activation_bytes(shapes, tokens, embedding.element_size(), routes(targets),
+                                          dequantized(targets)), index,
                          budget_bytes)
     segments = plan_segments(groups, index)
     all_inputs_bytes = sum(b["input_ids"].numel() for b in batches) * embedding.shape[1] * embedding.element_size()
