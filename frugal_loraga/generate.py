@@ -14,12 +14,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from transformers import AutoConfig
 
 from .blocks import without_cudnn_attention
 from .checkpoint import ADAPTER_FILES, file_sha256
 from .config import Config
 from .data import chat_template, read_data
-from .models import load_model, release
+from .errors import ConfigError
+from .memory import CUDA_HEADROOM_BYTES, GIB, decoder_shapes, free_bytes, weight_bytes
+from .models import load_model, model_skeleton, release, resolve_device, resolve_model_path
 
 
 def prompt_text(tokenizer, prompt: str, data_format: str, template: str = "model") -> tuple[str, bool]:
@@ -46,6 +49,22 @@ def run_format(config: Config) -> str:
 def adapter_digest(adapter_dir: str | Path) -> str:
     """A SHA-256 of the adapter's config and weights: it changes whenever a run writes a new adapter there."""
     return hashlib.sha256("".join(file_sha256(Path(adapter_dir) / name) for name in ADAPTER_FILES).encode()).hexdigest()
+
+
+def check_base_fits(config: Config) -> None:
+    """ConfigError, before it loads, when Try's base cannot fit the memory free: a mixture of experts' stacks load in 16
+    bits there (Generator.load), which can be several times its 4-bit weights."""
+    path = resolve_model_path(config.model, config.trust_remote_code)
+    model_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    if decoder_shapes(model_config) is not None:
+        return
+    weights, experts = weight_bytes(model_skeleton(model_config, config.trust_remote_code), config)
+    device = resolve_device(config)
+    free = free_bytes(device)
+    if experts and weights + (CUDA_HEADROOM_BYTES if device.type == "cuda" else 0) > free:
+        raise ConfigError(f"Try loads the base as PEFT does, its mixture-of-experts expert stacks in 16 bits: about "
+                          f"{weights / GIB:.1f} GiB ({experts / GIB:.1f} of them experts) where {free / GIB:.1f} GiB is "
+                          "free; use the run's adapter with PEFT on a machine with more memory")
 
 
 @dataclass
@@ -92,6 +111,7 @@ class Generator:
             if key == self.key:
                 return
             self.release()
+            check_base_fits(config)
             model, tokenizer, device = load_model(config)
             self.model = PeftModel.from_pretrained(model, adapter_dir).eval()
             self.tokenizer, self.device, self.key = tokenizer, device, key

@@ -20,6 +20,7 @@ from frugal_loraga.estimate import estimate_gradient_svd
 from frugal_loraga.experts import (ExpertsLora, dequantized, expert_parameters, grouped_lora, grouped_lora_reference,
                                    routes)
 from frugal_loraga.experts_4bit import loads_stacks_in_4bit
+from frugal_loraga import generate
 from frugal_loraga.generate import Generator
 from frugal_loraga.fidelity import captured_energy, exact_gradients
 from frugal_loraga.init import dead_pairs_as_lora, estimation_batches
@@ -58,7 +59,7 @@ def test_the_estimate_of_an_expert_stack_cut_from_its_layer_is_exact(mixtral):
 @pytest.mark.parametrize("experts_4bit", [False, True])
 @pytest.mark.parametrize("init", ["lora_ga", "lora"])
 def test_a_4bit_moe_adapts_its_experts_and_both_exports_give_our_logits_in_peft(mixtral, tmp_path, init,
-                                                                               experts_4bit):
+                                                                               experts_4bit, monkeypatch):
     """On a 4-bit base (attention 4-bit and corrected; the experts in NF4, or in 16 bits as transformers loads them)
     the experts are adapted; adapter on the original base gives our adapters there in PEFT, and with 16-bit experts
     adapter_nf4 on the 4-bit base gives our model (PEFT cannot load an adapter on NF4 experts: its adapters on
@@ -85,10 +86,15 @@ def test_a_4bit_moe_adapts_its_experts_and_both_exports_give_our_logits_in_peft(
         base, _, _ = load_model(config)
         torch.testing.assert_close(logits(PeftModel.from_pretrained(base, adapter_for(config.out, True)), batch),
                                    logits(model, batch), rtol=1e-4, atol=1e-4)
-    else:  # the app's Try: the base as PEFT users load it, its experts in 16 bits
+    else:  # the app's Try: the base as PEFT users load it, its experts in 16 bits, refused where they cannot fit
         generator = Generator()
         generator.load(config, adapter_for(config.out, True))
         assert set(generator.generate("2 + 3 =", max_new_tokens=4)) == {"base", "adapter"}
+        monkeypatch.setattr(generate, "free_bytes", lambda device: 1)
+        with pytest.raises(ConfigError, match=r"Try loads the base as PEFT does, its mixture-of-experts expert stacks "
+                                              r"in 16 bits: about 0\.0 GiB \(0\.0 of them experts\) where 0\.0 GiB is "
+                                              r"free; use the run's adapter with PEFT on a machine with more memory"):
+            Generator().load(config, adapter_for(config.out, True))
 
     original = Config(model=str(mixtral), data="unused", load_in_4bit=False, dtype="float32")
     model, _, _ = load_model(original)
