@@ -6,21 +6,27 @@ base model and the adapter's file contents, so that an adapter retrained into th
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
+import json
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 import torch
+from torch import nn
 from transformers import AutoConfig
 
 from .blocks import without_cudnn_attention
-from .checkpoint import ADAPTER_FILES, file_sha256
+from .checkpoint import ADAPTER_FILES, checkpoint_path, factors_from_checkpoint, file_sha256
 from .config import Config
 from .data import chat_template, read_data
 from .errors import ConfigError
+from .experts import ExpertsLora
+from .experts_4bit import loads_stacks_in_4bit
+from .lora import inject, replace as replace_modules
 from .memory import CUDA_HEADROOM_BYTES, GIB, decoder_shapes, free_bytes, weight_bytes
 from .models import load_model, model_skeleton, release, resolve_device, resolve_model_path
 
@@ -52,8 +58,8 @@ def adapter_digest(adapter_dir: str | Path) -> str:
 
 
 def check_base_fits(config: Config) -> None:
-    """ConfigError, before it loads, when Try's base cannot fit the memory free: a mixture of experts' stacks load in 16
-    bits there (Generator.load), which can be several times its 4-bit weights."""
+    """ConfigError, before it loads, when Try's base for PEFT cannot fit the memory free: a mixture of experts' stacks
+    load in 16 bits there (Generator.load), which can be several times its 4-bit weights."""
     path = resolve_model_path(config.model, config.trust_remote_code)
     model_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
     if decoder_shapes(model_config) is not None:
@@ -63,8 +69,8 @@ def check_base_fits(config: Config) -> None:
     free = free_bytes(device)
     if experts and weights + (CUDA_HEADROOM_BYTES if device.type == "cuda" else 0) > free:
         raise ConfigError(f"Try loads the base as PEFT does, its mixture-of-experts expert stacks in 16 bits: about "
-                          f"{weights / GIB:.1f} GiB ({experts / GIB:.1f} of them experts) where {free / GIB:.1f} GiB is "
-                          "free; use the run's adapter with PEFT on a machine with more memory")
+                          f"{weights / GIB:.1f} GiB ({experts / GIB:.1f} of them experts) where {free / GIB:.1f} GiB "
+                          "is free; use the run's adapter with PEFT on a machine with more memory")
 
 
 @dataclass
@@ -75,17 +81,53 @@ class Completion:
     cut: bool
 
 
+class AdaptedModel(nn.Module):
+    """A model with the run's own adapter layers in it (lora.inject of its checkpoint), standing in for a PeftModel
+    where PEFT cannot load the adapter: on 4-bit expert stacks (experts_4bit.py). disable_adapter() puts the model's
+    own layers back meanwhile (the base, as PEFT's disable_adapter gives it)."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, nn.Module]):
+        super().__init__()
+        self.model, self.layers = model, layers
+        self.generation_config = model.generation_config
+
+    def generate(self, **kwargs):
+        return self.model.generate(**kwargs)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        originals = {}
+        for name, layer in self.layers.items():
+            if isinstance(layer, ExpertsLora):  # its experts module, where the AdaptedExperts holding it stands
+                originals[name.rpartition(".")[0]] = layer.target.owner
+            else:
+                originals[name] = layer.base
+        replace_modules(self.model, originals)
+        try:
+            yield
+        finally:
+            replace_modules(self.model, self.layers)
+
+
+def trained_on_4bit_stacks(config: Config, adapter_dir: Path) -> bool:
+    """Whether the run's adapter adapts expert stacks that it trained in NF4 (Config.quantize_experts)."""
+    adapter = json.loads((adapter_dir / ADAPTER_FILES[0]).read_text())
+    return bool(adapter.get("target_parameters")) and config.load_in_4bit and config.quantize_experts and \
+        loads_stacks_in_4bit()
+
+
 class Generator:
     """Holds at most one base model with an adapter loaded, for generating with and without the adapter.
 
-    load(config, adapter_dir) loads the run's base (models.load_model) and its adapter (peft), unless the same base
-    and the same adapter contents are loaded already; a different one replaces it, released first, so that two
+    load(config, adapter_dir) loads the run's base (models.load_model) and its adapter (peft; for a run trained on
+    4-bit expert stacks, its checkpoint's layers: AdaptedModel), unless the same base and the same adapter contents
+    are loaded already; a different one replaces it, released first, so that two
     models are never held at once. release() frees it (before training, so that the run finds the memory free).
     Calls are serialised by a lock: two Try clicks at once do not load two models."""
 
     def __init__(self):
         self.key: Optional[tuple] = None  # (model, load settings, adapter folder, adapter digest) of what is loaded
-        self.model = None  # peft.PeftModel
+        self.model = None  # peft.PeftModel, or an AdaptedModel
         self.tokenizer = None
         self.device: Optional[torch.device] = None
         self.data_format: Optional[str] = None
@@ -95,14 +137,16 @@ class Generator:
         self._lock = threading.RLock()
 
     def load(self, config: Config, adapter_dir: str | Path) -> None:
-        """Make the run's base model with the adapter in adapter_dir the one loaded. A mixture of experts' expert
-        stacks load in 16 bits, as transformers' 4-bit model has them: PEFT nests its adapters on 4-bit stacks
-        (parametrized, experts_4bit.py) in another order than the export's."""
+        """Make the run's base model with the adapter in adapter_dir the one loaded. PEFT nests its adapters on 4-bit
+        expert stacks (parametrized, experts_4bit.py) in another order than the export's: a run trained on them runs
+        as it trained, from its checkpoint (AdaptedModel, the same factors as its export); with PEFT, stacks load in
+        16 bits, as transformers' 4-bit model has them."""
         from peft import PeftModel
         adapter_dir = Path(adapter_dir).resolve()
-        config = replace(config, quantize_experts=False)
-        key = (config.model, config.load_in_4bit, config.dtype, config.device, config.trust_remote_code,
-               str(adapter_dir), adapter_digest(adapter_dir))
+        ours = trained_on_4bit_stacks(config, adapter_dir)
+        config = replace(config, quantize_experts=ours)
+        key = (config.model, config.load_in_4bit, config.quantize_experts, config.dtype, config.device,
+               config.trust_remote_code, str(adapter_dir), adapter_digest(adapter_dir))
         with self._lock:
             if (config.data, config.data_format, config.columns) != self._format_of:
                 self.data_format = run_format(config)
@@ -111,9 +155,19 @@ class Generator:
             if key == self.key:
                 return
             self.release()
-            check_base_fits(config)
-            model, tokenizer, device = load_model(config)
-            self.model = PeftModel.from_pretrained(model, adapter_dir).eval()
+            if ours:
+                path = checkpoint_path(adapter_dir.parent)
+                if not path.exists():
+                    raise ConfigError(f"Try runs a model trained on 4-bit expert stacks from its checkpoint (PEFT "
+                                      f"cannot load its adapter there), and {path} is gone; use the adapter with PEFT")
+                model, tokenizer, device = load_model(config)
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                factors, corrections = factors_from_checkpoint(state["adapter"], device)
+                self.model = AdaptedModel(model, inject(model, factors, config.eta, corrections)).eval()
+            else:
+                check_base_fits(config)
+                model, tokenizer, device = load_model(config)
+                self.model = PeftModel.from_pretrained(model, adapter_dir).eval()
             self.tokenizer, self.device, self.key = tokenizer, device, key
             self.loads += 1
 

@@ -82,18 +82,27 @@ def test_a_4bit_moe_adapts_its_experts_and_both_exports_give_our_logits_in_peft(
     layers = inject(model, factors, config.eta, corrections)
     assert isinstance(layers["model.layers.1.mlp.experts.gate_up_proj"], ExpertsLora)
     assert (layers["model.layers.1.mlp.experts.gate_up_proj"].B.detach() != 0).any(), "the experts did not train"
+    generator = Generator()  # the app's Try
+    generator.load(config, adapter_for(config.out, True))
+    assert set(generator.generate("2 + 3 =", max_new_tokens=4)) == {"base", "adapter"}
     if not experts_4bit:
         base, _, _ = load_model(config)
         torch.testing.assert_close(logits(PeftModel.from_pretrained(base, adapter_for(config.out, True)), batch),
                                    logits(model, batch), rtol=1e-4, atol=1e-4)
-    else:  # the app's Try: the base as PEFT users load it, its experts in 16 bits, refused where they cannot fit
-        generator = Generator()
-        generator.load(config, adapter_for(config.out, True))
-        assert set(generator.generate("2 + 3 =", max_new_tokens=4)) == {"base", "adapter"}
-        monkeypatch.setattr(generate, "free_bytes", lambda device: 1)
+        monkeypatch.setattr(generate, "free_bytes", lambda device: 1)  # its base is PEFT's: the experts in 16 bits
         with pytest.raises(ConfigError, match=r"Try loads the base as PEFT does, its mixture-of-experts expert stacks "
                                               r"in 16 bits: about 0\.0 GiB \(0\.0 of them experts\) where 0\.0 GiB is "
                                               r"free; use the run's adapter with PEFT on a machine with more memory"):
+            Generator().load(config, adapter_for(config.out, True))
+    else:  # PEFT cannot load it on NF4 stacks: Try runs the run's own layers, and the base without them
+        assert torch.equal(logits(generator.model.model, batch), logits(model, batch))
+        base, _, _ = load_model(config)
+        with generator.model.disable_adapter():
+            assert torch.equal(logits(generator.model.model, batch), logits(base, batch))
+        assert torch.equal(logits(generator.model.model, batch), logits(model, batch))
+        checkpoint_path(config.out).unlink()
+        with pytest.raises(ConfigError, match=r"Try runs a model trained on 4-bit expert stacks from its checkpoint "
+                                              r"\(PEFT cannot load its adapter there\), and .*state\.pt is gone"):
             Generator().load(config, adapter_for(config.out, True))
 
     original = Config(model=str(mixtral), data="unused", load_in_4bit=False, dtype="float32")
