@@ -127,14 +127,11 @@ def drop_stacks(model: nn.Module) -> None:
                 parametrize.remove_parametrizations(module, param, leave_parametrized=False)
 
 
-def dequantize_on_read(model: nn.Module) -> int:
+def dequantize_on_read(model: nn.Module) -> None:
     """Make each 4-bit expert stack of the loaded model (quantize_stack's) a DequantizedStack parametrization of its
-    module, in the order the module registered them; the number of stacks."""
-    count = 0
+    module, in the order the module registered them."""
     for module in model.modules():
         for param in stacks(module) if is_experts(module) else []:
             packed = module._parameters.get(param)
             if packed is not None and getattr(packed, "quant_state", None) is not None:
                 parametrize.register_parametrization(module, param, DequantizedStack(packed.quant_state), unsafe=True)
-                count += 1
-    return count

@@ -231,8 +231,9 @@ def check_fits(model_config, config: Config, free: int, skeleton: Optional[nn.Mo
         if skeleton is None:
             return
         estimate, held = weights_estimate(skeleton, config, targets or {})
-        advice = "turn quantize_experts on" if "quantize_experts is off" in held else what_to_lower(estimate, free / GIB)
         if estimate["total"] * GIB + CUDA_HEADROOM_BYTES > free:
+            experts_off = held and config.load_in_4bit and not config.quantize_experts  # 16-bit stacks by choice
+            advice = "turn quantize_experts on" if experts_off else what_to_lower(estimate, free / GIB)
             raise ConfigError(f"the weights of this model{held} and its adapter take about {estimate['total']:.1f} "
                               f"GiB before any activation, beside {CUDA_HEADROOM_BYTES / GIB:.0f} GiB for CUDA, and "
                               f"{free / GIB:.1f} GiB is free: {advice}")
