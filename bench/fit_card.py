@@ -70,8 +70,9 @@ def run(config: Config, profile: str = "") -> dict:
             "estimation_groups": result.metrics.get("estimation_groups"),
             "correction_seconds": result.metrics.get("correction_seconds"),
             "corrected_layers": result.metrics.get("corrected_layers"),
-            "recomputed_layers": result.metrics.get("recomputed_layers"), **marks, **init.peaks, **peaks("train"),
-            "final_train_loss": result.metrics["train_loss"][-1][1]}
+            "recomputed_layers": result.metrics.get("recomputed_layers"),
+            "layers_keeping_weights": result.metrics.get("layers_keeping_weights"), **marks, **init.peaks,
+            **peaks("train"), "final_train_loss": result.metrics["train_loss"][-1][1]}
 
 
 def main():

@@ -1,5 +1,5 @@
-"""Where a training step's time goes: our LoRA training against the PEFT QLoRA peer, step for step, on a
-Llama-2-7B-shaped model cut to a few decoder layers (each layer costs the same as in the full model).
+"""Where a training step's time goes: our LoRA training against the PEFT QLoRA peer, step for step, on a model shape
+(Llama-2-7B's by default) cut to a few decoder layers (each layer costs the same as in the full model), or whole.
 
 Variants, each in the same process on the same batches (2 x max_length tokens, rank 8, paged AdamW 8-bit), named
 peer or ours plus options joined by '+':
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from common import (RESULTS, make_data, make_model_dir, our_lora, peer_batches, peer_model, time_steps, top_events,
-                    work_dir)
+from common import (RESULTS, SHAPES, make_data, make_model_dir, our_lora, peer_batches, peer_model, time_steps,
+                    top_events, work_dir)
 
 OPTIONS = {"liger", "flce", "nockpt", "reentrant", "noautocast", "compile"}
 
@@ -72,13 +72,15 @@ def measure(name: str, model, optimizer, context, batches: list[dict], profile: 
 
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama2_7b")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--variants", nargs="+", default=["peer", "ours", "ours+liger", "peer+liger"],
                         help="peer or ours, each with options joined by '+' (see the module docstring)")
     parser.add_argument("--profile", action="store_true", help="add the top CUDA kernels of one step")
-    parser.add_argument("--work", default="/tmp/profile_train")
+    parser.add_argument("--work", default="/tmp/profile_train", help="the folder for the model and data (a model "
+                        "folder found there is reused; fit_card.py's --work shares its models)")
     parser.add_argument("--out", default=str(RESULTS / "profile_train.json"))
     args = parser.parse_args()
     for variant in args.variants:
@@ -86,10 +88,10 @@ def main():
         if kind not in ("peer", "ours") or not OPTIONS.issuperset(options):
             parser.error(f"variant {variant}: peer or ours, then any of {', '.join(sorted(OPTIONS))} joined by '+'")
     work = work_dir(args.work)
-    model_dir = make_model_dir(work / f"llama7b_{args.layers}layers", args.layers)
+    model_dir = make_model_dir(work / f"{args.shape}-{args.layers}", args.layers, args.shape)
     data = make_data(work / "data.jsonl", 2 * (args.steps + 3), words=900)
     batches = peer_batches(model_dir, data, 2 * (args.steps + 2), args.max_length, "cuda")
-    results = {"device": torch.cuda.get_device_name(), "layers": args.layers,
+    results = {"device": torch.cuda.get_device_name(), "shape": args.shape, "layers": args.layers,
                "batch": f"2 x {args.max_length}", "rank": 8, "variants": {}}
     for variant in args.variants:
         kind, *options = variant.split("+")

@@ -126,9 +126,9 @@ def enable_checkpointing(model: nn.Module) -> None:
 @contextlib.contextmanager
 def keeping_weights(blocks: list[nn.Module]):
     """Inside, the blocks' compiled 4-bit layers keep each weight they dequantize for backward, as checkpointed blocks
-    should: there the copy lives only while the block's recompute and backward run, and dequantizing once saves time.
-    Elsewhere (by default) they dequantize it again in backward: a block that keeps its activations would otherwise
-    hold all its weights' copies from forward to backward."""
+    should (there the copy lives only while the block's recompute and backward run), and as blocks that keep their
+    activations may where the card has room for their copies from forward to backward (memory.keeping_plan):
+    dequantizing once saves time. Elsewhere (by default) they dequantize it again in backward."""
     layers = [m for block in blocks for m in block.modules() if isinstance(m, FrozenLinear)]
     for layer in layers:
         layer.recompute_weight = False

@@ -106,9 +106,11 @@ class Config:
                                             "that cannot keep them (keep_activations_gib)")
     keep_activations_gib: Optional[float] = _f(None, "with gradient_checkpointing: memory for decoder layers that keep "
                                                      "their activations for backward rather than recompute them, as "
-                                                     "many as fit, at most what the GPU has free once training has "
-                                                     "what it needs; default: all of that (none on the CPU); 0: "
-                                                     "recompute in every layer")
+                                                     "many as fit, then, once all do, for layers that keep their "
+                                                     "4-bit weights' 16-bit copies rather than dequantize them again; "
+                                                     "at most what the GPU has free once training has what it needs; "
+                                                     "default: all of that (none on the CPU); 0: recompute in every "
+                                                     "layer")
     compile: bool = _f(True, "torch.compile each decoder layer for the LoRA-GA estimate and training on CUDA: faster "
                              "4-bit steps after a one-off compile, cached in ~/.cache/frugal_loraga/compiled for later "
                              "runs (ignored on CPU)")

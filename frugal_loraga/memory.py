@@ -23,7 +23,8 @@ q, o: h x h; k, v: kv x h; gate, up: i x h; down: h x i), in bytes:
 A model this does not describe (mixture-of-experts layers) gets a floor of its peak instead: its weights and its
 adapter, counted on its skeleton (weights_estimate).
 Training then spends what the card has left beyond that peak on layers that keep their activations, T (8h + 3i) e
-each, rather than recompute them (layers_keeping_activations).
+each, rather than recompute them, and once every layer keeps them, on layers that keep their 4-bit weights' 16-bit
+copies, e sum m n each, rather than dequantize them again in backward (keeping_plan).
 Checked against bench/results/{llama2_7b,llama3_8b,qwen25_14b}_*gib.json (tests/test_memory.py).
 """
 from __future__ import annotations
@@ -180,14 +181,26 @@ def layer_activation_bytes(model_config, config: Config) -> int:
     return tokens * (8 * model_config.hidden_size + 3 * model_config.intermediate_size) * e
 
 
-def layers_keeping_activations(model_config, config: Config, free: Optional[int]) -> int:
-    """How many decoder layers can keep their activations for backward rather than recompute them (their gradient
-    checkpointing off), layer_activation_bytes each, within the `free` bytes of the GPU (None without one) left once
-    training with every layer checkpointed (estimate_memory_gib's training parts, the adapter counted whole though it
-    is in memory by then) and CUDA_HEADROOM_BYTES are met, and within config.keep_activations_gib where set (without a
-    GPU, only that). 0 for a model this estimate does not describe, and for eager attention (it keeps T^2 a head)."""
-    if decoder_shapes(model_config) is None or getattr(model_config, "_attn_implementation", None) == "eager":
+def layer_weight_copy_bytes(model_config, config: Config) -> int:
+    """The 16-bit copies of a dense decoder layer's 4-bit weights, e sum m n over its projections (0 without
+    load_in_4bit): what a layer holds from forward to backward if it keeps them rather than dequantize them again."""
+    if not config.load_in_4bit:
         return 0
+    e = resolve_dtype(config, resolve_device(config)).itemsize
+    return e * sum(m * n for m, n in decoder_shapes(model_config).values())
+
+
+def keeping_plan(model_config, config: Config, free: Optional[int]) -> tuple[int, int]:
+    """(a, w): a decoder layers keep their activations for backward rather than recompute them (their gradient
+    checkpointing off), layer_activation_bytes each, and w of those also keep their 4-bit weights' 16-bit copies
+    rather than dequantize them again in backward, layer_weight_copy_bytes each. Activations come first: keeping them
+    saves a layer's whole forward, keeping the copies only its dequantizations. Both within the `free` bytes of the
+    GPU (None without one) left once training with every layer checkpointed (estimate_memory_gib's training parts,
+    the adapter counted whole though it is in memory by then) and CUDA_HEADROOM_BYTES are met, and within
+    config.keep_activations_gib where set (without a GPU, only that). (0, 0) for a model this estimate does not
+    describe, and for eager attention (it keeps T^2 a head)."""
+    if decoder_shapes(model_config) is None or getattr(model_config, "_attn_implementation", None) == "eager":
+        return 0, 0
     explicit = math.inf if config.keep_activations_gib is None else config.keep_activations_gib * GIB
     if free is None:
         budget = 0 if config.keep_activations_gib is None else explicit
@@ -195,7 +208,12 @@ def layers_keeping_activations(model_config, config: Config, free: Optional[int]
         need = estimate_memory_gib(model_config, config)
         room = free - (need["training_activations"] + need["adapter_and_optimizer"]) * GIB - CUDA_HEADROOM_BYTES
         budget = min(explicit, room)
-    return int(min(max(budget // layer_activation_bytes(model_config, config), 0), model_config.num_hidden_layers))
+    layers = model_config.num_hidden_layers
+    activations = int(min(max(budget // layer_activation_bytes(model_config, config), 0), layers))
+    copy = layer_weight_copy_bytes(model_config, config)
+    left = budget - activations * layer_activation_bytes(model_config, config)
+    weights = int(min(max(left // copy, 0), activations)) if copy else 0
+    return activations, weights
 
 
 def what_to_lower(estimate: dict[str, float], room_gib: float) -> str:

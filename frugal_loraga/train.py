@@ -24,7 +24,7 @@ from .blocks import attention_for, block_layout, compiled, keeping_weights, no_c
 from .progress import Metrics, Phase, ProgressFn
 from .lora import LoraLinear
 from .loss import causal_lm_loss
-from .memory import free_bytes, layers_keeping_activations
+from .memory import free_bytes, keeping_plan
 from .models import resolve_device, resolve_dtype
 
 def lr_factor(step: int, config: Config) -> float:
@@ -93,9 +93,10 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
     widths = {padded_width(len(e.input_ids)) for e in train_examples + eval_examples}
     blocks = block_layout(model, list(layers))[0]
     free = free_bytes(device) if device.type == "cuda" else None
-    kept = layers_keeping_activations(model.config, config, free) if config.gradient_checkpointing else 0
+    kept, kept_weights = keeping_plan(model.config, config, free) if config.gradient_checkpointing else (0, 0)
     recomputed = [block for block in blocks[kept:] if block.__dict__.get("gradient_checkpointing")]
     metrics["recomputed_layers"] = len(recomputed)
+    metrics["layers_keeping_weights"] = kept_weights
     if progress:
         progress(Phase.COMPILING if compiling else Phase.TRAINING, start, config.steps, metrics)
     model.train()
@@ -105,7 +106,7 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
                dynamic_ncols=True)
     try:
         with compiled(blocks, compiling, any_width=len(widths) > 1), attention_for(widths), \
-                no_checkpointing(blocks[:kept]), keeping_weights(recomputed):
+                no_checkpointing(blocks[:kept]), keeping_weights(blocks[:kept_weights] + recomputed):
             if eval_examples and start == 0:
                 metrics["eval_loss"].append([0, evaluate(model, eval_examples, config, pad_id, device, dtype)])
             for step in range(start, config.steps):

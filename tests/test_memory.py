@@ -12,7 +12,7 @@ from conftest import ROOT
 from frugal_loraga.config import Config
 from frugal_loraga.errors import ConfigError
 from frugal_loraga.memory import (CUDA_HEADROOM_BYTES, NF4_BYTES_PER_PARAM, check_fits, decoder_shapes,
-                                  default_budget_bytes, estimate_memory_gib, fit_advice, layers_keeping_activations,
+                                  default_budget_bytes, estimate_memory_gib, fit_advice, keeping_plan, layer_weight_copy_bytes,
                                   weight_bytes, weights_estimate)
 from frugal_loraga.lora import find_targets
 from frugal_loraga.models import model_skeleton
@@ -98,28 +98,37 @@ def test_fit_advice_names_the_setting_behind_the_peak():
                                                                            "pick a smaller model")
 
 
-def test_layers_keep_their_activations_in_what_training_leaves_free():
-    """Llama-3-8B's sizes, 2 x 1024 tokens in bf16: a layer keeps 2048 (8 * 4096 + 3 * 14336) 2 bytes = 0.29 GiB."""
+def test_layers_keep_their_activations_then_their_weight_copies_in_what_training_leaves_free():
+    """Llama-3-8B's sizes, 2 x 1024 tokens in bf16: a layer keeps 2048 (8 * 4096 + 3 * 14336) 2 bytes = 0.29 GiB of
+    activations; its seven 4-bit projections dequantized take 2 (2 * 4096^2 + 2 * 1024 * 4096 + 3 * 14336 * 4096)
+    bytes = 0.41 GiB more once every layer keeps its activations."""
     gib, layer = 2**30, 2048 * (8 * 4096 + 3 * 14336) * 2
+    copies = 2 * (2 * 4096**2 + 2 * 1024 * 4096 + 3 * 14336 * 4096)
     llama_3_8b = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                              num_key_value_heads=8, vocab_size=128256)
     config = Config(data="-", model="x", batch_size=2, max_length=1024, dtype="bfloat16")
+    assert layer_weight_copy_bytes(llama_3_8b, config) == copies
     estimate = estimate_memory_gib(llama_3_8b, config)
     need = (estimate["training_activations"] + estimate["adapter_and_optimizer"]) * gib + CUDA_HEADROOM_BYTES
-    assert layers_keeping_activations(llama_3_8b, config, int(need + 5.5 * layer)) == 5
-    assert layers_keeping_activations(llama_3_8b, config, int(need - layer)) == 0  # a small card: all recomputed
-    assert layers_keeping_activations(llama_3_8b, config, 80 * gib) == 32  # never more than the model has
-    assert layers_keeping_activations(llama_3_8b, config, None) == 0  # no GPU: all recomputed unless asked
+    assert keeping_plan(llama_3_8b, config, int(need + 5.5 * layer)) == (5, 0)
+    assert keeping_plan(llama_3_8b, config, int(need - layer)) == (0, 0)  # a small card: all recomputed
+    all_kept = int(need + 32 * layer)
+    assert keeping_plan(llama_3_8b, config, all_kept + 3 * copies - 1) == (32, 2)  # then the copies, as they fit
+    assert keeping_plan(llama_3_8b, config, 80 * gib) == (32, 32)  # never more than the model has
+    assert keeping_plan(llama_3_8b, replace(config, load_in_4bit=False), 80 * gib) == (32, 0)  # nothing to dequantize
+    assert keeping_plan(llama_3_8b, config, None) == (0, 0)  # no GPU: all recomputed unless asked
     one_gib = replace(config, keep_activations_gib=1.0)
-    assert layers_keeping_activations(llama_3_8b, one_gib, 80 * gib) == gib // layer
-    assert layers_keeping_activations(llama_3_8b, one_gib, None) == gib // layer
-    assert layers_keeping_activations(llama_3_8b, replace(config, keep_activations_gib=20.0), int(need + 5.5 * layer)) \
-        == 5  # capped by what the card has
-    assert layers_keeping_activations(llama_3_8b, replace(config, keep_activations_gib=0.0), 80 * gib) == 0
+    assert keeping_plan(llama_3_8b, one_gib, 80 * gib) == (gib // layer, 0)
+    assert keeping_plan(llama_3_8b, one_gib, None) == (gib // layer, 0)
+    assert keeping_plan(llama_3_8b, replace(config, keep_activations_gib=20.0), int(need + 5.5 * layer)) \
+        == (5, 0)  # capped by what the card has
+    assert keeping_plan(llama_3_8b, replace(config, keep_activations_gib=12.0), 80 * gib) == \
+        (32, (12 * gib - 32 * layer) // copies)  # what is asked for, activations first
+    assert keeping_plan(llama_3_8b, replace(config, keep_activations_gib=0.0), 80 * gib) == (0, 0)
     llama_3_8b._attn_implementation = "eager"  # keeps T^2 per head: not budgeted
-    assert layers_keeping_activations(llama_3_8b, config, 80 * gib) == 0
+    assert keeping_plan(llama_3_8b, config, 80 * gib) == (0, 0)
     mixtral = MixtralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_local_experts=8)
-    assert layers_keeping_activations(mixtral, config, 80 * gib) == 0  # not described by the estimate: all recomputed
+    assert keeping_plan(mixtral, config, 80 * gib) == (0, 0)  # not described by the estimate: all recomputed
     with pytest.raises(ConfigError, match="keep_activations_gib must be a finite number >= 0, got -1"):
         replace(config, keep_activations_gib=-1)
 
