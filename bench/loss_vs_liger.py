@@ -1,7 +1,8 @@
-"""The loss over a large vocabulary, three ways, on one GPU: transformers' model(**inputs).loss (the whole (B, T, V)
-logits), ours (loss.causal_lm_loss: chunks of targeted tokens through the head, recomputed in backward) and
-liger-kernel's fused linear cross entropy (the gradient computed during forward, chunk by chunk), each on the same
-one-layer model of the shape with its head frozen, forward and backward. Reports the median seconds of a forward and
+"""The loss over a large vocabulary, four ways, on one GPU: transformers' model(**inputs).loss (the whole (B, T, V)
+logits), ours (loss.causal_lm_loss: chunks of targeted tokens through the head, with a frozen head their gradient
+computed in forward, HeadLoss), ours as a trained head runs it (the chunks recomputed in backward) and liger-kernel's
+fused linear cross entropy (the gradient computed during forward, chunk by chunk; where liger-kernel is installed),
+each on the same one-layer model of the shape with its head frozen, forward and backward. Reports the median seconds of a forward and
 backward of the whole model and the peak allocated above the weights, with ratios against transformers measured in
 the same run. Writes bench/results/<name>.json.
 Usage: python bench/loss_vs_liger.py --shape llama3_8b --name loss_vs_liger_llama3_8b
@@ -10,18 +11,25 @@ import argparse
 import json
 import statistics
 import time
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
+from unittest import mock
 
 import torch
 import transformers
 
 from common import GIB, SHAPES, add_output_args, save_result
+from frugal_loraga import loss as loss_module
 from frugal_loraga.data import IGNORE
 from frugal_loraga.loss import causal_lm_loss
 
 
 def transformers_loss(model, inputs):
     return model(**inputs).loss
+
+
+def checkpointed_loss(model, inputs):
+    with mock.patch.object(loss_module, "frozen_plain_head", lambda model: False):
+        return causal_lm_loss(model, inputs)
 
 
 def liger_loss(model, inputs):
@@ -66,13 +74,18 @@ def main():
     model.model.layers[0].mlp.down_proj.weight.requires_grad_(True)  # a trainable weight upstream of the loss
     ids = torch.randint(0, config.vocab_size, (args.batch_size, args.max_length), device="cuda")
     inputs = {"input_ids": ids, "labels": ids}
+    try:
+        liger = version("liger-kernel")
+    except PackageNotFoundError:
+        liger = None
     result = {"device": torch.cuda.get_device_name(), "shape": args.shape, "vocab": config.vocab_size,
-              "tokens": f"{args.batch_size} x {args.max_length}", "liger_kernel": version("liger-kernel")}
-    methods = [("transformers", transformers_loss), ("ours_chunked", causal_lm_loss), ("liger_fused", liger_loss)]
+              "tokens": f"{args.batch_size} x {args.max_length}", "liger_kernel": liger}
+    methods = [("transformers", transformers_loss), ("ours_chunked", causal_lm_loss),
+               ("ours_checkpointed", checkpointed_loss)] + ([("liger_fused", liger_loss)] if liger else [])
     for name, fn in methods:
         result[name] = measure(fn, model, inputs, args.repeats)
         print(name, result[name], flush=True)
-    for name in ("ours_chunked", "liger_fused"):
+    for name, _ in methods[1:]:
         result[name]["seconds_vs_transformers"] = result[name]["seconds"] / result["transformers"]["seconds"]
         result[name]["memory_vs_transformers"] = (result[name]["peak_above_weights_gib"]
                                                   / result["transformers"]["peak_above_weights_gib"])

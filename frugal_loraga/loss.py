@@ -8,13 +8,15 @@ c tanh(z / c), Cohere's scale, Granite's division). So: run the decoder, gather 
 sum the CE over chunks of C rows, each through the head *module* (wrappers around it run per call), with
 C = CHUNK_BYTES // (4 V): a chunk's fp32 logits are at most CHUNK_BYTES.
 
-Gradients: each chunk runs under torch.utils.checkpoint (non-reentrant), which keeps only its (C, H) input and
-recomputes its logits in backward, one chunk at a time. Autograd then differentiates the very ops of the forward, so
-the gradients of h, of the head's parameters (tied or wrapped) and of everything upstream are exact. The price is
-one more head forward (2 N H V flops): a few % of a 7-8B step, more for small models with large vocabularies. A fused
-kernel that computes the gradient in forward (liger-kernel's) would need the head's weight, not its module, and would
-put gradients in place before backward is called; it holds less, and at 7-14B a training step differs by about 2%
-either way (bench/loss_vs_liger.py, bench/RESULTS.md).
+Gradients, for a head that is a frozen nn.Linear without bias and a family without post-processing (LoRA training:
+the head is not adapted): HeadLoss computes each chunk's gradient in h in forward, two GEMMs a chunk,
+    G = (softmax(Z) - onehot(y)) / N,   Z = h W^T (C, V),   dL/dh = G W (C, H),
+and keeps dL/dh (N, H) for backward. Otherwise each chunk runs under torch.utils.checkpoint (non-reentrant), which
+keeps only its (C, H) input and recomputes its logits in backward, one chunk at a time: autograd then differentiates
+the very ops of the forward, so the gradients of h, of the head's parameters (tied or wrapped) and of everything
+upstream are exact, for one more head forward (2 N H V flops). Chunks are a multiple of 128 tokens where C allows,
+whole tiles of the GEMMs. liger-kernel's fused linear cross entropy does what HeadLoss does with small chunks (64
+tokens at Llama-3's sizes), slower than the checkpointed chunks at 7-8B (bench/loss_vs_liger.py, bench/RESULTS.md).
 
 Families whose forward is not logits = f(head(decoder(...)[0])) with ForCausalLMLoss and no auxiliary loss (or
 unexpected inputs) fall back to model(**inputs).loss. With no target in a batch both give 0/0 = nan (zero gradients).
@@ -26,6 +28,7 @@ from functools import cache
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.loss.loss_utils import ForCausalLMLoss
 
@@ -82,6 +85,38 @@ def chunk_loss(model, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), y, reduction="sum")
 
 
+def frozen_plain_head(model) -> bool:
+    """Whether HeadLoss computes this model's loss: its head a frozen nn.Linear without bias, no post-processing."""
+    head = model.lm_head
+    return (type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
+            and FAMILIES[type(model).__name__] is None)
+
+
+class HeadLoss(torch.autograd.Function):
+    """The mean fp32 cross-entropy of the rows h (N, H) through a frozen head weight W (V, H) against targets y (N,),
+    chunk rows at a time, each chunk's gradient in h computed in forward (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, chunk: int) -> torch.Tensor:
+        total = h.new_zeros((), dtype=torch.float32)
+        grad = torch.empty_like(h)
+        for i in range(0, len(y), chunk):
+            logits = F.linear(h[i:i + chunk], weight).float()                       # Z (C, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            targets = y[i:i + chunk, None]
+            total += (lse - logits.gather(1, targets)[:, 0]).sum()
+            softmax = logits.sub_(lse[:, None]).exp_()
+            softmax.scatter_add_(1, targets, softmax.new_full(targets.shape, -1.0))    # softmax(Z) - onehot(y)
+            grad[i:i + chunk] = (softmax.div_(len(y)).to(weight.dtype) @ weight).to(h.dtype)
+        ctx.save_for_backward(grad)
+        return total / len(y)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad, = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None
+
+
 def causal_lm_loss(model, inputs: dict, chunk_tokens: int | None = None) -> torch.Tensor:
     """model(**inputs).loss (labels shifted inside, -100 ignored, mean over targets) with the same gradients, holding
     at most chunk_tokens tokens' logits at a time (default: CHUNK_BYTES of fp32 logits)."""
@@ -94,6 +129,9 @@ def causal_lm_loss(model, inputs: dict, chunk_tokens: int | None = None) -> torc
     keep = targets != IGNORE
     h, y = hidden[keep], targets[keep]  # (N, H), (N,)
     chunk = chunk_tokens or max(1, CHUNK_BYTES // (4 * model.config.vocab_size))
+    chunk = chunk // 128 * 128 or chunk
+    if torch.is_grad_enabled() and len(y) and frozen_plain_head(model):
+        return HeadLoss.apply(h, model.lm_head.weight, y, chunk)
     total = h[:0].float().sum()  # 0 on the graph: no targets gives 0/0 = nan and zero gradients, as transformers
     for i in range(0, len(y), chunk):
         if torch.is_grad_enabled():

@@ -129,6 +129,49 @@ def test_lora_wrapped_head_and_layers(tiny_model_dir):
     assert all(g.abs().sum() > 0 for g in grads.values()) and layers["lm_head"] is model.lm_head
 
 
+@pytest.mark.parametrize("accumulated", [1, 3])
+def test_frozen_head_gradient_computed_in_forward(tiny_model_dir, monkeypatch, accumulated):
+    """LoRA training's case: the head a frozen nn.Linear, so HeadLoss computes the chunks' gradients in h in forward;
+    the loss and the adapter's gradients are transformers', also when the loss is scaled (gradient accumulation)."""
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    torch.manual_seed(1)
+    m, n = model.model.layers[0].self_attn.q_proj.weight.shape
+    inject(model, {"model.layers.0.self_attn.q_proj": (torch.randn(2, n) * 0.1, torch.randn(m, 2) * 0.1, None, None)},
+           eta=1.0)
+    inputs = batch()
+    inputs["input_ids"] = inputs["input_ids"] % model.config.vocab_size
+    calls = []
+    forward = loss_module.HeadLoss.forward
+    monkeypatch.setattr(loss_module.HeadLoss, "forward", lambda *a: calls.append(a[-1]) or forward(*a))
+    assert loss_module.frozen_plain_head(model)
+    expected, expected_grads = loss_and_grads(model, lambda: model(**inputs).loss / accumulated)
+    got, grads = loss_and_grads(model, lambda: causal_lm_loss(model, inputs, chunk_tokens=CHUNK) / accumulated)
+    assert calls == [CHUNK]
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == expected_grads.keys() == {f"model.layers.0.self_attn.q_proj.{p}" for p in "AB"}
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+    model.lm_head.weight.requires_grad_(True)  # a trained head: its gradient through the checkpointed chunks
+    assert not loss_module.frozen_plain_head(model)
+    assert_same(model, inputs, chunk_tokens=CHUNK)
+    assert calls == [CHUNK]
+
+
+def test_chunks_are_whole_gemm_tiles(monkeypatch):
+    """The default chunk, CHUNK_BYTES // (4 V) rows, rounded down to a multiple of 128 rows where it holds one."""
+    model = tiny("llama")
+    model.requires_grad_(False)
+    model.model.norm.weight.requires_grad_(True)  # something upstream to differentiate
+    monkeypatch.setattr(loss_module, "CHUNK_BYTES", 4 * V * 300)
+    sizes = []
+    forward = loss_module.HeadLoss.forward
+    monkeypatch.setattr(loss_module.HeadLoss, "forward", lambda *a: sizes.append(a[-1]) or forward(*a))
+    inputs = {k: v.repeat(20, 1) for k, v in batch().items()}  # 340 targets: chunks of 256 and 84
+    causal_lm_loss(model, inputs).backward()
+    assert sizes == [256]
+
+
 def test_no_targets_gives_nan_like_transformers():
     model = tiny("llama")
     inputs = batch()
