@@ -1,5 +1,5 @@
-"""The loss over a large vocabulary, four ways, on one GPU: transformers' model(**inputs).loss (the whole (B, T, V)
-logits), ours (loss.causal_lm_loss: chunks of targeted tokens through the head, with a frozen head their gradient
+"""The loss over a large vocabulary, four ways, on one GPU: transformers' model(**inputs).loss (the whole
+(B, T, V) logits), ours (loss.causal_lm_loss: chunks of targeted tokens through the head, with a frozen head their gradient
 computed in forward, HeadLoss), ours as a trained head runs it (the chunks recomputed in backward) and liger-kernel's
 fused linear cross entropy (the gradient computed during forward, chunk by chunk; where liger-kernel is installed),
 each on the same one-layer model of the shape with its head frozen, forward and backward. Reports the median seconds of a forward and
@@ -28,7 +28,7 @@ def transformers_loss(model, inputs):
 
 
 def checkpointed_loss(model, inputs):
-    with mock.patch.object(loss_module, "frozen_plain_head", lambda model: False):
+    with mock.patch.object(loss_module, "frozen_plain_head", lambda model, h: False):
         return causal_lm_loss(model, inputs)
 
 

@@ -106,8 +106,9 @@ class Config:
                                             "that cannot keep them (keep_activations_gib)")
     keep_activations_gib: Optional[float] = _f(None, "with gradient_checkpointing: memory for decoder layers that keep "
                                                      "their activations for backward rather than recompute them, as "
-                                                     "many as fit, then, once all do, for layers that keep their "
-                                                     "4-bit weights' 16-bit copies rather than dequantize them again; "
+                                                     "many as fit, then, with what is left, for some of them keeping "
+                                                     "their 4-bit weights' 16-bit copies rather than dequantize them "
+                                                     "again; "
                                                      "at most what the GPU has free once training has what it needs; "
                                                      "default: all of that (none on the CPU); 0: recompute in every "
                                                      "layer")

@@ -10,7 +10,7 @@ The sum (correction included) is computed by kernels.lora.lora_add: one fused Tr
 reference elsewhere (or where Triton is not installed). At step 0 it gives the bits of the corrected base alone.
 Inside torch.compile a 4-bit base is dequantized by torch ops (nf4.py) that fuse into the compiled layer (FrozenLinear,
 which the LoRA-GA gradient estimate wraps around its targets too), and again in backward for dx = dy W rather than
-kept, outside checkpointed blocks.
+kept, but in checkpointed blocks and in blocks the card has room for (blocks.keeping_weights).
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class FrozenLinear(nn.Module):
         self.four_bit = FourBitWeight.of(base)
         # compiled, a 4-bit W is dequantized again in backward rather than kept from forward to backward (as much as
         # the layer's activations); blocks.keeping_weights turns that off in checkpointed blocks, which hold it
-        # only while their own backward runs
+        # only while their own backward runs, and in blocks whose copies the card has room for
         self.recompute_weight = True
         empty = torch.zeros(0, device=next(base.parameters()).device)
         L, R = correction if correction is not None else (empty, empty)

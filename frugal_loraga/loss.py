@@ -14,7 +14,7 @@ the head is not adapted): HeadLoss computes each chunk's gradient in h in forwar
 and keeps dL/dh (N, H) for backward. Otherwise each chunk runs under torch.utils.checkpoint (non-reentrant), which
 keeps only its (C, H) input and recomputes its logits in backward, one chunk at a time: autograd then differentiates
 the very ops of the forward, so the gradients of h, of the head's parameters (tied or wrapped) and of everything
-upstream are exact, for one more head forward (2 N H V flops). Chunks are a multiple of 128 tokens where C allows,
+upstream are exact, for one more head forward (2 N H V flops). Chunks are a multiple of 64 tokens where C allows,
 whole tiles of the GEMMs. liger-kernel's fused linear cross entropy does what HeadLoss does with small chunks (64
 tokens at Llama-3's sizes), slower than the checkpointed chunks at 7-8B (bench/loss_vs_liger.py, bench/RESULTS.md).
 
@@ -29,13 +29,14 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from .data import IGNORE
 
 log = logging.getLogger("frugal_loraga")
-CHUNK_BYTES = 128 * 2**20  # 261 tokens of Llama-3's 128256-word vocabulary, 220 of Qwen2.5's 152064
+CHUNK_BYTES = 128 * 2**20  # 256 tokens of Llama-3's 128256-word vocabulary, 192 of Qwen2.5's 152064
 DECODER_INPUTS = {"input_ids", "attention_mask", "position_ids", "inputs_embeds"}
 
 
@@ -85,10 +86,12 @@ def chunk_loss(model, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), y, reduction="sum")
 
 
-def frozen_plain_head(model) -> bool:
-    """Whether HeadLoss computes this model's loss: its head a frozen nn.Linear without bias, no post-processing."""
+def frozen_plain_head(model, h: torch.Tensor) -> bool:
+    """Whether HeadLoss computes the loss of the rows h: the model's head a frozen nn.Linear without bias or hooks on
+    h's device, no post-processing, and h needing a gradient."""
     head = model.lm_head
-    return (type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
+    return (type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad and h.requires_grad
+            and head.weight.device == h.device and not (head._forward_hooks or head._forward_pre_hooks)
             and FAMILIES[type(model).__name__] is None)
 
 
@@ -112,9 +115,10 @@ class HeadLoss(torch.autograd.Function):
         return total / len(y)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
         grad, = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None
+        return (grad.float() * grad_output).to(grad.dtype), None, None, None
 
 
 def causal_lm_loss(model, inputs: dict, chunk_tokens: int | None = None) -> torch.Tensor:
@@ -129,8 +133,8 @@ def causal_lm_loss(model, inputs: dict, chunk_tokens: int | None = None) -> torc
     keep = targets != IGNORE
     h, y = hidden[keep], targets[keep]  # (N, H), (N,)
     chunk = chunk_tokens or max(1, CHUNK_BYTES // (4 * model.config.vocab_size))
-    chunk = chunk // 128 * 128 or chunk
-    if torch.is_grad_enabled() and len(y) and frozen_plain_head(model):
+    chunk = chunk // 64 * 64 or chunk
+    if torch.is_grad_enabled() and len(y) and frozen_plain_head(model, h):
         return HeadLoss.apply(h, model.lm_head.weight, y, chunk)
     total = h[:0].float().sum()  # 0 on the graph: no targets gives 0/0 = nan and zero gradients, as transformers
     for i in range(0, len(y), chunk):

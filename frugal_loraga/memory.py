@@ -23,8 +23,8 @@ q, o: h x h; k, v: kv x h; gate, up: i x h; down: h x i), in bytes:
 A model this does not describe (mixture-of-experts layers) gets a floor of its peak instead: its weights and its
 adapter, counted on its skeleton (weights_estimate).
 Training then spends what the card has left beyond that peak on layers that keep their activations, T (8h + 3i) e
-each, rather than recompute them, and once every layer keeps them, on layers that keep their 4-bit weights' 16-bit
-copies, e sum m n each, rather than dequantize them again in backward (keeping_plan).
+each, rather than recompute them, and with what that leaves, on some of those layers keeping their 4-bit weights'
+16-bit copies, e sum m n each, rather than dequantize them again in backward (keeping_plan).
 Checked against bench/results/{llama2_7b,llama3_8b,qwen25_14b}_*gib.json (tests/test_memory.py).
 """
 from __future__ import annotations
@@ -193,8 +193,9 @@ def layer_weight_copy_bytes(model_config, config: Config) -> int:
 def keeping_plan(model_config, config: Config, free: Optional[int]) -> tuple[int, int]:
     """(a, w): a decoder layers keep their activations for backward rather than recompute them (their gradient
     checkpointing off), layer_activation_bytes each, and w of those also keep their 4-bit weights' 16-bit copies
-    rather than dequantize them again in backward, layer_weight_copy_bytes each. Activations come first: keeping them
-    saves a layer's whole forward, keeping the copies only its dequantizations. Both within the `free` bytes of the
+    rather than dequantize them again in backward, layer_weight_copy_bytes each, in what is left once as many layers as
+    fit keep their activations: keeping them saves a layer's whole forward, keeping the copies only its
+    dequantizations. Both within the `free` bytes of the
     GPU (None without one) left once training with every layer checkpointed (estimate_memory_gib's training parts,
     the adapter counted whole though it is in memory by then) and CUDA_HEADROOM_BYTES are met, and within
     config.keep_activations_gib where set (without a GPU, only that). (0, 0) for a model this estimate does not

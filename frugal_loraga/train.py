@@ -96,7 +96,7 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
     kept, kept_weights = keeping_plan(model.config, config, free) if config.gradient_checkpointing else (0, 0)
     recomputed = [block for block in blocks[kept:] if block.__dict__.get("gradient_checkpointing")]
     metrics["recomputed_layers"] = len(recomputed)
-    metrics["layers_keeping_weights"] = kept_weights
+    metrics["layers_keeping_weights"] = kept_weights if compiling else 0  # eager layers never dequantize by torch ops
     if progress:
         progress(Phase.COMPILING if compiling else Phase.TRAINING, start, config.steps, metrics)
     model.train()

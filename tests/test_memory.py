@@ -12,8 +12,8 @@ from conftest import ROOT
 from frugal_loraga.config import Config
 from frugal_loraga.errors import ConfigError
 from frugal_loraga.memory import (CUDA_HEADROOM_BYTES, NF4_BYTES_PER_PARAM, check_fits, decoder_shapes,
-                                  default_budget_bytes, estimate_memory_gib, fit_advice, keeping_plan, layer_weight_copy_bytes,
-                                  weight_bytes, weights_estimate)
+                                  default_budget_bytes, estimate_memory_gib, fit_advice, keeping_plan,
+                                  layer_weight_copy_bytes, weight_bytes, weights_estimate)
 from frugal_loraga.lora import find_targets
 from frugal_loraga.models import model_skeleton
 
@@ -125,6 +125,10 @@ def test_layers_keep_their_activations_then_their_weight_copies_in_what_training
     assert keeping_plan(llama_3_8b, replace(config, keep_activations_gib=12.0), 80 * gib) == \
         (32, (12 * gib - 32 * layer) // copies)  # what is asked for, activations first
     assert keeping_plan(llama_3_8b, replace(config, keep_activations_gib=0.0), 80 * gib) == (0, 0)
+    long = replace(config, max_length=4096)  # a layer's activations (1.17 GiB) outweigh its copies: both before all fit
+    estimate = estimate_memory_gib(llama_3_8b, long)
+    need = (estimate["training_activations"] + estimate["adapter_and_optimizer"]) * gib + CUDA_HEADROOM_BYTES
+    assert keeping_plan(llama_3_8b, long, int(need + 5 * 4 * layer + 2 * copies)) == (5, 2)
     llama_3_8b._attn_implementation = "eager"  # keeps T^2 per head: not budgeted
     assert keeping_plan(llama_3_8b, config, 80 * gib) == (0, 0)
     mixtral = MixtralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_local_experts=8)
