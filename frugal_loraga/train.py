@@ -37,10 +37,14 @@ def lr_factor(step: int, config: Config) -> float:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: Config) -> torch.optim.Optimizer:
+    """config.optimizer over params. torch's AdamW is fused on CUDA: one kernel launch a step for all the adapters'
+    hundreds of factors, where the multi-tensor version took about 10 ms of host time a step at 8B with the GPU idle
+    (bench/RESULTS.md)."""
     if config.optimizer == "paged_adamw_8bit":  # on CUDA only (Config.resolve)
         import bitsandbytes as bnb
         return bnb.optim.PagedAdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

@@ -66,6 +66,16 @@ def test_layers_that_keep_their_activations_train_as_recomputed_ones(tiny_model_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: the fused AdamW is CUDA's"))])
+def test_adamw_is_fused_on_cuda(device):
+    """One kernel a step for all the factors on CUDA; torch's default elsewhere."""
+    from frugal_loraga.train import make_optimizer
+    optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(2, device=device))],
+                               Config(data="-", model="x", lr=1e-4))
+    assert isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults["fused"]) == (device == "cuda")
+
+
 def test_stop_ends_the_estimate_after_the_current_batch(tiny_model_dir, sample_path, tmp_path):
     stop, batches = threading.Event(), []
 
