@@ -1,10 +1,10 @@
 """The loss over a large vocabulary, four ways, on one GPU: transformers' model(**inputs).loss (the whole
-(B, T, V) logits), ours (loss.causal_lm_loss: chunks of targeted tokens through the head, with a frozen head their gradient
-computed in forward, HeadLoss), ours as a trained head runs it (the chunks recomputed in backward) and liger-kernel's
-fused linear cross entropy (the gradient computed during forward, chunk by chunk; where liger-kernel is installed),
-each on the same one-layer model of the shape with its head frozen, forward and backward. Reports the median seconds of a forward and
-backward of the whole model and the peak allocated above the weights, with ratios against transformers measured in
-the same run. Writes bench/results/<name>.json.
+(B, T, V) logits), ours (loss.causal_lm_loss: chunks of targeted tokens through the head, with a frozen head their
+gradient computed in forward, HeadLoss), ours as a trained head runs it (the chunks recomputed in backward) and
+liger-kernel's fused linear cross entropy (the gradient computed during forward, chunk by chunk; where liger-kernel
+is installed), each on the same one-layer model of the shape with its head frozen, forward and backward. Reports the
+median seconds of a forward and backward of the whole model and the peak allocated above the weights, with ratios
+against transformers measured in the same run. Writes bench/results/<name>.json.
 Usage: python bench/loss_vs_liger.py --shape llama3_8b --name loss_vs_liger_llama3_8b
 """
 import argparse

@@ -108,10 +108,9 @@ class Config:
                                                      "their activations for backward rather than recompute them, as "
                                                      "many as fit, then, with what is left, for some of them keeping "
                                                      "their 4-bit weights' 16-bit copies rather than dequantize them "
-                                                     "again; "
-                                                     "at most what the GPU has free once training has what it needs; "
-                                                     "default: all of that (none on the CPU); 0: recompute in every "
-                                                     "layer")
+                                                     "again; at most what the GPU has free once training has what it "
+                                                     "needs; default: all of that (none on the CPU); 0: recompute in "
+                                                     "every layer")
     compile: bool = _f(True, "torch.compile each decoder layer for the LoRA-GA estimate and training on CUDA: faster "
                              "4-bit steps after a one-off compile, cached in ~/.cache/frugal_loraga/compiled for later "
                              "runs (ignored on CPU)")

@@ -195,11 +195,10 @@ def keeping_plan(model_config, config: Config, free: Optional[int]) -> tuple[int
     checkpointing off), layer_activation_bytes each, and w of those also keep their 4-bit weights' 16-bit copies
     rather than dequantize them again in backward, layer_weight_copy_bytes each, in what is left once as many layers as
     fit keep their activations: keeping them saves a layer's whole forward, keeping the copies only its
-    dequantizations. Both within the `free` bytes of the
-    GPU (None without one) left once training with every layer checkpointed (estimate_memory_gib's training parts,
-    the adapter counted whole though it is in memory by then) and CUDA_HEADROOM_BYTES are met, and within
-    config.keep_activations_gib where set (without a GPU, only that). (0, 0) for a model this estimate does not
-    describe, and for eager attention (it keeps T^2 a head)."""
+    dequantizations. Both within the `free` bytes of the GPU (None without one) left once training with every layer
+    checkpointed (estimate_memory_gib's training parts, the adapter counted whole though it is in memory by then) and
+    CUDA_HEADROOM_BYTES are met, and within config.keep_activations_gib where set (without a GPU, only that). (0, 0)
+    for a model this estimate does not describe, and for eager attention (it keeps T^2 a head)."""
     if decoder_shapes(model_config) is None or getattr(model_config, "_attn_implementation", None) == "eager":
         return 0, 0
     explicit = math.inf if config.keep_activations_gib is None else config.keep_activations_gib * GIB
@@ -209,11 +208,9 @@ def keeping_plan(model_config, config: Config, free: Optional[int]) -> tuple[int
         need = estimate_memory_gib(model_config, config)
         room = free - (need["training_activations"] + need["adapter_and_optimizer"]) * GIB - CUDA_HEADROOM_BYTES
         budget = min(explicit, room)
-    layers = model_config.num_hidden_layers
-    activations = int(min(max(budget // layer_activation_bytes(model_config, config), 0), layers))
-    copy = layer_weight_copy_bytes(model_config, config)
-    left = budget - activations * layer_activation_bytes(model_config, config)
-    weights = int(min(max(left // copy, 0), activations)) if copy else 0
+    layer, copy = layer_activation_bytes(model_config, config), layer_weight_copy_bytes(model_config, config)
+    activations = int(min(max(budget // layer, 0), model_config.num_hidden_layers))
+    weights = int(min(max((budget - activations * layer) // copy, 0), activations)) if copy else 0
     return activations, weights
 
 

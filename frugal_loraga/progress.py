@@ -33,7 +33,7 @@ class Metrics(TypedDict, total=False):
     peak_memory_init_gib: float  # the peak after the initial factors (GPU: max allocated; CPU: max resident set)
     peak_memory_gib: float  # the whole run's peak, measured as peak_memory_init_gib
     recomputed_layers: int  # the decoder layers training recomputes in backward (gradient checkpointing)
-    layers_keeping_weights: int  # the decoder layers keeping their 4-bit weights' 16-bit copies for backward
+    layers_keeping_weights: int  # of the layers keeping activations, those keeping their 4-bit weights' copies too
     correction_seconds: float  # the 4-bit error's correction (nf4_error.py), within init_seconds
     corrected_layers: int  # the layers whose 4-bit error is corrected
     estimation_groups: int  # the groups of layers the estimate walked

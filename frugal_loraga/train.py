@@ -38,7 +38,8 @@ def lr_factor(step: int, config: Config) -> float:
 
 def make_optimizer(params: list[torch.nn.Parameter], config: Config) -> torch.optim.Optimizer:
     """config.optimizer over params. torch's AdamW is fused on CUDA: one kernel launch a step for all the adapters'
-    hundreds of factors, where the multi-tensor version took about 10 ms of host time a step at 8B with the GPU idle
+    hundreds of factors, where the multi-tensor version took about 15 ms of host time a step at 8B (under the profiler)
+    with the GPU idle
     (bench/RESULTS.md)."""
     if config.optimizer == "paged_adamw_8bit":  # on CUDA only (Config.resolve)
         import bitsandbytes as bnb

@@ -101,7 +101,7 @@ def test_fit_advice_names_the_setting_behind_the_peak():
 def test_layers_keep_their_activations_then_their_weight_copies_in_what_training_leaves_free():
     """Llama-3-8B's sizes, 2 x 1024 tokens in bf16: a layer keeps 2048 (8 * 4096 + 3 * 14336) 2 bytes = 0.29 GiB of
     activations; its seven 4-bit projections dequantized take 2 (2 * 4096^2 + 2 * 1024 * 4096 + 3 * 14336 * 4096)
-    bytes = 0.41 GiB more once every layer keeps its activations."""
+    bytes = 0.41 GiB more, kept from what is left once as many layers as fit keep their activations."""
     gib, layer = 2**30, 2048 * (8 * 4096 + 3 * 14336) * 2
     copies = 2 * (2 * 4096**2 + 2 * 1024 * 4096 + 3 * 14336 * 4096)
     llama_3_8b = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
