@@ -93,6 +93,7 @@ def main():
                         help="Config.keep_activations_gib (default: what the card has free; 0: recompute every layer)")
     parser.add_argument("--experts-16bit", action="store_true", help="Config.quantize_experts off: MoE expert stacks "
                         "in 16 bits, as transformers loads them")
+    parser.add_argument("--grad-budget-gib", type=float, help="Config.grad_budget_gib (default: about half the card)")
     parser.add_argument("--profile", choices=["training", "correcting"], default="",
                         help="print what took longest in the timed training steps or in the correction")
     add_output_args(parser, None, work="/tmp/fit_card")
@@ -107,7 +108,8 @@ def main():
                     save_every=0, out=str(work / f"run-{args.name}"), overwrite=True, progress=False,
                     embeddings_on_cpu=not args.embeddings_on_gpu, nf4_error_rank=args.nf4_error_rank, init=args.init,
                     gradient_checkpointing=not args.no_gradient_checkpointing,
-                    keep_activations_gib=args.keep_activations_gib, quantize_experts=not args.experts_16bit)
+                    keep_activations_gib=args.keep_activations_gib, grad_budget_gib=args.grad_budget_gib,
+                    quantize_experts=not args.experts_16bit)
     kind, sizes = SHAPES[args.shape]
     result = {"device": torch.cuda.get_device_name(), "shape": args.shape, "layers": layers, "card_gib": args.card_gib,
               "model_config": {"class": kind, "num_hidden_layers": layers, **sizes},
