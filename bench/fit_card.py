@@ -4,7 +4,8 @@ loaded through the user's NF4 path, on a GPU capped to the card's size: the init
 
 Per phase: the weights (allocated once the model is loaded), the init's peak (taken when training begins), training's
 peak (counters reset after the init). Training tokens/s is timed from the end of step 2 (compile and the first steps
-done) to the last step. Writes bench/results/<name>.json.
+done) to the last step. allocator_retries: how often over the run the CUDA allocator, at the card's cap, freed its cache
+to retry an allocation (each synchronizes). Writes bench/results/<name>.json.
 Usage: python bench/fit_card.py --shape llama3_8b --card-gib 8 --name llama3_8b_8gib
 """
 import argparse
@@ -72,7 +73,8 @@ def run(config: Config, profile: str = "") -> dict:
             "corrected_layers": result.metrics.get("corrected_layers"),
             "recomputed_layers": result.metrics.get("recomputed_layers"),
             "layers_keeping_weights": result.metrics.get("layers_keeping_weights"), **marks, **init.peaks,
-            **peaks("train"), "final_train_loss": result.metrics["train_loss"][-1][1]}
+            **peaks("train"), "allocator_retries": torch.cuda.memory_stats().get("num_alloc_retries", 0),
+            "final_train_loss": result.metrics["train_loss"][-1][1]}
 
 
 def main():
