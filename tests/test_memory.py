@@ -20,7 +20,7 @@ from frugal_loraga.models import model_skeleton
 LLAMA_2_7B = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=32, vocab_size=32000)
 MEASURED = ["llama2_7b_8gib", "llama2_7b_12gib", "llama2_7b_16gib", "llama2_7b_24gib", "llama3_8b_8gib",
-            "llama3_8b_12gib", "llama3_8b_16gib", "llama3_8b_24gib", "qwen25_14b_16gib"]
+            "llama3_8b_12gib", "llama3_8b_16gib", "llama3_8b_24gib", "qwen25_14b_16gib", "llama3_8b_8gib_h100_s22"]
 
 
 def measured(name: str) -> dict:
@@ -29,8 +29,10 @@ def measured(name: str) -> dict:
 
 @pytest.mark.parametrize("name", MEASURED)
 def test_estimate_is_within_ten_percent_of_the_measured_peaks(name):
-    """bench/fit_card.py's runs (finetune's defaults, NF4, 128 x 1024 estimation samples, training 2 x 1024, an H200
-    capped to the card): the init's peak, training's and the run's, reserved, each within 10%."""
+    """bench/fit_card.py's runs (finetune's defaults, NF4, 128 x 1024 estimation samples, training 2 x 1024, a GPU
+    capped to the card): the init's peak, training's and the run's, reserved, each within 10%. Training's estimate is
+    what it needs with every layer recomputed, as these runs trained (the 12-24 GiB ones date from before training
+    kept activations and weights in what the card has free: it now fills that room, above this floor)."""
     run = measured(name)
     sizes = dict(run["model_config"])
     model_config = getattr(transformers, sizes.pop("class"))(**sizes)
