@@ -3,10 +3,11 @@
 
 x (N x n) tokens, y (N x m) the base layer's output, A (r x n), B (m x r) trainable fp32, A0, B0 frozen (empty for
 plain LoRA), R (q x n), L (m x q) the frozen correction of the base's quantization error (nf4_error.py; empty without
-one). Two kernels, each keeping the adapters in separate dots so that at step 0 (A == A0, B == B0) they cancel bit for
-bit, and the model is then the corrected base exactly as the correction alone computes it (lora_add(y, x, R, L) with
-eta = 1 and no frozen adapter: the same dots):
-  shrink:  T = [x A^T | x A0^T | x R^T]                        (N x (2r + q), fp32): one pass over x serves all three
+one). Two kernels, each computing the trainable and the frozen adapter's columns apart, so that at step 0 (A == A0,
+B == B0) they are bit-equal and cancel, and the model is then the corrected base exactly as the correction alone
+computes it (lora_add(y, x, R, L) with eta = 1 and no frozen adapter: a dot of the same width):
+  shrink:  T = [x A^T | x A0^T | x R^T]                        (N x (2r + q), fp32): one pass over x serves all three,
+                                                                A and A0 in one 16-wide dot up to r = 8
   expand:  y + eta * (T_A B^T - T_A0 B0^T) + T_R L^T          one read of the base output y and one write of the sum
 Backward, from dY (N x m):  dT = [eta dY B | eta dY B0 | dY L] (a shrink),  dx = dT_A A - dT_A0 A0 + dT_R R (an
 expand into a fresh tensor),  dB = eta * dY^T T_A,  dA = dT_A^T x  (small GEMMs, left to cuBLAS).
@@ -30,46 +31,50 @@ except ImportError:  # a CPU install without Triton: lora_add takes the torch re
 
 
 @jit
-def _shrink_kernel(x_ptr, w_ptr, w2_ptr, w3_ptr, out_ptr, N, K, R, Q, col3, scale, stride_xn, stride_xk, stride_wr,
-                   stride_wk, stride_w2r, stride_w2k, stride_w3r, stride_w3k, stride_on,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr,
-                   SECOND: tl.constexpr, THIRD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """out = [scale x w^T | scale x w2^T | x w3^T] (fp32; w2's part only with SECOND, w3's, from column col3, only
-    with THIRD) for x (N x K), w and w2 (R x K), w3 (Q x K)."""
+def _rows_t(w_ptr, first, count, k, K, stride_wc, stride_wk, BLOCK: tl.constexpr):
+    """w[first:first + count, k]^T (len(k) x BLOCK), zeros past count rows or K columns."""
+    cols = first + tl.arange(0, BLOCK)
+    return tl.load(w_ptr + cols[None, :] * stride_wc + k[:, None] * stride_wk,
+                   mask=(cols[None, :] < first + count) & (k[:, None] < K), other=0.0)
+
+
+@jit
+def _store_cols(out_ptr, rows, N, first, count, value, stride_on, BLOCK: tl.constexpr):
+    """out[rows, first:first + count] = value (len(rows) x BLOCK)."""
+    cols = first + tl.arange(0, BLOCK)
+    tl.store(out_ptr + rows[:, None] * stride_on + cols[None, :], value,
+             mask=(rows[:, None] < N) & (cols[None, :] < first + count))
+
+
+@jit
+def _shrink_kernel(x_ptr, w_ptr, out_ptr, N, K, S1, S, Q, scale, stride_xn, stride_xk, stride_wc, stride_wk,
+                   stride_on, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_1: tl.constexpr,
+                   BLOCK_2: tl.constexpr, BLOCK_Q: tl.constexpr, SECOND: tl.constexpr, THIRD: tl.constexpr,
+                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """out = [scale x w[:S]^T | x w[S:S + Q]^T] (fp32) for x (N x K) and the stacked weights w ((S + Q) x K, x's
+    dtype, fp32 under UPCAST), in up to three dots: rows [0, S1), [S1, S) with SECOND, [S, S + Q) with THIRD."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ranks = tl.arange(0, BLOCK_R)
-    ranks3 = tl.arange(0, BLOCK_Q)
     offs_k = tl.arange(0, BLOCK_K)
-    total = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-    total2 = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    total1 = tl.zeros((BLOCK_N, BLOCK_1), dtype=tl.float32)
+    total2 = tl.zeros((BLOCK_N, BLOCK_2), dtype=tl.float32)
     total3 = tl.zeros((BLOCK_N, BLOCK_Q), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
-        w_mask = (ranks[None, :] < R) & (k[:, None] < K)
         x = tl.load(x_ptr + rows[:, None] * stride_xn + k[None, :] * stride_xk,
                     mask=(rows[:, None] < N) & (k[None, :] < K), other=0.0)
-        w_t = tl.load(w_ptr + ranks[None, :] * stride_wr + k[:, None] * stride_wk, mask=w_mask, other=0.0)
         if UPCAST:
-            x, w_t = x.to(tl.float32), w_t.to(tl.float32)
-        else:
-            w_t = w_t.to(x_ptr.dtype.element_ty)
-        total += tl.dot(x, w_t, input_precision=PRECISION)
-        if SECOND:  # its own dot: equal w and w2 give bit-equal halves
-            w2_t = tl.load(w2_ptr + ranks[None, :] * stride_w2r + k[:, None] * stride_w2k, mask=w_mask, other=0.0)
-            w2_t = w2_t.to(tl.float32) if UPCAST else w2_t.to(x_ptr.dtype.element_ty)
-            total2 += tl.dot(x, w2_t, input_precision=PRECISION)
+            x = x.to(tl.float32)
+        total1 += tl.dot(x, _rows_t(w_ptr, 0, S1, k, K, stride_wc, stride_wk, BLOCK_1), input_precision=PRECISION)
+        if SECOND:
+            total2 += tl.dot(x, _rows_t(w_ptr, S1, S - S1, k, K, stride_wc, stride_wk, BLOCK_2),
+                             input_precision=PRECISION)
         if THIRD:
-            w3_t = tl.load(w3_ptr + ranks3[None, :] * stride_w3r + k[:, None] * stride_w3k,
-                           mask=(ranks3[None, :] < Q) & (k[:, None] < K), other=0.0)
-            w3_t = w3_t.to(tl.float32) if UPCAST else w3_t.to(x_ptr.dtype.element_ty)
-            total3 += tl.dot(x, w3_t, input_precision=PRECISION)
-    out_mask = (rows[:, None] < N) & (ranks[None, :] < R)
-    tl.store(out_ptr + rows[:, None] * stride_on + ranks[None, :], total * scale, mask=out_mask)
+            total3 += tl.dot(x, _rows_t(w_ptr, S, Q, k, K, stride_wc, stride_wk, BLOCK_Q), input_precision=PRECISION)
+    _store_cols(out_ptr, rows, N, 0, S1, total1 * scale, stride_on, BLOCK_1)
     if SECOND:
-        tl.store(out_ptr + rows[:, None] * stride_on + R + ranks[None, :], total2 * scale, mask=out_mask)
+        _store_cols(out_ptr, rows, N, S1, S - S1, total2 * scale, stride_on, BLOCK_2)
     if THIRD:
-        tl.store(out_ptr + rows[:, None] * stride_on + col3 + ranks3[None, :], total3,
-                 mask=(rows[:, None] < N) & (ranks3[None, :] < Q))
+        _store_cols(out_ptr, rows, N, S, Q, total3, stride_on, BLOCK_Q)
 
 
 @jit
@@ -125,22 +130,28 @@ def _block(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
+SHARED_TILE = 16  # w and w2 share one dot where both fit this many rows (rank 8 or less)
+
+
 def shrink(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, w3: torch.Tensor | None = None,
            scale: float = 1.0) -> torch.Tensor:
     """[scale x w^T | scale x w2^T | x w3^T] in fp32, for x (N x K) and thin w, w2 (R x K), w3 (Q x K), R, Q <= 64
-    (w2, w3 may be None: their parts are then left out)."""
+    (w2, w3 may be None: their parts are then left out). The weights are stacked and cast to x's dtype first (a few
+    rows), so that each program reads one 16-bit tile of them per step along K instead of one fp32 tile per part.
+    w and w2 share a dot where together they fit the smallest tile (2R <= 16): a column's value does not depend on
+    its neighbours in a dot of 16 columns, so equal w and w2 still give bit-equal halves; wider, each has its own."""
     N, K = x.shape
     R, Q = w.shape[0], 0 if w3 is None else w3.shape[0]
-    second, third = w2 is not None, w3 is not None
-    w2, w3 = w2 if second else w, w3 if third else w
-    col3 = 2 * R if second else R
-    out = torch.empty(N, col3 + Q, dtype=torch.float32, device=x.device)
-    block_n = 16 if N <= 8192 else 64
+    S = R if w2 is None else 2 * R
+    S1 = S if S <= SHARED_TILE else R
     precision, upcast = dot_precision(x.dtype)
+    stacked = torch.cat([p for p in (w, w2, w3) if p is not None]).to(torch.float32 if upcast else x.dtype)
+    out = torch.empty(N, S + Q, dtype=torch.float32, device=x.device)
+    block_n = 16 if N <= 8192 else 64
     _shrink_kernel[(triton.cdiv(N, block_n),)](
-        x, w, w2, w3, out, N, K, R, Q, col3, scale, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w2.stride(0),
-        w2.stride(1), w3.stride(0), w3.stride(1), out.stride(0), BLOCK_N=block_n, BLOCK_K=128, BLOCK_R=_block(R),
-        BLOCK_Q=_block(Q), SECOND=second, THIRD=third, PRECISION=precision, UPCAST=upcast, num_warps=4)
+        x, stacked, out, N, K, S1, S, Q, scale, x.stride(0), x.stride(1), stacked.stride(0), stacked.stride(1),
+        out.stride(0), BLOCK_N=block_n, BLOCK_K=128, BLOCK_1=_block(S1), BLOCK_2=_block(S - S1), BLOCK_Q=_block(Q),
+        SECOND=S1 < S, THIRD=Q > 0, PRECISION=precision, UPCAST=upcast, num_warps=4)
     return out
 
 
