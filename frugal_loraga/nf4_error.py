@@ -208,17 +208,29 @@ def _correction(layer: nn.Module, original: torch.Tensor, weighting: torch.Tenso
 
 def _block_inputs(model: nn.Module, blocks: list[nn.Module], batches: list[dict]) -> KeptInputs:
     """Every block's other inputs and block 0's hidden state for each batch, on the CPU: one forward of the base model
-    (no head)."""
+    (no head) in which only block 0 computes; each block above returns block 0's output instead of its own. What a
+    family's layer loop passes a block besides the hidden state (masks, rotary embeddings, positions) is made outside
+    the blocks, so it is the same as in a full forward (tests/test_nf4_error.py checks each family)."""
     kept = KeptInputs(len(batches), len(blocks), [0])
-    for batch_index, batch in enumerate(batches):
-        handles = [block.register_forward_pre_hook(
-            lambda m, args, kwargs, j=j: kept.keep(j, batch_index, args, kwargs), with_kwargs=True)
-            for j, block in enumerate(blocks)]
-        try:
+    first_output = []
+    handles = [blocks[0].register_forward_hook(lambda m, args, output: first_output.append(output))]
+    handles += [block.register_forward_pre_hook(
+        lambda m, args, kwargs, j=j: kept.keep(j, batch_index, args, kwargs), with_kwargs=True)
+        for j, block in enumerate(blocks)]
+    own_forwards = [block.__dict__.get("forward") for block in blocks[1:]]
+    for block in blocks[1:]:
+        block.forward = lambda *args, **kwargs: first_output[-1]
+    try:
+        for batch_index, batch in enumerate(batches):
             model.base_model(input_ids=batch["input_ids"])  # the caller's no_grad; the base model has no head
-        finally:
-            for handle in handles:
-                handle.remove()
+            first_output.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for block, forward in zip(blocks[1:], own_forwards):
+            del block.forward
+            if forward is not None:
+                block.forward = forward
     return kept
 
 

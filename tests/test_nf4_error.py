@@ -17,7 +17,12 @@ from frugal_loraga.data import collate, load_examples
 from frugal_loraga.init import estimation_batches, initial_corrections, initial_factors
 from frugal_loraga.lora import FrozenLinear, features, find_targets, inject, replace
 from frugal_loraga.models import load_model, resolve_device
-from frugal_loraga.nf4_error import RIDGE, OriginalWeights, best_correction, layer_bytes, nf4_corrections
+from frugal_loraga.blocks import block_layout
+from frugal_loraga.estimate.inputs import hidden_of, with_hidden
+from frugal_loraga.nf4_error import (RIDGE, OriginalWeights, _block_inputs, best_correction, layer_bytes,
+                                    nf4_corrections)
+from conftest import SAMPLE
+from test_families import ADAPTED, save_tiny
 
 
 def logits(model, batch):
@@ -254,3 +259,44 @@ def test_the_correction_runs_without_cudnn_attention_on_several_widths(tiny_mode
         handle.remove()
     assert allowed and set(allowed) == {not several_widths}
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def same(a, b) -> bool:
+    """Equal structures of equal tensors (bit for bit) and equal other values."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return a == b
+
+
+@pytest.mark.parametrize("model_type", list(ADAPTED))
+def test_each_blocks_inputs_are_those_of_a_full_forward(model_type, tmp_path):
+    """The calibration's first pass runs block 0 only (the blocks above return its output): what each block is given
+    besides the hidden state, and block 0's hidden state, must be what a forward through every block gives it, in
+    every family (masks, rotary embeddings and positions are made by the layer loop, not by the blocks)."""
+    folder = save_tiny(tmp_path / model_type, model_type)
+    config = Config(model=str(folder), data=str(SAMPLE), load_in_4bit=False, dtype="float32", estimation_samples=4)
+    model, tokenizer, device = load_model(config)
+    examples, _ = load_examples(SAMPLE, "auto", tokenizer, 96)
+    batches = estimation_batches(examples, config, tokenizer.pad_token_id, device, masked=True)
+    names = list(find_targets(model, config.target_list(), config.rank, config.init))
+    blocks, _ = block_layout(model, names)
+    expected = [[None] * len(blocks) for _ in batches]
+    model.eval()
+    with torch.no_grad():
+        for b, batch in enumerate(batches):
+            handles = [block.register_forward_pre_hook(
+                lambda m, args, kwargs, j=j: expected[b].__setitem__(j, (args, kwargs)), with_kwargs=True)
+                for j, block in enumerate(blocks)]
+            model.base_model(input_ids=batch["input_ids"])
+            for handle in handles:
+                handle.remove()
+        kept = _block_inputs(model, blocks, batches)
+    for b in range(len(batches)):
+        assert same(kept.hidden[0][b], hidden_of(*expected[b][0]))
+        for j in range(len(blocks)):
+            assert same(kept.others[b][j], with_hidden(*expected[b][j], None)), f"batch {b}, block {j}"
+    assert all("forward" not in block.__dict__ for block in blocks)  # the blocks' own forwards back
