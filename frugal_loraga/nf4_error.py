@@ -142,9 +142,9 @@ def nf4_corrections(model: nn.Module, targets: dict[str, nn.Module], batches: li
     a warning). progress(done, total) at the start and as each group's forwards end and each layer's correction is
     made, in units of half a layer (a layer counts one for its group's forwards and one for its own SVD), so that the
     time left shows, and a stop takes effect, within a group. The model is left as it was found.
-    One forward keeps every block's inputs on the CPU; then each group runs only its own blocks, from the hidden state
-    entering its first block, which is carried up past each group once its corrections are in place: about three
-    forwards of the network in all, whatever the number of groups."""
+    A forward in which only block 0 computes keeps every block's inputs on the CPU; then each group runs only its own
+    blocks, from the hidden state entering its first block, which is carried up past each group once its corrections
+    are in place: about two forwards of the network in all, whatever the number of groups."""
     shapes = {name: features(module) for name, module in targets.items()}
     found = [n for n in targets if FourBitWeight.of(targets[n]) is not None and weights.has(n, shapes[n])]
     blocks, index = block_layout(model, found)
