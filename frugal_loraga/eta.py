@@ -4,8 +4,8 @@ progress calls finetune makes.
 Work is counted in examples through the network. Per example, the LoRA-GA estimate runs about one forward and one
 forward + backward (estimate/walk.py), as a training micro-batch with gradient checkpointing does; an eval example
 costs a forward, about a third of that; the 4-bit error's correction runs about two forwards over the estimation
-samples (nf4_error.py), besides reading each weight and its SVD. So one rate, seconds per example, measured in whichever stage
-has advanced last, prices the stages still to come:
+samples (nf4_error.py), besides reading each weight and its SVD, which together price it at about one example each.
+So one rate, seconds per example, measured in whichever stage has advanced last, prices the stages still to come:
   correction  estimation_samples examples (load_in_4bit with nf4_error_rank > 0, either init)
   estimate    estimation_samples examples (LoRA-GA)
   training    steps x batch_size x grad_accum examples, plus eval_samples / 3 per evaluation

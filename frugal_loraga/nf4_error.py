@@ -30,7 +30,7 @@ from torch import nn
 
 from .blocks import attention_for, block_layout
 from .distributed import from_rank0_
-from .estimate.inputs import KeptInputs, moved, run_blocks
+from .estimate.inputs import KeptInputs, identical, moved, run_blocks
 from .estimate.tap import accumulate_outer
 from .experts import ExpertParameter
 from .lora import Correction, FrozenLinear, features, replace
@@ -142,9 +142,10 @@ def nf4_corrections(model: nn.Module, targets: dict[str, nn.Module], batches: li
     a warning). progress(done, total) at the start and as each group's forwards end and each layer's correction is
     made, in units of half a layer (a layer counts one for its group's forwards and one for its own SVD), so that the
     time left shows, and a stop takes effect, within a group. The model is left as it was found.
-    A forward in which only block 0 computes keeps every block's inputs on the CPU; then each group runs only its own
-    blocks, from the hidden state entering its first block, which is carried up past each group once its corrections
-    are in place: about two forwards of the network in all, whatever the number of groups."""
+    Forwards in which, after the first batch, only block 0 computes keep every block's inputs on the CPU; then each
+    group runs only its own blocks, from the hidden state entering its first block, which is carried up past each
+    group once its corrections are in place: about two forwards of the network in all, whatever the number of
+    groups."""
     shapes = {name: features(module) for name, module in targets.items()}
     found = [n for n in targets if FourBitWeight.of(targets[n]) is not None and weights.has(n, shapes[n])]
     blocks, index = block_layout(model, found)
@@ -207,31 +208,48 @@ def _correction(layer: nn.Module, original: torch.Tensor, weighting: torch.Tenso
 
 
 def _block_inputs(model: nn.Module, blocks: list[nn.Module], batches: list[dict]) -> KeptInputs:
-    """Every block's other inputs and block 0's hidden state for each batch, on the CPU: one forward of the base model
-    (no head) in which only block 0 computes; each block above returns block 0's output instead of its own. What a
-    family's layer loop passes a block besides the hidden state (masks, rotary embeddings, positions) is made outside
-    the blocks, so it is the same as in a full forward (tests/test_nf4_error.py checks each family)."""
+    """Every block's other inputs and block 0's hidden state for each batch, on the CPU, from forwards of the base
+    model (no head). What a block is given besides the hidden state (masks, rotary embeddings, positions) is made by
+    the family's layer loop, not by the blocks below, so after a full forward of the first batch the others run block
+    0 alone, the blocks above returning its output. The first batch checks that, by running it both ways; a family
+    whose blocks' inputs differ (one passing something a block computed to the next) gets full forwards throughout."""
     kept = KeptInputs(len(batches), len(blocks), [0])
+    _keep_inputs(model, blocks, batches[0], kept, 0, block_0_alone=False)
+    probe = KeptInputs(1, len(blocks), [0])
+    _keep_inputs(model, blocks, batches[0], probe, 0, block_0_alone=True)
+    if batches[0]["input_ids"].is_cuda:  # the copies to the CPU are asynchronous
+        torch.cuda.synchronize(batches[0]["input_ids"].device)
+    block_0_alone = identical(probe.others[0], kept.others[0])
+    if not block_0_alone:
+        log.info("this model's blocks are given inputs that depend on the blocks below: the correction's first pass "
+                 "runs every block")
+    for index in range(1, len(batches)):
+        _keep_inputs(model, blocks, batches[index], kept, index, block_0_alone)
+    return kept
+
+
+def _keep_inputs(model: nn.Module, blocks: list[nn.Module], batch: dict, kept: KeptInputs, index: int,
+                 block_0_alone: bool) -> None:
+    """Keep each block's inputs for this batch (as batch `index`) from a forward of the base model; with
+    block_0_alone, the blocks above block 0 return its output instead of computing their own."""
     first_output = []
     handles = [blocks[0].register_forward_hook(lambda m, args, output: first_output.append(output))]
-    handles += [block.register_forward_pre_hook(
-        lambda m, args, kwargs, j=j: kept.keep(j, batch_index, args, kwargs), with_kwargs=True)
-        for j, block in enumerate(blocks)]
-    own_forwards = [block.__dict__.get("forward") for block in blocks[1:]]
-    for block in blocks[1:]:
-        block.forward = lambda *args, **kwargs: first_output[-1]
+    own_forwards = [block.__dict__.get("forward") for block in blocks]  # compile_blocks sets one on the instance
     try:
-        for batch_index, batch in enumerate(batches):
-            model.base_model(input_ids=batch["input_ids"])  # the caller's no_grad; the base model has no head
-            first_output.clear()
+        handles += [block.register_forward_pre_hook(
+            lambda m, args, kwargs, j=j: kept.keep(j, index, args, kwargs), with_kwargs=True)
+            for j, block in enumerate(blocks)]
+        if block_0_alone:
+            for block in blocks[1:]:
+                block.forward = lambda *args, **kwargs: first_output[0]
+        model.base_model(input_ids=batch["input_ids"])  # the caller's no_grad; the base model has no head
     finally:
         for handle in handles:
             handle.remove()
-        for block, forward in zip(blocks[1:], own_forwards):
-            del block.forward
+        for block, forward in zip(blocks, own_forwards):
+            block.__dict__.pop("forward", None)
             if forward is not None:
                 block.forward = forward
-    return kept
 
 
 def _carried(blocks: list[nn.Module], kept: KeptInputs, hidden: Optional[list], start: int, stop: int,

@@ -49,14 +49,15 @@ ADAPTED = {
 }
 
 
-def save_tiny(folder, model_type: str):
-    """A 2-layer model of the family with the tests' tokenizer, weights larger than the default init so that the
-    gradients have structure beyond noise."""
+def save_tiny(folder, model_type: str, layers: int = 2):
+    """A model of the family (2 decoder layers unless said) with the tests' tokenizer, weights larger than the default
+    init so that the gradients have structure beyond noise."""
     tokenizer = make_tokenizer()
     ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **SIZES, **HEAD_DIM.get(model_type, {}), **ids))
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**SIZES, "num_hidden_layers": layers}, **HEAD_DIM.get(model_type, {}),
+                                                             **ids))
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from torch import nn
 from safetensors.torch import load_file, save_file
 
 from frugal_loraga import Config, ConfigError, finetune
@@ -18,7 +19,7 @@ from frugal_loraga.init import estimation_batches, initial_corrections, initial_
 from frugal_loraga.lora import FrozenLinear, features, find_targets, inject, replace
 from frugal_loraga.models import load_model, resolve_device
 from frugal_loraga.blocks import block_layout
-from frugal_loraga.estimate.inputs import hidden_of, with_hidden
+from frugal_loraga.estimate.inputs import hidden_of, identical, with_hidden
 from frugal_loraga.nf4_error import (RIDGE, OriginalWeights, _block_inputs, best_correction, layer_bytes,
                                     nf4_corrections)
 from conftest import SAMPLE
@@ -261,42 +262,86 @@ def test_the_correction_runs_without_cudnn_attention_on_several_widths(tiny_mode
     assert torch.backends.cuda.cudnn_sdp_enabled()
 
 
-def same(a, b) -> bool:
-    """Equal structures of equal tensors (bit for bit) and equal other values."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, (tuple, list)):
-        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    return a == b
+def full_forward_inputs(model, blocks, batches):
+    """What each block is given (args, kwargs) in a forward of the base model through every block, per batch."""
+    given = [[None] * len(blocks) for _ in batches]
+    for b, batch in enumerate(batches):
+        handles = [block.register_forward_pre_hook(
+            lambda m, args, kwargs, j=j: given[b].__setitem__(j, (args, kwargs)), with_kwargs=True)
+            for j, block in enumerate(blocks)]
+        model.base_model(input_ids=batch["input_ids"])
+        for handle in handles:
+            handle.remove()
+    return given
+
+
+def assert_kept_as_given(kept, given):
+    for b in range(len(given)):
+        assert identical(kept.hidden[0][b], hidden_of(*given[b][0]))
+        for j in range(len(given[b])):
+            assert identical(kept.others[b][j], with_hidden(*given[b][j], None)), f"batch {b}, block {j}"
 
 
 @pytest.mark.parametrize("model_type", list(ADAPTED))
-def test_each_blocks_inputs_are_those_of_a_full_forward(model_type, tmp_path):
-    """The calibration's first pass runs block 0 only (the blocks above return its output): what each block is given
-    besides the hidden state, and block 0's hidden state, must be what a forward through every block gives it, in
-    every family (masks, rotary embeddings and positions are made by the layer loop, not by the blocks)."""
-    folder = save_tiny(tmp_path / model_type, model_type)
-    config = Config(model=str(folder), data=str(SAMPLE), load_in_4bit=False, dtype="float32", estimation_samples=4)
+def test_each_blocks_inputs_are_those_of_a_full_forward(model_type, tmp_path, caplog):
+    """The calibration's first pass runs block 0 alone after the first batch (the blocks above return its output):
+    what each block is given besides the hidden state, and block 0's hidden state, must be what a forward through
+    every block gives it. In every family the layer loop makes those inputs, so the first batch's check passes and
+    the shortcut is taken. Four layers: block 2 is the first whose inputs could depend on a skipped block."""
+    folder = save_tiny(tmp_path / model_type, model_type, layers=4)
+    config = Config(model=str(folder), data=str(SAMPLE), load_in_4bit=False, dtype="float32", estimation_samples=6)
     model, tokenizer, device = load_model(config)
     examples, _ = load_examples(SAMPLE, "auto", tokenizer, 96)
     batches = estimation_batches(examples, config, tokenizer.pad_token_id, device, masked=True)
-    names = list(find_targets(model, config.target_list(), config.rank, config.init))
-    blocks, _ = block_layout(model, names)
-    expected = [[None] * len(blocks) for _ in batches]
+    assert len(batches) >= 2
+    blocks, _ = block_layout(model, list(find_targets(model, config.target_list(), config.rank, config.init)))
     model.eval()
-    with torch.no_grad():
-        for b, batch in enumerate(batches):
-            handles = [block.register_forward_pre_hook(
-                lambda m, args, kwargs, j=j: expected[b].__setitem__(j, (args, kwargs)), with_kwargs=True)
-                for j, block in enumerate(blocks)]
-            model.base_model(input_ids=batch["input_ids"])
-            for handle in handles:
-                handle.remove()
+    with torch.no_grad(), caplog.at_level(logging.INFO, "frugal_loraga"):
+        given = full_forward_inputs(model, blocks, batches)
         kept = _block_inputs(model, blocks, batches)
-    for b in range(len(batches)):
-        assert same(kept.hidden[0][b], hidden_of(*expected[b][0]))
-        for j in range(len(blocks)):
-            assert same(kept.others[b][j], with_hidden(*expected[b][j], None)), f"batch {b}, block {j}"
+    assert "depend on the blocks below" not in caplog.text
+    assert_kept_as_given(kept, given)
     assert all("forward" not in block.__dict__ for block in blocks)  # the blocks' own forwards back
+
+
+class Block(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, hidden, below):
+        return self.linear(hidden) + below
+
+
+class Chained(nn.Module):
+    """A decoder whose layer loop gives each block something the block below computed (its output's mean)."""
+
+    def __init__(self, layers: int = 4, width: int = 8):
+        super().__init__()
+        self.embed = nn.Embedding(50, width)
+        self.layers = nn.ModuleList(Block(width) for _ in range(layers))
+
+    @property
+    def base_model(self):
+        return self
+
+    def forward(self, input_ids):
+        hidden, below = self.embed(input_ids), torch.zeros(())
+        for layer in self.layers:
+            hidden = layer(hidden, below=below)
+            below = hidden.mean()
+        return hidden
+
+
+def test_blocks_given_what_the_blocks_below_computed_get_full_forwards(caplog):
+    """Where the first batch shows a block's inputs depend on the blocks below, every batch runs every block: the
+    kept inputs are still those of full forwards."""
+    torch.manual_seed(0)
+    model = Chained()
+    blocks = list(model.layers)
+    batches = [{"input_ids": torch.randint(0, 50, (2, 5))} for _ in range(3)]
+    with torch.no_grad(), caplog.at_level(logging.INFO, "frugal_loraga"):
+        given = full_forward_inputs(model, blocks, batches)
+        kept = _block_inputs(model, blocks, batches)
+    assert "depend on the blocks below" in caplog.text
+    assert_kept_as_given(kept, given)

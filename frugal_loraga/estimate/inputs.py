@@ -104,6 +104,18 @@ def moved(value, device, copies: Optional[dict] = None, transfers: Optional[Host
     return value
 
 
+def identical(a, b) -> bool:
+    """Whether two values (tensors, also inside tuples, lists and dicts) are the same: structure, shapes, dtypes and
+    bits."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(identical(a[k], b[k]) for k in a)
+    return a is b or (type(a) is type(b) and bool(a == b))
+
+
 class KeptInputs:
     """What the top group's forward keeps on the CPU (pageable) for the lower groups, for each batch: every block's
     other inputs (a tensor that blocks share is kept once), and the hidden state entering each of the start blocks

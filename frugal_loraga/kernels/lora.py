@@ -125,25 +125,26 @@ def _expand_kernel(t_ptr, w_ptr, w2_ptr, w3_ptr, src_ptr, y_ptr, N, M, R, Q, col
     tl.store(y_ptrs, delta.to(y_ptr.dtype.element_ty), mask=inside)
 
 
+SMALLEST_TILE = 16  # the tensor cores' smallest dot width
+
+
 def _block(rank: int) -> int:
-    """A dot's rank tile: at least 16 (the tensor cores' smallest), the rank's next power of two."""
-    return max(16, triton.next_power_of_2(rank))
-
-
-SHARED_TILE = 16  # w and w2 share one dot where both fit this many rows (rank 8 or less)
+    """A dot's rank tile: at least SMALLEST_TILE, the rank's next power of two."""
+    return max(SMALLEST_TILE, triton.next_power_of_2(rank))
 
 
 def shrink(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, w3: torch.Tensor | None = None,
            scale: float = 1.0) -> torch.Tensor:
     """[scale x w^T | scale x w2^T | x w3^T] in fp32, for x (N x K) and thin w, w2 (R x K), w3 (Q x K), R, Q <= 64
     (w2, w3 may be None: their parts are then left out). The weights are stacked and cast to x's dtype first (a few
-    rows), so that each program reads one 16-bit tile of them per step along K instead of one fp32 tile per part.
+    rows), so that each program reads them from one tensor, in x's width (16 bits in training) rather than fp32.
     w and w2 share a dot where together they fit the smallest tile (2R <= 16): a column's value does not depend on
-    its neighbours in a dot of 16 columns, so equal w and w2 still give bit-equal halves; wider, each has its own."""
+    its neighbours in a dot of 16 columns, so equal w and w2 still give bit-equal halves; wider, each has its own.
+    w3 always has its own dot, of the width it gets alone (as lora.FrozenLinear computes it): the same bits."""
     N, K = x.shape
     R, Q = w.shape[0], 0 if w3 is None else w3.shape[0]
     S = R if w2 is None else 2 * R
-    S1 = S if S <= SHARED_TILE else R
+    S1 = S if S <= SMALLEST_TILE else R
     precision, upcast = dot_precision(x.dtype)
     stacked = torch.cat([p for p in (w, w2, w3) if p is not None]).to(torch.float32 if upcast else x.dtype)
     out = torch.empty(N, S + Q, dtype=torch.float32, device=x.device)
