@@ -56,8 +56,8 @@ def save_tiny(folder, model_type: str, layers: int = 2):
     ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**SIZES, "num_hidden_layers": layers}, **HEAD_DIM.get(model_type, {}),
-                                                             **ids))
+    sizes = {**SIZES, "num_hidden_layers": layers, **HEAD_DIM.get(model_type, {})}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes, **ids))
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:

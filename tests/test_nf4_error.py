@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from torch import nn
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from frugal_loraga import Config, ConfigError, finetune
+from frugal_loraga.blocks import block_layout
 from frugal_loraga.checkpoint import adapter_for, checkpoint_path, factors_from_checkpoint
 from frugal_loraga.data import collate, load_examples
+from frugal_loraga.estimate.inputs import hidden_of, identical, with_hidden
 from frugal_loraga.init import estimation_batches, initial_corrections, initial_factors
 from frugal_loraga.lora import FrozenLinear, features, find_targets, inject, replace
 from frugal_loraga.models import load_model, resolve_device
-from frugal_loraga.blocks import block_layout
-from frugal_loraga.estimate.inputs import hidden_of, identical, with_hidden
 from frugal_loraga.nf4_error import (RIDGE, OriginalWeights, _block_inputs, best_correction, layer_bytes,
                                     nf4_corrections)
 from conftest import SAMPLE
