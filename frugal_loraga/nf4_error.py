@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -164,6 +165,7 @@ def nf4_corrections(model: nn.Module, targets: dict[str, nn.Module], batches: li
     groups = _groups(names, {n: layer_bytes(*shapes[n], full[n]) for n in names}, budget_bytes)
     corrections: dict[str, Correction] = {}
     was_training, used_cache = model.training, model.config.use_cache
+    originals = ReadAhead(weights, names, shapes, batches[0]["input_ids"].device)
     try:
         model.eval()
         model.config.use_cache = False
@@ -186,21 +188,49 @@ def nf4_corrections(model: nn.Module, targets: dict[str, nn.Module], batches: li
                                          {n: full[n] for n in group}, batches)
                 advance(len(group))
                 for name in group:
-                    corrections[name] = _correction(targets[name], weights.weight(name, shapes[name]),
-                                                    weightings.pop(name), rank, svd)
+                    corrections[name] = _correction(targets[name], next(originals), weightings.pop(name), rank, svd)
                     advance(1)
                 replace(model, {n: FrozenLinear(targets[n], corrections[n]) for n in group})  # for the groups above
     finally:
+        originals.close()
         replace(model, targets)
         model.train(was_training)
         model.config.use_cache = used_cache
     return corrections
 
 
+class ReadAhead:
+    """The original weights of `names`, in that order (next()), read from the files by a thread one layer ahead (into
+    pinned memory for a CUDA device), so that reading the next layer's overlaps the GPU's work on this one."""
+
+    def __init__(self, weights: OriginalWeights, names: list[str], shapes: dict[str, tuple[int, int]],
+                 device: torch.device):
+        self.weights, self.shapes, self.pin = weights, shapes, device.type == "cuda"
+        self.waiting = list(reversed(names))
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="frugal_loraga-read")
+        self.pending = self._submit()
+
+    def _submit(self):
+        return self.reader.submit(self._read, self.waiting.pop()) if self.waiting else None
+
+    def _read(self, name: str) -> torch.Tensor:
+        original = self.weights.weight(name, self.shapes[name])
+        return original.pin_memory() if self.pin else original
+
+    def __next__(self) -> torch.Tensor:
+        original = self.pending.result()
+        self.pending = self._submit()
+        return original
+
+    def close(self) -> None:
+        self.reader.shutdown(cancel_futures=True)
+
+
 def _correction(layer: nn.Module, original: torch.Tensor, weighting: torch.Tensor, rank: int, svd: str) -> Correction:
-    """The layer's (L, R) from its original weight and its inputs' weighting, the same bits on every rank."""
+    """The layer's (L, R) from its original weight (copied to the GPU as saved, then widened there: a copy to the GPU
+    that changes the dtype converts on the CPU) and its inputs' weighting, the same bits on every rank."""
     dequantized = FourBitWeight.of(layer)().float()
-    error = original.to(dequantized.device, torch.float32).sub_(dequantized)
+    error = original.to(dequantized.device, non_blocking=True).float().sub_(dequantized)
     del dequantized
     correction = best_correction(error, weighting, rank, svd)
     from_rank0_(list(correction))  # under torchrun: rank 0's on every rank

@@ -20,8 +20,8 @@ from frugal_loraga.estimate.inputs import hidden_of, identical, with_hidden
 from frugal_loraga.init import estimation_batches, initial_corrections, initial_factors
 from frugal_loraga.lora import FrozenLinear, features, find_targets, inject, replace
 from frugal_loraga.models import load_model, resolve_device
-from frugal_loraga.nf4_error import (RIDGE, OriginalWeights, _block_inputs, best_correction, layer_bytes,
-                                    nf4_corrections)
+from frugal_loraga.nf4_error import (RIDGE, OriginalWeights, ReadAhead, _block_inputs, best_correction,
+                                    layer_bytes, nf4_corrections)
 from conftest import SAMPLE
 from test_families import ADAPTED, save_tiny
 
@@ -232,7 +232,8 @@ def test_non_finite_inputs_leave_the_layer_uncorrected(caplog):
 
 def test_original_weights_are_read_by_name_from_sharded_or_prefixless_files(tmp_path):
     """An index names each tensor's shard; a file saved without the model's first name part (GPT-2's) and a
-    weight stored transposed (Conv1D's in x out) are found too; an absent one is None."""
+    weight stored transposed (Conv1D's in x out) are found too; an absent one is None. Read ahead, they come in the
+    order asked."""
     first, second = torch.randn(3, 5), torch.randn(4, 3)
     save_file({"model.layers.0.q.weight": first}, tmp_path / "a.safetensors")
     save_file({"h.0.c_attn.weight": second.T.contiguous()}, tmp_path / "b.safetensors")
@@ -243,6 +244,12 @@ def test_original_weights_are_read_by_name_from_sharded_or_prefixless_files(tmp_
     assert torch.equal(weights.weight("transformer.h.0.c_attn", (4, 3)), second)
     assert weights.weight("model.layers.0.k", (3, 5)) is None
     assert OriginalWeights.of(str(tmp_path / "nowhere")) is None
+    shapes = {"model.layers.0.q": (3, 5), "transformer.h.0.c_attn": (4, 3)}
+    read_ahead = ReadAhead(weights, list(shapes) * 2, shapes, torch.device("cpu"))  # in order, one ahead
+    for expected in (first, second, first):
+        assert torch.equal(next(read_ahead), expected)
+    read_ahead.close()  # a read still pending is waited for, not left running
+    assert read_ahead.pending.done()
 
 
 @pytest.mark.parametrize("several_widths", [True, False])
