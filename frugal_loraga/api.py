@@ -116,6 +116,8 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
                                                     stop, corrections)
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the estimate's blocks back to the card: training lays out its own
+                if hasattr(torch.accelerator, "empty_host_cache"):  # torch 2.13 has it, 2.11 not
+                    torch.accelerator.empty_host_cache()  # the init's page-locked copies (hidden states, weights)
             metrics = Metrics(train_loss=[], eval_loss=[], train_tokens=0, train_seconds=0.0,
                               init_seconds=time.perf_counter() - start, peak_memory_init_gib=peak_memory_gib(device),
                               **correction_metrics, **init_metrics)

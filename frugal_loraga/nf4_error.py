@@ -223,12 +223,14 @@ class ReadAhead:
         return original
 
     def close(self) -> None:
+        """Waits for a read under way (the thread ends) and lets go of what it read."""
         self.reader.shutdown(cancel_futures=True)
+        self.pending = None
 
 
 def _correction(layer: nn.Module, original: torch.Tensor, weighting: torch.Tensor, rank: int, svd: str) -> Correction:
-    """The layer's (L, R) from its original weight (copied to the GPU as saved, then widened there: a copy to the GPU
-    that changes the dtype converts on the CPU) and its inputs' weighting, the same bits on every rank."""
+    """The layer's (L, R) from its original weight (copied to the GPU as saved, without waiting, and widened there
+    rather than on the CPU: half the bytes to copy) and its inputs' weighting, the same bits on every rank."""
     dequantized = FourBitWeight.of(layer)().float()
     error = original.to(dequantized.device, non_blocking=True).float().sub_(dequantized)
     del dequantized

@@ -245,11 +245,35 @@ def test_original_weights_are_read_by_name_from_sharded_or_prefixless_files(tmp_
     assert weights.weight("model.layers.0.k", (3, 5)) is None
     assert OriginalWeights.of(str(tmp_path / "nowhere")) is None
     shapes = {"model.layers.0.q": (3, 5), "transformer.h.0.c_attn": (4, 3)}
-    read_ahead = ReadAhead(weights, list(shapes) * 2, shapes, torch.device("cpu"))  # in order, one ahead
+    read_ahead = ReadAhead(weights, list(shapes) * 2, shapes, torch.device("cpu"))
     for expected in (first, second, first):
         assert torch.equal(next(read_ahead), expected)
-    read_ahead.close()  # a read still pending is waited for, not left running
-    assert read_ahead.pending.done()
+    read_ahead.close()
+
+
+def test_read_ahead_reads_one_weight_ahead_and_raises_a_failed_read_where_it_is_taken():
+    """ReadAhead asks for the next weight as it hands one out, no further; a read that failed raises at the next()
+    for that weight, not before; close() ends the thread and lets go of the pending read."""
+    asked = []
+
+    class Weights:
+        def weight(self, name, shape):
+            asked.append(name)
+            if name == "bad":
+                raise OSError("unreadable")
+            return torch.full(shape, float(len(asked)))
+
+    names = ["a", "b", "bad", "c"]
+    read_ahead = ReadAhead(Weights(), names, dict.fromkeys(names, (2, 2)), torch.device("cpu"))
+    assert torch.equal(next(read_ahead), torch.full((2, 2), 1.0))
+    read_ahead.pending.result()
+    assert asked == ["a", "b"]
+    assert torch.equal(next(read_ahead), torch.full((2, 2), 2.0))
+    with pytest.raises(OSError, match="unreadable"):
+        next(read_ahead)
+    read_ahead.close()
+    assert read_ahead.pending is None
+    assert not [t for t in threading.enumerate() if t.name.startswith("frugal_loraga-read")]
 
 
 @pytest.mark.parametrize("several_widths", [True, False])

@@ -137,8 +137,8 @@ def shrink(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, w3: torch.
            scale: float = 1.0) -> torch.Tensor:
     """[scale x w^T | scale x w2^T | x w3^T] in fp32, for x (N x K) and thin w, w2 (R x K), w3 (Q x K), R, Q <= 64
     (w2, w3 may be None: their parts are then left out). The weights are stacked and cast to x's dtype first (a few
-    rows; w alone is only cast), so that each program reads them from one tensor, in x's width (16 bits in training)
-    rather than fp32.
+    rows; w alone is only cast, or used as it is, strides and all, where it has x's dtype), so that each program
+    reads them from one tensor, in x's width (16 bits in training) rather than fp32.
     w and w2 share a dot where together they fit the smallest tile (2R <= 16): a column's value does not depend on
     its neighbours in a dot of 16 columns, so equal w and w2 still give bit-equal halves; wider, each has its own.
     w3 always has its own dot, of the width it gets alone (as lora.FrozenLinear computes it): the same bits."""
@@ -148,8 +148,7 @@ def shrink(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, w3: torch.
     S1 = S if S <= SMALLEST_TILE else R
     precision, upcast = dot_precision(x.dtype)
     parts = [p for p in (w, w2, w3) if p is not None]
-    stacked = (torch.cat(parts) if len(parts) > 1 else w).to(torch.float32 if upcast else x.dtype,
-                                                              memory_format=torch.contiguous_format)
+    stacked = (torch.cat(parts) if len(parts) > 1 else w).to(torch.float32 if upcast else x.dtype)
     out = torch.empty(N, S + Q, dtype=torch.float32, device=x.device)
     block_n = 16 if N <= 8192 else 64
     _shrink_kernel[(triton.cdiv(N, block_n),)](
