@@ -37,6 +37,7 @@ from .experts import ExpertParameter
 from .lora import Correction, FrozenLinear, features, replace
 from .nf4 import FourBitWeight
 from .svd import top_singular
+from .transfers import HostTransfers
 
 log = logging.getLogger("frugal_loraga")
 RIDGE = 1e-2
@@ -200,37 +201,43 @@ def nf4_corrections(model: nn.Module, targets: dict[str, nn.Module], batches: li
 
 
 class ReadAhead:
-    """The original weights of `names`, in that order (next()), read from the files by a thread one layer ahead (into
-    pinned memory for a CUDA device), so that reading the next layer's overlaps the GPU's work on this one."""
+    """The original weights of `names`, in that order (next()), read from the files by a thread one layer ahead, so
+    that reading the next layer's overlaps the GPU's work on this one. For a CUDA device each is staged through a
+    ring of two page-locked buffers (transfers.HostTransfers: one copied in, one filled ahead) and handed out on the
+    device; the buffers hold a 16-bit weight of the largest shape, a wider one is copied the plain way."""
 
     def __init__(self, weights: OriginalWeights, names: list[str], shapes: dict[str, tuple[int, int]],
                  device: torch.device):
-        self.weights, self.shapes, self.pin = weights, shapes, device.type == "cuda"
+        self.weights, self.shapes = weights, shapes
         self.waiting = list(reversed(names))
-        self.reader = ThreadPoolExecutor(1, thread_name_prefix="frugal_loraga-read")
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="frugal-loraga-read")
+        largest = max((m * n for m, n in map(shapes.__getitem__, names)), default=0)
+        self.transfers = HostTransfers(device, 2 * largest, slots=2) if device.type == "cuda" and names else None
         self.pending = self._submit()
 
     def _submit(self):
-        return self.reader.submit(self._read, self.waiting.pop()) if self.waiting else None
-
-    def _read(self, name: str) -> torch.Tensor:
-        original = self.weights.weight(name, self.shapes[name])
-        return original.pin_memory() if self.pin else original
+        if not self.waiting:
+            return None
+        name = self.waiting.pop()
+        read = self.reader.submit(self.weights.weight, name, self.shapes[name])
+        return self.transfers.stage(read) if self.transfers else read
 
     def __next__(self) -> torch.Tensor:
-        original = self.pending.result()
+        original = self.transfers.to_device(self.pending) if self.transfers else self.pending.result()
         self.pending = self._submit()
         return original
 
     def close(self) -> None:
-        """Waits for a read under way (the thread ends) and lets go of what it read."""
+        """Waits for a read under way (the threads end) and lets go of what it read and of the buffers."""
         self.reader.shutdown(cancel_futures=True)
+        if self.transfers:
+            self.transfers.close()
         self.pending = None
 
 
 def _correction(layer: nn.Module, original: torch.Tensor, weighting: torch.Tensor, rank: int, svd: str) -> Correction:
-    """The layer's (L, R) from its original weight (copied to the GPU as saved, without waiting, and widened there
-    rather than on the CPU: half the bytes to copy) and its inputs' weighting, the same bits on every rank."""
+    """The layer's (L, R) from its original weight (as saved; moved to the layer's device if not there yet, and widened
+    there rather than on the CPU: half the bytes to copy) and its inputs' weighting, the same bits on every rank."""
     dequantized = FourBitWeight.of(layer)().float()
     error = original.to(dequantized.device, non_blocking=True).float().sub_(dequantized)
     del dequantized

@@ -273,7 +273,7 @@ def test_read_ahead_reads_one_weight_ahead_and_raises_a_failed_read_where_it_is_
         next(read_ahead)
     read_ahead.close()
     assert read_ahead.pending is None
-    assert not [t for t in threading.enumerate() if t.name.startswith("frugal_loraga-read")]
+    assert not [t for t in threading.enumerate() if t.name.startswith("frugal-loraga-read")]
 
 
 @pytest.mark.parametrize("several_widths", [True, False])
