@@ -96,24 +96,33 @@ class OriginalWeights:
         return None
 
 
-def best_correction(error: torch.Tensor, weighting: torch.Tensor, rank: int, svd: str = "lowrank") -> Correction:
-    """(L (m x rank), R (rank x n)) minimizing ||(error - L R) C||_F (module docstring), fp32, for weighting = X^T X
-    (n x n; overwritten by its Cholesky factor) or its diagonal (n). svd: exact, or lowrank (randomized: near the
-    optimum, much faster on large layers; svd.py). A layer narrower than the rank gets zeros for the rest."""
+def whitening(weighting: torch.Tensor) -> Optional[torch.Tensor]:
+    """The C that weights a layer's error (module docstring), from weighting = X^T X (n x n, fp32; overwritten by C,
+    lower triangular, H = C C^T) or its diagonal (n; C is its square root, as a vector), the ridge added; None where
+    the inputs gave no usable weighting (non-finite activations, H not positive definite). Layers fed the same
+    inputs share it."""
     if not bool(torch.isfinite(weighting).all()):
-        return _uncorrected(error, rank)
+        return None
     diagonal = weighting if weighting.dim() == 1 else weighting.diagonal()
     diagonal.add_(RIDGE * diagonal.mean().clamp_min(1e-12))
     if weighting.dim() == 1:
-        scale = weighting.sqrt_()
-        top = top_singular({"E C": error * scale}, rank, svd)["E C"]
-        R = top.V.T / scale
-    else:  # in place: H is symmetric, so its transpose is the column-major layout the factorization writes
-        info = torch.empty((), dtype=torch.int32, device=weighting.device)
-        torch.linalg.cholesky_ex(weighting.mT, out=(weighting.mT, info))
-        if info.item() != 0:  # not positive definite (non-finite inputs)
-            return _uncorrected(error, rank)
-        C = weighting.mT.tril_()
+        return weighting.sqrt_()
+    # in place: H is symmetric, so its transpose is the column-major layout the factorization writes
+    info = torch.empty((), dtype=torch.int32, device=weighting.device)
+    torch.linalg.cholesky_ex(weighting.mT, out=(weighting.mT, info))
+    return weighting.mT.tril_() if info.item() == 0 else None
+
+
+def best_correction(error: torch.Tensor, C: Optional[torch.Tensor], rank: int, svd: str = "lowrank") -> Correction:
+    """(L (m x rank), R (rank x n)) minimizing ||(error - L R) C||_F (module docstring), fp32, for C from whitening
+    (None: zeros). svd: exact, or lowrank (randomized: near the optimum, much faster on large layers; svd.py). A
+    layer narrower than the rank gets zeros for the rest."""
+    if C is None:
+        return _uncorrected(error, rank)
+    if C.dim() == 1:
+        top = top_singular({"E C": error * C}, rank, svd)["E C"]
+        R = top.V.T / C
+    else:
         top = top_singular({"E C": error @ C}, rank, svd)["E C"]
         R = torch.linalg.solve_triangular(C, top.V.T.contiguous(), upper=False, left=False)  # R C = V^T
     missing = rank - top.S.numel()
@@ -188,9 +197,15 @@ def nf4_corrections(model: nn.Module, targets: dict[str, nn.Module], batches: li
                 weightings = _weightings(blocks, kept, hidden, first, last, {n: targets[n] for n in group},
                                          {n: full[n] for n in group}, batches)
                 advance(len(group))
+                whitened: dict[int, Optional[torch.Tensor]] = {}  # id of a weighting -> its C, once for its sharers
                 for name in group:
-                    corrections[name] = _correction(targets[name], next(originals), weightings.pop(name), rank, svd)
+                    weighting = weightings.pop(name)
+                    if id(weighting) not in whitened:
+                        whitened[id(weighting)] = whitening(weighting)
+                    corrections[name] = _correction(targets[name], next(originals), whitened[id(weighting)], rank,
+                                                    svd)
                     advance(1)
+                del whitened
                 replace(model, {n: FrozenLinear(targets[n], corrections[n]) for n in group})  # for the groups above
     finally:
         originals.close()
@@ -235,13 +250,14 @@ class ReadAhead:
         self.pending = None
 
 
-def _correction(layer: nn.Module, original: torch.Tensor, weighting: torch.Tensor, rank: int, svd: str) -> Correction:
+def _correction(layer: nn.Module, original: torch.Tensor, C: Optional[torch.Tensor], rank: int,
+                svd: str) -> Correction:
     """The layer's (L, R) from its original weight (as saved; moved to the layer's device if not there yet, and widened
-    there rather than on the CPU: half the bytes to copy) and its inputs' weighting, the same bits on every rank."""
+    there rather than on the CPU: half the bytes to copy) and its inputs' whitening C, the same bits on every rank."""
     dequantized = FourBitWeight.of(layer)().float()
     error = original.to(dequantized.device, non_blocking=True).float().sub_(dequantized)
     del dequantized
-    correction = best_correction(error, weighting, rank, svd)
+    correction = best_correction(error, C, rank, svd)
     from_rank0_(list(correction))  # under torchrun: rank 0's on every rank
     return correction
 
@@ -325,13 +341,30 @@ def _groups(names: list[str], costs: dict[str, tuple[int, int]], budget_bytes: i
 def _weightings(blocks: list[nn.Module], kept: KeptInputs, hidden: list[torch.Tensor], first: int, last: int,
                 layers: dict[str, nn.Module], full: dict[str, bool], batches: list[dict]) -> dict[str, torch.Tensor]:
     """name -> X^T X (n x n, fp32), or its diagonal where not full, of each layer's inputs at the batches' tokens
-    (attention_mask; pads left out), from runs of blocks first .. last from the hidden state entering `first`."""
+    (attention_mask; pads left out), from runs of blocks first .. last from the hidden state entering `first`.
+    Layers called one after another on the same input tensor (q, k and v; gate and up) share one sum, the same
+    tensor under each name: it is accumulated once. Which share is settled on the first batch; a later batch that
+    calls them otherwise raises."""
     device = batches[0]["input_ids"].device
-    sums = {name: torch.zeros((n, n) if full[name] else (n,), device=device)
-            for name, n in ((name, features(layer)[1]) for name, layer in layers.items())}
+    sums: dict[str, torch.Tensor] = {}  # filled on the first batch, a sharer's being its predecessor's
     tokens = {}  # the current batch's token rows (flat index into B x T) and its number of pads
+    previous: dict = {}  # the last layer called in this batch, and its input
+
+    def zeros(name: str) -> torch.Tensor:
+        n = features(layers[name])[1]
+        return torch.zeros((n, n) if full[name] else (n,), device=device)
 
     def accumulate(name: str, x: torch.Tensor) -> None:
+        before = previous.get("name")
+        shares = previous.get("input") is x and full[before] == full[name]
+        previous.update(name=name, input=x)
+        if name not in sums:
+            sums[name] = sums[before] if shares else zeros(name)
+        elif shares != (before is not None and sums[name] is sums[before]):
+            raise RuntimeError(f"{name} shared its input with {before} on one batch and not on another: its 4-bit "
+                               "error cannot be corrected; set nf4_error_rank=0 to train without the correction")
+        if shares:
+            return
         rows = x.reshape(-1, x.shape[-1])
         if rows.shape[0] == tokens["index"].numel() + tokens["pads"]:  # (B x T) tokens, as most layers see them
             rows = rows.index_select(0, tokens["index"])  # else (experts: tokens routed to them) all rows
@@ -347,7 +380,8 @@ def _weightings(blocks: list[nn.Module], kept: KeptInputs, hidden: list[torch.Te
             mask = batch["attention_mask"].flatten().bool()
             tokens["index"], tokens["pads"] = mask.nonzero().squeeze(1), int((~mask).sum())
             run_blocks(blocks[first:last + 1], hidden[b].to(device), kept.inputs(b, first, last + 1, device, {}))
+            previous.clear()
     finally:
         for handle in handles:
             handle.remove()
-    return sums
+    return {name: sums[name] if name in sums else zeros(name) for name in layers}  # zeros: never called (an expert)

@@ -20,8 +20,8 @@ from frugal_loraga.estimate.inputs import hidden_of, identical, with_hidden
 from frugal_loraga.init import estimation_batches, initial_corrections, initial_factors
 from frugal_loraga.lora import FrozenLinear, features, find_targets, inject, replace
 from frugal_loraga.models import load_model, resolve_device
-from frugal_loraga.nf4_error import (RIDGE, OriginalWeights, ReadAhead, _block_inputs, best_correction,
-                                    layer_bytes, nf4_corrections)
+from frugal_loraga.nf4_error import (RIDGE, OriginalWeights, ReadAhead, _block_inputs, _weightings, best_correction,
+                                    layer_bytes, nf4_corrections, whitening)
 from conftest import SAMPLE
 from test_families import ADAPTED, save_tiny
 
@@ -47,7 +47,7 @@ def test_best_correction_is_the_activation_weighted_optimum(m, n, rank):
     generator = torch.Generator().manual_seed(m + n)
     error = torch.randn(m, n, generator=generator, dtype=torch.float64)
     X = torch.randn(300, n, generator=generator, dtype=torch.float64) * torch.linspace(0.1, 3, n, dtype=torch.float64)
-    L, R = best_correction(error.float(), (X.T @ X).float(), rank, "exact")
+    L, R = best_correction(error.float(), whitening((X.T @ X).float()), rank, "exact")
     assert L.shape == (m, rank) and R.shape == (rank, n)
     expected = reference_correction(error, X, rank)
     torch.testing.assert_close((L @ R).double(), expected, rtol=1e-3, atol=1e-3)
@@ -57,7 +57,7 @@ def test_best_correction_is_the_activation_weighted_optimum(m, n, rank):
     U, S, Vh = torch.linalg.svd(error)
     plain = (U[:, :rank] * S[:rank]) @ Vh[:rank]  # the best rank-r fit of the error itself
     assert left_on_the_data(expected) < left_on_the_data(plain)
-    L, R = best_correction(error.float(), (X.T @ X).float(), rank, "lowrank")  # randomized: near the optimum
+    L, R = best_correction(error.float(), whitening((X.T @ X).float()), rank, "lowrank")  # randomized: near the optimum
     assert left_on_the_data((L @ R).double()) < left_on_the_data(expected) + 0.01
 
 
@@ -65,7 +65,7 @@ def test_the_diagonal_weighting_is_its_own_optimum():
     """With diag(X^T X) for X^T X: the best rank-r fit of E scaled by the input sizes, scaled back."""
     generator = torch.Generator().manual_seed(0)
     error, X = torch.randn(30, 20, generator=generator), torch.randn(100, 20, generator=generator) * torch.arange(1, 21)
-    L, R = best_correction(error, (X.T @ X).diagonal().clone(), 4, "exact")
+    L, R = best_correction(error, whitening((X.T @ X).diagonal().clone()), 4, "exact")
     moments = (X.T @ X).diagonal()
     scale = (moments + RIDGE * moments.mean()).sqrt()
     U, S, Vh = torch.linalg.svd(error * scale)
@@ -74,7 +74,7 @@ def test_the_diagonal_weighting_is_its_own_optimum():
 
 def test_a_layer_narrower_than_the_rank_gets_zeros_for_the_rest():
     X = torch.randn(50, 6)
-    L, R = best_correction(torch.randn(4, 6), X.T @ X, rank=8)
+    L, R = best_correction(torch.randn(4, 6), whitening(X.T @ X), rank=8)
     assert L.shape == (4, 8) and R.shape == (8, 6)
     assert not L[:, 4:].any() and not R[4:].any()
 
@@ -225,7 +225,7 @@ def test_non_finite_inputs_leave_the_layer_uncorrected(caplog):
     gram = X.T @ X
     gram[1, 2] = float("nan")
     with caplog.at_level(logging.WARNING, "frugal_loraga"):
-        L, R = best_correction(torch.randn(6, 8), gram, 3)
+        L, R = best_correction(torch.randn(6, 8), whitening(gram), 3)
     assert not L.any() and not R.any() and L.shape == (6, 3) and R.shape == (3, 8)
     assert "left uncorrected" in caplog.text
 
@@ -274,6 +274,63 @@ def test_read_ahead_reads_one_weight_ahead_and_raises_a_failed_read_where_it_is_
     read_ahead.close()
     assert read_ahead.pending is None
     assert not [t for t in threading.enumerate() if t.name.startswith("frugal-loraga-read")]
+
+
+@pytest.mark.parametrize("k_full", [True, False])
+def test_layers_called_on_one_input_share_one_sum_equal_to_each_ones_own(tiny_model_dir, sample_path, k_full):
+    """q, k and v are called on one tensor, as are gate and up: _weightings sums its X^T X once, the same tensor under
+    each name, equal to the sum each layer's own inputs give (pads left out). A layer weighted by its diagonal
+    (k_full False) shares with no full one: k gets its own diagonal and v starts a sum of its own."""
+    config, model, tokenizer, device, examples, targets = four_bit_setup(tiny_model_dir, sample_path)
+    batches = estimation_batches(examples, config, tokenizer.pad_token_id, device, masked=True)
+    layers = {n: t for n, t in targets.items() if ".layers.0." in n}
+    short = {n: n.rsplit(".", 1)[1] for n in layers}
+    full = {n: k_full or short[n] != "k_proj" for n in layers}
+    blocks, _ = block_layout(model, list(layers))
+    model.eval()
+    with torch.no_grad():
+        kept = _block_inputs(model, blocks, batches)
+        seen = {n: [] for n in layers}
+        handles = [layer.register_forward_pre_hook(lambda m, args, n=n: seen[n].append(args[0]))
+                   for n, layer in layers.items()]
+        hidden = [kept.kept_hidden(0, b, "cpu") for b in range(len(batches))]
+        sums = _weightings(blocks, kept, hidden, 0, 0, layers, full, batches)
+    for handle in handles:
+        handle.remove()
+    by = {short[n]: sums[n] for n in layers}
+    assert by["gate_proj"] is by["up_proj"] and by["o_proj"] is not by["q_proj"] and by["down_proj"] is not by["up_proj"]
+    if k_full:
+        assert by["q_proj"] is by["k_proj"] is by["v_proj"]
+    else:
+        assert by["k_proj"].dim() == 1 and by["v_proj"] is not by["q_proj"]
+    for name in layers:
+        X = torch.cat([x.reshape(-1, x.shape[-1])[batch["attention_mask"].flatten().bool()].double()
+                       for x, batch in zip(seen[name], batches, strict=True)])
+        expected = X.T @ X if full[name] else X.square().sum(0)
+        torch.testing.assert_close(sums[name].double(), expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the page-locked staging runs for a CUDA device only")
+def test_read_ahead_hands_out_each_weight_on_the_gpu_as_saved(tmp_path):
+    """On a CUDA device the weights pass through HostTransfers' two page-locked buffers (sized for the largest): each
+    arrives on the GPU in its saved dtype and values, in order, a smaller one after a larger (a buffer's reuse), a
+    weight saved transposed contiguous, and an fp32 one of the largest shape (twice a buffer) copied the plain way."""
+    saved = {"model.layers.0.q.weight": torch.randn(64, 48, dtype=torch.bfloat16),
+             "model.layers.0.k.weight": torch.randn(16, 48, dtype=torch.bfloat16),
+             "h.0.c_attn.weight": torch.randn(48, 32, dtype=torch.bfloat16),
+             "model.layers.0.v.weight": torch.randn(64, 48)}
+    save_file(saved, tmp_path / "model.safetensors")
+    shapes = {"model.layers.0.q": (64, 48), "model.layers.0.k": (16, 48), "transformer.h.0.c_attn": (32, 48),
+              "model.layers.0.v": (64, 48)}
+    expected = [saved["model.layers.0.q.weight"], saved["model.layers.0.k.weight"], saved["h.0.c_attn.weight"].T,
+                saved["model.layers.0.v.weight"]]
+    read_ahead = ReadAhead(OriginalWeights.of(str(tmp_path)), list(shapes) * 2, shapes, torch.device("cuda"))
+    for want in expected * 2:
+        got = next(read_ahead)
+        assert got.is_cuda and got.dtype == want.dtype and got.is_contiguous()
+        assert torch.equal(got.cpu(), want)
+    read_ahead.close()
+    assert read_ahead.pending is None
 
 
 @pytest.mark.parametrize("several_widths", [True, False])
