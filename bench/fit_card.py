@@ -2,6 +2,9 @@
 loaded through the user's NF4 path, on a GPU capped to the card's size: the init's and training's peaks
 (torch.cuda.max_memory_reserved, what a real card must hold), the init's seconds and training's tokens/s.
 
+With --time-correction, the 4-bit error's correction is timed piece by piece (each call of nf4_error's first pass,
+carried forwards, X^T X sums, Cholesky factors, per-layer corrections and SVDs, between torch.cuda.synchronize calls,
+which add a little time of their own): torch's profiler over the whole correction did not finish in 5 minutes at 8B.
 Per phase: the weights (allocated once the model is loaded), the init's peak (taken when training begins), training's
 peak (counters reset after the init). Training tokens/s is timed from the end of step 2 (compile and the first steps
 done) to the last step. allocator_retries: how often over the run the CUDA allocator, at the card's cap, freed its cache
@@ -9,6 +12,8 @@ to retry an allocation (each synchronizes). Writes bench/results/<name>.json.
 Usage: python bench/fit_card.py --shape llama3_8b --card-gib 8 --name llama3_8b_8gib
 """
 import argparse
+import collections
+import functools
 import json
 import time
 
@@ -16,8 +21,11 @@ import torch
 
 from common import (GIB, SHAPES, InitPeaks, add_output_args, cap_card, make_data, make_model_dir, peaks, save_result,
                     work_dir)
-from frugal_loraga import Config, finetune
+from frugal_loraga import Config, finetune, nf4_error
 from frugal_loraga.progress import Phase
+
+CORRECTION_PIECES = ("_block_inputs", "_carried", "_weightings", "whitening", "_correction", "best_correction",
+                     "top_singular")
 
 
 def print_profile(profiler) -> None:
@@ -27,8 +35,30 @@ def print_profile(profiler) -> None:
         print(table.table(sort_by=key, row_limit=25, max_name_column_width=80), flush=True)
 
 
-def run(config: Config, profile: str = "") -> dict:
-    """profile: 'training' (the timed steps) or 'correcting' (the 4-bit error's correction) under torch's profiler."""
+def time_correction_pieces() -> dict[str, list]:
+    """nf4_error's CORRECTION_PIECES wrapped, each call timed between torch.cuda.synchronize calls: the returned
+    dict fills as they run, name -> [seconds, calls]."""
+    spent: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+
+    def timed(name, inner):
+        @functools.wraps(inner)
+        def wrapper(*args, **kwargs):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                torch.cuda.synchronize()
+                spent[name][0] += time.perf_counter() - start
+                spent[name][1] += 1
+        return wrapper
+    for name in CORRECTION_PIECES:
+        setattr(nf4_error, name, timed(name, getattr(nf4_error, name)))
+    return spent
+
+
+def run(config: Config, profile: bool = False) -> dict:
+    """profile: the timed training steps under torch's profiler."""
     marks: dict = {}
     init = InitPeaks()
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
@@ -36,12 +66,6 @@ def run(config: Config, profile: str = "") -> dict:
 
     def progress(phase, done, total, metrics):
         init(phase, done, total, metrics)
-        if profile == "correcting" and phase == Phase.CORRECTING and done == 0:
-            profiler.start()
-        if profile == "correcting" and phase == Phase.CORRECTING and total and done == total:
-            torch.cuda.synchronize()
-            profiler.stop()
-            print_profile(profiler)
         if phase == Phase.LOADING_MODEL:
             marks["loaded_from"] = torch.cuda.memory_allocated()
         if phase in (Phase.COMPILING, Phase.ESTIMATING) and "weights_gib" not in marks:
@@ -49,13 +73,13 @@ def run(config: Config, profile: str = "") -> dict:
         if phase == Phase.TRAINING and done == 2:
             torch.cuda.synchronize()
             marks["timed_from"] = (time.perf_counter(), metrics["train_tokens"])
-            if profile == "training":
+            if profile:
                 profiler.start()
         if phase == Phase.TRAINING and done == total and "timed_from" in marks:
             torch.cuda.synchronize()
             start, tokens = marks["timed_from"]
             marks["train_tokens_per_second"] = (metrics["train_tokens"] - tokens) / (time.perf_counter() - start)
-            if profile == "training":
+            if profile:
                 profiler.stop()
                 print_profile(profiler)
     torch.cuda.reset_peak_memory_stats()
@@ -96,8 +120,9 @@ def main():
     parser.add_argument("--experts-16bit", action="store_true", help="Config.quantize_experts off: MoE expert stacks "
                         "in 16 bits, as transformers loads them")
     parser.add_argument("--grad-budget-gib", type=float, help="Config.grad_budget_gib (default: about half the card)")
-    parser.add_argument("--profile", choices=["training", "correcting"], default="",
-                        help="print what took longest in the timed training steps or in the correction")
+    parser.add_argument("--profile", action="store_true", help="print what took longest in the timed training steps")
+    parser.add_argument("--time-correction", action="store_true", help="time the 4-bit error's correction piece by "
+                        "piece (correction_pieces: name -> [seconds, calls])")
     add_output_args(parser, None, work="/tmp/fit_card")
     args = parser.parse_args()
     layers = args.layers or {"qwen25_14b": 48}.get(args.shape, 32)
@@ -112,6 +137,7 @@ def main():
                     gradient_checkpointing=not args.no_gradient_checkpointing,
                     keep_activations_gib=args.keep_activations_gib, grad_budget_gib=args.grad_budget_gib,
                     quantize_experts=not args.experts_16bit)
+    pieces = time_correction_pieces() if args.time_correction else {}
     kind, sizes = SHAPES[args.shape]
     result = {"device": torch.cuda.get_device_name(), "shape": args.shape, "layers": layers, "card_gib": args.card_gib,
               "model_config": {"class": kind, "num_hidden_layers": layers, **sizes},
@@ -120,6 +146,8 @@ def main():
               "init": args.init, "gradient_checkpointing": not args.no_gradient_checkpointing,
               "keep_activations_gib": args.keep_activations_gib, "quantize_experts": not args.experts_16bit,
               **run(config, args.profile)}
+    if args.time_correction:
+        result["correction_pieces"] = {name: [round(seconds, 3), calls] for name, (seconds, calls) in pieces.items()}
     print(json.dumps(result), flush=True)
     save_result(args.name, result)
 
