@@ -1,9 +1,9 @@
-"""The 4-bit error correction's per-layer maths (nf4_error.whitening and best_correction) timed apart on the GPU, on
-Llama-3-8B layer shapes (m x n): the Cholesky factor of H = X^T X + ridge (n x n fp32), E @ C (m x n by n x n, fp32),
-the randomized top-16 SVD of E C (svd.top_singular, one layer at a time as the correction calls it), the triangular
-solve R C = V^T, and one X^T X update over 8192 bf16 tokens (cuBLAS into fp32). Then the randomized SVD's small step
-apart: the eigendecomposition of one 32 x 32 fp64 Gram on the GPU, through a CPU round trip, and of 8 at once.
-Milliseconds, the mean of 5 calls (50 for the eigendecompositions) after one warm-up call.
+"""The operations of the 4-bit error correction's per-layer maths (what nf4_error.whitening and best_correction
+compute) timed apart on the GPU, on Llama-3-8B layer shapes (m x n): cholesky_ex of H = X^T X + ridge (n x n fp32),
+E @ C (m x n by n x n, fp32), the randomized top-16 SVD of E C (svd.top_singular, one layer at a time as the
+correction calls it), the triangular solve R C = V^T, and one X^T X update over 8192 bf16 tokens (cuBLAS into fp32).
+Then the randomized SVD's small step apart: the eigendecomposition of one 32 x 32 fp64 Gram on the GPU, through a CPU
+round trip, and of 8 at once. Milliseconds, the mean of 5 calls (50 for the eigendecompositions) after a warm-up call.
 Usage: python bench/bench_correction_maths.py --name correction_maths_h100
 """
 import argparse
@@ -15,7 +15,7 @@ import torch
 from common import add_output_args, save_result
 from frugal_loraga.svd import top_singular
 
-SHAPES = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "up_proj": (14336, 4096), "down_proj": (4096, 14336)}
+SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]  # q and o; k and v; gate and up; down
 
 
 def milliseconds(fn, calls: int = 5) -> float:
@@ -37,29 +37,28 @@ def layer_maths(m: int, n: int, tokens: int = 8192) -> dict:
     E = torch.randn(m, n, device="cuda")
     EC = E @ C
     Vt = top_singular({"E C": EC}, 16, "lowrank")["E C"].V.T.contiguous()
-    return {"cholesky": milliseconds(lambda: torch.linalg.cholesky_ex(H)),
-            "E @ C": milliseconds(lambda: E @ C),
-            "randomized_svd_top16": milliseconds(lambda: top_singular({"E C": EC}, 16, "lowrank")),
+    return {"cholesky_ex": milliseconds(lambda: torch.linalg.cholesky_ex(H)),
+            "E@C": milliseconds(lambda: E @ C),
+            "randomized_svd_16": milliseconds(lambda: top_singular({"E C": EC}, 16, "lowrank")),
             "solve_triangular": milliseconds(lambda: torch.linalg.solve_triangular(C, Vt, upper=False, left=False)),
-            f"gram_update_{tokens}_tokens": milliseconds(lambda: torch.addmm(H, X.T, X, out_dtype=torch.float32,
-                                                                             out=H))}
+            f"gram_bf16_{tokens}_tokens": milliseconds(lambda: torch.addmm(H, X.T, X, out_dtype=torch.float32,
+                                                                           out=H))}
 
 
 def main():
     parser = argparse.ArgumentParser()
     add_output_args(parser, "correction_maths")
     args = parser.parse_args()
-    result = {"device": torch.cuda.get_device_name(), "unit": "ms"}
-    for layer, (m, n) in SHAPES.items():
-        result[f"{layer} ({m} x {n})"] = layer_maths(m, n)
+    result = {"device": torch.cuda.get_device_name()}
+    for m, n in SHAPES:
+        result[f"{m}x{n}"] = layer_maths(m, n)
     one = torch.randn(1, 32, 32, device="cuda", dtype=torch.float64)
     one = one @ one.mT
     eight = torch.randn(8, 32, 32, device="cuda", dtype=torch.float64)
     eight = eight @ eight.mT
-    result["eigh_32x32_fp64_gpu"] = milliseconds(lambda: torch.linalg.eigh(one), 50)
-    result["eigh_32x32_fp64_cpu_round_trip"] = milliseconds(lambda: [t.cuda() for t in torch.linalg.eigh(one.cpu())],
-                                                            50)
-    result["eigh_8_of_32x32_fp64_gpu"] = milliseconds(lambda: torch.linalg.eigh(eight), 50)
+    result["eigh_32_fp64_gpu"] = milliseconds(lambda: torch.linalg.eigh(one), 50)
+    result["eigh_32_fp64_cpu_round_trip"] = milliseconds(lambda: [t.cuda() for t in torch.linalg.eigh(one.cpu())], 50)
+    result["eigh_8x32_fp64_gpu"] = milliseconds(lambda: torch.linalg.eigh(eight), 50)
     print(json.dumps(result, indent=1), flush=True)
     save_result(args.name, result)
 

@@ -4,7 +4,8 @@ loaded through the user's NF4 path, on a GPU capped to the card's size: the init
 
 With --time-correction, the 4-bit error's correction is timed piece by piece (each call of nf4_error's first pass,
 carried forwards, X^T X sums, Cholesky factors, per-layer corrections and SVDs, between torch.cuda.synchronize calls,
-which add a little time of their own): torch's profiler over the whole correction did not finish in 5 minutes at 8B.
+which add a little time of their own; the pieces nest: _correction holds best_correction, which holds top_singular;
+a piece that a commit lacks is left out): torch's profiler over the whole correction did not finish in 5 minutes at 8B.
 Per phase: the weights (allocated once the model is loaded), the init's peak (taken when training begins), training's
 peak (counters reset after the init). Training tokens/s is timed from the end of step 2 (compile and the first steps
 done) to the last step. allocator_retries: how often over the run the CUDA allocator, at the card's cap, freed its cache
@@ -53,7 +54,8 @@ def time_correction_pieces() -> dict[str, list]:
                 spent[name][1] += 1
         return wrapper
     for name in CORRECTION_PIECES:
-        setattr(nf4_error, name, timed(name, getattr(nf4_error, name)))
+        if hasattr(nf4_error, name):
+            setattr(nf4_error, name, timed(name, getattr(nf4_error, name)))
     return spent
 
 
@@ -120,7 +122,7 @@ def main():
     parser.add_argument("--experts-16bit", action="store_true", help="Config.quantize_experts off: MoE expert stacks "
                         "in 16 bits, as transformers loads them")
     parser.add_argument("--grad-budget-gib", type=float, help="Config.grad_budget_gib (default: about half the card)")
-    parser.add_argument("--profile", action="store_true", help="print what took longest in the timed training steps")
+    parser.add_argument("--profile", choices=["training"], help="print what took longest in the timed training steps")
     parser.add_argument("--time-correction", action="store_true", help="time the 4-bit error's correction piece by "
                         "piece (correction_pieces: name -> [seconds, calls])")
     add_output_args(parser, None, work="/tmp/fit_card")
@@ -145,7 +147,7 @@ def main():
               "embeddings_on_cpu": not args.embeddings_on_gpu, "nf4_error_rank": args.nf4_error_rank,
               "init": args.init, "gradient_checkpointing": not args.no_gradient_checkpointing,
               "keep_activations_gib": args.keep_activations_gib, "quantize_experts": not args.experts_16bit,
-              **run(config, args.profile)}
+              **run(config, args.profile == "training")}
     if args.time_correction:
         result["correction_pieces"] = {name: [round(seconds, 3), calls] for name, (seconds, calls) in pieces.items()}
     print(json.dumps(result), flush=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
@@ -194,18 +195,11 @@ def nf4_corrections(model: nn.Module, targets: dict[str, nn.Module], batches: li
                 first, last = index[group[0]], index[group[-1]]
                 hidden = _carried(blocks, kept, hidden, at, first, batches)
                 at = first
-                weightings = _weightings(blocks, kept, hidden, first, last, {n: targets[n] for n in group},
-                                         {n: full[n] for n in group}, batches)
+                layers = {n: targets[n] for n in group}
+                weightings = _weightings(blocks, kept, hidden, first, last, layers, {n: full[n] for n in group},
+                                         batches)
                 advance(len(group))
-                whitened: dict[int, Optional[torch.Tensor]] = {}  # id of a weighting -> its C, once for its sharers
-                for name in group:
-                    weighting = weightings.pop(name)
-                    if id(weighting) not in whitened:
-                        whitened[id(weighting)] = whitening(weighting)
-                    corrections[name] = _correction(targets[name], next(originals), whitened[id(weighting)], rank,
-                                                    svd)
-                    advance(1)
-                del whitened
+                corrections.update(_group_corrections(layers, weightings, originals, rank, svd, advance))
                 replace(model, {n: FrozenLinear(targets[n], corrections[n]) for n in group})  # for the groups above
     finally:
         originals.close()
@@ -248,6 +242,26 @@ class ReadAhead:
         if self.transfers:
             self.transfers.close()
         self.pending = None
+
+
+def _group_corrections(layers: dict[str, nn.Module], weightings: dict[str, torch.Tensor], originals: ReadAhead,
+                       rank: int, svd: str, advance) -> dict[str, Correction]:
+    """Each layer's correction in order, its weighting taken out of `weightings` (emptied) and whitened once for the
+    layers that share it, each let go after the last layer that uses it."""
+    last_user = {id(weighting): name for name, weighting in weightings.items()}  # all alive: the ids are distinct
+    whitened: dict[int, Optional[torch.Tensor]] = {}
+    corrections = {}
+    for name, layer in layers.items():
+        weighting = weightings.pop(name)
+        key = id(weighting)
+        if key not in whitened:
+            whitened[key] = whitening(weighting)
+        C = whitened.pop(key) if last_user[key] == name else whitened[key]
+        del weighting
+        corrections[name] = _correction(layer, next(originals), C, rank, svd)
+        del C
+        advance(1)
+    return corrections
 
 
 def _correction(layer: nn.Module, original: torch.Tensor, C: Optional[torch.Tensor], rank: int,
@@ -338,32 +352,68 @@ def _groups(names: list[str], costs: dict[str, tuple[int, int]], budget_bytes: i
     return groups
 
 
+class InputSharing:
+    """Which layers are called on the very input the layer called just before them got (q, k and v; gate and up),
+    and so may add it to that layer's sum instead of their own. A layer's leader (the layer whose sum it shares, or
+    None) is settled by its first call; every later call must repeat it, and in each batch a sharer must be called
+    as often as its leader, else RuntimeError: its sum would miss inputs or count others."""
+
+    def __init__(self, full: dict[str, bool]):
+        self.full = full  # a full X^T X shares only with a full one, a diagonal with a diagonal
+        self.leaders: dict[str, Optional[str]] = {}
+        self.calls: dict[str, int] = {}  # in this batch
+        self.previous: Optional[tuple] = None  # the last call: (name, a weak reference to its input, its version)
+
+    def leader(self, name: str, x: torch.Tensor) -> Optional[str]:
+        """The layer whose sum this call's input goes to, or None for the layer's own."""
+        same = None
+        if self.previous is not None:
+            before, seen, version = self.previous
+            if before != name and seen() is x and version == _version(x) and self.full[before] == self.full[name]:
+                same = before
+        self.previous = (name, weakref.ref(x), _version(x))  # weak: the input's memory is not held
+        self.calls[name] = self.calls.get(name, 0) + 1
+        leader = self.leaders.setdefault(name, same)
+        if leader is not None and same != leader:
+            raise RuntimeError(f"{name} was called on {leader}'s input on an earlier batch but not now: its 4-bit "
+                               "error cannot be corrected; set nf4_error_rank=0 to train without the correction")
+        return leader
+
+    def end_batch(self) -> None:
+        for name, leader in self.leaders.items():
+            if leader is not None and self.calls.get(name, 0) != self.calls.get(leader, 0):
+                raise RuntimeError(f"{name} shares {leader}'s input but was called {self.calls.get(name, 0)} "
+                                   f"time(s) in a batch to its {self.calls.get(leader, 0)}: its 4-bit error cannot be "
+                                   "corrected; set nf4_error_rank=0 to train without the correction")
+        self.calls.clear()
+        self.previous = None
+
+
+def _version(x: torch.Tensor) -> Optional[int]:
+    """The tensor's count of in-place changes (inference tensors keep none)."""
+    return None if x.is_inference() else x._version
+
+
 def _weightings(blocks: list[nn.Module], kept: KeptInputs, hidden: list[torch.Tensor], first: int, last: int,
                 layers: dict[str, nn.Module], full: dict[str, bool], batches: list[dict]) -> dict[str, torch.Tensor]:
     """name -> X^T X (n x n, fp32), or its diagonal where not full, of each layer's inputs at the batches' tokens
     (attention_mask; pads left out), from runs of blocks first .. last from the hidden state entering `first`.
-    Layers called one after another on the same input tensor (q, k and v; gate and up) share one sum, the same
-    tensor under each name: it is accumulated once. Which share is settled on the first batch; a later batch that
-    calls them otherwise raises."""
+    Layers called on the input of the layer called just before them (InputSharing) share its sum, the same tensor
+    under each name: their input is accumulated once."""
     device = batches[0]["input_ids"].device
-    sums: dict[str, torch.Tensor] = {}  # filled on the first batch, a sharer's being its predecessor's
+    sums: dict[str, torch.Tensor] = {}  # each layer's from its first call: its own, or its leader's
+    sharing = InputSharing(full)
     tokens = {}  # the current batch's token rows (flat index into B x T) and its number of pads
-    previous: dict = {}  # the last layer called in this batch, and its input
 
     def zeros(name: str) -> torch.Tensor:
         n = features(layers[name])[1]
         return torch.zeros((n, n) if full[name] else (n,), device=device)
 
     def accumulate(name: str, x: torch.Tensor) -> None:
-        before = previous.get("name")
-        shares = previous.get("input") is x and full[before] == full[name]
-        previous.update(name=name, input=x)
+        leader = sharing.leader(name, x)
         if name not in sums:
-            sums[name] = sums[before] if shares else zeros(name)
-        elif shares != (before is not None and sums[name] is sums[before]):
-            raise RuntimeError(f"{name} shared its input with {before} on one batch and not on another: its 4-bit "
-                               "error cannot be corrected; set nf4_error_rank=0 to train without the correction")
-        if shares:
+            sums[name] = zeros(name) if leader is None else sums[leader]
+        if leader is not None:
             return
         rows = x.reshape(-1, x.shape[-1])
         if rows.shape[0] == tokens["index"].numel() + tokens["pads"]:  # (B x T) tokens, as most layers see them
@@ -380,7 +430,7 @@ def _weightings(blocks: list[nn.Module], kept: KeptInputs, hidden: list[torch.Te
             mask = batch["attention_mask"].flatten().bool()
             tokens["index"], tokens["pads"] = mask.nonzero().squeeze(1), int((~mask).sum())
             run_blocks(blocks[first:last + 1], hidden[b].to(device), kept.inputs(b, first, last + 1, device, {}))
-            previous.clear()
+            sharing.end_batch()
     finally:
         for handle in handles:
             handle.remove()

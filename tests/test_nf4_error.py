@@ -12,7 +12,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from frugal_loraga import Config, ConfigError, finetune
+from frugal_loraga import Config, ConfigError, finetune, nf4_error
 from frugal_loraga.blocks import block_layout
 from frugal_loraga.checkpoint import adapter_for, checkpoint_path, factors_from_checkpoint
 from frugal_loraga.data import collate, load_examples
@@ -298,7 +298,8 @@ def test_layers_called_on_one_input_share_one_sum_equal_to_each_ones_own(tiny_mo
     for handle in handles:
         handle.remove()
     by = {short[n]: sums[n] for n in layers}
-    assert by["gate_proj"] is by["up_proj"] and by["o_proj"] is not by["q_proj"] and by["down_proj"] is not by["up_proj"]
+    assert by["gate_proj"] is by["up_proj"]
+    assert by["o_proj"] is not by["q_proj"] and by["down_proj"] is not by["up_proj"]
     if k_full:
         assert by["q_proj"] is by["k_proj"] is by["v_proj"]
     else:
@@ -308,6 +309,72 @@ def test_layers_called_on_one_input_share_one_sum_equal_to_each_ones_own(tiny_mo
                        for x, batch in zip(seen[name], batches, strict=True)])
         expected = X.T @ X if full[name] else X.square().sum(0)
         torch.testing.assert_close(sums[name].double(), expected, rtol=1e-4, atol=1e-3)
+
+
+class Scripted(nn.Module):
+    """A block calling its layers a and b as each batch's script says: (layer, input), input 0 the hidden state, 1
+    another tensor, 2 a copy of the hidden state (the same values, another tensor)."""
+
+    def __init__(self, scripts):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.scripts = iter(scripts)
+
+    def forward(self, hidden):
+        inputs = (hidden, hidden * 2, hidden.clone())
+        return sum(getattr(self, layer)(inputs[i]) for layer, i in next(self.scripts))
+
+
+class Given:
+    """What _weightings asks of KeptInputs: each block's call for a batch, with no inputs besides the hidden state."""
+
+    def inputs(self, batch, start, stop, device, copies):
+        return [((None,), {})] * (stop - start)
+
+
+SHARED, OWN = "b's sum is a's", "b's sum is its own"
+
+
+@pytest.mark.parametrize("scripts,outcome", [
+    ([[("a", 0), ("b", 0)]] * 2, SHARED),
+    ([[("a", 0), ("b", 0), ("a", 1), ("b", 1)]] * 2, SHARED),  # called twice a batch, on one input each time
+    ([[("a", 0), ("b", 1)], [("a", 0), ("b", 0)]], OWN),  # settled on b's first call: its own from then on
+    ([[("a", 0), ("b", 2)]] * 2, OWN),  # the same values in another tensor: not shared
+    ([[("a", 0), ("b", 0)], [("a", 0), ("b", 2)]], "called on a's input on an earlier batch but not now"),
+    ([[("a", 0), ("b", 0), ("a", 1)]] * 2, r"shares a's input but was called 1 time\(s\) in a batch to its 2"),
+    ([[("a", 0), ("a", 1), ("b", 1)]] * 2, r"called 1 time\(s\) in a batch to its 2"),  # a's sum holds input 0 too
+])
+def test_a_layer_shares_a_sum_only_where_every_call_repeats_its_first(scripts, outcome):
+    """Whatever the order of calls, each sum is what the layer's own inputs give, or the run stops with a message."""
+    torch.manual_seed(0)
+    block = Scripted(scripts)
+    batches = [{"input_ids": torch.zeros(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3)}] * len(scripts)
+    hidden = [torch.randn(1, 3, 4) for _ in batches]
+    layers, full = {"a": block.a, "b": block.b}, {"a": True, "b": True}
+    with torch.no_grad():
+        if outcome not in (SHARED, OWN):
+            with pytest.raises(RuntimeError, match=outcome):
+                _weightings([block], Given(), hidden, 0, 0, layers, full, batches)
+            return
+        sums = _weightings([block], Given(), hidden, 0, 0, layers, full, batches)
+    assert (sums["a"] is sums["b"]) == (outcome == SHARED)
+    for name in layers:
+        X = torch.cat([(h, h * 2, h)[i].reshape(-1, 4) for script, h in zip(scripts, hidden, strict=True)
+                       for layer, i in script if layer == name])
+        torch.testing.assert_close(sums[name], X.T @ X, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_that_share_a_sum_share_one_cholesky_factor(tiny_model_dir, sample_path, monkeypatch):
+    """whitening factors each distinct sum once: 4 of a Llama decoder layer's 7 targets (q, k, v on one input; o;
+    gate, up on one; down)."""
+    config, model, tokenizer, device, examples, targets = four_bit_setup(tiny_model_dir, sample_path)
+    factored = []
+    monkeypatch.setattr(nf4_error, "whitening", lambda weighting: factored.append(weighting) or whitening(weighting))
+    corrections = initial_corrections(model, targets, examples, config, str(tiny_model_dir), tokenizer.pad_token_id,
+                                      device)[0]
+    layers = len(model.model.layers)
+    assert len(corrections) == 7 * layers and len(factored) == 4 * layers
+    assert len({id(weighting) for weighting in factored}) == len(factored)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the page-locked staging runs for a CUDA device only")
