@@ -50,6 +50,10 @@
 #            parts: 98 MB, over the 64 MiB one call carries: a first call copies its parts to /root/keep, a second
 #            call on the still warm machine carries the rest); the finished runs come back in
 #            convergence_gsm_runs.tgz, a later call continues from runs/
+#   speed_SHAPE  issue 23's figures for one shape (llama3_8b, llama2_7b) at 24 GiB in one call: fit_card.py with the
+#            defaults, its correction timed piece by piece; LoRA-GA without the correction; the QLoRA peer
+#            (profile_train.py). Writes SHAPE_24gib_speed_{defaults,q0,peer}$SUFFIX.json; about 5 minutes a shape
+#   correction_maths  bench_correction_maths.py: the correction's per-layer maths apart
 #   fit_SHAPE_CARD  fit_card.py: finetune()'s defaults on the shape (llama2_7b, llama3_8b, qwen25_14b) capped at CARD GiB,
 #            e.g. fit_llama3_8b_12 writes llama3_8b_12gib.json
 # Usage: bash bench/run_on_device.sh [step ...]   (default: tests kernels 24 8 peft; tests_api in a call of its own)
@@ -171,6 +175,16 @@ for one in "${steps[@]}"; do
                 step "liger_$shape" 120 "loss_vs_liger_$shape" python3 bench/loss_vs_liger.py --shape "$shape" \
                   --name "loss_vs_liger_$shape"
               done ;;
+      speed_*) shape=${one#speed_} && name=${shape}_24gib_speed
+              step "${one}_defaults" 240 "${name}_defaults$SUFFIX" python3 bench/fit_card.py --shape "$shape" --card-gib 24 \
+                --steps 24 --time-correction --name "${name}_defaults$SUFFIX"
+              step "${one}_q0" 180 "${name}_q0$SUFFIX" python3 bench/fit_card.py --shape "$shape" --card-gib 24 --steps 24 \
+                --nf4-error-rank 0 --name "${name}_q0$SUFFIX"
+              step "${one}_peer" 150 "" python3 bench/profile_train.py --shape "$shape" --layers 32 --work /tmp/fit_card \
+                --variants peer --steps 10 --out "bench/results/${name}_peer$SUFFIX.json"
+              cp "bench/results/${name}_peer$SUFFIX.json" "$logs/" 2>/dev/null ;;
+      correction_maths) step "$one" 60 "correction_maths$SUFFIX" python3 bench/bench_correction_maths.py \
+              --name "correction_maths$SUFFIX" ;;
       fit_*) rest=${one#fit_} && card=${rest##*_} && shape=${rest%_*}
               step "$one" "${FIT_SECONDS:-240}" "${shape}_${card}gib" python3 bench/fit_card.py --shape "$shape" --card-gib "$card" \
                 --name "${shape}_${card}gib" ;;
