@@ -248,7 +248,7 @@ def _group_corrections(layers: dict[str, nn.Module], weightings: dict[str, torch
                        rank: int, svd: str, advance) -> dict[str, Correction]:
     """Each layer's correction in order, its weighting taken out of `weightings` (emptied) and whitened once for the
     layers that share it, each let go after the last layer that uses it."""
-    last_user = {id(weighting): name for name, weighting in weightings.items()}  # all alive: the ids are distinct
+    last_user = {id(weightings[name]): name for name in layers}  # all alive: the ids are distinct
     whitened: dict[int, Optional[torch.Tensor]] = {}
     corrections = {}
     for name, layer in layers.items():
@@ -355,25 +355,31 @@ def _groups(names: list[str], costs: dict[str, tuple[int, int]], budget_bytes: i
 class InputSharing:
     """Which layers are called on the very input the layer called just before them got (q, k and v; gate and up),
     and so may add it to that layer's sum instead of their own. A layer's leader (the layer whose sum it shares, or
-    None) is settled by its first call; every later call must repeat it, and in each batch a sharer must be called
-    as often as its leader, else RuntimeError: its sum would miss inputs or count others."""
+    None) is settled by its first call, and only where that is also its leader's first call (a sum holding inputs
+    from before is no sharer's); every later call must repeat it, and in each batch a sharer must be called as often
+    as its leader, else RuntimeError: its sum would miss inputs or count others. Inference tensors, which keep no
+    count of in-place changes, are never shared."""
 
     def __init__(self, full: dict[str, bool]):
         self.full = full  # a full X^T X shares only with a full one, a diagonal with a diagonal
         self.leaders: dict[str, Optional[str]] = {}
         self.calls: dict[str, int] = {}  # in this batch
+        self.ever: dict[str, int] = {}  # in all batches
         self.previous: Optional[tuple] = None  # the last call: (name, a weak reference to its input, its version)
 
     def leader(self, name: str, x: torch.Tensor) -> Optional[str]:
         """The layer whose sum this call's input goes to, or None for the layer's own."""
-        same = None
-        if self.previous is not None:
-            before, seen, version = self.previous
-            if before != name and seen() is x and version == _version(x) and self.full[before] == self.full[name]:
+        same, version = None, None if x.is_inference() else x._version
+        if self.previous is not None and version is not None:
+            before, seen, before_version = self.previous
+            if before != name and seen() is x and before_version == version and self.full[before] == self.full[name]:
                 same = before
-        self.previous = (name, weakref.ref(x), _version(x))  # weak: the input's memory is not held
+        self.previous = (name, weakref.ref(x), version)  # weak: the input's memory is not held
         self.calls[name] = self.calls.get(name, 0) + 1
-        leader = self.leaders.setdefault(name, same)
+        self.ever[name] = self.ever.get(name, 0) + 1
+        if name not in self.leaders:
+            self.leaders[name] = same if same is not None and self.ever[same] == 1 else None
+        leader = self.leaders[name]
         if leader is not None and same != leader:
             raise RuntimeError(f"{name} was called on {leader}'s input on an earlier batch but not now: its 4-bit "
                                "error cannot be corrected; set nf4_error_rank=0 to train without the correction")
@@ -387,11 +393,6 @@ class InputSharing:
                                    "corrected; set nf4_error_rank=0 to train without the correction")
         self.calls.clear()
         self.previous = None
-
-
-def _version(x: torch.Tensor) -> Optional[int]:
-    """The tensor's count of in-place changes (inference tensors keep none)."""
-    return None if x.is_inference() else x._version
 
 
 def _weightings(blocks: list[nn.Module], kept: KeptInputs, hidden: list[torch.Tensor], first: int, last: int,

@@ -4,6 +4,7 @@ original weights."""
 import json
 import logging
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -158,8 +159,8 @@ def test_both_exports_reproduce_our_logits_in_peft(tiny_model_dir, sample_path, 
     assert result.metrics["corrected_layers"] > 0
     assert adapter_for(config.out, True) == tmp_path / "run" / "adapter_nf4"
     assert adapter_for(config.out, False) == result.adapter_dir
-    factors, corrections = factors_from_checkpoint(torch.load(checkpoint_path(config.out), weights_only=True)["adapter"],
-                                                   resolve_device(config))  # the device the model loads on
+    saved = torch.load(checkpoint_path(config.out), weights_only=True)["adapter"]
+    factors, corrections = factors_from_checkpoint(saved, resolve_device(config))  # the device the model loads on
     assert set(corrections) == set(factors)
 
     model, tokenizer, device = load_model(config)
@@ -313,7 +314,8 @@ def test_layers_called_on_one_input_share_one_sum_equal_to_each_ones_own(tiny_mo
 
 class Scripted(nn.Module):
     """A block calling its layers a and b as each batch's script says: (layer, input), input 0 the hidden state, 1
-    another tensor, 2 a copy of the hidden state (the same values, another tensor)."""
+    another tensor, 2 a copy of the hidden state (the same values, another tensor); ("double", i) doubles input i in
+    place."""
 
     def __init__(self, scripts):
         super().__init__()
@@ -322,7 +324,13 @@ class Scripted(nn.Module):
 
     def forward(self, hidden):
         inputs = (hidden, hidden * 2, hidden.clone())
-        return sum(getattr(self, layer)(inputs[i]) for layer, i in next(self.scripts))
+        out = torch.zeros(())
+        for layer, i in next(self.scripts):
+            if layer == "double":
+                inputs[i].mul_(2)
+            else:
+                out = out + getattr(self, layer)(inputs[i])
+        return out
 
 
 class Given:
@@ -340,9 +348,11 @@ SHARED, OWN = "b's sum is a's", "b's sum is its own"
     ([[("a", 0), ("b", 0), ("a", 1), ("b", 1)]] * 2, SHARED),  # called twice a batch, on one input each time
     ([[("a", 0), ("b", 1)], [("a", 0), ("b", 0)]], OWN),  # settled on b's first call: its own from then on
     ([[("a", 0), ("b", 2)]] * 2, OWN),  # the same values in another tensor: not shared
+    ([[("a", 2), ("double", 2), ("b", 2)]] * 2, OWN),  # the same tensor, changed in place between the calls
+    ([[("a", 0), ("a", 1), ("b", 1)]] * 2, OWN),  # a's sum already holds input 0 when b first comes
+    ([[("a", 0)], [("a", 0), ("b", 0)]], OWN),  # a's sum already holds the first batch
     ([[("a", 0), ("b", 0)], [("a", 0), ("b", 2)]], "called on a's input on an earlier batch but not now"),
     ([[("a", 0), ("b", 0), ("a", 1)]] * 2, r"shares a's input but was called 1 time\(s\) in a batch to its 2"),
-    ([[("a", 0), ("a", 1), ("b", 1)]] * 2, r"called 1 time\(s\) in a batch to its 2"),  # a's sum holds input 0 too
 ])
 def test_a_layer_shares_a_sum_only_where_every_call_repeats_its_first(scripts, outcome):
     """Whatever the order of calls, each sum is what the layer's own inputs give, or the run stops with a message."""
@@ -351,6 +361,9 @@ def test_a_layer_shares_a_sum_only_where_every_call_repeats_its_first(scripts, o
     batches = [{"input_ids": torch.zeros(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3)}] * len(scripts)
     hidden = [torch.randn(1, 3, 4) for _ in batches]
     layers, full = {"a": block.a, "b": block.b}, {"a": True, "b": True}
+    given = {name: [] for name in layers}  # what each call was given, as it was at the call
+    for name, layer in layers.items():
+        layer.register_forward_pre_hook(lambda m, args, name=name: given[name].append(args[0].clone()))
     with torch.no_grad():
         if outcome not in (SHARED, OWN):
             with pytest.raises(RuntimeError, match=outcome):
@@ -359,9 +372,47 @@ def test_a_layer_shares_a_sum_only_where_every_call_repeats_its_first(scripts, o
         sums = _weightings([block], Given(), hidden, 0, 0, layers, full, batches)
     assert (sums["a"] is sums["b"]) == (outcome == SHARED)
     for name in layers:
-        X = torch.cat([(h, h * 2, h)[i].reshape(-1, 4) for script, h in zip(scripts, hidden, strict=True)
-                       for layer, i in script if layer == name])
+        X = torch.cat([x.reshape(-1, 4) for x in given[name]])
         torch.testing.assert_close(sums[name], X.T @ X, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_tensors_are_never_shared():
+    """They keep no count of in-place changes: an input changed between two calls could not be told apart."""
+    block = Scripted([[("a", 0), ("b", 0)]])
+    batches = [{"input_ids": torch.zeros(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3)}]
+    with torch.inference_mode():
+        sums = _weightings([block], Given(), [torch.randn(1, 3, 4)], 0, 0, {"a": block.a, "b": block.b},
+                           {"a": True, "b": True}, batches)
+    assert sums["a"] is not sums["b"]
+    torch.testing.assert_close(sums["a"], sums["b"])
+
+
+def test_each_sum_and_factor_is_let_go_after_its_last_layer(deep_model_dir, sample_path, monkeypatch):
+    """Within a group a Cholesky factor lives until the last layer that shares it is corrected, and no sum of a group
+    is held when the next group's forwards begin (a budget of about one decoder layer: several groups)."""
+    config, model, tokenizer, device, examples, targets = four_bit_setup(deep_model_dir, sample_path,
+                                                                         grad_budget_gib=1.5e-4)
+    sums_before, factors_before, groups = [], [], []
+    weightings, correction = nf4_error._weightings, nf4_error._correction
+
+    def tracked_weightings(*args):
+        assert all(sum_() is None for sum_ in sums_before)
+        groups.append(args[5])
+        sums = weightings(*args)
+        sums_before.extend(weakref.ref(s) for s in set(sums.values()))
+        return sums
+
+    def tracked_correction(layer, original, C, rank, svd):
+        assert all(factor() is None or factor() is C for factor in factors_before)
+        factors_before.append(weakref.ref(C))
+        return correction(layer, original, C, rank, svd)
+    monkeypatch.setattr(nf4_error, "_weightings", tracked_weightings)
+    monkeypatch.setattr(nf4_error, "_correction", tracked_correction)
+    corrections, _ = initial_corrections(model, targets, examples, config, str(deep_model_dir),
+                                         tokenizer.pad_token_id, device)
+    assert len(corrections) == 7 * len(model.model.layers)
+    assert len(groups) > 1 and len(sums_before) < len(corrections)  # several groups, and sums shared within them
+    assert all(s() is None for s in sums_before + factors_before)
 
 
 def test_layers_that_share_a_sum_share_one_cholesky_factor(tiny_model_dir, sample_path, monkeypatch):
