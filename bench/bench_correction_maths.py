@@ -3,14 +3,14 @@ compute) timed apart on the GPU, on Llama-3-8B layer shapes (m x n): cholesky_ex
 E @ C (m x n by n x n, fp32), the randomized top-16 SVD of E C (svd.top_singular, one layer at a time as the
 correction calls it), the triangular solve R C = V^T, and one X^T X update over 8192 bf16 tokens (cuBLAS into fp32).
 Then the randomized SVD's small step apart: the eigendecomposition of one 32 x 32 fp64 Gram on the GPU, through a CPU
-round trip, and of 8 at once. Milliseconds, the mean of 5 calls (50 for the eigendecompositions) after a warm-up call.
+round trip, and of 8 at once. Milliseconds: the mean over triton.testing.do_bench's calls, as bench_kernels.py times.
 Usage: python bench/bench_correction_maths.py --name correction_maths_h100
 """
 import argparse
 import json
-import time
 
 import torch
+from triton.testing import do_bench
 
 from common import add_output_args, save_result
 from frugal_loraga.svd import top_singular
@@ -18,14 +18,8 @@ from frugal_loraga.svd import top_singular
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]  # q and o; k and v; gate and up; down
 
 
-def milliseconds(fn, calls: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    torch.cuda.synchronize()
-    return round((time.perf_counter() - start) / calls * 1e3, 3)
+def milliseconds(fn) -> float:
+    return round(do_bench(fn), 3)
 
 
 def layer_maths(m: int, n: int, tokens: int = 8192) -> dict:
@@ -56,9 +50,9 @@ def main():
     one = one @ one.mT
     eight = torch.randn(8, 32, 32, device="cuda", dtype=torch.float64)
     eight = eight @ eight.mT
-    result["eigh_32_fp64_gpu"] = milliseconds(lambda: torch.linalg.eigh(one), 50)
-    result["eigh_32_fp64_cpu_round_trip"] = milliseconds(lambda: [t.cuda() for t in torch.linalg.eigh(one.cpu())], 50)
-    result["eigh_8x32_fp64_gpu"] = milliseconds(lambda: torch.linalg.eigh(eight), 50)
+    result["eigh_32_fp64_gpu"] = milliseconds(lambda: torch.linalg.eigh(one))
+    result["eigh_32_fp64_cpu_round_trip"] = milliseconds(lambda: [t.cuda() for t in torch.linalg.eigh(one.cpu())])
+    result["eigh_8x32_fp64_gpu"] = milliseconds(lambda: torch.linalg.eigh(eight))
     print(json.dumps(result, indent=1), flush=True)
     save_result(args.name, result)
 

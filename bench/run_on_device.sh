@@ -180,9 +180,8 @@ for one in "${steps[@]}"; do
                 --steps 24 --time-correction --name "${name}_defaults$SUFFIX"
               step "${one}_q0" 180 "${name}_q0$SUFFIX" python3 bench/fit_card.py --shape "$shape" --card-gib 24 --steps 24 \
                 --nf4-error-rank 0 --name "${name}_q0$SUFFIX"
-              step "${one}_peer" 150 "" python3 bench/profile_train.py --shape "$shape" --layers 32 --work /tmp/fit_card \
-                --variants peer --steps 10 --out "bench/results/${name}_peer$SUFFIX.json"
-              cp "bench/results/${name}_peer$SUFFIX.json" "$logs/" 2>/dev/null ;;
+              step "${one}_peer" 150 "${name}_peer$SUFFIX" python3 bench/profile_train.py --shape "$shape" --layers 32 \
+                --work /tmp/fit_card --variants peer --steps 10 --out "bench/results/${name}_peer$SUFFIX.json" ;;
       correction_maths) step "$one" 60 "correction_maths$SUFFIX" python3 bench/bench_correction_maths.py \
               --name "correction_maths$SUFFIX" ;;
       fit_*) rest=${one#fit_} && card=${rest##*_} && shape=${rest%_*}
