@@ -1,7 +1,9 @@
 """The operations of the 4-bit error correction's per-layer maths (what nf4_error.whitening and best_correction
 compute) timed apart on the GPU, on Llama-3-8B layer shapes (m x n): cholesky_ex of H = X^T X + ridge (n x n fp32),
-E @ C (m x n by n x n, fp32), the randomized top-16 SVD of E C (svd.top_singular, one layer at a time as the
-correction calls it), the triangular solve R C = V^T, and one X^T X update over 8192 bf16 tokens (cuBLAS into fp32).
+E @ C (m x n by n x n, fp32) whole and as nf4_error.times_lower takes it (C's nonzero blocks only), the randomized
+top-16 SVD of E C (svd.top_singular, one layer at a time as the correction calls it), the triangular solve R C = V^T,
+and one X^T X update over 8192 bf16 tokens (cuBLAS into fp32) whole and as nf4_error.add_gram makes it (the blocks on
+and above the diagonal).
 Then the randomized SVD's small step apart: the eigendecomposition of one 32 x 32 fp64 Gram on the GPU, through a CPU
 round trip, and of 8 at once. Milliseconds: the mean over triton.testing.do_bench's calls, as bench_kernels.py times.
 Usage: python bench/bench_correction_maths.py --name correction_maths_h100
@@ -13,6 +15,7 @@ import torch
 from triton.testing import do_bench
 
 from common import add_output_args, save_result
+from frugal_loraga.nf4_error import add_gram, times_lower
 from frugal_loraga.svd import top_singular
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]  # q and o; k and v; gate and up; down
@@ -33,10 +36,12 @@ def layer_maths(m: int, n: int, tokens: int = 8192) -> dict:
     Vt = top_singular({"E C": EC}, 16, "lowrank")["E C"].V.T.contiguous()
     return {"cholesky_ex": milliseconds(lambda: torch.linalg.cholesky_ex(H)),
             "E@C": milliseconds(lambda: E @ C),
+            "E@C_lower_blocks": milliseconds(lambda: times_lower(E, C)),
             "randomized_svd_16": milliseconds(lambda: top_singular({"E C": EC}, 16, "lowrank")),
             "solve_triangular": milliseconds(lambda: torch.linalg.solve_triangular(C, Vt, upper=False, left=False)),
             f"gram_bf16_{tokens}_tokens": milliseconds(lambda: torch.addmm(H, X.T, X, out_dtype=torch.float32,
-                                                                           out=H))}
+                                                                           out=H)),
+            f"gram_bf16_{tokens}_tokens_upper_blocks": milliseconds(lambda: add_gram(H, X))}
 
 
 def main():

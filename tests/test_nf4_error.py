@@ -21,8 +21,8 @@ from frugal_loraga.estimate.inputs import hidden_of, identical, with_hidden
 from frugal_loraga.init import estimation_batches, initial_corrections, initial_factors
 from frugal_loraga.lora import FrozenLinear, features, find_targets, inject, replace
 from frugal_loraga.models import load_model, resolve_device
-from frugal_loraga.nf4_error import (RIDGE, OriginalWeights, ReadAhead, _block_inputs, _weightings, best_correction,
-                                    layer_bytes, nf4_corrections, whitening)
+from frugal_loraga.nf4_error import (RIDGE, OriginalWeights, ReadAhead, _block_inputs, _groups, _weightings,
+                                    best_correction, layer_bytes, nf4_corrections, whitening)
 from conftest import SAMPLE
 from test_families import ADAPTED, save_tiny
 
@@ -71,6 +71,29 @@ def test_the_diagonal_weighting_is_its_own_optimum():
     scale = (moments + RIDGE * moments.mean()).sqrt()
     U, S, Vh = torch.linalg.svd(error * scale)
     torch.testing.assert_close(L @ R, (U[:, :4] * S[:4]) @ Vh[:4] / scale, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-3)])
+@pytest.mark.parametrize("n", [5, 12, 29])
+def test_block_triangular_products_match_full_ones(n, dtype, tolerance, monkeypatch):
+    """add_gram against X^T X on and above the diagonal (twice, into a sum), its blocks below left as they were;
+    times_lower against E C: block sizes that do not divide n, 16-bit inputs summed in fp32 (on a GPU by cuBLAS
+    into the sum's blocks in place)."""
+    monkeypatch.setattr(nf4_error, "BLOCK", 4)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator().manual_seed(n)
+    X = torch.randn(37, n, generator=generator).to(device, dtype)
+    gram = torch.full((n, n), 7.0, device=device)
+    before = gram.clone()
+    nf4_error.add_gram(gram, X)
+    nf4_error.add_gram(gram, X)
+    expected = before + 2 * X.float().T @ X.float()
+    blocks = torch.block_diag(*[torch.ones(4, 4)] * (n // 4 + 1))[:n, :n]
+    on_or_above = (blocks + torch.ones(n, n).triu()).bool().to(device)
+    torch.testing.assert_close(gram[on_or_above], expected[on_or_above], rtol=tolerance, atol=tolerance * n)
+    assert torch.equal(gram[~on_or_above], before[~on_or_above])
+    E, C = torch.randn(6, n, generator=generator), torch.randn(n, n, generator=generator).tril()
+    torch.testing.assert_close(nf4_error.times_lower(E.to(device), C.to(device)).cpu(), E @ C, rtol=1e-4, atol=1e-4)
 
 
 def test_a_layer_narrower_than_the_rank_gets_zeros_for_the_rest():
@@ -278,10 +301,13 @@ def test_read_ahead_reads_one_weight_ahead_and_raises_a_failed_read_where_it_is_
 
 
 @pytest.mark.parametrize("k_full", [True, False])
-def test_layers_called_on_one_input_share_one_sum_equal_to_each_ones_own(tiny_model_dir, sample_path, k_full):
+def test_layers_called_on_one_input_share_one_sum_equal_to_each_ones_own(tiny_model_dir, sample_path, k_full,
+                                                                         monkeypatch):
     """q, k and v are called on one tensor, as are gate and up: _weightings sums its X^T X once, the same tensor under
-    each name, equal to the sum each layer's own inputs give (pads left out). A layer weighted by its diagonal
-    (k_full False) shares with no full one: k gets its own diagonal and v starts a sum of its own."""
+    each name, equal (in its upper triangle, summed in blocks of 40 columns here) to the sum each layer's own inputs
+    give (pads left out). A layer weighted by its diagonal (k_full False) shares with no full one: k gets its own
+    diagonal and v starts a sum of its own."""
+    monkeypatch.setattr(nf4_error, "BLOCK", 40)
     config, model, tokenizer, device, examples, targets = four_bit_setup(tiny_model_dir, sample_path)
     batches = estimation_batches(examples, config, tokenizer.pad_token_id, device, masked=True)
     layers = {n: t for n, t in targets.items() if ".layers.0." in n}
@@ -308,8 +334,10 @@ def test_layers_called_on_one_input_share_one_sum_equal_to_each_ones_own(tiny_mo
     for name in layers:
         X = torch.cat([x.reshape(-1, x.shape[-1])[batch["attention_mask"].flatten().bool()].double()
                        for x, batch in zip(seen[name], batches, strict=True)])
-        expected = X.T @ X if full[name] else X.square().sum(0)
-        torch.testing.assert_close(sums[name].double(), expected, rtol=1e-4, atol=1e-3)
+        expected = (X.T @ X).triu() if full[name] else X.square().sum(0)
+        summed = sums[name].triu() if full[name] else sums[name]
+        assert X.shape[1] > 40 and X.shape[1] % 40
+        torch.testing.assert_close(summed.double(), expected, rtol=1e-4, atol=1e-3)
 
 
 class Scripted(nn.Module):
@@ -413,6 +441,16 @@ def test_each_sum_and_factor_is_let_go_after_its_last_layer(deep_model_dir, samp
     assert len(corrections) == 7 * len(model.model.layers)
     assert len(groups) > 1 and len(sums_before) < len(corrections)  # several groups, and sums shared within them
     assert all(s() is None for s in sums_before + factors_before)
+
+
+def test_groups_are_whole_decoder_layers_where_one_fits():
+    """A group ends at a decoder layer's end unless a whole one does not fit alone: then that one is split a layer at
+    a time, and the next group may start inside it."""
+    index = {f"{block}.{layer}": block for block in range(4) for layer in "abc"}
+    costs = {name: (4 if block == 2 else 1, 1) for name, block in index.items()}  # block 2 holds 12 + 1
+    whole = [[f"{block}.{layer}" for layer in "abc"] for block in range(4)]
+    assert _groups(list(index), costs, 7, index) == [whole[0] + whole[1], ["2.a"], ["2.b"], ["2.c"], whole[3]]
+    assert _groups(list(index), costs, 8, index) == [whole[0] + whole[1], ["2.a"], ["2.b"], ["2.c"] + whole[3]]
 
 
 def test_layers_that_share_a_sum_share_one_cholesky_factor(tiny_model_dir, sample_path, monkeypatch):
