@@ -8,8 +8,9 @@ which add a little time of their own; the pieces nest: _correction holds best_co
 a piece that a commit lacks is left out): torch's profiler over the whole correction did not finish in 5 minutes at 8B.
 Per phase: the weights (allocated once the model is loaded), the init's peak (taken when training begins), training's
 peak (counters reset after the init). Training tokens/s is timed from the end of step 2 (compile and the first steps
-done) to the last step. allocator_retries: how often over the run the CUDA allocator, at the card's cap, freed its cache
-to retry an allocation (each synchronizes). Writes bench/results/<name>.json.
+done) to the last step; train_step_seconds: each step's after the first, from one progress report to the next (a
+stall shows apart from a steady rate). allocator_retries: how often over the run the CUDA allocator, at the card's
+cap, freed its cache to retry an allocation (each synchronizes). Writes bench/results/<name>.json.
 Usage: python bench/fit_card.py --shape llama3_8b --card-gib 8 --name llama3_8b_8gib
 """
 import argparse
@@ -72,6 +73,8 @@ def run(config: Config, profile: bool = False) -> dict:
             marks["loaded_from"] = torch.cuda.memory_allocated()
         if phase in (Phase.COMPILING, Phase.ESTIMATING) and "weights_gib" not in marks:
             marks["weights_gib"] = (torch.cuda.memory_allocated() - marks["loaded_from"]) / GIB
+        if phase == Phase.TRAINING and done:
+            marks.setdefault("step_ends", []).append(time.perf_counter())
         if phase == Phase.TRAINING and done == 2:
             torch.cuda.synchronize()
             marks["timed_from"] = (time.perf_counter(), metrics["train_tokens"])
@@ -92,6 +95,8 @@ def run(config: Config, profile: bool = False) -> dict:
         return {"error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - start, **marks, **init.peaks,
                 "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
     marks.pop("timed_from", None), marks.pop("loaded_from", None)
+    ends = marks.pop("step_ends", [])
+    marks["train_step_seconds"] = [round(b - a, 4) for a, b in zip(ends, ends[1:])]
     return {"seconds": time.perf_counter() - start, "init_seconds": result.metrics["init_seconds"],
             "estimation_budget_gib": result.metrics.get("estimation_budget_gib"),
             "estimation_groups": result.metrics.get("estimation_groups"),
