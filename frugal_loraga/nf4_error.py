@@ -110,7 +110,9 @@ def whitening(weighting: torch.Tensor) -> Optional[torch.Tensor]:
     diagonal.add_(RIDGE * diagonal.mean().clamp_min(1e-12))
     if weighting.dim() == 1:
         return weighting.sqrt_()
-    # in place: H is symmetric, so its transpose is the column-major layout the factorization writes
+    # in place, on the transpose (the column-major layout the factorization writes): the factorization (LAPACK's,
+    # cuSOLVER's or MAGMA's potrf, lower) reads only the lower triangle of weighting.mT, the upper of weighting, the
+    # one add_gram sums (torch does not document which triangle it reads: test_whitening_reads_only_the_upper_triangle)
     info = torch.empty((), dtype=torch.int32, device=weighting.device)
     torch.linalg.cholesky_ex(weighting.mT, out=(weighting.mT, info))
     return weighting.mT.tril_() if info.item() == 0 else None
@@ -129,7 +131,8 @@ def add_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
 
 def times_lower(E: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """E C (m x n) for C lower triangular (n x n), a column block of BLOCK at a time from C's nonzero rows only:
-    (E C)[:, j block] = E[:, j:] C[j:, j block], about half of a full product's FLOPs on a wide layer."""
+    (E C)[:, j block] = E[:, j:] C[j:, j block]: (k + 1) / 2k of a full product's FLOPs for k blocks (3/4 at
+    n = 4096, 4/7 at n = 14336)."""
     out = E.new_empty(E.shape[0], C.shape[1])
     for j in range(0, C.shape[1], BLOCK):
         torch.mm(E[:, j:], C[j:, j:j + BLOCK], out=out[:, j:j + BLOCK])
