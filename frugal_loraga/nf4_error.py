@@ -375,16 +375,11 @@ def _groups(names: list[str], costs: dict[str, tuple[int, int]], budget_bytes: i
     groups: list[list[str]] = []
     for _, block in itertools.groupby(names, key=index.__getitem__):
         block = list(block)
-        if groups and fits(groups[-1] + block):
-            groups[-1] += block
-        elif fits(block):
-            groups.append(block)
-        else:
-            for name in block:
-                if groups and fits(groups[-1] + [name]):
-                    groups[-1].append(name)
-                else:
-                    groups.append([name])
+        for unit in [block] if fits(block) else [[name] for name in block]:
+            if groups and fits(groups[-1] + unit):
+                groups[-1] += unit
+            else:
+                groups.append(unit)
     return groups
 
 
