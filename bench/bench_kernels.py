@@ -10,7 +10,8 @@ Llama-2-7B layer shapes, in one run.
 - svd: the top-2r SVDs of a group's gradients (one block's 7 layers, and five blocks' 35) as svd.top_singular does
   them (randomized, the small steps batched over the group), vs torch.svd_lowrank layer by layer with the same sketch
   and power iterations; with the energy each captures, ||U^T G V||_F^2, ours over torch's.
-Times are medians of triton.testing.do_bench; writes bench/results/kernels.json (or --out).
+Times are means of triton.testing.do_bench (its default return_mode, though its docstring says median); writes
+bench/results/kernels.json (or --out).
 Usage: python bench/bench_kernels.py
 """
 import argparse

@@ -1,10 +1,10 @@
 """The adapter's shrink (kernels.lora.shrink) of this tree against another commit's, and against cuBLAS, in one run.
 
 For x (2048 x K bf16 tokens) and the parts a layer stacks (A and A0 r x K fp32, r = 8; the correction R, q = 16; B^T
-of the backward, a strided view): each shrink's median time (triton.testing.do_bench), the largest difference of the
-two outputs (0: the same bits), whether this tree's halves are bit-equal where A == A0 and its correction's columns
-those of the correction alone; cuBLAS's x W^T into fp32 (torch.mm, out_dtype) for the stacked weights, for scale; then
-lora_add's forward + backward on Llama-3-8B layer shapes, both trees, with and without the correction.
+of the backward, a strided view): each shrink's mean time (triton.testing.do_bench's default), the largest difference
+of the two outputs (0: the same bits), whether this tree's halves are bit-equal where A == A0 and its correction's
+columns those of the correction alone; cuBLAS's x W^T into fp32 (torch.mm, out_dtype) for the stacked weights, for
+scale; then lora_add's forward + backward on Llama-3-8B layer shapes, both trees, with and without the correction.
 Usage: git worktree add -f --detach .old <commit>; python3 bench/shrink_ab.py --other .old
 Writes bench/results/shrink_ab.json (or --out). Eager calls: in training the stacking is compiled with the layer.
 """
