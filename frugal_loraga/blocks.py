@@ -27,6 +27,9 @@ def block_layout(model: nn.Module, names: list[str]) -> tuple[list[nn.Module], d
     return [], dict.fromkeys(names)
 
 
+KINDS_PER_PROCESS = 64  # compiled graphs of one block forward's code that a process may hold (torch's default: 8)
+
+
 def compile_blocks(blocks: list[nn.Module], any_width: bool = False) -> None:
     """torch.compile each block's forward in place: names and state dict unchanged, and hooks on the block itself stay
     eager. The blocks share compiled graphs, which fuse norms, RoPE, SwiGLU and NF4 dequantization and launch a block's
@@ -38,7 +41,12 @@ def compile_blocks(blocks: list[nn.Module], any_width: bool = False) -> None:
     every dimension for any size, dynamic=True, made a first estimate slower: bench/RESULTS.md.)
     Compiled graphs are cached on disk for the next process, in torch's cache folder (TORCHINDUCTOR_CACHE_DIR; the
     CLI and the app point it at ours: keep_compiled_graphs), the traced autograd of our taps and adapters
-    (autograd.Functions) included, which torch otherwise leaves out of its cache, so a later process compiles little."""
+    (autograd.Functions) included, which torch otherwise leaves out of its cache, so a later process compiles little.
+    torch's recompile_limit is raised to KINDS_PER_PROCESS for the process (never lowered): the blocks of a model
+    family share their forward's code, whose graphs torch keeps per process, a few for each run (estimate, training,
+    with or without grad, each model shape), and past its default of 8 torch runs the blocks eagerly, at a fraction
+    of the speed, with only a warning; the app trains run after run in one process."""
+    torch._dynamo.config.recompile_limit = max(KINDS_PER_PROCESS, torch._dynamo.config.recompile_limit)
     for block in blocks:
         block.forward = _compiled_forward(torch.compile(block.forward), any_width)
 

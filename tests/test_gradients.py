@@ -393,6 +393,33 @@ def test_compiled_blocks_cache_their_graphs_across_processes(tmp_path, monkeypat
     torch._dynamo.reset()
 
 
+def test_compiled_blocks_compile_past_torchs_recompile_limit(monkeypatch):
+    """A block forward's code holds more compiled kinds than torch's default recompile_limit (8) before torch would
+    run it eagerly (the app trains run after run in one process, a few kinds each): ten shapes, each its own graph
+    (automatic dynamic shapes off), all compiled. A higher limit set by the caller stays."""
+    compiled_widths = []
+
+    def backend(graph, example_inputs):
+        compiled_widths.append(example_inputs[-1].shape[1])
+        return graph.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # torch's default; restored after the test
+    block = torch.nn.Linear(3, 2)
+    compile_blocks([block])
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        for width in range(1, 11):
+            assert block(torch.ones(1, width, 3)).shape == (1, width, 2)
+    uncompile_blocks([block])
+    torch._dynamo.reset()
+    assert compiled_widths == list(range(1, 11))
+    torch._dynamo.config.recompile_limit = 1000
+    compile_blocks([block])
+    uncompile_blocks([block])
+    assert torch._dynamo.config.recompile_limit == 1000
+
+
 @pytest.mark.parametrize("any_width", [False, True])
 def test_blocks_compiled_for_any_width_compile_once(tiny_model_dir, any_width, monkeypatch):
     """Batches of two widths through the compiled blocks: one graph when compiled for any width (training on examples
