@@ -54,6 +54,8 @@
 #            defaults, its correction timed piece by piece; LoRA-GA without the correction; the QLoRA peer
 #            (profile_train.py). Writes SHAPE_24gib_speed_{defaults,q0,peer}$SUFFIX.json; about 5 minutes a shape
 #   correction_maths  bench_correction_maths.py: the correction's per-layer maths apart
+#   profile_SHAPE  fit_card.py --profile training: the defaults at 24 GiB (32 estimation samples, 8 steps), the timed
+#            training steps under torch's profiler, its top kernels by GPU and by host time in the step's log
 #   fit_SHAPE_CARD  fit_card.py: finetune()'s defaults on the shape (llama2_7b, llama3_8b, qwen25_14b) capped at CARD GiB,
 #            e.g. fit_llama3_8b_12 writes llama3_8b_12gib.json
 # Usage: bash bench/run_on_device.sh [step ...]   (default: tests kernels 24 8 peft; tests_api in a call of its own)
@@ -184,6 +186,9 @@ for one in "${steps[@]}"; do
                 --work /tmp/fit_card --variants peer --steps 10 --out "bench/results/${name}_peer$SUFFIX.json" ;;
       correction_maths) step "$one" 60 "correction_maths$SUFFIX" python3 bench/bench_correction_maths.py \
               --name "correction_maths$SUFFIX" ;;
+      profile_*) shape=${one#profile_} && name=${shape}_24gib_defaults_profile$SUFFIX
+              step "$one" 240 "$name" python3 bench/fit_card.py --shape "$shape" --card-gib 24 --steps 8 \
+                --estimation-samples 32 --profile training --name "$name" ;;
       fit_*) rest=${one#fit_} && card=${rest##*_} && shape=${rest%_*}
               step "$one" "${FIT_SECONDS:-240}" "${shape}_${card}gib" python3 bench/fit_card.py --shape "$shape" --card-gib "$card" \
                 --name "${shape}_${card}gib" ;;
