@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import time
+import unicodedata
 from pathlib import Path
 from typing import get_type_hints
 
@@ -34,6 +35,7 @@ from frugal_loraga.runs import list_runs, resume_config, run_config
 ROOT = Path(__file__).resolve().parent
 SAMPLE = ROOT / "data" / "sample.jsonl"
 RUNS = ROOT / "runs" / "app"
+UPLOADED = ROOT / "runs" / "uploads"  # copies of uploads for the preview and the CLI command (a run copies its own)
 UPLOADS = Path(gradio.utils.get_upload_folder())  # where Gradio puts what the page uploads
 MODEL_ROOTS = [ROOT / "models"]  # local model folders the page may name: below these (python app.py --models-dir)
 MAX_UPLOAD_BYTES = 50 * 2**20
@@ -56,16 +58,16 @@ def error_text(error: Exception) -> str:
     return f"**Error:** {text}" + (f" (the field '{LABELS[min(named)[1]]}')" if named else "")
 
 
-def sanitize_name(name: str) -> str:
-    """A bare file name of letters, digits, '.', '_' and '-', no path and no leading dot."""
-    clean = re.sub(r"[^A-Za-z0-9._-]", "_", Path(name).name).lstrip(".")
-    return clean or "upload.jsonl"
+def sanitize_name(name: str, fallback: str = "upload.jsonl") -> str:
+    """A bare file name of letters and digits (of any script), '.', '_' and '-', no path and no leading dot; the
+    fallback where nothing is left."""
+    clean = re.sub(r"[^\w.-]", "_", unicodedata.normalize("NFC", Path(name).name)).lstrip(".")
+    return clean or fallback
 
 
-def store_upload(path: str | None, run_folder: Path) -> Path:
-    """Copy a file uploaded through this page into the run's folder (data/) with a sanitized name; the sample when
-    nothing is uploaded. A path the page did not upload (a client can send any) is refused: the app reads no other
-    file."""
+def store_upload(path: str | None, folder: Path) -> Path:
+    """Copy a file uploaded through this page into `folder` with a sanitized name; the sample when nothing is
+    uploaded. A path the page did not upload (a client can send any) is refused: the app reads no other file."""
     if not path:
         return SAMPLE
     source = Path(path).resolve()
@@ -75,7 +77,7 @@ def store_upload(path: str | None, run_folder: Path) -> Path:
         raise DataError(f"{source.name}: unsupported file type; upload .jsonl, .json, .csv or .txt")
     if source.stat().st_size > MAX_UPLOAD_BYTES:
         raise DataError(f"{source.name} is larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
-    target = run_folder / "data" / sanitize_name(source.name)
+    target = folder / sanitize_name(source.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
     return target
@@ -117,7 +119,7 @@ def model_choices() -> list[str]:
 def preview(upload, data_format, model, max_length, columns=None, chat_template="model"):
     """First rows as the model sees them (the loss-bearing part in [[...]]) and token statistics."""
     try:
-        path = store_upload(upload, RUNS / "previews")
+        path = store_upload(upload, UPLOADED)
         config = Config(data=str(path), data_format=data_format, columns=columns or None, chat_template=chat_template)
         tokenizer = load_tokenizer(resolve_model_path(checked_model(model)), trust_remote_code=False)
         examples, report = load_examples(path, data_format, tokenizer, int(max_length), config.column_map(),
@@ -169,8 +171,8 @@ def default_run_name(init: str) -> str:
 
 
 def run_name_or(run_name: str | None, default: str) -> str:
-    """The run's folder name: the one typed, sanitized, or the default when none is."""
-    return sanitize_name(run_name.strip()) if isinstance(run_name, str) and run_name.strip() else default
+    """The run's folder name: the one typed, sanitized, or the default when none is (or nothing of it is left)."""
+    return sanitize_name(run_name.strip(), default) if isinstance(run_name, str) else default
 
 
 KINDS = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}
@@ -200,29 +202,32 @@ def form_settings(form: dict) -> dict:
     return {**settings, "model": checked_model(settings["model"]), "eval_every": max(settings["steps"] // 10, 1)}
 
 
+def as_typed(path: Path) -> Path:
+    """A path as a command typed where the app was started names it: relative below that folder, else absolute."""
+    return Path(os.path.relpath(path)) if path.resolve().is_relative_to(Path.cwd()) else path
+
+
 def form_configs(form: dict, name: str, stored: bool) -> list[Config]:
     """The run's Config (and its plain-LoRA baseline's, at LoRA's learning rate, on the uncorrected base: QLoRA on a
-    4-bit one, when asked) from the form. stored:
-    the uploads are copied into the run's folder; else the configs name them as uploaded (the CLI command)."""
+    4-bit one, when asked) from the form. stored: the uploads are copied into the run's folder (data/); else (the
+    CLI command) into UPLOADED, and the paths are as a command typed where the app was started names them."""
     settings = form_settings(form)
-    if stored:
-        data, eval_data = store_upload(form["upload"], RUNS / name), form["eval_upload"] and str(
-            store_upload(form["eval_upload"], RUNS / name))
-    else:
-        data, eval_data = Path(form["upload"]).name if form["upload"] else SAMPLE, form["eval_upload"] and Path(
-            form["eval_upload"]).name
-    inside = RUNS.resolve().is_relative_to(Path.cwd())  # the app's runs folder, as seen from where it was started
-    out = RUNS if stored or not inside else Path(os.path.relpath(RUNS))
-    configs = [Config(data=str(data), eval_data=eval_data or None, out=str(out / name), progress=not stored,
+    uploads = RUNS / name / "data" if stored else UPLOADED
+    data = store_upload(form["upload"], uploads)
+    eval_data = form["eval_upload"] and store_upload(form["eval_upload"], uploads)
+    shown = (lambda path: path) if stored else as_typed
+    configs = [Config(data=str(shown(data)), eval_data=str(shown(eval_data)) if eval_data else None,
+                      out=str(shown(RUNS / name)), progress=not stored,
                       **settings)]  # the command's progress bars for a terminal; the page shows its own
     if form["baseline"] and settings["init"] == "lora_ga":
         configs.append(dataclasses.replace(configs[0], init="lora", lr=DEFAULT_LR["lora"], nf4_error_rank=0,
-                                           out=str(out / f"{name}-lora")))  # what one runs without us: (Q)LoRA
+                                           out=str(shown(RUNS / f"{name}-lora"))))  # what one runs without us: (Q)LoRA
     return configs
 
 
 def show_command(*values):
-    """The CLI command that runs what Train would (its main run; the data as the files you uploaded)."""
+    """The CLI command that runs what Train would (its main run; the data as copies of the files you uploaded, in
+    UPLOADED), to run where the app was started."""
     form = dict(zip(FORM, values))
     try:
         config = form_configs(form, run_name_or(form["run_name"], default_run_name(form["init"])), stored=False)[0]
@@ -276,6 +281,7 @@ def delete_run(selected: str) -> str:
         if not idle:
             return "A run is in progress: stop it before deleting runs."
         shutil.rmtree(folder)
+        JOBS.forget(folder.name)
     return f"Deleted {folder.name}."
 
 
@@ -353,6 +359,12 @@ def export_zip(selected: str = ""):
             + f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base}), "
               f"{folder.name + '-adapter'!r})\n```")
     return archive, code
+
+
+def export_shown(selected: str = ""):
+    """export_zip, its file box shown only with a file in it."""
+    archive, code = export_zip(selected)
+    return gr.File(archive, visible=archive is not None), code
 
 
 def build_ui() -> gr.Blocks:
@@ -440,7 +452,7 @@ def build_ui() -> gr.Blocks:
             base_out, adapter_out = gr.Textbox(label="Base model"), gr.Textbox(label="With adapter")
         gr.Markdown("### Export (the run selected above)")
         export_button = gr.Button("Download adapter (.zip)")
-        export_file, export_code = gr.File(label="Adapter"), gr.Markdown()
+        export_file, export_code = gr.File(label="Adapter", visible=False), gr.Markdown()  # shown with a file
 
         named = dict(upload=upload, eval_upload=eval_upload, data_format=data_format, columns=columns,
                      chat_template=chat_template, model=model, load_in_4bit=load_in_4bit, init=init, rank=rank,
@@ -450,7 +462,8 @@ def build_ui() -> gr.Blocks:
                      estimation_batch_size=estimation_batch_size, grad_budget_gib=grad_budget_gib,
                      nf4_error_rank=nf4_error_rank, compile=compile_on, baseline=baseline, run_name=run_name)
         form = [named[name] for name in FORM]
-        LABELS.update({name: named[name].label for name in SETTINGS if "_" in name})  # names no sentence uses
+        LABELS.update({name: named[name].label for name in SETTINGS  # names no sentence uses, and the columns
+                       if "_" in name or name == "columns"})  # of a data file, which the column mapping names
         preview_inputs = [upload, data_format, model, max_length, columns, chat_template]
         preview_button.click(preview, preview_inputs, preview_box)
         upload.change(preview, preview_inputs, preview_box)  # a new file, or none (the sample), is shown at once
@@ -472,7 +485,7 @@ def build_ui() -> gr.Blocks:
         stop_button.click(JOBS.stop, None, notice_box).then(poll, selected, shown)
         delete_button.click(delete_run, selected, notice_box).then(poll, selected, shown)
         try_button.click(lambda text, run: try_prompt(text, 64, run), [prompt, selected], [base_out, adapter_out])
-        export_button.click(export_zip, selected, [export_file, export_code])
+        export_button.click(export_shown, selected, [export_file, export_code])
     return ui
 
 

@@ -123,10 +123,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def command_line(config: Config) -> str:
-    """The `frugal-loraga train` command that builds this config: a flag for each setting that differs from its
-    default (the app's "show the CLI command")."""
+    """The `python -m frugal_loraga train` command that builds this config: a flag for each setting that differs from
+    its default (the app's "show the CLI command", the resume hint after Ctrl-C). `python -m` rather than the
+    `frugal-loraga` script: it runs from the repository without `pip install .` too."""
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-    words = ["frugal-loraga", "train"]
+    words = ["python", "-m", "frugal_loraga", "train"]
     for name, value in config.to_dict().items():
         if value == defaults[name]:
             continue

@@ -169,7 +169,8 @@ def detect_format(records: list[dict]) -> str:
         if set(FORMAT_COLUMNS[name]) <= keys:
             return name
     raise DataError(f"cannot tell the format from the columns {sorted(keys)}; expected instruction/output (alpaca), "
-                    "messages (chat), conversations (sharegpt), prompt/completion, or text")
+                    "messages (chat), conversations (sharegpt), prompt/completion, or text, or name yours with "
+                    "columns (e.g. prompt=question,completion=answer)")
 
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",

@@ -58,6 +58,7 @@ class Job:
     curves: dict[str, Metrics] = field(default_factory=dict)  # by run label (its init)
     message: str = ""
     run: str = ""  # the name of the job's main run
+    runs: list[str] = field(default_factory=list)  # the names of all its runs (the main run's, its baseline's)
 
     def busy(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
@@ -67,7 +68,7 @@ class Job:
         message says how it ended."""
         summaries = []
         for index, config in enumerate(configs):
-            label = config.init
+            label, run = config.init, Path(config.out).name
 
             def progress(phase: str, done: int, total: int, metrics: Metrics, label: str = label,
                          index: int = index) -> None:
@@ -86,10 +87,10 @@ class Job:
                 break
             self.curves[label] = result.metrics
             if result.stopped:
-                self.message = ("Stopped; a checkpoint was saved. Select the run and press Resume to continue."
-                                if result.adapter_dir else
-                                "Stopped before training began; nothing was saved. Select the run and press Resume to "
-                                "start it over.")
+                self.message = (f"Stopped {run}; a checkpoint was saved. Select {run} under Runs and press Resume "
+                                "to continue." if result.adapter_dir else
+                                f"Stopped {run} before training began; nothing was saved. Select {run} under Runs and "
+                                "press Resume to start it over.")
                 break
             summaries.append(summary(label, result))
         else:
@@ -143,18 +144,23 @@ class Jobs:
             except ConfigError as e:  # settings this machine cannot run (Config.resolve), e.g. a run from elsewhere
                 return f"**Error:** {e}"
             self.generator.release()  # a Train after a Try gets the whole card
-            self.job = Job(phase="starting", clock=clock, run=name)
+            self.job = Job(phase="starting", clock=clock, run=name, runs=[Path(c.out).name for c in configs])
             self.job.thread = threading.Thread(target=self.job.work, args=(configs,), daemon=True)
             self.job.thread.start()
         return f"Started {name}."
 
     def stop(self) -> str:
-        """Ask the running job to end after its current training step, estimation batch or corrected layer."""
+        """Ask the running job to end after its current training step, estimation batch or corrected layer (its
+        status says so until it has)."""
         if not self.job.busy():
             return "Nothing is running."
         self.job.stop.set()
-        return ("Stopping after the current training step (a checkpoint is written), estimation batch or corrected "
-                "layer...")
+        return ""
+
+    def forget(self, run: str) -> None:
+        """Drop the last job's status and curves if it ran `run` (whose folder the app deletes); within idle()."""
+        if run in self.job.runs:
+            self.job = Job()
 
     def generate(self, folder: Path, prompt: str, max_new_tokens: int) -> dict[str, Completion] | None:
         """Greedy completions of the prompt by the base model and by the run in `folder` with its adapter (its model

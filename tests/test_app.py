@@ -37,6 +37,7 @@ def runs_in_tmp(tmp_path, tmp_path_factory, monkeypatch):
     """Runs under tmp_path; files there count as uploaded, and the tests' model folders may be named. Each test has
     its own jobs: none left from another test."""
     monkeypatch.setattr(app, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(app, "UPLOADED", tmp_path / "uploads")
     monkeypatch.setattr(app, "UPLOADS", tmp_path)
     monkeypatch.setattr(app, "MODEL_ROOTS", [tmp_path_factory.getbasetemp()])
     monkeypatch.setattr(app, "JOBS", jobs.Jobs())
@@ -45,9 +46,12 @@ def runs_in_tmp(tmp_path, tmp_path_factory, monkeypatch):
 
 def test_uploads_are_sanitized_size_limited_and_typed(tmp_path, monkeypatch):
     source = write_jsonl(tmp_path / "..evil name;rm -rf.jsonl", [{"text": "hi"}])
-    stored = app.store_upload(str(source), tmp_path / "runs" / "r")
+    stored = app.store_upload(str(source), tmp_path / "runs" / "r" / "data")
     assert stored.parent == tmp_path / "runs" / "r" / "data" and stored.name == "evil_name_rm_-rf.jsonl"
     assert app.sanitize_name("../../etc/passwd") == "passwd"
+    assert app.sanitize_name("données_été ü.jsonl") == "données_été_ü.jsonl"  # letters of any script stay
+    assert app.sanitize_name("donne\u0301es.jsonl") == "donn\u00e9es.jsonl"  # one spelling of each letter (NFC)
+    assert app.sanitize_name("...") == "upload.jsonl" and app.sanitize_name("...", "run-1") == "run-1"
     (tmp_path / "x.exe").write_text("x")
     with pytest.raises(app.DataError, match="unsupported file type"):
         app.store_upload(str(tmp_path / "x.exe"), tmp_path / "runs" / "r")
@@ -118,7 +122,9 @@ def test_train_with_baseline_plot_try_and_export(tiny_model_dir, monkeypatch, tm
     exec(code.split("```python\n")[1].split("```")[0], scope)  # the code the page shows, as a user runs it
     assert type(scope["model"]).__name__ == "PeftModelForCausalLM"
     assert app.try_prompt("x", 5, "")[0].startswith("Train first, or select a run")
+    assert app.export_shown("first")[0].visible and not app.export_shown("nothing")[0].visible
     assert app.delete_run("first-lora") == "Deleted first-lora." and list(app.runs_table()["name"]) == ["first"]
+    assert app.status()[0] == "**idle**" and app.status()[1]["loss"].isna().all()  # the job that ran it forgotten
 
 
 def test_status_shows_the_whole_jobs_time_left():
@@ -138,9 +144,9 @@ def test_stop_then_resume_from_the_runs_own_folder(tiny_model_dir):
     assert app.start(*form(model=str(tiny_model_dir), steps=200, run_name="long")) == "Started long."
     while app.JOBS.job.phase != "lora: training" and app.JOBS.busy():
         time.sleep(0.05)
-    assert app.JOBS.stop().startswith("Stopping")
+    assert app.JOBS.stop() == "" and "Stop requested" in app.status()[0]  # the status says it, the notice is cleared
     app.JOBS.job.thread.join(60)
-    assert "press Resume" in app.status()[0]
+    assert "Stopped long; a checkpoint was saved. Select long under Runs and press Resume" in app.status()[0]
     assert app.runs_table().set_index("name").loc["long", "status"] == "stopped"
     assert app.resume("long") == "Started long."  # nothing from the form: the settings come from runs/long
     app.JOBS.job.stop.set()
@@ -232,10 +238,13 @@ def test_a_field_of_the_wrong_kind_is_named_before_anything_runs(tiny_model_dir,
     assert not (app.RUNS).exists()
 
 
-def test_an_error_names_the_field_by_its_label_on_the_page(tiny_model_dir):
+def test_an_error_names_the_field_by_its_label_on_the_page(tiny_model_dir, tmp_path):
     app.build_ui()
     assert app.show_command(*form(model=str(tiny_model_dir), grad_budget_gib="lots")) == (
         "**Error:** grad_budget_gib needs a number, got 'lots' (the field 'Gradient budget (GiB)')")
+    questions = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
+    assert app.preview(str(questions), "auto", str(tiny_model_dir), 96).endswith(
+        "(e.g. prompt=question,completion=answer) (the field 'Column mapping (when auto-detection fails)')")
     assert app.show_command(*form(model=str(tiny_model_dir), steps=0)) == "**Error:** steps must be at least 1, got 0"
 
 
@@ -268,7 +277,8 @@ def test_resume_starts_over_a_run_stopped_before_training(tiny_model_dir, tmp_pa
                            upload=str(upload))) == "Started early."
     app.JOBS.job.stop.set()  # seen at the estimate's first batch
     app.JOBS.job.thread.join(60)
-    assert "Stopped before training began; nothing was saved. Select the run and press Resume" in app.status()[0]
+    assert "Stopped early before training began; nothing was saved. Select early under Runs and press Resume" in \
+        app.status()[0]
     assert app.resume("early") == "Started early."
     app.JOBS.job.thread.join(120)
     assert "Finished." in app.status()[0]
@@ -339,17 +349,23 @@ def test_a_run_whose_process_ended_shows_as_interrupted(tmp_path):
     assert app.runs_table().set_index("name").loc["killed", "status"] == "interrupted"
 
 
-def test_the_cli_command_of_the_form_runs_the_same_settings(tiny_model_dir):
+def test_the_cli_command_of_the_form_runs_the_same_settings(tiny_model_dir, tmp_path, monkeypatch):
+    """The command runs where the app was started (here tmp_path) as printed: python -m (no install needed), its
+    paths relative there, the uploads named by copies with sanitized names (Gradio's own copies are temporary)."""
+    monkeypatch.chdir(tmp_path)
+    held_out = write_jsonl(tmp_path / "held out;.jsonl", [{"text": "a b"}])
     shown = app.show_command(*form(model=str(tiny_model_dir), init="lora_ga", rank=4, lr=3e-5, steps=12,
                                    estimation_samples=8, grad_accum=2, schedule="linear", grad_budget_gib=0.5,
-                                   columns="text=body", eval_upload="/somewhere/held out.jsonl", run_name="my run"))
-    assert shown.startswith("```bash\nfrugal-loraga train --model ") and shown.endswith("\n```")
+                                   columns="text=body", eval_upload=str(held_out), run_name="my run"))
+    assert shown.startswith("```bash\npython -m frugal_loraga train --model ") and shown.endswith("\n```")
     for flag in ("--no-load-in-4bit", "--rank 4", "--lr 3e-05", "--steps 12", "--max-length 96",
-                 "--estimation-samples 8", f"--out {app.RUNS / 'my_run'}", f"--data {app.SAMPLE}", "--grad-accum 2",
-                 "--schedule linear", "--grad-budget-gib 0.5", "--columns text=body", "--eval-data 'held out.jsonl'"):
+                 "--estimation-samples 8", "--out runs/my_run", f"--data {app.SAMPLE}", "--grad-accum 2",
+                 "--schedule linear", "--grad-budget-gib 0.5", "--columns text=body",
+                 "--eval-data uploads/held_out_.jsonl"):
         assert flag in shown, flag
+    assert (tmp_path / "uploads" / "held_out_.jsonl").read_text() == held_out.read_text()
     assert "--no-progress" not in shown  # the command is run in a terminal, which shows the progress bars
-    assert re.search(r"--out \S*runs/lora_ga-\d{8}-\d{6}\b", app.show_command(*form(model=str(tiny_model_dir),
+    assert re.search(r"--out runs/lora_ga-\d{8}-\d{6}\b", app.show_command(*form(model=str(tiny_model_dir),
                                                                                  init="lora_ga")))
 
 

@@ -138,19 +138,37 @@ def test_stop_ends_the_job_with_what_was_kept(runner, engine, calls):
     runner.launch("x", CONFIGS)
     while runner.job.phase != "lora_ga: training":
         runner.job.thread.join(0.01)
-    assert runner.stop() == ("Stopping after the current training step (a checkpoint is written), estimation batch "
-                             "or corrected layer...")
+    assert runner.stop() == ""  # the status says it
+    assert runner.job.status().endswith("Stop requested: the run ends after the current step, batch or layer.")
     runner.job.thread.join(10)
-    assert runner.job.status() == ("**idle** Stopped; a checkpoint was saved. Select the run and press Resume to "
-                                   "continue.")
+    assert runner.job.status() == "**idle** Stopped x; a checkpoint was saved. Select x under Runs and press Resume to " \
+                                  "continue."
     assert calls == ["release", "lora_ga"]  # the baseline never started
     assert runner.job.loss_points() == [(1, 2.5, "lora_ga train"), (1, 2.75, "lora_ga eval")]
     engine.saved = False
     runner.launch("x", CONFIGS)
     runner.stop()
     runner.job.thread.join(10)
-    assert runner.job.message == ("Stopped before training began; nothing was saved. Select the run and press "
-                                  "Resume to start it over.")
+    assert runner.job.message == ("Stopped x before training began; nothing was saved. Select x under Runs and "
+                                  "press Resume to start it over.")
+
+
+def test_a_stop_during_the_baseline_names_the_baseline_and_a_delete_forgets_the_job(runner, engine, monkeypatch):
+    """The run stopped is the one to resume; once a run of the last job is deleted, its status and curves go."""
+    finished = FinetuneResult(adapter_dir=Path("runs/x/adapter"), metrics=METRICS, stopped=False)
+    monkeypatch.setattr(jobs, "finetune", lambda config, progress, stop: finished if config.init == "lora_ga" else
+                        engine(config, progress, stop))  # the LoRA-GA run done, the baseline running
+    runner.launch("x", CONFIGS)
+    while runner.job.phase != "lora: training":
+        runner.job.thread.join(0.01)
+    runner.stop()
+    runner.job.thread.join(10)
+    assert runner.job.message == "Stopped x-lora; a checkpoint was saved. Select x-lora under Runs and press Resume " \
+                                 "to continue."
+    runner.forget("other")
+    assert runner.job.message and runner.job.loss_points()
+    runner.forget("x-lora")
+    assert runner.job.status() == "**idle**" and runner.job.loss_points() == []
 
 
 def test_an_error_ends_the_job_and_reaches_the_page(runner, engine, calls):

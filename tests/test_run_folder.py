@@ -70,10 +70,10 @@ def test_the_command_line_of_a_config_builds_the_same_config():
     config = Config(data="my data.jsonl", rank=16, lr=2e-5, use_rslora=False, compile=False,
                     target_modules="q_proj,v_proj", eval_data="held out.jsonl", grad_budget_gib=1.5)
     line = command_line(config)
-    assert line.startswith("frugal-loraga train --data 'my data.jsonl' ") and "--no-use-rslora" in line
-    args = build_parser().parse_args(join_negative_values(shlex.split(line)[1:]))
+    assert line.startswith("python -m frugal_loraga train --data 'my data.jsonl' ") and "--no-use-rslora" in line
+    args = build_parser().parse_args(join_negative_values(shlex.split(line)[3:]))
     assert Config(**{k: v for k, v in vars(args).items() if k != "command"}) == config
-    assert command_line(Config(data="x")) == "frugal-loraga train --data x"
+    assert command_line(Config(data="x")) == "python -m frugal_loraga train --data x"
 
 
 def test_negative_numbers_reach_the_config_as_values():
@@ -241,7 +241,7 @@ def test_ctrl_c_stops_the_run_with_a_checkpoint_and_says_how_to_continue(tiny_mo
     err = run.communicate(timeout=120)[1]
     assert run.returncode == 130, err
     match = re.search(r"stopped after step (\d+) of 500; the checkpoint is in .*run/checkpoint and the adapter so far "
-                      r"in .*adapter. Continue with:\n  (frugal-loraga train .*)", err)
+                      r"in .*adapter. Continue with:\n  (python -m frugal_loraga train .*)", err)
     assert match, err
     assert torch.load(checkpoint_path(out), weights_only=True)["step"] == int(match[1]) > 0
     assert read_record(out)["status"] == "stopped" and (out / "adapter" / "adapter_model.safetensors").exists()
