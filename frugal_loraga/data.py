@@ -162,15 +162,15 @@ def describe(value) -> str:
     return KINDS.get(type(value), type(value).__name__)
 
 
-def detect_format(records: list[dict]) -> str:
-    """The format whose columns the first record has."""
+def detect_format(records: list[dict], file: str = "the data") -> str:
+    """The format whose columns the first record has (file: the file's name, for the message)."""
     keys = set(records[0])
     for name in ("chat", "sharegpt", "alpaca", "prompt_completion", "text"):
         if set(FORMAT_COLUMNS[name]) <= keys:
             return name
-    raise DataError(f"cannot tell the format from the columns {sorted(keys)}; expected instruction/output (alpaca), "
-                    "messages (chat), conversations (sharegpt), prompt/completion, or text, or name yours with "
-                    "columns (e.g. prompt=question,completion=answer)")
+    raise DataError(f"{file}: cannot tell the format from the columns {sorted(keys)}; expected instruction/output "
+                    "(alpaca), messages (chat), conversations (sharegpt), prompt/completion, or text, or name yours "
+                    "with columns (e.g. prompt=question,completion=answer)")
 
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -225,6 +225,8 @@ def check_messages(messages, place: str) -> None:
     if not isinstance(messages, list):
         raise DataError(f"{place}: column 'messages' holds {describe(messages)}, not a list; "
                         f"messages must be a list of {shape} objects")
+    if not messages:
+        raise DataError(f"{place}: column 'messages' is an empty list; a chat needs at least one {shape} object")
     for number, message in enumerate(messages, 1):
         if not isinstance(message, dict):
             raise DataError(f"{place}: message {number} is {describe(message)}, not a {shape} object")
@@ -288,7 +290,9 @@ def render(record: dict, fmt: str, tokenizer, template: str = "model") -> tuple[
     text, spans = chat(messages), []
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
-            start, end = len(chat(messages[:i], gen=True)), len(chat(messages[:i + 1]))
+            end = len(chat(messages[:i + 1]))
+            # a chat that opens with the assistant: its turn from its content on (no prompt to render before it)
+            start = len(chat(messages[:i], gen=True)) if i else max(chat(messages[:1]).find(message["content"]), 0)
             spans.append((start, end))
     return text, spans
 
@@ -304,7 +308,7 @@ def tokenize(records: list[dict], fmt: str, tokenizer, max_length: int, places: 
         record, clipped = clip_record(record, fmt, max_length)
         try:
             text, spans = render(record, fmt, tokenizer, template)
-        except TemplateError as e:
+        except (TemplateError, ValueError) as e:  # transformers' own checks raise ValueError
             raise DataError(f"{place}: the tokenizer's chat template refused the messages ({e}); "
                             "fix their roles or order") from e
         encoded = tokenizer(text, add_special_tokens=not templated, return_offsets_mapping=True)
@@ -325,8 +329,6 @@ def tokenize(records: list[dict], fmt: str, tokenizer, max_length: int, places: 
     if report.truncated:
         log.warning("%d of %d examples were longer than max_length=%d tokens and were truncated",
                     report.truncated, len(records), max_length)
-    if not examples:
-        raise DataError("no usable examples: every response was empty or cut off by max_length; raise max_length")
     return examples, report
 
 
@@ -348,7 +350,7 @@ def read_data(path, fmt: str, columns: Optional[dict[str, str]] = None) -> tuple
     """A data file's records with its columns mapped, its format (detected when 'auto') and each record's place."""
     records, places = read_located(path)
     records = rename_columns(records, columns or {}, places)
-    return records, detect_format(records) if fmt == "auto" else fmt, places
+    return records, detect_format(records, Path(path).name) if fmt == "auto" else fmt, places
 
 
 def load_examples(path, fmt: str, tokenizer, max_length: int, columns: Optional[dict[str, str]] = None,
@@ -359,7 +361,13 @@ def load_examples(path, fmt: str, tokenizer, max_length: int, columns: Optional[
     if fmt == "sharegpt":
         records, fmt = from_sharegpt(records, places), "chat"
     check_columns(records, fmt, places)
-    return tokenize(records, fmt, tokenizer, max_length, places, template)
+    examples, report = tokenize(records, fmt, tokenizer, max_length, places, template)
+    if not examples:
+        cause = (f"every response was cut off by max_length={max_length} or empty; raise max_length"
+                 if report.truncated else "no record has a response to train on: an assistant turn of a chat, a "
+                 "non-empty output, completion or text; check the file's content")
+        raise DataError(f"{Path(path).name}: no usable examples: {cause}")
+    return examples, report
 
 
 def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:

@@ -52,6 +52,21 @@ def test_chat_template_of_the_demo_tokenizer_masks_user_turns(tmp_path):
     assert response_text(demo, example).strip() == "Hi there<|im_end|>"
 
 
+def test_a_chat_that_opens_with_the_assistant_trains_on_its_turns_not_on_the_template_before(tmp_path):
+    """The first turn has no prompt before it to render: its span starts at its content (not at the template's
+    default system prompt, which the demo's adds)."""
+    from transformers import AutoTokenizer
+    from frugal_loraga.models import demo_model_dir
+    demo = AutoTokenizer.from_pretrained(demo_model_dir())
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": [
+        {"role": "assistant", "content": "Hello, how can I help?"}, {"role": "user", "content": "Say hi"},
+        {"role": "assistant", "content": "Hi there"}]}])
+    (example,), _ = load_examples(path, "chat", demo, 256)
+    trained = response_text(demo, example)
+    assert trained.startswith("Hello, how can I help?<|im_end|>") and trained.endswith("Hi there<|im_end|>\n")
+    assert "Say hi" not in trained and "SmolLM" in demo.decode(example.input_ids)  # its system prompt, untrained
+
+
 def test_a_column_mapping_reads_files_whose_columns_are_named_otherwise(tokenizer, tmp_path):
     ours = write_jsonl(tmp_path / "ours.jsonl", [{"instruction": "Add 2 and 3.", "output": "5"}])
     (tmp_path / "theirs.csv").write_text("question,answer\nAdd 2 and 3.,5\n")
@@ -115,13 +130,20 @@ def test_long_texts_are_truncated_and_counted(tokenizer, tmp_path):
      r"array.jsonl line 2: expected a JSON object \{...\}, got a list; put one record object on each line"),
     ('{"text": "ok"}\n{"text": broken\n', "bad.jsonl", "auto", r"bad.jsonl line 2: malformed JSON"),
     ('[1, 2]', "list.json", "auto", "expected a JSON list of objects"),
-    ('{"question": "q", "answer": "a"}\n', "cols.jsonl", "auto", r"cannot tell the format from the columns \['answer', 'question'\]"),
+    ('{"question": "q", "answer": "a"}\n', "cols.jsonl", "auto",
+     r"cols.jsonl: cannot tell the format from the columns \['answer', 'question'\]"),
     ('{"instruction": "i", "output": "o"}\n{"instruction": "i"}\n', "miss.jsonl", "alpaca",
      "miss.jsonl line 2: missing column output"),
     ("a,b\n1,2\n", "data.parquet", "auto", "unsupported file type '.parquet'"),
     (b"\xff\xfe\x00bad", "bin.jsonl", "auto", r"cannot read .*bin.jsonl as UTF-8 text \(byte 0 is not UTF-8\); save "),
     ("caf\xe9".encode("latin-1"), "latin.csv", "auto", r"latin.csv as UTF-8 text \(byte 3 .*save the file as UTF-8"),
-    ('{"instruction": "%s", "output": "x"}\n' % ("long " * 80), "cut.jsonl", "auto", "no usable examples.*raise max_length"),
+    ('{"instruction": "%s", "output": "x"}\n' % ("long " * 80), "cut.jsonl", "auto",
+     "cut.jsonl: no usable examples: every response was cut off by max_length=64 or empty; raise max_length"),
+    ('{"text": ""}\n', "blank.jsonl", "auto", "blank.jsonl: no usable examples: no record has a response to train on"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', "asks.jsonl", "auto",
+     "asks.jsonl: no usable examples: no record has a response to train on: an assistant turn of a chat"),
+    ('{"messages": []}\n', "none.jsonl", "auto",
+     r"none.jsonl line 1: column 'messages' is an empty list; a chat needs at least one \{"),
 ])
 def test_bad_data_files_get_clear_messages(tokenizer, tmp_path, content, name, fmt, message):
     path = tmp_path / name
