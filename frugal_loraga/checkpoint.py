@@ -94,8 +94,9 @@ def check_outputs(config: Config) -> None:
         if metrics.is_dir():
             raise ConfigError(f"metrics_json={metrics} is a folder; give a file path such as {metrics / 'metrics.json'}")
         _probe_writable(metrics.parent, "the metrics file")
-        if metrics.exists() and not (config.resume or config.overwrite):
-            raise ConfigError(f"metrics_json={metrics} exists; choose another path, or replace it with overwrite "
+        if metrics.exists() and not config.overwrite and not (config.resume and _runs_metrics(out, metrics)):
+            raise ConfigError(f"metrics_json={metrics} exists" + (" and is not the metrics file of the run to resume"
+                              if config.resume else "") + "; choose another path, or replace it with overwrite "
                               "(--overwrite)")
     if config.resume or config.overwrite:
         check_not_running_elsewhere(out)
@@ -115,6 +116,12 @@ def check_outputs(config: Config) -> None:
             "continue it with resume (--resume), "
         raise ConfigError(f"{out} already holds a run ({checkpoint_path(out)}); {resumable}choose another out folder, "
                           "or replace it with overwrite (--overwrite)")
+
+
+def _runs_metrics(out: Path, metrics: Path) -> bool:
+    """Whether `metrics` is the metrics_json file the run in `out` was started with (a resume may write it again)."""
+    recorded = ((read_record(out) or {}).get("config") or {}).get("metrics_json")
+    return recorded is not None and Path(recorded).resolve() == metrics.resolve()
 
 
 def check_unfinished(out: str | Path, resume: bool) -> None:

@@ -188,12 +188,20 @@ def test_what_a_run_would_replace_or_cannot_read_is_refused(tiny_model_dir, samp
     assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit") == 2
     assert re.search(r"run holds an adapter \(.*adapter_model.safetensors\) but no checkpoint to resume: the run would "
                      r"replace it; choose another out folder, or replace it with overwrite", capsys.readouterr().err)
+    ours = tmp_path / "ours.json"
     assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--overwrite", "--steps", "4",
-               "--estimation-samples", "4", "--nf4-error-rank", "8") == 0
+               "--estimation-samples", "4", "--nf4-error-rank", "8", "--metrics-json", str(ours)) == 0
     killed_before_export(out)
+    assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--steps", "4", "--resume",
+               "--metrics-json", str(mine)) == 2  # a resume replaces only the run's own metrics file
+    assert f"metrics_json={mine} exists and is not the metrics file of the run to resume; choose another path, or " \
+           "replace it with overwrite" in capsys.readouterr().err
+    assert mine.read_text() == "my numbers"
+    ours.write_text("the run's, to be written again")
     with caplog.at_level("WARNING"):
         assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--steps", "4", "--resume",
-                   "--estimation-samples", "2") == 0
+                   "--estimation-samples", "2", "--metrics-json", str(ours)) == 0
+    assert json.loads(ours.read_text())["train_loss"]
     assert re.search(r"resuming .*state.pt with its own init, made with estimation_samples=4: the "
                      r"estimation_samples=2 here differ and would apply to a new run only", caplog.text)
     assert (out / "adapter" / "adapter_model.safetensors").exists()  # the resume exported what the kill cut short
