@@ -24,16 +24,16 @@ from .blocks import enable_checkpointing, start_compile_workers
 from .config import Config
 from .checkpoint import (atomic_write, check_outputs, clear_previous_run, factors_from_checkpoint, load_checkpoint,
                          read_record, run_inputs, save_checkpoint, write_record)
-from .data import Example, load_examples, split_eval
+from .data import WIDTH_MULTIPLE, Example, load_examples, padded_width, split_eval
 from .distributed import barrier, check_shares, join
-from .errors import OutOfMemory, RunError
+from .errors import ConfigError, OutOfMemory, RunError
 from .export import export_adapter
 from .init import StoppedInEstimate, initial_corrections, initial_factors
 from .lora import check_correction_rank, find_targets, inject, named_targets
 from .memory import check_fits, free_bytes
 from .progress import Metrics, Phase, ProgressFn
-from .models import (check_weight_shapes, load_base, load_tokenizer, model_skeleton, release, resolve_device,
-                     resolve_model_path)
+from .models import (check_weight_shapes, load_base, load_tokenizer, model_skeleton, position_limit, release,
+                     resolve_device, resolve_model_path)
 from .train import train
 
 log = logging.getLogger("frugal_loraga")
@@ -83,6 +83,7 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         config = config.resolve(resolve_device(config).type, state["config"] if state else None)
         model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code)
         skeleton = skeleton_of(model_config, config)
+        check_positions(skeleton, model_config, train_examples + eval_examples, config)
         planned = planned_targets(skeleton, model_path, config, resuming=state is not None)
         if resolve_device(config).type == "cuda":
             check_fits(model_config, config, free_bytes(resolve_device(config)), skeleton, planned)
@@ -163,6 +164,18 @@ def skeleton_of(model_config, config: Config) -> Optional[nn.Module]:
         log.warning("could not build %s without its weights (%s: %s); its layers are checked once it has loaded",
                     config.model, type(e).__name__, e)
         return None
+
+
+def check_positions(skeleton: Optional[nn.Module], model_config, examples: list[Example], config: Config) -> None:
+    """ConfigError where the longest batch (its padded_width) takes more positions than a model with a learned
+    position table embeds (models.position_limit; GPT-2, OPT): it would fail inside the model, after the load."""
+    limit = position_limit(skeleton, model_config) if skeleton is not None else None
+    width = padded_width(max(len(e.input_ids) for e in examples))
+    if limit is not None and width > limit:
+        raise ConfigError(f"{getattr(model_config, 'model_type', 'this model')} embeds at most {limit} positions (a "
+                          f"learned position table) and the longest example takes {width} (max_length="
+                          f"{config.max_length}, padded to a multiple of {WIDTH_MULTIPLE}); lower max_length to "
+                          f"{limit // WIDTH_MULTIPLE * WIDTH_MULTIPLE} or less")
 
 
 def planned_targets(skeleton: Optional[nn.Module], model_path: str, config: Config, resuming: bool

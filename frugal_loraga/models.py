@@ -293,6 +293,17 @@ def model_skeleton(model_config, trust_remote_code: bool) -> nn.Module:
         return AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
 
 
+def position_limit(skeleton: nn.Module, model_config) -> Optional[int]:
+    """The most positions a model with a learned position table (GPT-2's wpe, OPT's embed_positions: an embedding of
+    max_position_embeddings rows, past an offset) can embed; None for one without (rotary or ALiBi positions, for
+    which a longer sequence runs)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    tokens = skeleton.get_input_embeddings()
+    tables = [m for m in skeleton.modules() if isinstance(m, nn.Embedding) and m is not tokens
+              and isinstance(limit, int) and m.num_embeddings - getattr(m, "offset", 0) == limit]
+    return limit if tables else None
+
+
 def check_weight_shapes(path: str, skeleton: nn.Module) -> None:
     """Refuses, before the weights load, a model folder (local, or a hub id's cached snapshot) whose safetensors hold a
     weight of another shape than the model its config.json describes (model_skeleton) under the same name. Names the files and the model do not share

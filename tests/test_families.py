@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from frugal_loraga import Config, finetune
+from frugal_loraga import Config, ConfigError, finetune
 from frugal_loraga.checkpoint import checkpoint_path, factors_from_checkpoint
 from frugal_loraga.data import collate, load_examples
 from frugal_loraga.estimate import estimate_gradient_svd
@@ -17,7 +17,7 @@ from frugal_loraga.fidelity import captured_energy, exact_gradients
 from frugal_loraga.init import estimation_batches, initial_factors
 from frugal_loraga.lora import find_targets, inject
 from frugal_loraga.models import load_model
-from conftest import SAMPLE, make_tokenizer, one_block_budget
+from conftest import SAMPLE, make_tokenizer, one_block_budget, write_jsonl
 
 RANK = 2
 SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -125,3 +125,18 @@ def test_a_4bit_load_names_the_expert_stacks_left_in_16_bits(tmp_path, caplog):
     assert re.search(r"transformers left the 4 expert stacks of MixtralForCausalLM in 16 bits "
                      r"\(model.layers.0.mlp.experts.gate_up_proj, ...: \d\.\d\d GiB\); they are not quantized and take "
                      r"16-bit memory", caplog.text)
+
+
+def test_examples_longer_than_a_learned_position_table_are_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """GPT-2 embeds at most n_positions positions (rotary families have no such table): a longer batch would fail
+    inside the model after the load, so the run stops before it, naming the max_length that fits."""
+    folder = save_tiny(tmp_path / "gpt2", "gpt2")
+    words = " ".join(["the cat sat on the mat"] * 60)  # over 256 tokens
+    data = write_jsonl(tmp_path / "long.jsonl", [{"text": words}] * 4)
+    monkeypatch.setattr("frugal_loraga.api.load_base", lambda *a: pytest.fail("the model loaded"))
+    config = Config(model=str(folder), data=str(data), load_in_4bit=False, max_length=300, out=str(tmp_path / "run"),
+                    progress=False)
+    with pytest.raises(ConfigError, match=r"gpt2 embeds at most 256 positions \(a learned position table\) and the "
+                                          r"longest example takes 304 \(max_length=300, padded to a multiple of 8\); "
+                                          r"lower max_length to 256 or less"):
+        finetune(config)
