@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from frugal_loraga import Config, ConfigError, DataError
-from frugal_loraga.config import DEFAULT_LR, field_type
+from frugal_loraga.config import DEFAULT_LR, KINDS, field_type
 from frugal_loraga.blocks import keep_compiled_graphs
 from frugal_loraga.checkpoint import check_not_running_elsewhere, has_adapter, read_record
 from frugal_loraga.cli import command_line
@@ -173,9 +173,6 @@ def default_run_name(init: str) -> str:
 def run_name_or(run_name: str | None, default: str) -> str:
     """The run's folder name: the one typed, sanitized, or the default when none is (or nothing of it is left)."""
     return sanitize_name(run_name.strip(), default) if isinstance(run_name, str) else default
-
-
-KINDS = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}
 
 
 def form_value(name: str, value):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union, get_args, get_origin, get_type_hints
 
@@ -40,6 +42,22 @@ def field_type(hint) -> tuple[type, Optional[list], bool]:
     if get_origin(hint) is Literal:
         return str, list(get_args(hint)), optional
     return hint, None, optional
+
+
+KINDS = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}  # a value type, in words
+
+
+def as_kind(value, kind: type, optional: bool):
+    """value as a field of this value type (field_type) holds it, or TypeError: a path as text, any integer (numpy's
+    too) as an int, any real number as a float; a bool only where a bool is asked; None only in an optional field."""
+    if value is None and optional or isinstance(value, bool) and kind is bool:
+        return value
+    if kind is str and isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    if kind in (int, float) and not isinstance(value, bool) and \
+            isinstance(value, numbers.Integral if kind is int else numbers.Real):
+        return kind(value)
+    raise TypeError(f"needs {KINDS[kind]}")
 
 
 def _f(default, help: str, **kw):
@@ -129,9 +147,17 @@ class Config:
 
     def __post_init__(self):
         for name, hint in get_type_hints(type(self)).items():
-            value = getattr(self, name)
+            try:
+                value = as_kind(getattr(self, name), *field_type(hint)[::2])
+            except TypeError as e:
+                raise ConfigError(f"{name} {e}, got {getattr(self, name)!r}") from None
+            setattr(self, name, value)
             if get_origin(hint) is Literal and value not in get_args(hint):
                 raise ConfigError(f"{name}={value!r} is not one of {', '.join(get_args(hint))}")
+        for name in ("model", "out"):
+            if not getattr(self, name).strip():
+                raise ConfigError(f"{name} is empty; give " + ("'demo', a model folder or a hub id" if name == "model"
+                                                               else "a folder for the run"))
         positive = ["rank", "max_length", "estimation_samples", "estimation_batch_size", "steps", "batch_size",
                     "grad_accum", "eval_samples"]
         for name in positive:

@@ -1,6 +1,8 @@
 """End to end through finetune() and the CLI: resume, model and setting errors, out-of-memory, the demo run."""
 import json
+import re
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,6 +181,29 @@ def test_batches_of_several_widths_run_without_cudnn_attention(tiny_model_dir, t
     assert all(width % 8 == 0 for _, width, _ in seen)
     assert {allowed for _, _, allowed in seen} == {not several_widths}
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(load_in_4bit="no"), "load_in_4bit needs true or false, got 'no'"),  # a non-empty string is truthy
+    (dict(rank=2.5), "rank needs a whole number, got 2.5"),
+    (dict(rank="8"), "rank needs a whole number, got '8'"),
+    (dict(steps=True), "steps needs a whole number, got True"),
+    (dict(lr="1e-4"), "lr needs a number, got '1e-4'"),
+    (dict(target_modules=None), "target_modules needs text, got None"),
+    (dict(data=123), "data needs text, got 123"),
+    (dict(model=" "), "model is empty; give 'demo', a model folder or a hub id"),
+    (dict(out=""), "out is empty; give a folder for the run"),  # it would write the run where Python runs
+])
+def test_a_setting_of_the_wrong_kind_is_refused_by_name(setting, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Config(**{"data": "x", **setting})
+
+
+def test_settings_take_paths_and_any_number_type():
+    import numpy as np
+    config = Config(data=Path("d.jsonl"), out=Path("runs/x"), rank=np.int64(4), lr=1, alpha=np.float32(8))
+    assert (config.data, config.out, config.rank, config.lr, config.alpha) == ("d.jsonl", "runs/x", 4, 1.0, 8.0)
+    assert [type(v) for v in (config.data, config.rank, config.lr, config.alpha)] == [str, int, float, float]
 
 
 def test_config_validation():
