@@ -42,6 +42,8 @@ RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "metrics_json", "save_ev
                      "data", "eval_data", "model", "embeddings_on_cpu", "gradient_checkpointing",
                      "keep_activations_gib", *INIT_SETTINGS}
 RECORD = "run.json"
+UMASK = os.umask(0o022)  # the file-mode mask, read (by setting it) once at import, before any thread makes files,
+os.umask(UMASK)  # and set back
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what export_adapter writes in an adapter folder
 ADAPTER_FOLDERS = ("adapter", "adapter_nf4")  # for the original base; for the 4-bit base, with its correction
 
@@ -195,6 +197,7 @@ def atomic_write(path: Path, write: Callable[[Path], None], last_good: str = "")
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~UMASK)  # as open() makes a file: some writers (safetensors) make theirs private
         os.replace(tmp, path)
     except Exception as e:  # torch and safetensors report a full disk in errors of their own, not as OSError
         tmp.unlink(missing_ok=True)

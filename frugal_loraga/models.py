@@ -185,7 +185,8 @@ def _check_weights(path: Path) -> None:
 def _check_local_folder(path: Path, trust_remote_code: bool) -> None:
     """Refuses, without loading weights, a folder that is not a decoder-only causal LM with sound safetensors."""
     if not path.is_dir():
-        raise ConfigError(f"model folder {path} does not exist; give 'demo', a local folder, or a hub id (org/name)")
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise ConfigError(f"model folder {path} {what}; give 'demo', a local folder, or a hub id (org/name)")
     if not (path / "config.json").exists():
         raise ConfigError(f"{path} has no config.json: it is not a Hugging Face model folder")
     _check_causal(path, _read_model_config(path, trust_remote_code), trust_remote_code)

@@ -114,6 +114,7 @@ def test_cli_trains_and_writes_metrics(tiny_model_dir, sample_path, tmp_path, ca
 
 @pytest.mark.parametrize("args,message", [
     (["--model", "/nonexistent/model"], "model folder /nonexistent/model does not exist"),
+    (["--model", __file__], f"model folder {__file__} is a file, not a folder; give 'demo', a local folder"),
     (["--rank", "0"], "rank must be at least 1"),
     (["--data", "/nonexistent.jsonl"], "data file /nonexistent.jsonl does not exist"),
     (["--target-modules", "embed_tokens"], "only linear layers and mixture-of-experts expert stacks can be adapted"),

@@ -10,6 +10,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -18,11 +19,12 @@ import time
 import bitsandbytes as bnb
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import frugal_loraga.api as api_module
 import frugal_loraga.checkpoint as checkpoint_module
 from frugal_loraga import Config, ConfigError, DataError, RunError, finetune
-from frugal_loraga.checkpoint import checkpoint_path, process_identity, read_record
+from frugal_loraga.checkpoint import UMASK, atomic_write, checkpoint_path, process_identity, read_record
 from frugal_loraga.runs import list_runs, run_config
 from frugal_loraga.cli import build_parser, command_line, ctrl_c_stops, join_negative_values, main
 
@@ -360,3 +362,11 @@ def test_each_run_keeps_a_record_that_lists_and_resumes_it(tiny_model_dir, sampl
     resumed = finetune(dataclasses.replace(config, resume=True))
     assert [s for s, _ in resumed.metrics["train_loss"]] == [1, 2, 3]
     assert read_record(root / "stopped")["status"] == "finished"
+
+
+def test_written_files_have_the_mode_open_gives(tmp_path):
+    """safetensors makes its files private (0600): the adapter a run writes is readable as its other files are."""
+    path = tmp_path / "adapter" / "adapter_model.safetensors"
+    atomic_write(path, lambda tmp: save_file({"x": torch.zeros(2)}, str(tmp)))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~UMASK
+    assert not list(path.parent.glob("*.tmp"))
