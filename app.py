@@ -233,6 +233,19 @@ def show_command(*values):
     return f"```bash\n{command_line(config)}\n```"
 
 
+def running_form() -> list:
+    """The Train form as the running job filled it (its main run's settings, its name, whether a baseline runs), for a
+    page loaded while it runs; unchanged fields (the file boxes: a file cannot be sent back) where none runs."""
+    job = JOBS.job
+    if not JOBS.busy() or not job.configs:
+        return [gr.update() for _ in FORM]
+    config = job.configs[0]
+    shown = {name: getattr(config, name) for name in SETTINGS}
+    shown.update({name: shown[name] or "" for name in ("columns", "grad_budget_gib")})  # text boxes: empty, not None
+    shown.update(baseline=len(job.configs) > 1, run_name=job.run)
+    return [shown[name] if name in shown else gr.update() for name in FORM]
+
+
 def start(*values):
     """Start a new named run (and its plain-LoRA baseline, run_name-lora) in its own folder below RUNS."""
     form = dict(zip(FORM, values))
@@ -476,7 +489,8 @@ def build_ui() -> gr.Blocks:
         timer = gr.Timer(1.0, active=False)
         shown = [status_box, plot, timer, runs, selected]
         timer.tick(poll, selected, shown)
-        ui.load(poll, selected, shown)  # a reloaded page picks up the runs and a running job
+        ui.load(poll, selected, shown)  # a reloaded page picks up the runs and a running job, and its settings
+        ui.load(running_form, None, form)
         start_button.click(start, form, notice_box).then(poll, selected, shown)
         resume_button.click(resume, selected, notice_box).then(poll, selected, shown)
         stop_button.click(JOBS.stop, None, notice_box).then(poll, selected, shown)

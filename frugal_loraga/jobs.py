@@ -59,6 +59,7 @@ class Job:
     message: str = ""
     run: str = ""  # the name of the job's main run
     runs: list[str] = field(default_factory=list)  # the names of all its runs (the main run's, its baseline's)
+    configs: list[Config] = field(default_factory=list)  # its runs' settings, in order
 
     def busy(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
@@ -144,7 +145,8 @@ class Jobs:
             except ConfigError as e:  # settings this machine cannot run (Config.resolve), e.g. a run from elsewhere
                 return f"**Error:** {e}"
             self.generator.release()  # a Train after a Try gets the whole card
-            self.job = Job(phase="starting", clock=clock, run=name, runs=[Path(c.out).name for c in configs])
+            self.job = Job(phase="starting", clock=clock, run=name, runs=[Path(c.out).name for c in configs],
+                           configs=configs)
             self.job.thread = threading.Thread(target=self.job.work, args=(configs,), daemon=True)
             self.job.thread.start()
         return f"Started {name}."

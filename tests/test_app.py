@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import gradio as gr
 import pytest
 import torch
 
@@ -144,10 +145,15 @@ def test_stop_then_resume_from_the_runs_own_folder(tiny_model_dir):
     assert app.start(*form(model=str(tiny_model_dir), steps=200, run_name="long")) == "Started long."
     while app.JOBS.job.phase != "lora: training" and app.JOBS.busy():
         time.sleep(0.05)
+    restored = dict(zip(app.FORM, app.running_form()))  # what a page loaded now shows in the form
+    assert (restored["steps"], restored["run_name"], restored["baseline"], restored["grad_budget_gib"]) == \
+        (200, "long", False, "")
+    assert restored["upload"] == gr.update()  # a file box is left as it is
     assert app.JOBS.stop() == "" and "Stop requested" in app.status()[0]  # the status says it, the notice is cleared
     app.JOBS.job.thread.join(60)
     assert "Stopped long; a checkpoint was saved. Select long under Runs and press Resume" in app.status()[0]
     assert app.runs_table().set_index("name").loc["long", "status"] == "stopped"
+    assert app.running_form() == [gr.update()] * len(app.FORM)  # no job runs: the form as the user left it
     assert app.resume("long") == "Started long."  # nothing from the form: the settings come from runs/long
     app.JOBS.job.stop.set()
     app.JOBS.job.thread.join(60)
