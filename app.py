@@ -26,6 +26,7 @@ from frugal_loraga.config import DEFAULT_LR, KINDS, field_type
 from frugal_loraga.blocks import keep_compiled_graphs
 from frugal_loraga.checkpoint import check_not_running_elsewhere, has_adapter, read_record
 from frugal_loraga.cli import command_line
+from frugal_loraga.export import peft_load_fix
 from frugal_loraga.data import IGNORE, load_examples
 from frugal_loraga.jobs import Jobs
 from frugal_loraga.memory import card, decoder_shapes, estimate_memory_gib, fit_advice, weights_advice
@@ -363,9 +364,10 @@ def export_zip(selected: str = ""):
     model = run_config(folder).model
     demo = model == "demo"  # its folder is the one frugal-loraga converts on each machine
     base = "demo_model_dir()" if demo else repr(model)
+    fix = peft_load_fix(folder / "adapter")
     code = (f"Unzip {Path(archive).name} into a folder `{folder.name}-adapter`, then:\n\n"
             "```python\nfrom transformers import AutoModelForCausalLM\nfrom peft import PeftModel\n"
-            + ("from frugal_loraga.models import demo_model_dir\n" if demo else "")
+            + ("from frugal_loraga.models import demo_model_dir\n" if demo else "") + (f"{fix}\n" if fix else "")
             + f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base}), "
               f"{folder.name + '-adapter'!r})\n```")
     return archive, code

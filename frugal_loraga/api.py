@@ -27,7 +27,7 @@ from .checkpoint import (atomic_write, check_outputs, clear_previous_run, factor
 from .data import WIDTH_MULTIPLE, Example, load_examples, padded_width, split_eval
 from .distributed import barrier, check_shares, join
 from .errors import ConfigError, OutOfMemory, RunError
-from .export import export_adapter
+from .export import export_adapter, peft_load_fix
 from .init import StoppedInEstimate, initial_corrections, initial_factors
 from .lora import check_correction_rank, find_targets, inject, named_targets
 from .memory import check_fits, free_bytes
@@ -132,6 +132,9 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         metrics["peak_memory_gib"] = peak_memory_gib(device)
         phase = enter(Phase.SAVING)
         adapter_dir = export_adapter(layers, config, model.name_or_path, Path(config.out) / "adapter")
+        if fix := peft_load_fix(adapter_dir):
+            log.warning("PEFT misreads adapters of %s (it takes its dense layers for experts); before "
+                        "PeftModel.from_pretrained, run:\n  %s", model.config.model_type, fix)
         if corrections:  # the same adapter for the 4-bit base: with the correction that stands in for the original
             export_adapter(layers, config, model.name_or_path, Path(config.out) / "adapter_nf4", with_correction=True)
         write_metrics(metrics, config)

@@ -60,3 +60,25 @@ def export_adapter(layers: dict[str, nn.Module], config: Config, base_model: str
     atomic_write(out_dir / config_file, lambda tmp: tmp.write_text(config_json))
     atomic_write(out_dir / weights_file, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     return out_dir
+
+
+def peft_load_fix(adapter_dir: str | Path) -> str:
+    """The line to run before PeftModel.from_pretrained loads this adapter, or "" where none is needed. PEFT (0.21)
+    rewrites the config of an adapter for a mixture-of-experts family that transformers converts from its v4 layout
+    (DeepSeek-V2/V3, GLM-4-MoE, ...) as if it had been trained under transformers 4: it takes linear layers named as
+    v4 named the experts' projections (a dense layer's or a shared expert's gate_proj, up_proj, down_proj) for
+    experts, drops them from the targets and doubles the experts' rank, so the adapter does not load (or loads
+    without them). Taking the family out of PEFT's table of v4 layouts (a private one) leaves the config as saved."""
+    try:
+        from peft.utils.transformers_weight_conversion import (_MODEL_TO_CONVERSION_PATTERN,
+                                                               _MOE_TARGET_MODULE_MAPPING)
+        from transformers import AutoConfig
+        saved = json.loads((Path(adapter_dir) / ADAPTER_FILES[0]).read_text())
+        model_type = AutoConfig.from_pretrained(saved["base_model_name_or_path"]).model_type
+    except Exception:  # another PEFT, or a base that cannot be read here: nothing known to fix
+        return ""
+    v4_names = _MOE_TARGET_MODULE_MAPPING.get(_MODEL_TO_CONVERSION_PATTERN.get(model_type), {})
+    if not any(t == name or t.endswith(f".{name}") for t in saved.get("target_modules") or [] for name in v4_names):
+        return ""
+    return ("import peft.utils.transformers_weight_conversion as conversion; "
+            f"conversion._MODEL_TO_CONVERSION_PATTERN.pop({model_type!r}, None)  # PEFT would misread this adapter")

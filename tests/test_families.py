@@ -49,14 +49,14 @@ ADAPTED = {
 }
 
 
-def save_tiny(folder, model_type: str, layers: int = 2):
-    """A model of the family (2 decoder layers unless said) with the tests' tokenizer, weights larger than the default
-    init so that the gradients have structure beyond noise."""
+def save_tiny(folder, model_type: str, layers: int = 2, **sizes):
+    """A model of the family (2 decoder layers unless said, SIZES but for `sizes`) with the tests' tokenizer, weights
+    larger than the default init so that the gradients have structure beyond noise."""
     tokenizer = make_tokenizer()
     ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
-    sizes = {**SIZES, "num_hidden_layers": layers, **HEAD_DIM.get(model_type, {})}
+    sizes = {**SIZES, "num_hidden_layers": layers, **HEAD_DIM.get(model_type, {}), **sizes}
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes, **ids))
     with torch.no_grad():
         for p in model.parameters():
@@ -140,3 +140,30 @@ def test_examples_longer_than_a_learned_position_table_are_refused_before_the_mo
                                           r"longest example takes 304 \(max_length=300, padded to a multiple of 8\); "
                                           r"lower max_length to 256 or less"):
         finetune(config)
+
+
+def test_an_adapter_peft_would_misread_loads_after_the_line_the_run_gives(tmp_path, caplog, monkeypatch):
+    """DeepSeek-V3 has a dense first layer and shared experts whose gate_proj / up_proj / down_proj PEFT takes for
+    transformers 4's expert projections (the family is in its table of v4 layouts): it drops those targets and
+    doubles the experts' rank. The run names the line that stops it; after it, PEFT gives our logits."""
+    import peft.utils.transformers_weight_conversion as conversion
+    from frugal_loraga.export import peft_load_fix
+    folder = save_tiny(tmp_path / "deepseek_v3", "deepseek_v3", num_key_value_heads=4,  # its attention: one per head
+                       first_k_dense_replace=1, n_routed_experts=4, n_group=1, topk_group=1)  # a dense layer, experts
+    config = Config(model=str(folder), data=str(SAMPLE), rank=RANK, load_in_4bit=False, dtype="float32", steps=2,
+                    lr=5e-3, estimation_samples=4, eval_every=0, out=str(tmp_path / "run"), progress=False)
+    with caplog.at_level(logging.WARNING, "frugal_loraga"):
+        result = finetune(config)
+    fix = peft_load_fix(result.adapter_dir)
+    assert fix and f"PEFT misreads adapters of deepseek_v3 (it takes its dense layers for experts); before " \
+                   f"PeftModel.from_pretrained, run:\n  {fix}" in caplog.text
+    model, tokenizer, device = load_model(config)
+    state = torch.load(checkpoint_path(config.out), weights_only=True)
+    inject(model, factors_from_checkpoint(state["adapter"], device)[0], config.eta)
+    batch = collate(load_examples(SAMPLE, "auto", tokenizer, 96)[0][:3], tokenizer.pad_token_id, device)
+    monkeypatch.setattr(conversion, "_MODEL_TO_CONVERSION_PATTERN", dict(conversion._MODEL_TO_CONVERSION_PATTERN))
+    exec(fix, {})  # as the user runs it
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(base, result.adapter_dir), batch),
+                               logits(model, batch), rtol=1e-3, atol=1e-3)  # a few logits 2e-4 apart: fp32 sums
+    assert peft_load_fix(tmp_path / "nowhere") == ""
