@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
+import shlex
 import shutil
 import time
 import unicodedata
@@ -36,7 +36,7 @@ from frugal_loraga.runs import list_runs, resume_config, run_config
 ROOT = Path(__file__).resolve().parent
 SAMPLE = ROOT / "data" / "sample.jsonl"
 RUNS = ROOT / "runs" / "app"
-UPLOADED = ROOT / "runs" / "uploads"  # copies of uploads for the preview and the CLI command (a run copies its own)
+UPLOADED = ROOT / "runs" / "uploads"  # copies of uploads for the CLI commands, by run name (a run copies its own)
 UPLOADS = Path(gradio.utils.get_upload_folder())  # where Gradio puts what the page uploads
 MODEL_ROOTS = [ROOT / "models"]  # local model folders the page may name: below these (python app.py --models-dir)
 MAX_UPLOAD_BYTES = 50 * 2**20
@@ -49,26 +49,32 @@ SETTINGS = ["data_format", "columns", "chat_template", "model", "load_in_4bit", 
 FORM = ["upload", "eval_upload", *SETTINGS, "baseline", "run_name"]  # the Train form, in the order handlers take it
 JOBS = Jobs()  # the page's one job at a time, and its Try model
 LABELS: dict[str, str] = {}  # Config setting -> its field's label on the page (build_ui fills it)
+MENTIONS = {"columns": r"\bwith columns\b"}  # how a message names a setting whose name is a word of its own
 
 
 def error_text(error: Exception) -> str:
     """An error as the page shows it: with the label, on the page, of the first setting it names by its Config name
     (the CLI's), so that a newcomer finds the field."""
     text = str(error)
-    named = [(match.start(), name) for name in LABELS if (match := re.search(rf"\b{name}\b", text))]
+    named = [(match.start(), name) for name in LABELS if (match := re.search(MENTIONS.get(name, rf"\b{name}\b"), text))]
     return f"**Error:** {text}" + (f" (the field '{LABELS[min(named)[1]]}')" if named else "")
 
 
+MAX_NAME_BYTES = 100  # of a sanitized name in UTF-8: well below file systems' 255
+
+
 def sanitize_name(name: str, fallback: str = "upload.jsonl") -> str:
-    """A bare file name of letters and digits (of any script), '.', '_' and '-', no path and no leading dot; the
-    fallback where nothing is left."""
+    """A bare file name of letters and digits (of any script), '.', '_' and '-', no path and no leading dot, at most
+    MAX_NAME_BYTES (its stem cut, its suffix kept); the fallback where nothing is left."""
     clean = re.sub(r"[^\w.-]", "_", unicodedata.normalize("NFC", Path(name).name)).lstrip(".")
-    return clean or fallback
+    suffix = Path(clean).suffix if len(Path(clean).suffix.encode()) < MAX_NAME_BYTES // 2 else ""
+    stem = clean[:len(clean) - len(suffix)].encode()[:MAX_NAME_BYTES - len(suffix.encode())].decode(errors="ignore")
+    return stem + suffix if stem else fallback
 
 
-def store_upload(path: str | None, folder: Path) -> Path:
-    """Copy a file uploaded through this page into `folder` with a sanitized name; the sample when nothing is
-    uploaded. A path the page did not upload (a client can send any) is refused: the app reads no other file."""
+def uploaded(path: str | None) -> Path:
+    """A file uploaded through this page, checked (type, size); the sample when nothing is uploaded. A path the page
+    did not upload (a client can send any) is refused: the app reads no other file."""
     if not path:
         return SAMPLE
     source = Path(path).resolve()
@@ -78,6 +84,14 @@ def store_upload(path: str | None, folder: Path) -> Path:
         raise DataError(f"{source.name}: unsupported file type; upload .jsonl, .json, .csv or .txt")
     if source.stat().st_size > MAX_UPLOAD_BYTES:
         raise DataError(f"{source.name} is larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
+    return source
+
+
+def store_upload(path: str | None, folder: Path) -> Path:
+    """A copy of an uploaded file (uploaded) in `folder`, with a sanitized name; the sample when nothing is uploaded."""
+    source = uploaded(path)
+    if source == SAMPLE:
+        return SAMPLE
     target = folder / sanitize_name(source.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
@@ -120,7 +134,7 @@ def model_choices() -> list[str]:
 def preview(upload, data_format, model, max_length, columns=None, chat_template="model"):
     """First rows as the model sees them (the loss-bearing part in [[...]]) and token statistics."""
     try:
-        path = store_upload(upload, UPLOADED)
+        path = uploaded(upload)
         config = Config(data=str(path), data_format=data_format, columns=columns or None, chat_template=chat_template)
         tokenizer = load_tokenizer(resolve_model_path(checked_model(model)), trust_remote_code=False)
         examples, report = load_examples(path, data_format, tokenizer, int(max_length), config.column_map(),
@@ -134,7 +148,8 @@ def preview(upload, data_format, model, max_length, columns=None, chat_template=
         prompt = tokenizer.decode([i for i, l in zip(e.input_ids, e.labels) if l == IGNORE])
         target = tokenizer.decode([i for i, l in zip(e.input_ids, e.labels) if l != IGNORE])
         rows.append(f"```\n{prompt}[[{target}]]\n```")
-    return (f"**{path.name}**: {report.summary()}\n\nThe first rows as the model sees them; the loss is on the part in "
+    return (f"**{sanitize_name(path.name)}**: {report.summary()}\n\nThe first rows as the model sees them; the loss "
+            "is on the part in "
             "[[ ]] (the answers), the rest is context.\n\n" + "\n".join(rows))
 
 
@@ -200,20 +215,20 @@ def form_settings(form: dict) -> dict:
     return {**settings, "model": checked_model(settings["model"]), "eval_every": max(settings["steps"] // 10, 1)}
 
 
-def as_typed(path: Path) -> Path:
-    """A path as a command typed where the app was started names it: relative below that folder, else absolute."""
-    return Path(os.path.relpath(path)) if path.resolve().is_relative_to(Path.cwd()) else path
+def from_root(path: Path) -> Path:
+    """A path as a command run in the app's folder (ROOT) names it: relative below it, else absolute."""
+    return path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path
 
 
 def form_configs(form: dict, name: str, stored: bool) -> list[Config]:
     """The run's Config (and its plain-LoRA baseline's, at LoRA's learning rate, on the uncorrected base: QLoRA on a
     4-bit one, when asked) from the form. stored: the uploads are copied into the run's folder (data/); else (the
-    CLI command) into UPLOADED, and the paths are as a command typed where the app was started names them."""
+    CLI command) into UPLOADED/<name>, and the paths are as a command run in the app's folder names them."""
     settings = form_settings(form)
-    uploads = RUNS / name / "data" if stored else UPLOADED
+    uploads = RUNS / name / "data" if stored else UPLOADED / name
     data = store_upload(form["upload"], uploads)
     eval_data = form["eval_upload"] and store_upload(form["eval_upload"], uploads)
-    shown = (lambda path: path) if stored else as_typed
+    shown = (lambda path: path) if stored else from_root
     configs = [Config(data=str(shown(data)), eval_data=str(shown(eval_data)) if eval_data else None,
                       out=str(shown(RUNS / name)), progress=not stored,
                       **settings)]  # the command's progress bars for a terminal; the page shows its own
@@ -225,13 +240,13 @@ def form_configs(form: dict, name: str, stored: bool) -> list[Config]:
 
 def show_command(*values):
     """The CLI command that runs what Train would (its main run; the data as copies of the files you uploaded, in
-    UPLOADED), to run where the app was started."""
+    UPLOADED), in the app's folder, where `python -m frugal_loraga` finds the package without an install."""
     form = dict(zip(FORM, values))
     try:
         config = form_configs(form, run_name_or(form["run_name"], default_run_name(form["init"])), stored=False)[0]
     except (ConfigError, DataError) as e:
         return error_text(e)
-    return f"```bash\n{command_line(config)}\n```"
+    return f"```bash\ncd {shlex.quote(str(ROOT))} && {command_line(config)}\n```"
 
 
 def running_form() -> list:
@@ -242,6 +257,10 @@ def running_form() -> list:
         return [gr.update() for _ in FORM]
     config = job.configs[0]
     shown = {name: getattr(config, name) for name in SETTINGS}
+    try:
+        checked_model(config.model)
+    except ConfigError:  # a run made elsewhere (the CLI) names a folder the page does not show
+        del shown["model"]
     shown.update({name: shown[name] or "" for name in ("columns", "grad_budget_gib")})  # text boxes: empty, not None
     shown.update(baseline=len(job.configs) > 1, run_name=job.run)
     return [shown[name] if name in shown else gr.update() for name in FORM]
@@ -259,7 +278,7 @@ def start(*values):
         configs = form_configs(form, name, stored=True)  # every field checked before a file is copied
     except (ConfigError, DataError) as e:
         return error_text(e)
-    return JOBS.launch(name, configs)
+    return JOBS.launch(configs)
 
 
 def resume(selected: str):
@@ -270,7 +289,7 @@ def resume(selected: str):
         config = resume_config(folder)
     except (ConfigError, FileNotFoundError) as e:
         return error_text(e)
-    return JOBS.launch(selected, [config])
+    return JOBS.launch([config])
 
 
 def run_folder(selected: str) -> Path:
@@ -474,8 +493,7 @@ def build_ui() -> gr.Blocks:
                      estimation_batch_size=estimation_batch_size, grad_budget_gib=grad_budget_gib,
                      nf4_error_rank=nf4_error_rank, compile=compile_on, baseline=baseline, run_name=run_name)
         form = [named[name] for name in FORM]
-        LABELS.update({name: named[name].label for name in SETTINGS  # names no sentence uses, and the columns
-                       if "_" in name or name == "columns"})  # of a data file, which the column mapping names
+        LABELS.update({name: named[name].label for name in SETTINGS if "_" in name or name in MENTIONS})
         preview_inputs = [upload, data_format, model, max_length, columns, chat_template]
         preview_button.click(preview, preview_inputs, preview_box)
         upload.change(preview, preview_inputs, preview_box)  # a new file, or none (the sample), is shown at once

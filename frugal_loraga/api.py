@@ -132,7 +132,7 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         metrics["peak_memory_gib"] = peak_memory_gib(device)
         phase = enter(Phase.SAVING)
         adapter_dir = export_adapter(layers, config, model.name_or_path, Path(config.out) / "adapter")
-        if fix := peft_load_fix(adapter_dir):
+        if fix := peft_load_fix(adapter_dir, model.config.model_type):
             log.warning("PEFT misreads adapters of %s (it takes its dense layers for experts); before "
                         "PeftModel.from_pretrained, run:\n  %s", model.config.model_type, fix)
         if corrections:  # the same adapter for the 4-bit base: with the correction that stands in for the original

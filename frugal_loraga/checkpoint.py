@@ -12,6 +12,7 @@ each data file. A resume must match them and every setting that changes the resu
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -42,8 +43,7 @@ RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "metrics_json", "save_ev
                      "data", "eval_data", "model", "embeddings_on_cpu", "gradient_checkpointing",
                      "keep_activations_gib", *INIT_SETTINGS}
 RECORD = "run.json"
-UMASK = os.umask(0o022)  # the file-mode mask, read (by setting it) once at import, before any thread makes files,
-os.umask(UMASK)  # and set back
+
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what export_adapter writes in an adapter folder
 ADAPTER_FOLDERS = ("adapter", "adapter_nf4")  # for the original base; for the 4-bit base, with its correction
 
@@ -96,9 +96,11 @@ def check_outputs(config: Config) -> None:
         if metrics.is_dir():
             raise ConfigError(f"metrics_json={metrics} is a folder; give a file path such as {metrics / 'metrics.json'}")
         _probe_writable(metrics.parent, "the metrics file")
-        if metrics.exists() and not config.overwrite and not (config.resume and _runs_metrics(out, metrics)):
-            raise ConfigError(f"metrics_json={metrics} exists" + (" and is not the metrics file of the run to resume"
-                              if config.resume else "") + "; choose another path, or replace it with overwrite "
+        if metrics.exists() and config.resume and not _runs_metrics(out, metrics):
+            raise ConfigError(f"metrics_json={metrics} exists and is not the metrics file of the run to resume; "
+                              "choose another path, or move that file")
+        if metrics.exists() and not (config.resume or config.overwrite):
+            raise ConfigError(f"metrics_json={metrics} exists; choose another path, or replace it with overwrite "
                               "(--overwrite)")
     if config.resume or config.overwrite:
         check_not_running_elsewhere(out)
@@ -121,7 +123,8 @@ def check_outputs(config: Config) -> None:
 
 
 def _runs_metrics(out: Path, metrics: Path) -> bool:
-    """Whether `metrics` is the metrics_json file the run in `out` was started with (a resume may write it again)."""
+    """Whether `metrics` is the metrics_json file the run in `out` last wrote (its record's, an absolute path): a
+    resume may write it again."""
     recorded = ((read_record(out) or {}).get("config") or {}).get("metrics_json")
     return recorded is not None and Path(recorded).resolve() == metrics.resolve()
 
@@ -197,7 +200,8 @@ def atomic_write(path: Path, write: Callable[[Path], None], last_good: str = "")
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~UMASK)  # as open() makes a file: some writers (safetensors) make theirs private
+        with contextlib.suppress(OSError):  # a file system without modes keeps its own
+            os.chmod(tmp, 0o666 & ~UMASK)  # as open() makes a file: some writers (safetensors) make theirs private
         os.replace(tmp, path)
     except Exception as e:  # torch and safetensors report a full disk in errors of their own, not as OSError
         tmp.unlink(missing_ok=True)
@@ -205,6 +209,20 @@ def atomic_write(path: Path, write: Callable[[Path], None], last_good: str = "")
         reason = getattr(e, "strerror", None) or ("No space left on device" if full else str(e))
         raise RunError(f"could not write {path}: {reason}. {last_good or 'The previous file is unchanged.'} "
                        + ("Free disk space, then resume." if full else "")) from e
+
+
+def file_mode_mask() -> int:
+    """The process's umask: from /proc where there is one, else by setting it and setting it back (at import,
+    before any thread makes files)."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = file_mode_mask()
 
 
 def save_checkpoint(config: Config, inputs: dict, step: int, metrics: Metrics, layers: dict,
@@ -277,10 +295,10 @@ def check_not_running_elsewhere(out: str | Path) -> None:
 
 
 def with_absolute_paths(config: Config) -> dict:
-    """config.to_dict() with its files and folders (data, eval_data, out, a local model) as absolute paths: a run
-    started in one folder (the CLI in a terminal) resumes from another (the app)."""
+    """config.to_dict() with its files and folders (data, eval_data, out, metrics_json, a local model) as absolute
+    paths: a run started in one folder (the CLI in a terminal) resumes from another (the app)."""
     settings = config.to_dict()
-    for key in ("data", "eval_data", "out", "model"):  # the model: a local folder, not 'demo' or a hub id
+    for key in ("data", "eval_data", "out", "metrics_json", "model"):  # a model: a local folder, not 'demo' or hub id
         if settings[key] and (key != "model" or settings[key] != "demo" and Path(settings[key]).expanduser().exists()):
             settings[key] = str(Path(settings[key]).expanduser().absolute())
     return settings

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, Optional, get_type_hints
 
 from .config import Config, field_type
@@ -92,7 +93,12 @@ def stopped_message(config: Config, result) -> str:
     step = (result.metrics.get("train_loss") or [[0]])[-1][0]
     resume = dataclasses.replace(config, resume=True, overwrite=False)
     return (f"stopped after step {step} of {config.steps}; the checkpoint is in {config.out}/checkpoint and the "
-            f"adapter so far in {result.adapter_dir}. Continue with:\n  {command_line(resume)}")
+            f"adapter so far in {result.adapter_dir}. Continue with:\n  {command_line(resume, invoked_as())}")
+
+
+def invoked_as() -> str:
+    """How this process was started, as a command: the installed `frugal-loraga` script, or `python -m`."""
+    return "frugal-loraga" if Path(sys.argv[0]).name == "frugal-loraga" else "python -m frugal_loraga"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -122,12 +128,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-def command_line(config: Config) -> str:
-    """The `python -m frugal_loraga train` command that builds this config: a flag for each setting that differs from
-    its default (the app's "show the CLI command", the resume hint after Ctrl-C). `python -m` rather than the
-    `frugal-loraga` script: it runs from the repository without `pip install .` too."""
+def command_line(config: Config, program: str = "python -m frugal_loraga") -> str:
+    """The `<program> train` command that builds this config: a flag for each setting that differs from its default
+    (the app's "show the CLI command", the resume hint after Ctrl-C). `python -m` by default: it runs in the
+    repository without `pip install .` too."""
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-    words = ["python", "-m", "frugal_loraga", "train"]
+    words = [*program.split(), "train"]
     for name, value in config.to_dict().items():
         if value == defaults[name]:
             continue

@@ -147,8 +147,9 @@ class Config:
 
     def __post_init__(self):
         for name, hint in get_type_hints(type(self)).items():
+            kind, _, optional = field_type(hint)
             try:
-                value = as_kind(getattr(self, name), *field_type(hint)[::2])
+                value = as_kind(getattr(self, name), kind, optional)
             except TypeError as e:
                 raise ConfigError(f"{name} {e}, got {getattr(self, name)!r}") from None
             setattr(self, name, value)

@@ -290,11 +290,22 @@ def render(record: dict, fmt: str, tokenizer, template: str = "model") -> tuple[
     text, spans = chat(messages), []
     for i, message in enumerate(messages):
         if message["role"] == "assistant":
-            end = len(chat(messages[:i + 1]))
-            # a chat that opens with the assistant: its turn from its content on (no prompt to render before it)
-            start = len(chat(messages[:i], gen=True)) if i else max(chat(messages[:1]).find(message["content"]), 0)
-            spans.append((start, end))
+            start = len(chat(messages[:i], gen=True)) if i else _content_start(chat, message)
+            if start is not None:
+                spans.append((start, len(chat(messages[:i + 1]))))
     return text, spans
+
+
+CONTENT_MARK = "\u2063frugal-loraga content\u2063"  # no chat template renders this but as a message's content
+
+
+def _content_start(chat, message: dict) -> Optional[int]:
+    """Where the content of a chat's first message (an assistant turn: no prompt to render before it) begins in the
+    rendered chat: after the template's header (a default system prompt, the role), found by rendering the message
+    with CONTENT_MARK for content; None where the template does not render it as given (the turn is then not
+    trained)."""
+    rendered = chat([{**message, "content": CONTENT_MARK}])
+    return rendered.index(CONTENT_MARK) if CONTENT_MARK in rendered else None
 
 
 def tokenize(records: list[dict], fmt: str, tokenizer, max_length: int, places: list[str],

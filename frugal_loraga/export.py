@@ -62,8 +62,9 @@ def export_adapter(layers: dict[str, nn.Module], config: Config, base_model: str
     return out_dir
 
 
-def peft_load_fix(adapter_dir: str | Path) -> str:
-    """The line to run before PeftModel.from_pretrained loads this adapter, or "" where none is needed. PEFT (0.21)
+def peft_load_fix(adapter_dir: str | Path, model_type: str | None = None) -> str:
+    """The line to run before PeftModel.from_pretrained loads this adapter (of a model of model_type: by default read
+    from its base's config.json on this machine, no remote code run), or "" where none is needed. PEFT (0.21)
     rewrites the config of an adapter for a mixture-of-experts family that transformers converts from its v4 layout
     (DeepSeek-V2/V3, GLM-4-MoE, ...) as if it had been trained under transformers 4: it takes linear layers named as
     v4 named the experts' projections (a dense layer's or a shared expert's gate_proj, up_proj, down_proj) for
@@ -74,7 +75,8 @@ def peft_load_fix(adapter_dir: str | Path) -> str:
                                                                _MOE_TARGET_MODULE_MAPPING)
         from transformers import AutoConfig
         saved = json.loads((Path(adapter_dir) / ADAPTER_FILES[0]).read_text())
-        model_type = AutoConfig.from_pretrained(saved["base_model_name_or_path"]).model_type
+        model_type = model_type or AutoConfig.from_pretrained(saved["base_model_name_or_path"], local_files_only=True,
+                                                              trust_remote_code=False).model_type
     except Exception:  # another PEFT, or a base that cannot be read here: nothing known to fix
         return ""
     v4_names = _MOE_TARGET_MODULE_MAPPING.get(_MODEL_TO_CONVERSION_PATTERN.get(model_type), {})

@@ -57,18 +57,26 @@ class Job:
     clock: JobClock | None = None  # the whole job's time left
     curves: dict[str, Metrics] = field(default_factory=dict)  # by run label (its init)
     message: str = ""
-    run: str = ""  # the name of the job's main run
-    runs: list[str] = field(default_factory=list)  # the names of all its runs (the main run's, its baseline's)
-    configs: list[Config] = field(default_factory=list)  # its runs' settings, in order
+    configs: list[Config] = field(default_factory=list)  # its runs' settings, in order (the main run's first)
+
+    @property
+    def runs(self) -> list[str]:
+        """The names of its runs (their folders'): the main run's, then its baseline's."""
+        return [Path(config.out).name for config in self.configs]
+
+    @property
+    def run(self) -> str:
+        """The name of its main run ("" for no job)."""
+        return self.runs[0] if self.configs else ""
 
     def busy(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
 
-    def work(self, configs: list[Config]) -> None:
+    def work(self) -> None:
         """Run the configs one after another (the thread's target); an error or a stop ends the job early. The
         message says how it ended."""
         summaries = []
-        for index, config in enumerate(configs):
+        for index, config in enumerate(self.configs):
             label, run = config.init, Path(config.out).name
 
             def progress(phase: str, done: int, total: int, metrics: Metrics, label: str = label,
@@ -134,8 +142,8 @@ class Jobs:
         with self._lock:
             yield not self.job.busy()
 
-    def launch(self, name: str, configs: list[Config]) -> str:
-        """Run the configs one after another in the background as the job of run `name`; refused while a job runs.
+    def launch(self, configs: list[Config]) -> str:
+        """Run the configs one after another in the background (a job named by its first run); refused while a job runs.
         The check and the start are one step under the lock, so that two launches at once cannot both pass it."""
         with self.idle() as idle:
             if not idle:
@@ -145,11 +153,10 @@ class Jobs:
             except ConfigError as e:  # settings this machine cannot run (Config.resolve), e.g. a run from elsewhere
                 return f"**Error:** {e}"
             self.generator.release()  # a Train after a Try gets the whole card
-            self.job = Job(phase="starting", clock=clock, run=name, runs=[Path(c.out).name for c in configs],
-                           configs=configs)
-            self.job.thread = threading.Thread(target=self.job.work, args=(configs,), daemon=True)
+            self.job = Job(phase="starting", clock=clock, configs=configs)
+            self.job.thread = threading.Thread(target=self.job.work, daemon=True)
             self.job.thread.start()
-        return f"Started {name}."
+        return f"Started {self.job.run}."
 
     def stop(self) -> str:
         """Ask the running job to end after its current training step, estimation batch or corrected layer (its

@@ -299,9 +299,11 @@ def position_limit(skeleton: nn.Module, model_config) -> Optional[int]:
     max_position_embeddings rows, past an offset) can embed; None for one without (rotary or ALiBi positions, for
     which a longer sequence runs)."""
     limit = getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
     tokens = skeleton.get_input_embeddings()
     tables = [m for m in skeleton.modules() if isinstance(m, nn.Embedding) and m is not tokens
-              and isinstance(limit, int) and m.num_embeddings - getattr(m, "offset", 0) == limit]
+              and m.num_embeddings - getattr(m, "offset", 0) == limit]
     return limit if tables else None
 
 

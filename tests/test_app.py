@@ -53,6 +53,8 @@ def test_uploads_are_sanitized_size_limited_and_typed(tmp_path, monkeypatch):
     assert app.sanitize_name("données_été ü.jsonl") == "données_été_ü.jsonl"  # letters of any script stay
     assert app.sanitize_name("donne\u0301es.jsonl") == "donn\u00e9es.jsonl"  # one spelling of each letter (NFC)
     assert app.sanitize_name("...") == "upload.jsonl" and app.sanitize_name("...", "run-1") == "run-1"
+    long = app.sanitize_name("字" * 90 + ".jsonl")  # 276 bytes in UTF-8: past what file systems take
+    assert long.endswith("字.jsonl") and len(long.encode()) <= app.MAX_NAME_BYTES
     (tmp_path / "x.exe").write_text("x")
     with pytest.raises(app.DataError, match="unsupported file type"):
         app.store_upload(str(tmp_path / "x.exe"), tmp_path / "runs" / "r")
@@ -251,6 +253,9 @@ def test_an_error_names_the_field_by_its_label_on_the_page(tiny_model_dir, tmp_p
     questions = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
     assert app.preview(str(questions), "auto", str(tiny_model_dir), 96).endswith(
         "(e.g. prompt=question,completion=answer) (the field 'Column mapping (when auto-detection fails)')")
+    (tmp_path / "cells.csv").write_text("prompt,completion\nQ1,A1,extra\n")
+    assert app.preview(str(tmp_path / "cells.csv"), "auto", str(tiny_model_dir), 96).endswith(
+        "3 cells, but the header has 2 columns; put quotes around cells that hold commas")  # no field to point at
     assert app.show_command(*form(model=str(tiny_model_dir), steps=0)) == "**Error:** steps must be at least 1, got 0"
 
 
@@ -356,20 +361,22 @@ def test_a_run_whose_process_ended_shows_as_interrupted(tmp_path):
 
 
 def test_the_cli_command_of_the_form_runs_the_same_settings(tiny_model_dir, tmp_path, monkeypatch):
-    """The command runs where the app was started (here tmp_path) as printed: python -m (no install needed), its
-    paths relative there, the uploads named by copies with sanitized names (Gradio's own copies are temporary)."""
-    monkeypatch.chdir(tmp_path)
+    """The command runs as printed from anywhere: it enters the app's folder (here tmp_path), where python -m finds
+    the package without an install, and names paths from there; the uploads by copies, per run name, with sanitized
+    names (Gradio's own copies are temporary)."""
+    monkeypatch.setattr(app, "ROOT", tmp_path)
     held_out = write_jsonl(tmp_path / "held out;.jsonl", [{"text": "a b"}])
     shown = app.show_command(*form(model=str(tiny_model_dir), init="lora_ga", rank=4, lr=3e-5, steps=12,
                                    estimation_samples=8, grad_accum=2, schedule="linear", grad_budget_gib=0.5,
                                    columns="text=body", eval_upload=str(held_out), run_name="my run"))
-    assert shown.startswith("```bash\npython -m frugal_loraga train --model ") and shown.endswith("\n```")
+    assert shown.startswith(f"```bash\ncd {tmp_path} && python -m frugal_loraga train --model ") and \
+        shown.endswith("\n```")
     for flag in ("--no-load-in-4bit", "--rank 4", "--lr 3e-05", "--steps 12", "--max-length 96",
                  "--estimation-samples 8", "--out runs/my_run", f"--data {app.SAMPLE}", "--grad-accum 2",
                  "--schedule linear", "--grad-budget-gib 0.5", "--columns text=body",
-                 "--eval-data uploads/held_out_.jsonl"):
+                 "--eval-data uploads/my_run/held_out_.jsonl"):
         assert flag in shown, flag
-    assert (tmp_path / "uploads" / "held_out_.jsonl").read_text() == held_out.read_text()
+    assert (tmp_path / "uploads" / "my_run" / "held_out_.jsonl").read_text() == held_out.read_text()
     assert "--no-progress" not in shown  # the command is run in a terminal, which shows the progress bars
     assert re.search(r"--out runs/lora_ga-\d{8}-\d{6}\b", app.show_command(*form(model=str(tiny_model_dir),
                                                                                  init="lora_ga")))

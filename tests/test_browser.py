@@ -33,6 +33,7 @@ def steps_at_least(seconds, finetune):
 
 def test_a_new_user_trains_resumes_tries_and_exports(tiny_model_dir, sample_path, tmp_path, monkeypatch):
     monkeypatch.setattr(app, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(app, "UPLOADED", tmp_path / "uploads")
     monkeypatch.setattr(app, "MODEL_ROOTS", [tiny_model_dir])
     monkeypatch.setattr(jobs, "finetune", steps_at_least(0.4, jobs.finetune))  # the ETA is on screen for a few polls
     port = free_port()

@@ -58,13 +58,14 @@ def test_a_chat_that_opens_with_the_assistant_trains_on_its_turns_not_on_the_tem
     from transformers import AutoTokenizer
     from frugal_loraga.models import demo_model_dir
     demo = AutoTokenizer.from_pretrained(demo_model_dir())
-    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": [
-        {"role": "assistant", "content": "Hello, how can I help?"}, {"role": "user", "content": "Say hi"},
-        {"role": "assistant", "content": "Hi there"}]}])
-    (example,), _ = load_examples(path, "chat", demo, 256)
-    trained = response_text(demo, example)
-    assert trained.startswith("Hello, how can I help?<|im_end|>") and trained.endswith("Hi there<|im_end|>\n")
-    assert "Say hi" not in trained and "SmolLM" in demo.decode(example.input_ids)  # its system prompt, untrained
+    for opening in ("Hello, how can I help?", "You", "a"):  # also words of the template's own header
+        path = write_jsonl(tmp_path / "c.jsonl", [{"messages": [
+            {"role": "assistant", "content": opening}, {"role": "user", "content": "Say hi"},
+            {"role": "assistant", "content": "Hi there"}]}])
+        (example,), _ = load_examples(path, "chat", demo, 256)
+        trained = response_text(demo, example)
+        assert trained.startswith(f"{opening}<|im_end|>") and trained.endswith("Hi there<|im_end|>\n"), trained
+        assert "Say hi" not in trained and "SmolLM" in demo.decode(example.input_ids)  # its system prompt, untrained
 
 
 def test_a_column_mapping_reads_files_whose_columns_are_named_otherwise(tokenizer, tmp_path):

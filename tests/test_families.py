@@ -127,18 +127,20 @@ def test_a_4bit_load_names_the_expert_stacks_left_in_16_bits(tmp_path, caplog):
                      r"16-bit memory", caplog.text)
 
 
-def test_examples_longer_than_a_learned_position_table_are_refused_before_the_model_loads(tmp_path, monkeypatch):
-    """GPT-2 embeds at most n_positions positions (rotary families have no such table): a longer batch would fail
-    inside the model after the load, so the run stops before it, naming the max_length that fits."""
-    folder = save_tiny(tmp_path / "gpt2", "gpt2")
+@pytest.mark.parametrize("model_type", ["gpt2", "opt"])  # OPT's table has 2 rows more (an offset)
+def test_examples_longer_than_a_learned_position_table_are_refused_before_the_model_loads(tmp_path, monkeypatch,
+                                                                                         model_type):
+    """GPT-2 and OPT embed at most max_position_embeddings positions (rotary families have no such table): a longer
+    batch would fail inside the model after the load, so the run stops before it, naming the max_length that fits."""
+    folder = save_tiny(tmp_path / model_type, model_type)
     words = " ".join(["the cat sat on the mat"] * 60)  # over 256 tokens
     data = write_jsonl(tmp_path / "long.jsonl", [{"text": words}] * 4)
     monkeypatch.setattr("frugal_loraga.api.load_base", lambda *a: pytest.fail("the model loaded"))
     config = Config(model=str(folder), data=str(data), load_in_4bit=False, max_length=300, out=str(tmp_path / "run"),
                     progress=False)
-    with pytest.raises(ConfigError, match=r"gpt2 embeds at most 256 positions \(a learned position table\) and the "
-                                          r"longest example takes 304 \(max_length=300, padded to a multiple of 8\); "
-                                          r"lower max_length to 256 or less"):
+    with pytest.raises(ConfigError, match=rf"{model_type} embeds at most 256 positions \(a learned position table\) "
+                                          r"and the longest example takes 304 \(max_length=300, padded to a multiple "
+                                          r"of 8\); lower max_length to 256 or less"):
         finetune(config)
 
 

@@ -1,6 +1,7 @@
 """The app's jobs (frugal_loraga/jobs.py) with finetune and the Try model stood in for: one job at a time however
 many launches race, the Try model released before a job starts, no Try or delete while a job runs, and how a job's
 end reads on the page."""
+import dataclasses
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -92,23 +93,23 @@ def test_racing_launches_start_one_job_after_releasing_the_try_model(runner, eng
 
     def press(name: str) -> str:
         barrier.wait()  # eight Trains pressed at the same moment
-        return runner.launch(name, CONFIGS)
+        return runner.launch([dataclasses.replace(c, out=c.out.replace("/x", f"/{name}")) for c in CONFIGS])
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(press, [f"run{i}" for i in range(8)]))
     started = [a for a in answers if a.startswith("Started ")]
     assert len(started) == 1 and answers.count("A run is already in progress: wait for it or press Stop.") == 7
-    assert started[0] == f"Started {runner.job.run}."
+    assert started[0] == f"Started {runner.job.run}." and runner.job.runs == [runner.job.run, f"{runner.job.run}-lora"]
     assert finish(runner, engine) == ("**idle** Finished.\n\n"
                                       "- **lora_ga**: train loss 2.5000, eval loss 2.7500; init 0 s, training 3 s "
-                                      "(100 tokens/s), peak 0.50 GiB; adapter in `runs/x/adapter`\n"
+                                      f"(100 tokens/s), peak 0.50 GiB; adapter in `runs/{runner.job.run}/adapter`\n"
                                       "- **lora**: train loss 2.5000, eval loss 2.7500; init 0 s, training 3 s "
-                                      "(100 tokens/s), peak 0.50 GiB; adapter in `runs/x-lora/adapter`")
+                                      f"(100 tokens/s), peak 0.50 GiB; adapter in `runs/{runner.job.run}-lora/adapter`")
     assert calls == ["release", "lora_ga", "lora"]  # the Try model is released before the job's first run
-    assert runner.launch("again", CONFIGS) == "Started again."  # a finished job makes room for the next
+    assert runner.launch(CONFIGS) == "Started x."  # a finished job makes room for the next
 
 
 def test_no_try_or_delete_while_a_job_runs_and_no_job_starts_during_one(runner, engine, calls, tried):
-    runner.launch("x", CONFIGS)
+    runner.launch(CONFIGS)
     with runner.idle() as idle:
         assert not idle
     assert runner.generate(tried, "hi", 4) is None and "load" not in calls
@@ -117,12 +118,12 @@ def test_no_try_or_delete_while_a_job_runs_and_no_job_starts_during_one(runner, 
     answers = []
     with runner.idle() as idle:  # a launch waits for the block, as a Try's model load or a delete does
         assert idle
-        waiting = threading.Thread(target=lambda: answers.append(runner.launch("y", CONFIGS)))
+        waiting = threading.Thread(target=lambda: answers.append(runner.launch(CONFIGS)))
         waiting.start()
         waiting.join(0.3)
         assert waiting.is_alive() and not runner.busy()
     waiting.join(10)
-    assert answers == ["Started y."]
+    assert answers == ["Started x."]
     finish(runner, engine)
 
 
@@ -135,7 +136,7 @@ def test_a_try_that_fails_to_load_releases_the_model(runner, calls, tried):
 
 def test_stop_ends_the_job_with_what_was_kept(runner, engine, calls):
     assert runner.stop() == "Nothing is running."
-    runner.launch("x", CONFIGS)
+    runner.launch(CONFIGS)
     while runner.job.phase != "lora_ga: training":
         runner.job.thread.join(0.01)
     assert runner.stop() == ""  # the status says it
@@ -146,7 +147,7 @@ def test_stop_ends_the_job_with_what_was_kept(runner, engine, calls):
     assert calls == ["release", "lora_ga"]  # the baseline never started
     assert runner.job.loss_points() == [(1, 2.5, "lora_ga train"), (1, 2.75, "lora_ga eval")]
     engine.saved = False
-    runner.launch("x", CONFIGS)
+    runner.launch(CONFIGS)
     runner.stop()
     runner.job.thread.join(10)
     assert runner.job.message == ("Stopped x before training began; nothing was saved. Select x under Runs and "
@@ -158,7 +159,7 @@ def test_a_stop_during_the_baseline_names_the_baseline_and_a_delete_forgets_the_
     finished = FinetuneResult(adapter_dir=Path("runs/x/adapter"), metrics=METRICS, stopped=False)
     monkeypatch.setattr(jobs, "finetune", lambda config, progress, stop: finished if config.init == "lora_ga" else
                         engine(config, progress, stop))  # the LoRA-GA run done, the baseline running
-    runner.launch("x", CONFIGS)
+    runner.launch(CONFIGS)
     while runner.job.phase != "lora: training":
         runner.job.thread.join(0.01)
     runner.stop()
@@ -173,6 +174,6 @@ def test_a_stop_during_the_baseline_names_the_baseline_and_a_delete_forgets_the_
 
 def test_an_error_ends_the_job_and_reaches_the_page(runner, engine, calls):
     engine.error = DataError("line 2: malformed JSON")
-    runner.launch("x", CONFIGS)
+    runner.launch(CONFIGS)
     assert finish(runner, engine) == "**idle** **Error:** line 2: malformed JSON"
     assert calls == ["release", "lora_ga"]

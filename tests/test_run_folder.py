@@ -76,6 +76,7 @@ def test_the_command_line_of_a_config_builds_the_same_config():
     args = build_parser().parse_args(join_negative_values(shlex.split(line)[3:]))
     assert Config(**{k: v for k, v in vars(args).items() if k != "command"}) == config
     assert command_line(Config(data="x")) == "python -m frugal_loraga train --data x"
+    assert command_line(Config(data="x"), "frugal-loraga") == "frugal-loraga train --data x"  # as the CLI was started
 
 
 def test_negative_numbers_reach_the_config_as_values():
@@ -197,7 +198,7 @@ def test_what_a_run_would_replace_or_cannot_read_is_refused(tiny_model_dir, samp
     assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--steps", "4", "--resume",
                "--metrics-json", str(mine)) == 2  # a resume replaces only the run's own metrics file
     assert f"metrics_json={mine} exists and is not the metrics file of the run to resume; choose another path, or " \
-           "replace it with overwrite" in capsys.readouterr().err
+           "move that file" in capsys.readouterr().err
     assert mine.read_text() == "my numbers"
     ours.write_text("the run's, to be written again")
     with caplog.at_level("WARNING"):
@@ -364,9 +365,14 @@ def test_each_run_keeps_a_record_that_lists_and_resumes_it(tiny_model_dir, sampl
     assert read_record(root / "stopped")["status"] == "finished"
 
 
-def test_written_files_have_the_mode_open_gives(tmp_path):
-    """safetensors makes its files private (0600): the adapter a run writes is readable as its other files are."""
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_have_the_mode_open_gives(tmp_path, monkeypatch, mask, mode):
+    """safetensors makes its files private (0600): the adapter a run writes is readable as its other files are, by
+    the process's umask (read once: checkpoint.UMASK, the real one below)."""
+    monkeypatch.setattr(checkpoint_module, "UMASK", mask)
     path = tmp_path / "adapter" / "adapter_model.safetensors"
     atomic_write(path, lambda tmp: save_file({"x": torch.zeros(2)}, str(tmp)))
-    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~UMASK
-    assert not list(path.parent.glob("*.tmp"))
+    assert stat.S_IMODE(path.stat().st_mode) == mode and not list(path.parent.glob("*.tmp"))
+    made = tmp_path / "made"
+    made.touch()
+    assert stat.S_IMODE(made.stat().st_mode) == 0o666 & ~checkpoint_module.file_mode_mask() == 0o666 & ~UMASK
