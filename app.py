@@ -149,8 +149,7 @@ def preview(upload, data_format, model, max_length, columns=None, chat_template=
         target = tokenizer.decode([i for i, l in zip(e.input_ids, e.labels) if l != IGNORE])
         rows.append(f"```\n{prompt}[[{target}]]\n```")
     return (f"**{sanitize_name(path.name)}**: {report.summary()}\n\nThe first rows as the model sees them; the loss "
-            "is on the part in "
-            "[[ ]] (the answers), the rest is context.\n\n" + "\n".join(rows))
+            "is on the part in [[ ]] (the answers), the rest is context.\n\n" + "\n".join(rows))
 
 
 def memory_estimate(model, load_in_4bit, rank, batch_size, max_length, init,

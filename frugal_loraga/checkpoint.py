@@ -43,7 +43,6 @@ RESUMABLE_CHANGES = {"resume", "overwrite", "progress", "metrics_json", "save_ev
                      "data", "eval_data", "model", "embeddings_on_cpu", "gradient_checkpointing",
                      "keep_activations_gib", *INIT_SETTINGS}
 RECORD = "run.json"
-
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what export_adapter writes in an adapter folder
 ADAPTER_FOLDERS = ("adapter", "adapter_nf4")  # for the original base; for the 4-bit base, with its correction
 
