@@ -315,7 +315,7 @@ def test_a_run_refused_before_loading_is_listed_with_its_error_and_can_be_delete
 def test_a_run_this_machine_cannot_run_is_refused_at_start(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(app.torch.cuda, "is_available", lambda: False)
     config = app.form_configs(dict(zip(app.FORM, form(model=str(tiny_model_dir)))), "x", stored=False)[0]
-    message = app.JOBS.launch("x", [app.dataclasses.replace(config, optimizer="paged_adamw_8bit")])
+    message = app.JOBS.launch([app.dataclasses.replace(config, optimizer="paged_adamw_8bit")])
     assert message.startswith("**Error:** optimizer=paged_adamw_8bit needs CUDA") and not app.JOBS.busy()
 
 
