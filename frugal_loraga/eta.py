@@ -59,8 +59,8 @@ class JobClock:
         """Run `run` (index into the job) reports `phase` at unit `done` of `total`."""
         now = time.time() if now is None else now
         stage = self._stage(run, phase)
-        if (run, phase) != (self.run, self.phase):
-            self.run, self.phase, self.started, self.started_at = run, phase, now, done
+        if (run, phase) != (self.run, self.phase) or done == self.started_at:  # a repeat there: work before its
+            self.run, self.phase, self.started, self.started_at = run, phase, now, done  # units (step 0's eval)
         units = stage in self.work[run] and total and done - self.started_at
         if units and phase != Phase.COMPILING:
             per_unit = (now - self.started) / units

@@ -113,6 +113,8 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
                 no_checkpointing(blocks[:kept]), keeping_weights(blocks[:kept_weights] + recomputed):
             if eval_examples and start == 0:
                 metrics["eval_loss"].append([0, evaluate(model, eval_examples, config, pad_id, device, dtype)])
+                if progress:  # again: the steps are timed from here (the app's time left), this evaluation is none
+                    progress(Phase.COMPILING if compiling else Phase.TRAINING, start, config.steps, metrics)
             for step in range(start, config.steps):
                 optimizer.zero_grad(set_to_none=True)
                 step_loss, step_tokens = 0.0, 0

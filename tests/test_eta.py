@@ -52,5 +52,14 @@ def test_training_goes_at_its_own_pace_after_a_compile():
     assert clock.seconds_left(now=100) == pytest.approx(40)
 
 
+def test_the_evaluation_before_the_first_step_is_not_a_step():
+    """Training reports its start again after the evaluation at step 0: the steps' pace is timed from there."""
+    clock = JobClock.for_runs([config(init="lora", nf4_error_rank=0)], "cpu")
+    clock.update(0, "training", 0, 10, now=0)
+    clock.update(0, "training", 0, 10, now=30)  # the evaluation at step 0 took 30 s
+    clock.update(0, "training", 1, 10, now=34)
+    assert clock.seconds_left(now=34) == pytest.approx(9 * 4)
+
+
 def test_format_seconds():
     assert [format_seconds(s) for s in (0.2, 59, 90, 4000)] == ["1 s", "59 s", "1 min 30 s", "1 h 6 min"]
