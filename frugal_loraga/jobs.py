@@ -77,7 +77,7 @@ class Job:
         message says how it ended."""
         summaries = []
         for index, config in enumerate(self.configs):
-            label, run = config.init, Path(config.out).name
+            label, run = config.init, self.runs[index]
 
             def progress(phase: str, done: int, total: int, metrics: Metrics, label: str = label,
                          index: int = index) -> None:
@@ -143,8 +143,8 @@ class Jobs:
             yield not self.job.busy()
 
     def launch(self, configs: list[Config]) -> str:
-        """Run the configs one after another in the background (a job named by its first run); refused while a job runs.
-        The check and the start are one step under the lock, so that two launches at once cannot both pass it."""
+        """Run the configs one after another in the background (a job named by its first run); refused while a job
+        runs. The check and the start are one step under the lock, so that two launches at once cannot both pass it."""
         with self.idle() as idle:
             if not idle:
                 return "A run is already in progress: wait for it or press Stop."

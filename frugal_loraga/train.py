@@ -101,8 +101,9 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
     recomputed = [block for block in blocks[kept:] if block.__dict__.get("gradient_checkpointing")]
     metrics["recomputed_layers"] = len(recomputed)
     metrics["layers_keeping_weights"] = kept_weights if compiling else 0  # eager layers never dequantize by torch ops
+    starting = Phase.COMPILING if compiling else Phase.TRAINING
     if progress:
-        progress(Phase.COMPILING if compiling else Phase.TRAINING, start, config.steps, metrics)
+        progress(starting, start, config.steps, metrics)
     model.train()
     saved = start  # the step of the last checkpoint: the run saved step 0 before training
     clock = time.perf_counter()  # metrics["train_seconds"] counts up to each step's end, so checkpoints carry it
@@ -114,7 +115,7 @@ def train(model, layers: dict[str, LoraLinear], train_examples: list[Example], e
             if eval_examples and start == 0:
                 metrics["eval_loss"].append([0, evaluate(model, eval_examples, config, pad_id, device, dtype)])
                 if progress:  # again: the steps are timed from here (the app's time left), this evaluation is none
-                    progress(Phase.COMPILING if compiling else Phase.TRAINING, start, config.steps, metrics)
+                    progress(starting, start, config.steps, metrics)
             for step in range(start, config.steps):
                 optimizer.zero_grad(set_to_none=True)
                 step_loss, step_tokens = 0.0, 0
