@@ -11,8 +11,9 @@ C = CHUNK_BYTES // (4 V): a chunk's fp32 logits are at most CHUNK_BYTES.
 Gradients, for a head that is a frozen nn.Linear without bias and a family without post-processing (LoRA training:
 the head is not adapted): HeadLoss computes each chunk's gradient in h in forward, two GEMMs a chunk,
     G = (softmax(Z) - onehot(y)) / N,   Z = h W^T (C, V),   dL/dh = G W (C, H),
-and keeps dL/dh (N, H) for backward. Otherwise each chunk runs under torch.utils.checkpoint (non-reentrant), which
-keeps only its (C, H) input and recomputes its logits in backward, one chunk at a time: autograd then differentiates
+and keeps dL/dh (N, H) for backward; one kernel (kernels/cross_entropy.py) writes G over the chunk's 16-bit logits.
+Otherwise each chunk runs under torch.utils.checkpoint (non-reentrant), which keeps only its (C, H) input and
+recomputes its logits in backward, one chunk at a time: autograd then differentiates
 the very ops of the forward, so the gradients of h, of the head's parameters (tied or wrapped) and of everything
 upstream are exact, for one more head forward (2 N H V flops). Chunks are a multiple of 64 tokens where C allows,
 whole tiles of the GEMMs. liger-kernel's fused linear cross entropy does what HeadLoss does with small chunks (64
@@ -34,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from .data import IGNORE
+from .kernels.cross_entropy import cross_entropy_grad_
 
 log = logging.getLogger("frugal_loraga")
 CHUNK_BYTES = 128 * 2**20  # 256 tokens of Llama-3's 128256-word vocabulary, 192 of Qwen2.5's 152064
@@ -104,13 +106,9 @@ class HeadLoss(torch.autograd.Function):
         total = h.new_zeros((), dtype=torch.float32)
         grad = torch.empty_like(h)
         for i in range(0, len(y), chunk):
-            logits = F.linear(h[i:i + chunk], weight).float()                       # Z (C, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            targets = y[i:i + chunk, None]
-            total += (lse - logits.gather(1, targets)[:, 0]).sum()
-            softmax = logits.sub_(lse[:, None]).exp_()
-            softmax.scatter_add_(1, targets, softmax.new_full(targets.shape, -1.0))    # softmax(Z) - onehot(y)
-            grad[i:i + chunk] = (softmax.div_(len(y)).to(weight.dtype) @ weight).to(h.dtype)
+            logits = F.linear(h[i:i + chunk], weight)                               # Z (C, V)
+            total += cross_entropy_grad_(logits, y[i:i + chunk], 1 / len(y)).sum()  # Z <- G
+            grad[i:i + chunk] = (logits @ weight).to(h.dtype)
         ctx.save_for_backward(grad)
         return total / len(y)
 

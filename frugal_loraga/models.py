@@ -276,7 +276,10 @@ class HostEmbedding(nn.Module):
         return self.host.weight
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.host(input_ids.to("cpu")).to(self.device)
+        rows = self.host(input_ids.to("cpu"))
+        if self.device.type == "cuda":  # through page-locked memory, the copy queued: the CPU goes on launching work
+            rows = rows.pin_memory()
+        return rows.to(self.device, non_blocking=True)
 
 
 def load_model(config: Config):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from frugal_loraga.kernels import lora as kernels
+from frugal_loraga.kernels.cross_entropy import cross_entropy_grad_reference_, cross_entropy_grad_triton_
 from frugal_loraga.kernels.lora import MAX_RANK, NONE, lora_add, lora_add_reference, lora_add_triton, triton
 
 pytestmark = pytest.mark.skipif(triton is None, reason="Triton is not installed (a CPU install): the kernels cannot "
@@ -120,3 +121,22 @@ def test_the_output_takes_an_in_place_add(fn):
     expected = lora_add_reference(y.detach(), x.detach(), A.detach(), B.detach(), A0, B0, 2.0) + 1.0
     torch.testing.assert_close(out.detach(), expected, **TOLERANCE[torch.float32])
     torch.testing.assert_close(y.grad, 2 * expected, **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, vocabulary", [(1, 50), (3, 4097), (7, 10000)])  # one tile, one past it, three
+@pytest.mark.parametrize("spread", [1.0, 30.0], ids=["flat", "peaked"])
+def test_cross_entropy_kernel_matches_reference(dtype, rows, vocabulary, spread):
+    """The rows' losses and the gradient written over the logits, against the torch reference (fp32 maths on the same
+    16-bit logits); the gradient's rows sum to zero, as softmax - onehot does."""
+    torch.manual_seed(rows)
+    logits = (spread * torch.randn(rows, vocabulary, device=DEVICE)).to(dtype)
+    targets = torch.randint(0, vocabulary, (rows,), device=DEVICE)
+    got, expected = logits.clone(), logits.clone()
+    got_losses = cross_entropy_grad_triton_(got, targets, 0.25)
+    expected_losses = cross_entropy_grad_reference_(expected, targets, 0.25)
+    torch.testing.assert_close(got_losses, expected_losses, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got, expected, **TOLERANCE[dtype])
+    torch.testing.assert_close(got.float().sum(1), torch.zeros(rows, device=DEVICE), rtol=0, atol=1e-2)
+    torch.testing.assert_close(expected_losses, torch.nn.functional.cross_entropy(
+        logits.float(), targets, reduction="none"), rtol=1e-5, atol=1e-4)
