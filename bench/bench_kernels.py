@@ -10,6 +10,9 @@ Llama-2-7B layer shapes, in one run.
 - svd: the top-2r SVDs of a group's gradients (one block's 7 layers, and five blocks' 35) as svd.top_singular does
   them (randomized, the small steps batched over the group), vs torch.svd_lowrank layer by layer with the same sketch
   and power iterations; with the energy each captures, ||U^T G V||_F^2, ours over torch's.
+- cross_entropy: one chunk of the loss (256 rows of bf16 logits over the Llama-2 / Llama-3 / Qwen2.5 vocabularies):
+  the rows' losses and the gradient written over the logits, the Triton kernel vs the torch reference (HeadLoss's
+  ops before the kernel); each call on a fresh copy of the logits, whose copy alone is timed too.
 Times are means of triton.testing.do_bench (its default return_mode, though its docstring says median); writes
 bench/results/kernels.json (or --out).
 Usage: python bench/bench_kernels.py
@@ -23,6 +26,7 @@ from triton.testing import do_bench
 
 from common import RESULTS
 from frugal_loraga.estimate import accumulate_outer
+from frugal_loraga.kernels.cross_entropy import cross_entropy_grad_reference_, cross_entropy_grad_triton_
 from frugal_loraga.svd import top_singular
 from frugal_loraga.kernels.lora import lora_add_reference, lora_add_triton
 
@@ -103,6 +107,25 @@ def bench_svd(rank: int) -> list[dict]:
     return rows
 
 
+def bench_cross_entropy(rows: int) -> list[dict]:
+    results = []
+    for vocabulary in (32000, 128256, 152064):
+        logits = 3 * torch.randn(rows, vocabulary, device="cuda", dtype=torch.bfloat16)
+        targets = torch.randint(0, vocabulary, (rows,), device="cuda")
+        ours, theirs = logits.clone(), logits.clone()
+        loss_diff = (cross_entropy_grad_triton_(ours, targets, 1e-3) - cross_entropy_grad_reference_(
+            theirs, targets, 1e-3)).abs().max().item()
+        row = {"kernel": "cross_entropy", "rows": rows, "vocabulary": vocabulary, "loss_max_diff": loss_diff,
+               "grad_max_diff": (ours.float() - theirs.float()).abs().max().item(),
+               "triton_ms": do_bench(lambda: cross_entropy_grad_triton_(logits.clone(), targets, 1e-3)),
+               "reference_ms": do_bench(lambda: cross_entropy_grad_reference_(logits.clone(), targets, 1e-3)),
+               "copy_ms": do_bench(logits.clone)}
+        row["speedup"] = row["reference_ms"] / row["triton_ms"]
+        results.append(row)
+        print(row, flush=True)
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=2048)
@@ -111,7 +134,7 @@ def main():
     args = parser.parse_args()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "accumulate": bench_accumulate(args.tokens), "lora": bench_lora(args.tokens, args.rank),
-               "svd": bench_svd(args.rank)}
+               "svd": bench_svd(args.rank), "cross_entropy": bench_cross_entropy(256)}
     Path(args.out).write_text(json.dumps(results, indent=1))
 
 
