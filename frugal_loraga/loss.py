@@ -13,11 +13,11 @@ the head is not adapted): HeadLoss computes each chunk's gradient in h in forwar
     G = (softmax(Z) - onehot(y)) / N,   Z = h W^T (C, V),   dL/dh = G W (C, H),
 and keeps dL/dh (N, H) for backward; one kernel (kernels/cross_entropy.py) writes G over the chunk's 16-bit logits.
 Otherwise each chunk runs under torch.utils.checkpoint (non-reentrant), which keeps only its (C, H) input and
-recomputes its logits in backward, one chunk at a time: autograd then differentiates
-the very ops of the forward, so the gradients of h, of the head's parameters (tied or wrapped) and of everything
-upstream are exact, for one more head forward (2 N H V flops). Chunks are a multiple of 64 tokens where C allows,
-whole tiles of the GEMMs. liger-kernel's fused linear cross entropy does what HeadLoss does with small chunks (64
-tokens at Llama-3's sizes), slower than the checkpointed chunks at 7-8B (bench/loss_vs_liger.py, bench/RESULTS.md).
+recomputes its logits in backward, one chunk at a time: autograd then differentiates the very ops of the forward, so
+the gradients of h, of the head's parameters (tied or wrapped) and of everything upstream are exact, for one more head
+forward (2 N H V flops). Chunks are a multiple of 64 tokens where C allows, whole tiles of the GEMMs. liger-kernel's
+fused linear cross entropy does what HeadLoss does with small chunks (64 tokens at Llama-3's sizes), slower than the
+checkpointed chunks at 7-8B (bench/loss_vs_liger.py, bench/RESULTS.md).
 
 Families whose forward is not logits = f(head(decoder(...)[0])) with ForCausalLMLoss and no auxiliary loss (or
 unexpected inputs) fall back to model(**inputs).loss. With no target in a batch both give 0/0 = nan (zero gradients).

@@ -277,7 +277,7 @@ class HostEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         rows = self.host(input_ids.to("cpu"))
-        if self.device.type == "cuda":  # through page-locked memory, the copy queued: the CPU goes on launching work
+        if self.device.type == "cuda":  # page-locked: copied faster than from pageable memory
             rows = rows.pin_memory()
         return rows.to(self.device, non_blocking=True)
 

@@ -169,6 +169,31 @@ def test_frozen_head_gradient_computed_in_forward(tiny_model_dir, monkeypatch, a
     assert calls == [CHUNK, CHUNK]
 
 
+def test_frozen_head_gradient_through_the_kernel(tiny_model_dir, monkeypatch):
+    """HeadLoss with the Triton cross-entropy kernel (kernels/cross_entropy.py, here in Triton's interpreter) as a GPU
+    runs it: transformers' loss and adapter gradients (fp32; the kernel's sums in another order)."""
+    kernel = pytest.importorskip("frugal_loraga.kernels.cross_entropy")
+    if kernel.triton is None:
+        pytest.skip("Triton is not installed (a CPU install): the kernel cannot run, not even in its interpreter")
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    torch.manual_seed(1)
+    m, n = model.model.layers[0].mlp.down_proj.weight.shape
+    inject(model, {"model.layers.0.mlp.down_proj": (torch.randn(2, n) * 0.1, torch.randn(m, 2) * 0.1, None, None)},
+           eta=1.0)
+    inputs = batch()
+    inputs["input_ids"] = inputs["input_ids"] % model.config.vocab_size
+    expected, expected_grads = loss_and_grads(model, lambda: model(**inputs).loss)
+    calls = []
+    monkeypatch.setattr(loss_module, "cross_entropy_grad_",
+                        lambda *a: calls.append(len(a[1])) or kernel.cross_entropy_grad_triton_(*a))
+    got, grads = loss_and_grads(model, lambda: causal_lm_loss(model, inputs, chunk_tokens=CHUNK))
+    assert calls and all(c <= CHUNK for c in calls)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
 def test_chunks_are_whole_gemm_tiles(monkeypatch):
     """The default chunk, CHUNK_BYTES // (4 V) rows, rounded down to a multiple of 64 rows where it holds one."""
     model = tiny("llama")
