@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union, get_args, get_origin, get_type_hints
 
+import numpy as np
+
 from .errors import ConfigError
 
 DataFormat = Literal["auto", "alpaca", "chat", "sharegpt", "prompt_completion", "text"]
@@ -49,9 +51,12 @@ KINDS = {int: "a whole number", float: "a number", str: "text", bool: "true or f
 
 def as_kind(value, kind: type, optional: bool):
     """value as a field of this value type (field_type) holds it, or TypeError: a path as text, any integer (numpy's
-    too) as an int, any real number as a float; a bool only where a bool is asked; None only in an optional field."""
-    if value is None and optional or isinstance(value, bool) and kind is bool:
+    too) as an int, any real number as a float; a bool (numpy's too) only where a bool is asked; None only in an
+    optional field."""
+    if value is None and optional:
         return value
+    if kind is bool and isinstance(value, (bool, np.bool_)):
+        return bool(value)
     if kind is str and isinstance(value, (str, os.PathLike)):
         return os.fspath(value)
     if kind in (int, float) and not isinstance(value, bool) and \

@@ -202,9 +202,13 @@ def test_a_setting_of_the_wrong_kind_is_refused_by_name(setting, message):
 
 def test_settings_take_paths_and_any_number_type():
     import numpy as np
-    config = Config(data=Path("d.jsonl"), out=Path("runs/x"), rank=np.int64(4), lr=1, alpha=np.float32(8))
+    config = Config(data=Path("d.jsonl"), out=Path("runs/x"), rank=np.int64(4), lr=1, alpha=np.float32(8),
+                    load_in_4bit=np.bool_(False))
     assert (config.data, config.out, config.rank, config.lr, config.alpha) == ("d.jsonl", "runs/x", 4, 1.0, 8.0)
     assert [type(v) for v in (config.data, config.rank, config.lr, config.alpha)] == [str, int, float, float]
+    assert config.load_in_4bit is False
+    with pytest.raises(ConfigError, match="rank needs"):  # a bool is not a number, numpy's neither
+        Config(data="x", rank=np.bool_(True))
 
 
 def test_config_validation():
