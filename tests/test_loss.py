@@ -7,6 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
 from frugal_loraga import loss as loss_module
+from frugal_loraga.kernels import cross_entropy as kernel
 from frugal_loraga.loss import FAMILIES, causal_lm_loss, chunked
 from frugal_loraga.lora import inject
 
@@ -129,20 +130,25 @@ def test_lora_wrapped_head_and_layers(tiny_model_dir):
     assert all(g.abs().sum() > 0 for g in grads.values()) and layers["lm_head"] is model.lm_head
 
 
+def frozen_llama_adapting(model_dir, name: str) -> tuple:
+    """The tiny Llama in fp32, frozen, with a rank-2 LoRA on the layer `name`; and a batch of its words."""
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    torch.manual_seed(1)
+    m, n = model.get_submodule(name).weight.shape
+    inject(model, {name: (torch.randn(2, n) * 0.1, torch.randn(m, 2) * 0.1, None, None)}, eta=1.0)
+    inputs = batch()
+    inputs["input_ids"] = inputs["input_ids"] % model.config.vocab_size
+    return model, inputs
+
+
 @pytest.mark.parametrize("accumulated", [1, 3])
 def test_frozen_head_gradient_computed_in_forward(tiny_model_dir, monkeypatch, accumulated):
     """LoRA training's case: the head a frozen nn.Linear, so HeadLoss computes the chunks' gradients in h in forward;
     the loss and the adapter's gradients are transformers', also when the loss is scaled (gradient accumulation);
     and under bf16 autocast those of the checkpointed chunks (bit for bit unscaled; scaled, the scale meets the bf16
     gradient after its GEMM rather than before: within bf16's rounding)."""
-    model = LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    model.requires_grad_(False)
-    torch.manual_seed(1)
-    m, n = model.model.layers[0].self_attn.q_proj.weight.shape
-    inject(model, {"model.layers.0.self_attn.q_proj": (torch.randn(2, n) * 0.1, torch.randn(m, 2) * 0.1, None, None)},
-           eta=1.0)
-    inputs = batch()
-    inputs["input_ids"] = inputs["input_ids"] % model.config.vocab_size
+    model, inputs = frozen_llama_adapting(tiny_model_dir, "model.layers.0.self_attn.q_proj")
     calls = []
     forward = loss_module.HeadLoss.forward
     monkeypatch.setattr(loss_module.HeadLoss, "forward", lambda *a: calls.append(a[-1]) or forward(*a))
@@ -172,17 +178,9 @@ def test_frozen_head_gradient_computed_in_forward(tiny_model_dir, monkeypatch, a
 def test_frozen_head_gradient_through_the_kernel(tiny_model_dir, monkeypatch):
     """HeadLoss with the Triton cross-entropy kernel (kernels/cross_entropy.py, here in Triton's interpreter) as a GPU
     runs it: transformers' loss and adapter gradients (fp32; the kernel's sums in another order)."""
-    kernel = pytest.importorskip("frugal_loraga.kernels.cross_entropy")
     if kernel.triton is None:
         pytest.skip("Triton is not installed (a CPU install): the kernel cannot run, not even in its interpreter")
-    model = LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    model.requires_grad_(False)
-    torch.manual_seed(1)
-    m, n = model.model.layers[0].mlp.down_proj.weight.shape
-    inject(model, {"model.layers.0.mlp.down_proj": (torch.randn(2, n) * 0.1, torch.randn(m, 2) * 0.1, None, None)},
-           eta=1.0)
-    inputs = batch()
-    inputs["input_ids"] = inputs["input_ids"] % model.config.vocab_size
+    model, inputs = frozen_llama_adapting(tiny_model_dir, "model.layers.0.mlp.down_proj")
     expected, expected_grads = loss_and_grads(model, lambda: model(**inputs).loss)
     calls = []
     monkeypatch.setattr(loss_module, "cross_entropy_grad_",
