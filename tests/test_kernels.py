@@ -1,5 +1,8 @@
 """Each Triton kernel against its torch reference: shapes that are not block multiples, dtypes, ranks, forward and
 backward. On CPU they run through Triton's interpreter (TRITON_INTERPRET=1, set in conftest); on a GPU, compiled."""
+import os
+import subprocess
+import sys
 from contextlib import nullcontext
 
 import pytest
@@ -41,6 +44,18 @@ def correction(rank, n, m):
 @pytest.mark.parametrize("shape", [(3, 13, 50, 70), (1, 5, 129, 33)])
 @pytest.mark.parametrize("corrected", [0, 5], ids=["", "corrected"])
 def test_fused_lora_matches_reference_forward_and_backward(dtype, rank, frozen, shape, corrected):
+    assert_matches_reference(dtype, rank, frozen, shape, corrected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_lora_over_more_tokens_than_a_training_batch(dtype):
+    """Past 8192 tokens the shrink takes another tile (kernels.shrink_tile), as the estimate's long batches do."""
+    assert_matches_reference(dtype, 8, True, (2, 4101, 40, 24), 5)
+
+
+def assert_matches_reference(dtype, rank, frozen, shape, corrected):
+    """The kernel's output and gradients (x, A, B, y) against the reference's for x of shape[:-1], y of shape[:-2] +
+    shape[-1:], with a tolerance per dtype (the adapter's gradients sum over the tokens: wider)."""
     torch.manual_seed(rank)
     *lead, n, m = shape
     A, B, A0, B0 = adapter(rank, n, m, frozen)
@@ -148,3 +163,56 @@ def test_cross_entropy_kernel_matches_reference(dtype, rows, vocabulary, spread)
     torch.testing.assert_close(got.float().sum(1), torch.zeros(rows, device=DEVICE), rtol=0, atol=1e-2)
     torch.testing.assert_close(expected_losses, torch.nn.functional.cross_entropy(
         logits.float(), targets, reduction="none"), rtol=1e-5, atol=1e-4)
+
+
+COMPILE_FOR_CONSUMER_CARDS = """
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from frugal_loraga.kernels import lora
+from frugal_loraga.kernels.cross_entropy import VOCABULARY_BLOCK, _cross_entropy_kernel
+
+def shared_bytes(kernel, types, constants, target, num_warps=4):
+    signature = {**types, **{name: "constexpr" for name in constants}}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    return triton.compile(source, target=GPUTarget("cuda", target, 32), options={"num_warps": num_warps}).metadata.shared
+
+widest = lora._block(lora.MAX_RANK)
+for target in (86,):  # an RTX 3090's (Ada's and Blackwell's consumer cards give the same 99 KiB)
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
+        precision = "ieee" if dtype == torch.float32 else "tf32"
+        for tokens in (2048, 16384):
+            block_n, block_k = lora.shrink_tile(tokens, dtype)
+            types = dict(zip("x_ptr w_ptr out_ptr".split(), [f"*{name}", f"*{name}", "*fp32"]))
+            types.update({p: "i32" for p in "N K S1 S Q stride_xn stride_xk stride_wc stride_wk stride_on".split()})
+            constants = dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_1=widest, BLOCK_2=widest, BLOCK_Q=widest,
+                             SECOND=True, THIRD=True, PRECISION=precision, UPCAST=False)
+            print("shrink", target, name, tokens, shared_bytes(lora._shrink_kernel, {**types, "scale": "fp32"},
+                                                               constants, target))
+        types = {p: "*fp32" for p in "t_ptr w_ptr w2_ptr w3_ptr".split()}
+        types.update({"src_ptr": f"*{name}", "y_ptr": f"*{name}", "scale": "fp32"})
+        types.update({p: "i32" for p in ("N M R Q col3 stride_tn stride_wm stride_wr stride_w2m stride_w2r stride_w3m "
+                                         "stride_w3r stride_sn stride_sm stride_yn stride_ym").split()})
+        constants = dict(BLOCK_N=64, BLOCK_M=128, BLOCK_R=widest, BLOCK_Q=widest, SECOND=True, THIRD=True,
+                         ACCUMULATE=True, PRECISION=precision, UPCAST=False)
+        print("expand", target, name, shared_bytes(lora._expand_kernel, types, constants, target))
+        types = {"z_ptr": f"*{name}", "y_ptr": "*i64", "loss_ptr": "*fp32", "V": "i32", "stride_z": "i32",
+                 "scale": "fp32"}
+        print("cross_entropy", target, name, shared_bytes(_cross_entropy_kernel, types,
+                                                          {"BLOCK_V": VOCABULARY_BLOCK}, target, num_warps=8))
+"""
+CONSUMER_CARD_SHARED_BYTES = 99 * 1024  # what an RTX 3090, 4090 or 5090 gives one block
+
+
+def test_every_kernel_fits_a_consumer_cards_shared_memory():
+    """Each kernel at the widest rank and with each tile its launcher picks, compiled (not run: no GPU needed) for
+    an RTX 3090, in a process without the interpreter: at most the 99 KiB of shared memory consumer cards give a
+    block (a data-centre card gives more, so a GPU run of the tests cannot tell)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_CONSUMER_CARDS], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split() for line in done.stdout.splitlines()]
+    assert len(rows) == 3 * 4
+    too_big = [row for row in rows if int(row[-1]) > CONSUMER_CARD_SHARED_BYTES]
+    assert not too_big, too_big

@@ -133,6 +133,16 @@ def _block(rank: int) -> int:
     return max(SMALLEST_TILE, triton.next_power_of_2(rank))
 
 
+def shrink_tile(N: int, dtype: torch.dtype) -> tuple[int, int]:
+    """The shrink's (tokens, columns) tile for N tokens of x's dtype. Never chosen by the weights' widths, so that a
+    correction alone and beside an adapter get the same bits. At most 56 KiB of shared memory at rank 64, within the
+    99 KiB a consumer card gives a block (tests/test_kernels.py compiles each): fp32 tiles are staged twice in shared
+    memory, (32 + 3 x 64) x 32 x 4 B x 2; 16-bit ones are read straight into registers."""
+    if dtype == torch.float32:
+        return 32, 32
+    return (32, 256) if N <= 8192 else (64, 128)  # training's batches; the estimate's longer ones (bench/RESULTS.md)
+
+
 def shrink(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, w3: torch.Tensor | None = None,
            scale: float = 1.0) -> torch.Tensor:
     """[scale x w^T | scale x w2^T | x w3^T] in fp32, for x (N x K) and thin w, w2 (R x K), w3 (Q x K), R, Q <= 64
@@ -150,10 +160,10 @@ def shrink(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, w3: torch.
     parts = [p for p in (w, w2, w3) if p is not None]
     stacked = (torch.cat(parts) if len(parts) > 1 else w).to(torch.float32 if upcast else x.dtype)
     out = torch.empty(N, S + Q, dtype=torch.float32, device=x.device)
-    block_n = 16 if N <= 8192 else 64
+    block_n, block_k = shrink_tile(N, x.dtype)
     _shrink_kernel[(triton.cdiv(N, block_n),)](
         x, stacked, out, N, K, S1, S, Q, scale, x.stride(0), x.stride(1), stacked.stride(0), stacked.stride(1),
-        out.stride(0), BLOCK_N=block_n, BLOCK_K=128, BLOCK_1=_block(S1), BLOCK_2=_block(S - S1), BLOCK_Q=_block(Q),
+        out.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_1=_block(S1), BLOCK_2=_block(S - S1), BLOCK_Q=_block(Q),
         SECOND=S1 < S, THIRD=Q > 0, PRECISION=precision, UPCAST=upcast, num_warps=4)
     return out
 
