@@ -6,7 +6,7 @@ plus its gradient and a bf16 copy). The loss only needs, for each token t with a
 where h (B, T, H) are the decoder's final hidden states and f the family's post-processing (Gemma-2/3 soft-capping
 c tanh(z / c), Cohere's scale, Granite's division). So: run the decoder, gather the N targeted rows of h (N, H), and
 sum the CE over chunks of C rows, each through the head *module* (wrappers around it run per call), with
-C = CHUNK_BYTES // (4 V): a chunk's fp32 logits are at most CHUNK_BYTES.
+C = CHUNK_BYTES // (4 V): a chunk's fp32 logits are at most CHUNK_BYTES (HeadLoss's 16-bit logits: twice the rows).
 
 Gradients, for a head that is a frozen nn.Linear without bias and a family without post-processing (LoRA training:
 the head is not adapted): HeadLoss computes each chunk's gradient in h in forward, two GEMMs a chunk,
@@ -38,7 +38,7 @@ from .data import IGNORE
 from .kernels.cross_entropy import cross_entropy_grad_
 
 log = logging.getLogger("frugal_loraga")
-CHUNK_BYTES = 128 * 2**20  # 256 tokens of Llama-3's 128256-word vocabulary, 192 of Qwen2.5's 152064
+CHUNK_BYTES = 128 * 2**20  # fp32 logits of 256 tokens of Llama-3's 128256 words, 192 of Qwen2.5's 152064
 DECODER_INPUTS = {"input_ids", "attention_mask", "position_ids", "inputs_embeds"}
 
 
@@ -119,9 +119,16 @@ class HeadLoss(torch.autograd.Function):
         return (grad.float() * grad_output).to(grad.dtype), None, None, None
 
 
+def chunk_rows(model, logit_bytes: int, chunk_tokens: int | None) -> int:
+    """The rows of a chunk: chunk_tokens, or as many as CHUNK_BYTES of logits of logit_bytes each hold, a multiple
+    of 64 where that allows."""
+    chunk = chunk_tokens or max(1, CHUNK_BYTES // (logit_bytes * model.config.vocab_size))
+    return chunk // 64 * 64 or chunk
+
+
 def causal_lm_loss(model, inputs: dict, chunk_tokens: int | None = None) -> torch.Tensor:
     """model(**inputs).loss (labels shifted inside, -100 ignored, mean over targets) with the same gradients, holding
-    at most chunk_tokens tokens' logits at a time (default: CHUNK_BYTES of fp32 logits)."""
+    at most chunk_tokens tokens' logits at a time (default: CHUNK_BYTES of logits, fp32 or HeadLoss's 16 bits)."""
     if not chunked(model, inputs):
         note_fallback(type(model).__name__)
         return model(**inputs).loss
@@ -130,10 +137,9 @@ def causal_lm_loss(model, inputs: dict, chunk_tokens: int | None = None) -> torc
     targets = F.pad(inputs["labels"][:, 1:], (0, 1), value=IGNORE).to(hidden.device)  # token t predicts label t+1
     keep = targets != IGNORE
     h, y = hidden[keep], targets[keep]  # (N, H), (N,)
-    chunk = chunk_tokens or max(1, CHUNK_BYTES // (4 * model.config.vocab_size))
-    chunk = chunk // 64 * 64 or chunk
-    if torch.is_grad_enabled() and len(y) and frozen_plain_head(model, h):
-        return HeadLoss.apply(h, model.lm_head.weight, y, chunk)
+    if torch.is_grad_enabled() and len(y) and frozen_plain_head(model, h):  # its logits in h's dtype, not fp32
+        return HeadLoss.apply(h, model.lm_head.weight, y, chunk_rows(model, h.element_size(), chunk_tokens))
+    chunk = chunk_rows(model, 4, chunk_tokens)
     total = h[:0].float().sum()  # 0 on the graph: no targets gives 0/0 = nan and zero gradients, as transformers
     for i in range(0, len(y), chunk):
         if torch.is_grad_enabled():

@@ -193,7 +193,8 @@ def test_frozen_head_gradient_through_the_kernel(tiny_model_dir, monkeypatch):
 
 
 def test_chunks_are_whole_gemm_tiles(monkeypatch):
-    """The default chunk, CHUNK_BYTES // (4 V) rows, rounded down to a multiple of 64 rows where it holds one."""
+    """The default chunk, CHUNK_BYTES // (4 V) rows, rounded down to a multiple of 64 rows where it holds one; twice
+    the rows for HeadLoss's 16-bit logits (a bf16 model)."""
     model = tiny("llama")
     model.requires_grad_(False)
     model.model.norm.weight.requires_grad_(True)  # something upstream to differentiate
@@ -204,6 +205,8 @@ def test_chunks_are_whole_gemm_tiles(monkeypatch):
     inputs = {k: v.repeat(20, 1) for k, v in batch().items()}  # 340 targets: chunks of 256 and 84
     causal_lm_loss(model, inputs).backward()
     assert sizes == [256]
+    causal_lm_loss(model.to(torch.bfloat16), inputs).backward()  # 600 rows of bf16 logits
+    assert sizes == [256, 576]
 
 
 def test_no_targets_gives_nan_like_transformers():
