@@ -276,10 +276,23 @@ class HostEmbedding(nn.Module):
         return self.host.weight
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = self.host(input_ids.to("cpu"))
-        if self.device.type == "cuda":  # page-locked: copied faster than from pageable memory
-            rows = rows.pin_memory()
-        return rows.to(self.device, non_blocking=True)
+        ids = input_ids.to("cpu")
+        if self.device.type != "cuda":
+            return self.host(ids).to(self.device)
+        if type(self.host) is nn.Embedding and self.host.max_norm is None:
+            rows = self.gather_pinned(ids)
+        else:  # an embedding of the model's own (Gemma's scaled rows): its forward, then copied to pinned memory
+            rows = self.host(ids).pin_memory()
+        return rows.to(self.device, non_blocking=True)  # from page-locked memory: an asynchronous copy
+
+    def gather_pinned(self, ids: torch.Tensor) -> torch.Tensor:
+        """The table's rows for ids (B, T) gathered straight into page-locked memory (B, T, H): one pass over the
+        rows, into memory torch's pinned allocator keeps (no fresh pages to fault in), rather than a gather and a copy
+        (16 MB each for 2 x 1024 tokens of a 4096-wide model: several ms of the CPU in a step the GPU waits on)."""
+        table = self.host.weight.detach()
+        rows = torch.empty(ids.numel(), table.shape[1], dtype=table.dtype, pin_memory=True)
+        torch.index_select(table, 0, ids.reshape(-1), out=rows)
+        return rows.view(*ids.shape, table.shape[1])
 
 
 def load_model(config: Config):

@@ -1,7 +1,9 @@
-"""Copies between the GPU and pageable host memory through the page-locked ring (frugal_loraga/transfers.py)."""
+"""Copies between the GPU and host memory: the page-locked ring (frugal_loraga/transfers.py) and the input embedding
+looked up in CPU memory (models.HostEmbedding)."""
 import pytest
 import torch
 
+from frugal_loraga.models import HostEmbedding
 from frugal_loraga.transfers import HostTransfers
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -44,3 +46,29 @@ def test_to_host_and_back_in_stream_order_through_a_full_ring():
             torch.testing.assert_close(b, t, rtol=0, atol=0)
     finally:
         transfers.close()
+
+
+class ScaledEmbedding(torch.nn.Embedding):
+    """An embedding of a model's own, as Gemma's scales its rows: HostEmbedding runs its forward."""
+
+    def forward(self, input_ids):
+        return super().forward(input_ids) * 2.5
+
+
+@pytest.mark.parametrize("table", [torch.nn.Embedding, ScaledEmbedding])
+def test_host_embedding_rows_reach_the_gpu_equal_while_earlier_copies_are_in_flight(table):
+    """HostEmbedding gathers into page-locked memory and copies without waiting: six lookups queued behind a long
+    GPU queue, none synchronized, each equal to the table's own lookup (a reused buffer overwritten before its copy
+    ran would fail). Token ids on the GPU, as training's batches hold them, and on the CPU."""
+    torch.manual_seed(0)
+    embedding = table(1000, 96, dtype=torch.bfloat16)
+    host = HostEmbedding(embedding, torch.device("cuda"))
+    ids = [torch.randint(0, 1000, (2, 37)) for _ in range(6)]
+    expected = [embedding(i) for i in ids]
+    rows = []
+    for n, i in enumerate(ids):
+        made_on_gpu((4,), torch.float32, n)  # work queued ahead of the copy
+        rows.append(host(i.cuda() if n % 2 else i))
+    for r, e in zip(rows, expected):
+        assert r.device.type == "cuda" and r.shape == (2, 37, 96)
+        torch.testing.assert_close(r.cpu(), e, rtol=0, atol=0)
