@@ -27,8 +27,8 @@ from frugal_loraga.blocks import keep_compiled_graphs
 from frugal_loraga.checkpoint import check_not_running_elsewhere, has_adapter, read_record
 from frugal_loraga.cli import command_line
 from frugal_loraga.export import peft_load_fix
-from frugal_loraga.data import IGNORE, load_examples
-from frugal_loraga.jobs import Jobs
+from frugal_loraga.data import IGNORE, checked_records, load_examples
+from frugal_loraga.jobs import BUSY, Jobs
 from frugal_loraga.memory import card, decoder_shapes, estimate_memory_gib, fit_advice, weights_advice
 from frugal_loraga.models import cached_model_ids, load_tokenizer, resolve_model_path
 from frugal_loraga.runs import list_runs, resume_config, run_config
@@ -224,6 +224,9 @@ def form_configs(form: dict, name: str, stored: bool) -> list[Config]:
     4-bit one, when asked) from the form. stored: the uploads are copied into the run's folder (data/); else (the
     CLI command) into UPLOADED/<name>, and the paths are as a command run in the app's folder names them."""
     settings = form_settings(form)
+    columns = Config(data="-", **settings).column_map()
+    for upload in (form["upload"], form["eval_upload"]):  # the file's errors on the page now, not from the job
+        checked_records(uploaded(upload), settings["data_format"], columns)
     uploads = RUNS / name / "data" if stored else UPLOADED / name
     data = store_upload(form["upload"], uploads)
     eval_data = form["eval_upload"] and store_upload(form["eval_upload"], uploads)
@@ -248,6 +251,16 @@ def show_command(*values):
     return f"```bash\ncd {shlex.quote(str(ROOT))} && {command_line(config)}\n```"
 
 
+def show_command_named(*values):
+    """show_command, the run's name chosen now where none is typed and filled in, so that Train starts the run the
+    command names (and another click reuses its copies of the uploads)."""
+    form = dict(zip(FORM, values))
+    name = run_name_or(form["run_name"], default_run_name(form["init"]))
+    text = show_command(*[name if field == "run_name" else value for field, value in zip(FORM, values)])
+    typed = isinstance(form["run_name"], str) and form["run_name"].strip()
+    return text, gr.update() if typed or text.startswith("**Error") else name
+
+
 def running_form() -> list:
     """The Train form as the running job filled it (its main run's settings, its name, whether a baseline runs), for a
     page loaded while it runs; unchanged fields (the file boxes: a file cannot be sent back) where none runs."""
@@ -269,11 +282,14 @@ def start(*values):
     """Start a new named run (and its plain-LoRA baseline, run_name-lora) in its own folder below RUNS."""
     form = dict(zip(FORM, values))
     name = run_name_or(form["run_name"], default_run_name(form["init"]))
+    if JOBS.busy():  # before any file is touched (JOBS.launch checks again, under its lock)
+        return BUSY
     try:
         for taken in (name, f"{name}-lora") if form["baseline"] and form["init"] == "lora_ga" else (name,):
             if read_record(RUNS / taken) is not None:
                 raise ConfigError(f"a run named {taken} exists; choose another name, or select it under Runs and "
                                   "press Resume")
+            shutil.rmtree(RUNS / taken / "data", ignore_errors=True)  # copies of a start refused before its record
         configs = form_configs(form, name, stored=True)  # every field checked before a file is copied
     except (ConfigError, DataError) as e:
         return error_text(e)
@@ -306,9 +322,9 @@ def delete_run(selected: str) -> str:
         check_not_running_elsewhere(folder)
     except ConfigError as e:
         return error_text(e)
-    with JOBS.idle() as idle:
+    with JOBS.idle(folder.name) as idle:
         if not idle:
-            return "A run is in progress: stop it before deleting runs."
+            return f"{folder.name} is running: stop it before deleting it."
         shutil.rmtree(folder)
         JOBS.forget(folder.name)
     return f"Deleted {folder.name}."
@@ -317,7 +333,7 @@ def delete_run(selected: str) -> str:
 def runs_table() -> pd.DataFrame:
     """The runs below RUNS, the last updated first."""
     columns = ["name", "status", "init", "steps", "train_loss", "eval_loss", "adapter", "message"]
-    rows = [{c: row[c] for c in columns} for row in list_runs(RUNS, JOBS.busy())]
+    rows = [{c: row[c] for c in columns} for row in list_runs(RUNS, JOBS.busy(), JOBS.job.live_metrics())]
     return pd.DataFrame(rows, columns=columns).round(4)
 
 
@@ -349,6 +365,9 @@ def poll(selected: str = ""):
     text, frame = status()
     plot = gr.LinePlot(frame, visible=bool(frame["loss"].notna().any()))  # no empty axes before the first loss
     return text, plot, gr.Timer(active=running), table, gr.Dropdown(choices=names, value=chosen)
+
+
+TRY_LOADING = "Loading the base model and the run's adapter, then generating (the first Try of a run loads its model)…"
 
 
 def try_prompt(prompt: str, max_new_tokens: int = 64, selected: str = ""):
@@ -496,7 +515,8 @@ def build_ui() -> gr.Blocks:
         preview_inputs = [upload, data_format, model, max_length, columns, chat_template]
         preview_button.click(preview, preview_inputs, preview_box)
         upload.change(preview, preview_inputs, preview_box)  # a new file, or none (the sample), is shown at once
-        command_button.click(show_command, form, command_box)
+        ui.load(preview, preview_inputs, preview_box)  # the sample, selected when the page opens
+        command_button.click(show_command_named, form, [command_box, run_name])
         estimate_inputs = [model, load_in_4bit, rank, batch_size, max_length, init, estimation_batch_size,
                            grad_budget_gib, nf4_error_rank, target_modules]
         for component in estimate_inputs[1:]:
@@ -514,7 +534,8 @@ def build_ui() -> gr.Blocks:
         resume_button.click(resume, selected, notice_box).then(poll, selected, shown)
         stop_button.click(JOBS.stop, None, notice_box).then(poll, selected, shown)
         delete_button.click(delete_run, selected, notice_box).then(poll, selected, shown)
-        try_button.click(lambda text, run: try_prompt(text, 64, run), [prompt, selected], [base_out, adapter_out])
+        try_button.click(lambda: (TRY_LOADING, ""), None, [base_out, adapter_out]).then(
+            lambda text, run: try_prompt(text, 64, run), [prompt, selected], [base_out, adapter_out])
         export_button.click(export_shown, selected, [export_file, export_code])
     return ui
 

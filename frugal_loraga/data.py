@@ -364,14 +364,21 @@ def read_data(path, fmt: str, columns: Optional[dict[str, str]] = None) -> tuple
     return records, detect_format(records, Path(path).name) if fmt == "auto" else fmt, places
 
 
-def load_examples(path, fmt: str, tokenizer, max_length: int, columns: Optional[dict[str, str]] = None,
-                  template: str = "model") -> tuple[list[Example], DataReport]:
-    """Read, check and tokenize a data file; every bad input gives a DataError naming the file and the record.
-    columns: format column -> file column (Config.column_map); template: the chat template choice (chat_template)."""
+def checked_records(path, fmt: str, columns: Optional[dict[str, str]] = None) -> tuple[list[dict], str, list[str]]:
+    """read_data's records, format and places, ShareGPT's turned to chats, each record's columns checked: every
+    error of the file but those that need the tokenizer (in seconds for the largest file the app takes)."""
     records, fmt, places = read_data(path, fmt, columns)
     if fmt == "sharegpt":
         records, fmt = from_sharegpt(records, places), "chat"
     check_columns(records, fmt, places)
+    return records, fmt, places
+
+
+def load_examples(path, fmt: str, tokenizer, max_length: int, columns: Optional[dict[str, str]] = None,
+                  template: str = "model") -> tuple[list[Example], DataReport]:
+    """Read, check and tokenize a data file; every bad input gives a DataError naming the file and the record.
+    columns: format column -> file column (Config.column_map); template: the chat template choice (chat_template)."""
+    records, fmt, places = checked_records(path, fmt, columns)
     examples, report = tokenize(records, fmt, tokenizer, max_length, places, template)
     if not examples:
         cause = (f"every response was cut off by max_length={max_length} or empty; raise max_length"

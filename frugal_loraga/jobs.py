@@ -26,6 +26,7 @@ from .progress import Metrics
 from .runs import run_config
 
 log = logging.getLogger("frugal_loraga.app")
+BUSY = "A run is already in progress: wait for it or press Stop."
 
 
 def summary(label: str, result: FinetuneResult) -> str:
@@ -112,11 +113,22 @@ class Job:
         if self.busy():
             text += f" {self.done}/{self.total}" if self.total else ""
             left = self.clock.seconds_left() if self.clock else None
-            text += f", about {format_seconds(left)} left for the whole job." if left is not None else "."
+            if left is None:
+                text += "."
+            else:  # past the predicted end (a slow last step, the adapter's export): no "0 s left" for a minute
+                text += f", about {format_seconds(left)} left for the whole job." if left >= 1 else \
+                    ", taking longer than estimated."
             text += gpu_memory()
             if self.stop.is_set():
                 text += " Stop requested: the run ends after the current step, batch or layer."
         return text + (f" {self.message}" if self.message else "")
+
+    def live_metrics(self) -> dict[str, Metrics]:
+        """The metrics so far of each of its runs that has begun, by run name, while it runs."""
+        if not self.busy():
+            return {}
+        return {run: self.curves[config.init] for config, run in zip(self.configs, self.runs)
+                if config.init in self.curves}
 
     def loss_points(self) -> list[tuple[int, float, str]]:
         """Every loss so far as (step, loss, curve), the curve named '<label> <split>' ('lora_ga train')."""
@@ -137,17 +149,18 @@ class Jobs:
         return self.job.busy()
 
     @contextmanager
-    def idle(self) -> Iterator[bool]:
-        """Whether no job runs; none starts until the block ends. `with jobs.idle() as idle: if idle: ...`"""
+    def idle(self, run: str | None = None) -> Iterator[bool]:
+        """Whether no job runs (given a run's name: none that runs it); none starts until the block ends.
+        `with jobs.idle() as idle: if idle: ...`"""
         with self._lock:
-            yield not self.job.busy()
+            yield not self.job.busy() or (run is not None and run not in self.job.runs)
 
     def launch(self, configs: list[Config]) -> str:
         """Run the configs one after another in the background (a job named by its first run); refused while a job
         runs. The check and the start are one step under the lock, so that two launches at once cannot both pass it."""
         with self.idle() as idle:
             if not idle:
-                return "A run is already in progress: wait for it or press Stop."
+                return BUSY
             try:
                 clock = JobClock.for_runs(configs, "cuda" if torch.cuda.is_available() else "cpu")
             except ConfigError as e:  # settings this machine cannot run (Config.resolve), e.g. a run from elsewhere

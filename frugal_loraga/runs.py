@@ -50,17 +50,18 @@ def live_status(record: dict, busy_here: bool) -> str:
     return "running" if busy_here and record.get("pid") in (os.getpid(), None) else "interrupted"
 
 
-def list_runs(root: str | Path, busy_here: bool = False) -> list[dict]:
+def list_runs(root: str | Path, busy_here: bool = False, live: dict[str, dict] | None = None) -> list[dict]:
     """One row per run folder directly below root, the last updated first: name, status (live_status; busy_here:
     whether this process runs a job now), method, model, steps done and asked, final train and eval loss, and
-    whether an adapter was exported."""
+    whether an adapter was exported. live: the metrics so far of the runs this process runs, by folder name, read in
+    place of their metrics.json (written when a run ends)."""
     rows = []
     for folder in sorted(p for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []:
         record = read_record(folder)
         if record is None:
             continue
         try:
-            metrics = json.loads((folder / "metrics.json").read_text())
+            metrics = (live or {}).get(folder.name) or json.loads((folder / "metrics.json").read_text())
         except (OSError, ValueError):
             metrics = {}
         config = record["config"]

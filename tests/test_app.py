@@ -139,6 +139,8 @@ def test_status_shows_the_whole_jobs_time_left():
     job.thread.start()
     app.JOBS.job = job
     assert app.status()[0].startswith("**lora: training** 4/10, about 6 s left for the whole job.")
+    clock.end = time.time() - 5  # past the predicted end: no "0 s left" while it lasts
+    assert app.status()[0].startswith("**lora: training** 4/10, taking longer than estimated.")
     job.thread.join()
     assert app.status()[0] == "**lora: training**"  # ended: no units or time left to show
 
@@ -312,6 +314,25 @@ def test_a_run_refused_before_loading_is_listed_with_its_error_and_can_be_delete
     assert app.delete_run("typo") == "Deleted typo." and not (app.RUNS / "typo").exists()
 
 
+def test_data_the_run_cannot_read_is_refused_by_train_itself_and_stale_copies_go(tiny_model_dir, tmp_path):
+    """A CSV whose format cannot be told (no column mapping) is refused by Train, naming the field, before anything is
+    copied; a folder that a start refused before its record left behind loses its data copies at the next start of
+    that name, so the new run reads only its own."""
+    app.build_ui()
+    (tmp_path / "qa.csv").write_text("question,answer\nq,a\n")
+    assert app.start(*form(model=str(tiny_model_dir), upload=str(tmp_path / "qa.csv"), run_name="qa")).endswith(
+        "(the field 'Column mapping (when auto-detection fails)')")
+    assert not app.RUNS.exists() and not app.JOBS.busy()
+    stale = app.RUNS / "qa" / "data" / "qa.csv"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("question,answer\nq,a\n")
+    upload = write_jsonl(tmp_path / "mine.jsonl", [{"text": f"{i} plus {i} is {2 * i}"} for i in range(40)])
+    assert app.start(*form(model=str(tiny_model_dir), upload=str(upload), run_name="qa")) == "Started qa."
+    app.JOBS.job.thread.join(120)
+    assert "Finished." in app.status()[0]
+    assert [p.name for p in (app.RUNS / "qa" / "data").iterdir()] == ["mine.jsonl"]
+
+
 def test_a_run_this_machine_cannot_run_is_refused_at_start(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(app.torch.cuda, "is_available", lambda: False)
     config = app.form_configs(dict(zip(app.FORM, form(model=str(tiny_model_dir)))), "x", stored=False)[0]
@@ -365,14 +386,16 @@ def test_the_cli_command_of_the_form_runs_the_same_settings(tiny_model_dir, tmp_
     the package without an install, and names paths from there; the uploads by copies, per run name, with sanitized
     names (Gradio's own copies are temporary)."""
     monkeypatch.setattr(app, "ROOT", tmp_path)
-    held_out = write_jsonl(tmp_path / "held out;.jsonl", [{"text": "a b"}])
+    data = write_jsonl(tmp_path / "mine.jsonl", [{"body": f"{i} and {i}"} for i in range(20)])
+    held_out = write_jsonl(tmp_path / "held out;.jsonl", [{"body": "a b"}])
     shown = app.show_command(*form(model=str(tiny_model_dir), init="lora_ga", rank=4, lr=3e-5, steps=12,
                                    estimation_samples=8, grad_accum=2, schedule="linear", grad_budget_gib=0.5,
-                                   columns="text=body", eval_upload=str(held_out), run_name="my run"))
+                                   columns="text=body", upload=str(data), eval_upload=str(held_out),
+                                   run_name="my run"))
     assert shown.startswith(f"```bash\ncd {tmp_path} && python -m frugal_loraga train --model ") and \
         shown.endswith("\n```")
     for flag in ("--no-load-in-4bit", "--rank 4", "--lr 3e-05", "--steps 12", "--max-length 96",
-                 "--estimation-samples 8", "--out runs/my_run", f"--data {app.SAMPLE}", "--grad-accum 2",
+                 "--estimation-samples 8", "--out runs/my_run", "--data uploads/my_run/mine.jsonl", "--grad-accum 2",
                  "--schedule linear", "--grad-budget-gib 0.5", "--columns text=body",
                  "--eval-data uploads/my_run/held_out_.jsonl"):
         assert flag in shown, flag
@@ -380,6 +403,9 @@ def test_the_cli_command_of_the_form_runs_the_same_settings(tiny_model_dir, tmp_
     assert "--no-progress" not in shown  # the command is run in a terminal, which shows the progress bars
     assert re.search(r"--out runs/lora_ga-\d{8}-\d{6}\b", app.show_command(*form(model=str(tiny_model_dir),
                                                                                  init="lora_ga")))
+    shown, name = app.show_command_named(*form(model=str(tiny_model_dir), init="lora_ga"))  # the name filled in
+    assert re.fullmatch(r"lora_ga-\d{8}-\d{6}", name) and f"--out runs/{name}\n" in shown
+    assert app.show_command_named(*form(model=str(tiny_model_dir), run_name="my run"))[1] == app.gr.update()
 
 
 def test_the_model_field_is_looked_up_when_left_not_on_every_keystroke():

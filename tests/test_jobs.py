@@ -109,9 +109,13 @@ def test_racing_launches_start_one_job_after_releasing_the_try_model(runner, eng
 
 
 def test_no_try_or_delete_while_a_job_runs_and_no_job_starts_during_one(runner, engine, calls, tried):
+    """No Try while a job runs, nor a delete of the job's runs (other runs' folders may go)."""
     runner.launch(CONFIGS)
     with runner.idle() as idle:
         assert not idle
+    for run, free in (("x", False), ("x-lora", False), ("other", True)):  # a delete of a run the job does not run
+        with runner.idle(run) as idle:
+            assert idle == free, run
     assert runner.generate(tried, "hi", 4) is None and "load" not in calls
     finish(runner, engine)
     assert runner.generate(tried, "hi", 4) == {"base": "hi", "adapter": "hi"} and calls[-1] == "load"
@@ -139,6 +143,7 @@ def test_stop_ends_the_job_with_what_was_kept(runner, engine, calls):
     runner.launch(CONFIGS)
     while runner.job.phase != "lora_ga: training":
         runner.job.thread.join(0.01)
+    assert runner.job.live_metrics() == {"x": {"train_loss": METRICS["train_loss"]}}  # the Runs list's, while running
     assert runner.stop() == ""  # the status says it
     assert runner.job.status().endswith("Stop requested: the run ends after the current step, batch or layer.")
     runner.job.thread.join(10)
@@ -146,6 +151,7 @@ def test_stop_ends_the_job_with_what_was_kept(runner, engine, calls):
                                   "continue."
     assert calls == ["release", "lora_ga"]  # the baseline never started
     assert runner.job.loss_points() == [(1, 2.5, "lora_ga train"), (1, 2.75, "lora_ga eval")]
+    assert runner.job.live_metrics() == {}  # ended: the runs' own metrics.json
     engine.saved = False
     runner.launch(CONFIGS)
     runner.stop()

@@ -356,6 +356,9 @@ def test_each_run_keeps_a_record_that_lists_and_resumes_it(tiny_model_dir, sampl
     assert rows["finished"]["eval_loss"] == json.loads((root / "finished" / "metrics.json").read_text())["eval_loss"][-1][1]
     assert (rows["failed"]["status"], rows["failed"]["message"]) == ("failed", "the disk is full")
     assert [row["name"] for row in list_runs(root)][:1] == ["failed"]  # the last updated first
+    live = {row["name"]: row for row in list_runs(root, live={"stopped": {"train_loss": [[1, 0.5], [2, 0.25]]}})}
+    assert (live["stopped"]["steps"], live["stopped"]["train_loss"]) == ("2/3", 0.25)  # a running job's metrics so far
+    assert live["finished"] == rows["finished"]
     monkeypatch.undo()
     config = run_config(root / "stopped")  # the settings from the folder alone, as after an app restart
     assert config.steps == 3 and config.lr == 3e-3 and config.estimation_samples == 4
