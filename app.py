@@ -27,7 +27,8 @@ from frugal_loraga.blocks import keep_compiled_graphs
 from frugal_loraga.checkpoint import check_not_running_elsewhere, has_adapter, read_record
 from frugal_loraga.cli import command_line
 from frugal_loraga.export import peft_load_fix
-from frugal_loraga.data import IGNORE, checked_records, load_examples
+from frugal_loraga.api import check_data
+from frugal_loraga.data import IGNORE, load_examples
 from frugal_loraga.jobs import BUSY, Jobs
 from frugal_loraga.memory import card, decoder_shapes, estimate_memory_gib, fit_advice, weights_advice
 from frugal_loraga.models import cached_model_ids, load_tokenizer, resolve_model_path
@@ -224,9 +225,8 @@ def form_configs(form: dict, name: str, stored: bool) -> list[Config]:
     4-bit one, when asked) from the form. stored: the uploads are copied into the run's folder (data/); else (the
     CLI command) into UPLOADED/<name>, and the paths are as a command run in the app's folder names them."""
     settings = form_settings(form)
-    columns = Config(data="-", **settings).column_map()
-    for upload in (form["upload"], form["eval_upload"]):  # the file's errors on the page now, not from the job
-        checked_records(uploaded(upload), settings["data_format"], columns)
+    check_data(Config(data=str(uploaded(form["upload"])),  # the files' errors on the page now, not from the job
+                      eval_data=form["eval_upload"] and str(uploaded(form["eval_upload"])), **settings))
     uploads = RUNS / name / "data" if stored else UPLOADED / name
     data = store_upload(form["upload"], uploads)
     eval_data = form["eval_upload"] and store_upload(form["eval_upload"], uploads)

@@ -22,9 +22,10 @@ from transformers import AutoConfig
 
 from .blocks import enable_checkpointing, start_compile_workers
 from .config import Config
-from .checkpoint import (atomic_write, check_outputs, clear_previous_run, factors_from_checkpoint, load_checkpoint,
-                         read_record, run_inputs, save_checkpoint, write_record)
-from .data import WIDTH_MULTIPLE, Example, load_examples, padded_width, split_eval
+from .checkpoint import (atomic_write, check_outputs, drop_previous_run, factors_from_checkpoint, load_checkpoint,
+                         read_record, restore_interrupted_overwrite, restore_previous_run, run_inputs,
+                         save_checkpoint, set_aside_previous_run, write_record)
+from .data import WIDTH_MULTIPLE, Example, checked_records, load_examples, padded_width, split_eval
 from .distributed import barrier, check_shares, join
 from .errors import ConfigError, OutOfMemory, RunError
 from .export import export_adapter, peft_load_fix
@@ -72,10 +73,13 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
     phase = enter(Phase.LOADING_DATA)
     model = inputs = None
     recorded = False  # whether this call has written the run's record
+    replacing = False  # whether this call has set aside an overwritten run's files, to put back if it ends early
     try:
         join(resolve_device(config).type)  # under torchrun: one process per GPU, data parallel (distributed.py)
         check_shares(config.grad_accum)
+        restore_interrupted_overwrite(config.out)
         check_outputs(config)
+        check_data(config)  # before the model is looked for: a first use of the demo converts it (half a minute)
         model_path = resolve_model_path(config.model, config.trust_remote_code)
         tokenizer = load_tokenizer(model_path, config.trust_remote_code)
         train_examples, eval_examples = load_data(config, tokenizer)
@@ -88,8 +92,9 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         if resolve_device(config).type == "cuda":
             check_fits(model_config, config, free_bytes(resolve_device(config)), skeleton, planned)
         barrier()  # every rank has checked the out folder and the settings before rank 0 writes in it
-        if config.overwrite:  # only now: a run refused above leaves the one it would replace as it was
-            clear_previous_run(config.out)
+        if config.overwrite:  # only now, and put back if this run ends before its first checkpoint (fail)
+            set_aside_previous_run(config.out)
+            replacing = True
         write_record(config, inputs, "running")
         recorded = True
         phase = enter(Phase.LOADING_MODEL)
@@ -125,6 +130,8 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         layers = inject(model, factors, config.eta, corrections)
         if state is None:
             save_checkpoint(config, inputs, 0, metrics, layers)
+            drop_previous_run(config.out)  # an overwritten run's files: this run has replaced it
+            replacing = False
         phase = Phase.TRAINING
         stopped = train(model, layers, train_examples, eval_examples, config, inputs, pad_id, metrics,
                         resume_state=state, progress=progress, stop=stop)
@@ -142,16 +149,17 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         barrier()  # the adapter is written when finetune returns, on every rank
         return FinetuneResult(adapter_dir, metrics, stopped)
     except StoppedInEstimate:
-        write_record(config, inputs, "stopped", "stopped before training began: nothing was saved")
+        if not (replacing and restore_previous_run(config.out)):  # an overwritten run stays as it was
+            write_record(config, inputs, "stopped", "stopped before training began: nothing was saved")
         return FinetuneResult(None, {}, stopped=True)
     except torch.cuda.OutOfMemoryError as e:
         error = OutOfMemory(f"CUDA ran out of memory while {phase}. Lower batch_size or max_length, keep "
                             "gradient_checkpointing and load_in_4bit on, or for the init lower estimation_batch_size "
                             "and grad_budget_gib.")
-        fail(config, inputs, error, recorded)
+        fail(config, inputs, error, recorded, replacing)
         raise error from e
     except Exception as e:
-        fail(config, inputs, e, recorded)
+        fail(config, inputs, e, recorded, replacing)
         raise
     finally:
         if model is not None:
@@ -200,16 +208,26 @@ def checked_targets(model, config: Config, resuming: bool) -> dict:
     return targets
 
 
-def fail(config: Config, inputs: Optional[dict], error: Exception, recorded: bool) -> None:
+def fail(config: Config, inputs: Optional[dict], error: Exception, recorded: bool, replacing: bool) -> None:
     """Mark the run failed in its record: one this call wrote, or where the out folder exists without one (the app
     makes the folder first, for its copy of the data), so that the run is listed with its error. A folder that
-    holds another run's record keeps it, and a refused CLI run leaves no folder."""
+    holds another run's record keeps it, and a refused CLI run leaves no folder. replacing: an overwrite that ends
+    before its first checkpoint puts back the run it would have replaced, as it was."""
+    if replacing and restore_previous_run(config.out):
+        return
     out_without_record = Path(config.out).is_dir() and read_record(config.out) is None
     if inputs is not None and (recorded or out_without_record):
         try:
             write_record(config, inputs, "failed", str(error) or type(error).__name__)
         except RunError:  # the disk that failed the run may refuse the record too: the error raised says it all
             pass
+
+
+def check_data(config: Config) -> None:
+    """DataError for what is wrong in the data files that needs no tokenizer to see (data.checked_records)."""
+    for path in (config.data, config.eval_data):
+        if path:
+            checked_records(path, config.data_format, config.column_map())
 
 
 def load_data(config: Config, tokenizer) -> tuple[list[Example], list[Example]]:

@@ -81,8 +81,9 @@ def _probe_writable(folder: Path, what: str) -> None:
 
 
 def check_outputs(config: Config) -> None:
-    """Before any slow work: the out folder and the metrics file can be written, and the out folder holds no other run
-    that this one would replace (unless resuming it or asked to overwrite), or holds one to resume."""
+    """Before any slow work: the out folder and the metrics file can be written, the metrics file is none the run
+    reads or writes, and the out folder holds no files that this run would write over (another run's, or files of
+    those names: unless resuming it or asked to overwrite), or holds a run to resume."""
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out={out} is a file, not a folder; choose a folder for the run")
@@ -95,6 +96,11 @@ def check_outputs(config: Config) -> None:
         if metrics.is_dir():
             raise ConfigError(f"metrics_json={metrics} is a folder; give a file path such as {metrics / 'metrics.json'}")
         _probe_writable(metrics.parent, "the metrics file")
+        taken = [Path(p) for p in (config.data, config.eval_data) if p] + \
+            [p for p in run_files(out) if p != out / "metrics.json"]
+        if any(metrics.resolve() == path.resolve() for path in taken):
+            raise ConfigError(f"metrics_json={metrics} is a file the run reads or writes (its data, record, checkpoint "
+                              "or adapter); choose another path")
         if metrics.exists() and config.resume and not _runs_metrics(out, metrics):
             raise ConfigError(f"metrics_json={metrics} exists and is not the metrics file of the run to resume; "
                               "choose another path, or move that file")
@@ -119,6 +125,10 @@ def check_outputs(config: Config) -> None:
             "continue it with resume (--resume), "
         raise ConfigError(f"{out} already holds a run ({checkpoint_path(out)}); {resumable}choose another out folder, "
                           "or replace it with overwrite (--overwrite)")
+    held = [str(path.relative_to(out)) for path in run_files(out) if path.exists()]
+    if held and not (config.resume or config.overwrite):
+        raise ConfigError(f"{out} holds {', '.join(held)}, which this run would write over; choose another out folder, "
+                          "or replace them with overwrite (--overwrite)")
 
 
 def _runs_metrics(out: Path, metrics: Path) -> bool:
@@ -149,16 +159,62 @@ def adapter_for(out: str | Path, load_in_4bit: bool) -> Path:
     return corrected if load_in_4bit and (corrected / ADAPTER_FILES[1]).exists() else Path(out) / ADAPTER_FOLDERS[0]
 
 
-def clear_previous_run(out: str | Path) -> None:
-    """Remove what an earlier run wrote in out (its record, checkpoint, adapter files and metrics), for a run started
-    there with overwrite, so that the folder never mixes two runs' files. Anything else in out stays. Rank 0's work,
-    of several processes."""
-    if not is_writer():
-        return
+def run_files(out: str | Path) -> list[Path]:
+    """The files a run writes in out: its record, checkpoint, metrics and adapter files."""
     out = Path(out)
     adapter = [out / folder / name for folder in ADAPTER_FOLDERS for name in ADAPTER_FILES]
-    for path in (out / RECORD, checkpoint_path(out), out / "metrics.json", *adapter):
+    return [out / RECORD, checkpoint_path(out), out / "metrics.json", *adapter]
+
+
+REPLACED = ".replaced-run"  # in out: an overwritten run's files, until the run replacing it has its first checkpoint
+
+
+def set_aside_previous_run(out: str | Path) -> None:
+    """For a run started with overwrite: what an earlier run wrote in out (run_files) moved into out/.replaced-run/,
+    so that the folder never mixes two runs' files, yet a run that fails or stops before its first checkpoint can put
+    it back (restore_previous_run); drop_previous_run deletes it once there is one. Anything else in out stays. If
+    out/.replaced-run/ is there already, an earlier overwrite was killed before its first checkpoint: that is still
+    the run to keep, and only the killed run's files go. Rank 0's work, of several processes."""
+    if not is_writer():
+        return
+    out, aside = Path(out), Path(out) / REPLACED
+    kept = aside.is_dir()
+    for path in run_files(out):
+        if kept or not path.exists():
+            path.unlink(missing_ok=True)
+            continue
+        target = aside / path.relative_to(out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+
+
+def restore_previous_run(out: str | Path) -> bool:
+    """Put back the run set aside in out (set_aside_previous_run), over what the run replacing it wrote; whether there
+    was one."""
+    aside = Path(out) / REPLACED
+    if not is_writer() or not aside.is_dir():
+        return False
+    for path in run_files(out):
         path.unlink(missing_ok=True)
+        kept = aside / path.relative_to(out)
+        if kept.exists():
+            os.replace(kept, path)
+    shutil.rmtree(aside)
+    return True
+
+
+def restore_interrupted_overwrite(out: str | Path) -> None:
+    """An overwrite killed before its first checkpoint left the run it replaced in out/.replaced-run/: put it back
+    before a new run decides what the folder holds, unless a live process still runs there."""
+    record = read_record(out)
+    if (Path(out) / REPLACED).is_dir() and not (record is not None and running_elsewhere(record)):
+        restore_previous_run(out)
+
+
+def drop_previous_run(out: str | Path) -> None:
+    """Delete the run set aside in out: the run replacing it has written its first checkpoint."""
+    if is_writer():
+        shutil.rmtree(Path(out) / REPLACED, ignore_errors=True)
 
 
 def load_checkpoint(config: Config, inputs: dict) -> Optional[dict]:
@@ -189,10 +245,11 @@ def load_checkpoint(config: Config, inputs: dict) -> Optional[dict]:
     return state
 
 
-def atomic_write(path: Path, write: Callable[[Path], None], last_good: str = "") -> None:
+def atomic_write(path: Path, write: Callable[[Path], None], last_good: str = "",
+                 when_full: str = "Free disk space, then resume.") -> None:
     """write(tmp) then rename tmp over path: a reader sees the old file or the new one, never half of one. A full disk
-    (or any OS error) leaves the old file as it was and becomes a RunError that says so. Of several processes, only
-    rank 0 writes (distributed.is_writer)."""
+    (or any OS error, a read-only folder too) leaves the old file as it was and becomes a RunError that says so, with
+    when_full's advice for a full disk. Of several processes, only rank 0 writes (distributed.is_writer)."""
     if not is_writer():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -203,11 +260,12 @@ def atomic_write(path: Path, write: Callable[[Path], None], last_good: str = "")
             os.chmod(tmp, 0o666 & ~UMASK)  # as open() makes a file: some writers (safetensors) make theirs private
         os.replace(tmp, path)
     except Exception as e:  # torch and safetensors report a full disk in errors of their own, not as OSError
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a folder turned read-only refuses this too: the error is the write's
+            tmp.unlink(missing_ok=True)
         full = getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(path.parent).free < 2**20
         reason = getattr(e, "strerror", None) or ("No space left on device" if full else str(e))
         raise RunError(f"could not write {path}: {reason}. {last_good or 'The previous file is unchanged.'} "
-                       + ("Free disk space, then resume." if full else "")) from e
+                       + (when_full if full else "")) from e
 
 
 def file_mode_mask() -> int:
@@ -240,7 +298,11 @@ def save_checkpoint(config: Config, inputs: dict, step: int, metrics: Metrics, l
             f.flush()
             os.fsync(f.fileno())
     path = checkpoint_path(config.out)
-    atomic_write(path, write, f"The last checkpoint ({path}) is intact." if path.exists() else "")
+    if path.exists():
+        atomic_write(path, write, f"The last checkpoint ({path}) is intact.")
+    else:  # the run's first: nothing to resume from
+        atomic_write(path, write, "No checkpoint was saved yet.", "Free disk space, then start the run over with "
+                     "overwrite (--overwrite; in the app: select it under Runs and press Resume).")
 
 
 def adapter_state(layers: dict) -> dict:

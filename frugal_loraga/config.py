@@ -34,6 +34,7 @@ ALL_LINEAR = "all-linear"
 DEFAULT_LR = {"lora_ga": 3e-5, "lora": 3e-4}
 # A field a run recorded before it existed ran with this value, not the field's default (experts were 16-bit then).
 ABSENT_FROM_OLDER_RUNS = {"quantize_experts": False}
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the largest learning rate, alpha or gamma an fp32 tensor holds
 
 
 def field_type(hint) -> tuple[type, Optional[list], bool]:
@@ -61,7 +62,10 @@ def as_kind(value, kind: type, optional: bool):
         return os.fspath(value)
     if kind in (int, float) and not isinstance(value, bool) and \
             isinstance(value, numbers.Integral if kind is int else numbers.Real):
-        return kind(value)
+        try:
+            return kind(value)
+        except OverflowError:  # an integer past float's range
+            raise TypeError(f"needs {KINDS[kind]} within a float's range") from None
     raise TypeError(f"needs {KINDS[kind]}")
 
 
@@ -147,7 +151,8 @@ class Config:
     metrics_json: Optional[str] = _f(None, "also write the metrics JSON here")
     resume: bool = _f(False, "continue the run in out from its checkpoint (out/checkpoint)")
     overwrite: bool = _f(False, "start a new run in an out folder that holds one, replacing its checkpoint, adapter and "
-                                "metrics (other files there are left alone)")
+                                "metrics (other files there are left alone; put back if the new run ends before its "
+                                "first checkpoint)")
     progress: bool = _f(True, "show tqdm progress bars")
 
     def __post_init__(self):
@@ -169,9 +174,12 @@ class Config:
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ["alpha", "lr", "gamma"]:
-            if getattr(self, name) is not None and not 0 < getattr(self, name) < math.inf:
-                raise ConfigError(f"{name} must be a positive finite number, got {getattr(self, name)}")
+        for name in ["alpha", "lr", "gamma"]:  # they meet fp32 tensors: within fp32's range
+            if getattr(self, name) is not None and not 0 < getattr(self, name) <= FLOAT32_MAX:
+                raise ConfigError(f"{name} must be a positive finite number (at most {FLOAT32_MAX:.4g}), got "
+                                  f"{getattr(self, name)}")
+        if not -2**63 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be a 64-bit integer (between -2**63 and 2**63 - 1), got {self.seed}")
         for name in ["eval_every", "save_every", "weight_decay", "max_grad_norm", "nf4_error_rank",
                      "keep_activations_gib"]:
             if getattr(self, name) is not None and not 0 <= getattr(self, name) < math.inf:

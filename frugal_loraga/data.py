@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -101,11 +102,21 @@ def parse_jsonl(raw: str, name: str) -> list[tuple[str, dict]]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{name} line {number}: malformed JSON ({e.msg}); fix or remove that line") from e
+        except (ValueError, RecursionError) as e:  # a number of over 4300 digits; lists nested thousands deep
+            raise DataError(f"{name} line {number}: unreadable JSON ({unreadable(e)}); fix or remove that line") from e
         if not isinstance(record, dict):
             raise DataError(f"{name} line {number}: expected a JSON object {{...}}, got {describe(record)}; "
                             "put one record object on each line")
         located.append((f"{name} line {number}", record))
     return located
+
+
+def unreadable(error: Exception) -> str:
+    """Why Python's JSON reader gave up on valid JSON, in words: nesting too deep, or (its only other ValueError) a
+    number too long."""
+    if isinstance(error, RecursionError):
+        return "lists or objects nested too deeply"
+    return f"a number of more than {sys.get_int_max_str_digits()} digits"
 
 
 def parse_json(raw: str, name: str) -> list[tuple[str, dict]]:
@@ -114,6 +125,8 @@ def parse_json(raw: str, name: str) -> list[tuple[str, dict]]:
         records = json.loads(raw)
     except json.JSONDecodeError as e:
         raise DataError(f"{name} line {e.lineno}: malformed JSON ({e.msg}); fix it") from e
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{name}: unreadable JSON ({unreadable(e)}); fix it") from e
     if not isinstance(records, list):
         raise DataError(f"{name}: expected a JSON list of objects, but the file holds {describe(records)}; "
                         "put the records in a list [{...}, {...}], or give a .jsonl file with one object per line")
@@ -237,9 +250,15 @@ def check_messages(messages, place: str) -> None:
 
 
 def require_text(value, place: str, what: str, every: str) -> None:
-    """Raise DataError unless value is a string: "<place>: <what> holds a number (int), not text; ..."."""
+    """Raise DataError unless value is a string: "<place>: <what> holds a number (int), not text; ..."; or one that
+    holds half of a UTF-16 pair (JSON's escape "\\ud800" alone), which no tokenizer takes."""
     if not isinstance(value, str):
         raise DataError(f"{place}: {what} holds {describe(value)}, not text; every {every} must be a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{place}: {what} holds {value[e.start]!r}, half of a UTF-16 pair with no other half (an "
+                        "escape such as \\ud800 alone); fix or remove that text") from e
 
 
 def clip_record(record: dict, fmt: str, max_length: int) -> tuple[dict, bool]:

@@ -218,8 +218,10 @@ def test_config_validation():
         Config(data="x", warmup_ratio=1.5)
     with pytest.raises(ConfigError, match="no training data"):
         Config()
-    with pytest.raises(ConfigError, match="lr must be a positive finite number, got inf"):
+    with pytest.raises(ConfigError, match=r"lr must be a positive finite number \(at most 3.403e\+38\), got inf"):
         Config(data="x", lr=float("inf"))
+    with pytest.raises(ConfigError, match="lr needs a number within a float's range, got 1000"):
+        Config(data="x", lr=10**400)
     assert Config(data="x", alpha=16, rank=4).eta == 8.0
     cpu, cuda = Config(data="x").resolve("cpu"), Config(data="x").resolve("cuda")
     assert (cpu.estimation_samples, cpu.eval_samples, cuda.estimation_samples, cuda.eval_samples) == (16, 16, 128, 64)

@@ -49,9 +49,11 @@ def no_model_load(monkeypatch):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--lr", "inf"], r"lr must be a positive finite number, got inf"),
-    (["--lr", "nan"], r"lr must be a positive finite number, got nan"),
-    (["--lr", "-1e-4"], r"lr must be a positive finite number, got -0.0001"),
+    (["--lr", "inf"], r"lr must be a positive finite number \(at most 3.403e\+38\), got inf"),
+    (["--lr", "nan"], r"lr must be a positive finite number \(at most 3.403e\+38\), got nan"),
+    (["--lr", "-1e-4"], r"lr must be a positive finite number \(at most 3.403e\+38\), got -0.0001"),
+    (["--lr", "1e300"], r"lr must be a positive finite number \(at most 3.403e\+38\), got 1e\+300"),  # past fp32
+    (["--seed", str(2**70)], r"seed must be a 64-bit integer \(between -2\*\*63 and 2\*\*63 - 1\), got 1180591620717"),
     (["--resume"], r"nothing to resume: .*checkpoint/state.pt does not exist"),
     (["--resume", "--overwrite"], r"resume and overwrite exclude each other"),
     (["--target-modules", "q_proj,nonexistent"], r"no module matches target_modules nonexistent; linear layers here: "),
@@ -162,6 +164,24 @@ def test_a_full_disk_keeps_the_last_checkpoint(tiny_model_dir, sample_path, tmp_
     assert torch.load(checkpoint_path(out), weights_only=True)["step"] == 1
     assert [p.name for p in checkpoint_path(out).parent.iterdir()] == ["state.pt"]
     assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--save-every", "1", "--resume") == 0
+    first = tmp_path / "first"  # a full disk at the first checkpoint: no resume to offer, a start over
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    assert cli(tiny_model_dir, sample_path, first, "--no-load-in-4bit") == 1
+    assert re.search(r"state.pt: No space left on device. No checkpoint was saved yet. Free disk space, then start the "
+                     r"run over with overwrite \(--overwrite; in the app", capsys.readouterr().err)
+    monkeypatch.setattr(torch, "save", save)
+    assert cli(tiny_model_dir, sample_path, first, "--no-load-in-4bit", "--overwrite") == 0
+
+
+def test_a_folder_turned_read_only_mid_write_gives_a_run_error(tmp_path, monkeypatch):
+    """The failed write's temporary file cannot be removed from a read-only folder either: the error is still the
+    write's, as a RunError (which the run's failure handling expects), not the removal's OSError."""
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(checkpoint_module.Path, "unlink", read_only)
+    with pytest.raises(RunError, match=r"could not write .*run.json: Read-only file system. The previous file is "
+                                       r"unchanged."):
+        atomic_write(tmp_path / "run.json", read_only)
 
 
 def killed_before_export(out):
@@ -223,6 +243,45 @@ def test_a_refused_overwrite_leaves_the_run_it_would_replace(tiny_model_dir, sam
     assert cli(tiny_model_dir, sample_path, out, "--overwrite", "--target-modules", "typo") == 2
     assert "no module matches target_modules typo" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_an_overwrite_refused_after_the_model_loads_puts_back_the_run_it_would_replace(tiny_model_dir, sample_path,
+                                                                                      tmp_path, capsys):
+    """The gradient budget is checked with the model loaded, after the old run's files were set aside: they come back
+    as they were. An overwrite killed before its first checkpoint (its set-aside files left behind) is undone by the
+    next run in the folder before it decides anything."""
+    out = tmp_path / "run"
+    assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--init", "lora") == 0
+    (out / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--overwrite", "--grad-budget-gib", "1e-9") == 2
+    assert "is smaller than what the estimate holds" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    checkpoint_module.set_aside_previous_run(out)  # as a killed overwrite leaves it, with its own record
+    (out / "run.json").write_text(json.dumps({**json.loads(before[out / "run.json"]), "status": "running", "pid": 0}))
+    assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--init", "lora") == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_files_of_the_names_a_run_writes_are_not_written_over(tiny_model_dir, sample_path, tmp_path, capsys,
+                                                              no_model_load):
+    """A folder of the user's files named as a run's (no run record among them) is refused without overwrite; a metrics
+    file that is the data or one of the run's files is refused, overwrite or not."""
+    out = tmp_path / "mine"
+    (out / "adapter").mkdir(parents=True)
+    for name in ("run.json", "metrics.json", "adapter/adapter_config.json"):
+        (out / name).write_text("my own")
+    assert cli(tiny_model_dir, sample_path, out) == 2
+    assert re.search(r"mine holds run.json, metrics.json, adapter/adapter_config.json, which this run would write over; "
+                     r"choose another out folder, or replace them with overwrite", capsys.readouterr().err)
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(sample_path.read_bytes())
+    for metrics in (data, tmp_path / "new" / "adapter" / "adapter_model.safetensors", tmp_path / "new" / "run.json"):
+        assert cli(tiny_model_dir, data, tmp_path / "new", "--metrics-json", str(metrics), "--overwrite") == 2
+        assert "is a file the run reads or writes" in capsys.readouterr().err
+    assert data.read_bytes() == sample_path.read_bytes()
+    assert all((out / name).read_text() == "my own" for name in ("run.json", "metrics.json", "adapter/adapter_config.json"))
 
 
 def test_the_first_ctrl_c_sets_stop_the_second_interrupts_and_the_handler_is_put_back():
@@ -379,3 +438,16 @@ def test_written_files_have_the_mode_open_gives(tmp_path, monkeypatch, mask, mod
     made = tmp_path / "made"
     made.touch()
     assert stat.S_IMODE(made.stat().st_mode) == 0o666 & ~checkpoint_module.file_mode_mask() == 0o666 & ~UMASK
+
+
+def test_bad_data_is_refused_before_the_model_is_looked_for(tmp_path, monkeypatch):
+    """The demo's first use converts its weights (half a minute): a data file's errors come first."""
+    def look_for(*args):
+        raise AssertionError("the model was looked for before the data was read")
+    monkeypatch.setattr(api_module, "resolve_model_path", look_for)
+    with pytest.raises(DataError, match="missing.jsonl does not exist"):
+        finetune(Config(data=str(tmp_path / "missing.jsonl"), out=str(tmp_path / "run"), progress=False))
+    (tmp_path / "qa.csv").write_text("question,answer\nq,a\n")
+    with pytest.raises(DataError, match="cannot tell the format from the columns"):
+        finetune(Config(data=str(tmp_path / "qa.csv"), out=str(tmp_path / "run"), progress=False))
+    assert not (tmp_path / "run").exists()
