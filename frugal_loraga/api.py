@@ -22,9 +22,8 @@ from transformers import AutoConfig
 
 from .blocks import enable_checkpointing, start_compile_workers
 from .config import Config
-from .checkpoint import (atomic_write, check_outputs, drop_previous_run, factors_from_checkpoint, load_checkpoint,
-                         read_record, restore_interrupted_overwrite, restore_previous_run, run_inputs,
-                         save_checkpoint, set_aside_previous_run, write_record)
+from .checkpoint import (atomic_write, check_outputs, factors_from_checkpoint, load_checkpoint, read_record, run_inputs,
+                         save_checkpoint, write_record)
 from .data import WIDTH_MULTIPLE, Example, checked_records, load_examples, padded_width, split_eval
 from .distributed import barrier, check_shares, join
 from .errors import ConfigError, OutOfMemory, RunError
@@ -33,6 +32,7 @@ from .init import StoppedInEstimate, initial_corrections, initial_factors
 from .lora import check_correction_rank, find_targets, inject, named_targets
 from .memory import check_fits, free_bytes
 from .progress import Metrics, Phase, ProgressFn
+from .replaced import drop, put_back, set_aside, settle
 from .models import (check_weight_shapes, load_base, load_tokenizer, model_skeleton, position_limit, release,
                      resolve_device, resolve_model_path)
 from .train import train
@@ -73,11 +73,12 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
     phase = enter(Phase.LOADING_DATA)
     model = inputs = None
     recorded = False  # whether this call has written the run's record
-    replacing = False  # whether this call has set aside an overwritten run's files, to put back if it ends early
+    replacing = False  # whether this call has set aside an overwritten run's files (replaced.py)
     try:
         join(resolve_device(config).type)  # under torchrun: one process per GPU, data parallel (distributed.py)
         check_shares(config.grad_accum)
-        restore_interrupted_overwrite(config.out)
+        settle(config.out)  # what an overwrite killed midway left (replaced.py)
+        barrier()
         check_outputs(config)
         check_data(config)  # before the model is looked for: a first use of the demo converts it (half a minute)
         model_path = resolve_model_path(config.model, config.trust_remote_code)
@@ -92,9 +93,8 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         if resolve_device(config).type == "cuda":
             check_fits(model_config, config, free_bytes(resolve_device(config)), skeleton, planned)
         barrier()  # every rank has checked the out folder and the settings before rank 0 writes in it
-        if config.overwrite:  # only now, and put back if this run ends before its first checkpoint (fail)
-            set_aside_previous_run(config.out)
-            replacing = True
+        if config.overwrite:  # only now; put back if this run ends before its first checkpoint
+            replacing = set_aside(config.out)
         write_record(config, inputs, "running")
         recorded = True
         phase = enter(Phase.LOADING_MODEL)
@@ -130,8 +130,9 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         layers = inject(model, factors, config.eta, corrections)
         if state is None:
             save_checkpoint(config, inputs, 0, metrics, layers)
-            drop_previous_run(config.out)  # an overwritten run's files: this run has replaced it
-            replacing = False
+            if replacing:  # the overwritten run's files: this run has replaced it
+                drop(config.out)
+                replacing = False
         phase = Phase.TRAINING
         stopped = train(model, layers, train_examples, eval_examples, config, inputs, pad_id, metrics,
                         resume_state=state, progress=progress, stop=stop)
@@ -149,19 +150,20 @@ def finetune(config: Config, progress: Optional[ProgressFn] = None,
         barrier()  # the adapter is written when finetune returns, on every rank
         return FinetuneResult(adapter_dir, metrics, stopped)
     except StoppedInEstimate:
-        if not (replacing and restore_previous_run(config.out)):  # an overwritten run stays as it was
-            write_record(config, inputs, "stopped", "stopped before training began: nothing was saved")
+        write_record(config, inputs, "stopped", "stopped before training began: nothing was saved")
         return FinetuneResult(None, {}, stopped=True)
     except torch.cuda.OutOfMemoryError as e:
         error = OutOfMemory(f"CUDA ran out of memory while {phase}. Lower batch_size or max_length, keep "
                             "gradient_checkpointing and load_in_4bit on, or for the init lower estimation_batch_size "
                             "and grad_budget_gib.")
-        fail(config, inputs, error, recorded, replacing)
+        fail(config, inputs, error, recorded)
         raise error from e
     except Exception as e:
-        fail(config, inputs, e, recorded, replacing)
+        fail(config, inputs, e, recorded)
         raise
     finally:
+        if replacing:  # ended before its first checkpoint (an error, a stop, Ctrl-C): the overwritten run as it was
+            put_back(config.out)
         if model is not None:
             release(model)
 
@@ -208,13 +210,10 @@ def checked_targets(model, config: Config, resuming: bool) -> dict:
     return targets
 
 
-def fail(config: Config, inputs: Optional[dict], error: Exception, recorded: bool, replacing: bool) -> None:
+def fail(config: Config, inputs: Optional[dict], error: Exception, recorded: bool) -> None:
     """Mark the run failed in its record: one this call wrote, or where the out folder exists without one (the app
     makes the folder first, for its copy of the data), so that the run is listed with its error. A folder that
-    holds another run's record keeps it, and a refused CLI run leaves no folder. replacing: an overwrite that ends
-    before its first checkpoint puts back the run it would have replaced, as it was."""
-    if replacing and restore_previous_run(config.out):
-        return
+    holds another run's record keeps it, and a refused CLI run leaves no folder."""
     out_without_record = Path(config.out).is_dir() and read_record(config.out) is None
     if inputs is not None and (recorded or out_without_record):
         try:

@@ -107,8 +107,7 @@ def check_outputs(config: Config) -> None:
         if metrics.exists() and not (config.resume or config.overwrite):
             raise ConfigError(f"metrics_json={metrics} exists; choose another path, or replace it with overwrite "
                               "(--overwrite)")
-    if config.resume or config.overwrite:
-        check_not_running_elsewhere(out)
+    check_not_running_elsewhere(out)
     record = read_record(out)
     existing = checkpoint_path(out).exists()
     adapters = [str(out / folder / ADAPTER_FILES[1]) for folder in ADAPTER_FOLDERS
@@ -125,10 +124,12 @@ def check_outputs(config: Config) -> None:
             "continue it with resume (--resume), "
         raise ConfigError(f"{out} already holds a run ({checkpoint_path(out)}); {resumable}choose another out folder, "
                           "or replace it with overwrite (--overwrite)")
-    held = [str(path.relative_to(out)) for path in run_files(out) if path.exists()]
-    if held and not (config.resume or config.overwrite):
-        raise ConfigError(f"{out} holds {', '.join(held)}, which this run would write over; choose another out folder, "
-                          "or replace them with overwrite (--overwrite)")
+    held = [path for path in run_files(out) if path.exists()]
+    saved_nothing = record is not None and held == [out / RECORD]  # stopped or failed before training: started over
+    if held and not (saved_nothing or config.resume or config.overwrite):
+        names = ", ".join(str(path.relative_to(out)) for path in held)
+        raise ConfigError(f"{out} holds {names}, which this run would write over; choose another out folder, or "
+                          "replace them with overwrite (--overwrite)")
 
 
 def _runs_metrics(out: Path, metrics: Path) -> bool:
@@ -164,57 +165,6 @@ def run_files(out: str | Path) -> list[Path]:
     out = Path(out)
     adapter = [out / folder / name for folder in ADAPTER_FOLDERS for name in ADAPTER_FILES]
     return [out / RECORD, checkpoint_path(out), out / "metrics.json", *adapter]
-
-
-REPLACED = ".replaced-run"  # in out: an overwritten run's files, until the run replacing it has its first checkpoint
-
-
-def set_aside_previous_run(out: str | Path) -> None:
-    """For a run started with overwrite: what an earlier run wrote in out (run_files) moved into out/.replaced-run/,
-    so that the folder never mixes two runs' files, yet a run that fails or stops before its first checkpoint can put
-    it back (restore_previous_run); drop_previous_run deletes it once there is one. Anything else in out stays. If
-    out/.replaced-run/ is there already, an earlier overwrite was killed before its first checkpoint: that is still
-    the run to keep, and only the killed run's files go. Rank 0's work, of several processes."""
-    if not is_writer():
-        return
-    out, aside = Path(out), Path(out) / REPLACED
-    kept = aside.is_dir()
-    for path in run_files(out):
-        if kept or not path.exists():
-            path.unlink(missing_ok=True)
-            continue
-        target = aside / path.relative_to(out)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, target)
-
-
-def restore_previous_run(out: str | Path) -> bool:
-    """Put back the run set aside in out (set_aside_previous_run), over what the run replacing it wrote; whether there
-    was one."""
-    aside = Path(out) / REPLACED
-    if not is_writer() or not aside.is_dir():
-        return False
-    for path in run_files(out):
-        path.unlink(missing_ok=True)
-        kept = aside / path.relative_to(out)
-        if kept.exists():
-            os.replace(kept, path)
-    shutil.rmtree(aside)
-    return True
-
-
-def restore_interrupted_overwrite(out: str | Path) -> None:
-    """An overwrite killed before its first checkpoint left the run it replaced in out/.replaced-run/: put it back
-    before a new run decides what the folder holds, unless a live process still runs there."""
-    record = read_record(out)
-    if (Path(out) / REPLACED).is_dir() and not (record is not None and running_elsewhere(record)):
-        restore_previous_run(out)
-
-
-def drop_previous_run(out: str | Path) -> None:
-    """Delete the run set aside in out: the run replacing it has written its first checkpoint."""
-    if is_writer():
-        shutil.rmtree(Path(out) / REPLACED, ignore_errors=True)
 
 
 def load_checkpoint(config: Config, inputs: dict) -> Optional[dict]:

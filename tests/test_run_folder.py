@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 import frugal_loraga.api as api_module
 import frugal_loraga.checkpoint as checkpoint_module
-from frugal_loraga import Config, ConfigError, DataError, RunError, finetune
+from frugal_loraga import Config, ConfigError, DataError, RunError, finetune, replaced
 from frugal_loraga.checkpoint import UMASK, atomic_write, checkpoint_path, process_identity, read_record
 from frugal_loraga.runs import list_runs, run_config
 from frugal_loraga.cli import build_parser, command_line, ctrl_c_stops, join_negative_values, main
@@ -257,11 +257,30 @@ def test_an_overwrite_refused_after_the_model_loads_puts_back_the_run_it_would_r
     assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--overwrite", "--grad-budget-gib", "1e-9") == 2
     assert "is smaller than what the estimate holds" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    checkpoint_module.set_aside_previous_run(out)  # as a killed overwrite leaves it, with its own record
+    replaced.set_aside(out)  # as a killed overwrite leaves it, with its own record
     (out / "run.json").write_text(json.dumps({**json.loads(before[out / "run.json"]), "status": "running", "pid": 0}))
     assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit", "--init", "lora") == 2
     assert "already holds a run" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    def interrupted(*args, **kwargs):  # a second Ctrl-C (or torchrun's first) during the estimate
+        raise KeyboardInterrupt
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(api_module, "initial_factors", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            finetune(tiny_config(tiny_model_dir, sample_path, out, load_in_4bit=False, overwrite=True))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_run_that_saved_nothing_starts_over_with_the_same_command(tiny_model_dir, sample_path, tmp_path, capsys):
+    """Stopped before training began, the CLI says to run the same command again: it does, without overwrite."""
+    out = tmp_path / "run"
+    stop = threading.Event()
+    stop.set()
+    assert finetune(tiny_config(tiny_model_dir, sample_path, out, load_in_4bit=False), stop=stop).stopped
+    assert [p.name for p in out.iterdir()] == ["run.json"]
+    assert cli(tiny_model_dir, sample_path, out, "--no-load-in-4bit") == 0
+    assert read_record(out)["status"] == "finished"
 
 
 def test_files_of_the_names_a_run_writes_are_not_written_over(tiny_model_dir, sample_path, tmp_path, capsys,

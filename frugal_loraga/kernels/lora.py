@@ -136,8 +136,8 @@ def _block(rank: int) -> int:
 def shrink_tile(N: int, dtype: torch.dtype) -> tuple[int, int]:
     """The shrink's (tokens, columns) tile for N tokens of x's dtype. Never chosen by the weights' widths, so that a
     correction alone and beside an adapter get the same bits. At most 56 KiB of shared memory at rank 64, within the
-    99 KiB a consumer card gives a block (tests/test_kernels.py compiles each): fp32 tiles are staged twice in shared
-    memory, (32 + 3 x 64) x 32 x 4 B x 2; 16-bit ones are read straight into registers."""
+    99 KiB a consumer card gives a block (tests/test_kernels.py compiles each): fp32 tiles are double-buffered in
+    shared memory, (32 + 3 x 64) x 32 x 4 B x 2; 16-bit ones are not (48 KiB at 32 x 256)."""
     if dtype == torch.float32:
         return 32, 32
     return (32, 256) if N <= 8192 else (64, 128)  # training's batches; the estimate's longer ones (bench/RESULTS.md)
