@@ -367,7 +367,8 @@ def poll(selected: str = ""):
     return text, plot, gr.Timer(active=running), table, gr.Dropdown(choices=names, value=chosen)
 
 
-TRY_LOADING = "Loading the base model and the run's adapter, then generating (the first Try of a run loads its model)…"
+TRY_LOADING = ("Loading the base model and the run's adapter, then generating (the first Try of a run loads its "
+               "model)…")
 
 
 def try_prompt(prompt: str, max_new_tokens: int = 64, selected: str = ""):

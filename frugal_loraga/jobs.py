@@ -1,9 +1,9 @@
 """The app's background job and its Try model: one job at a time, run in a thread, never beside a Try.
 
 Jobs holds one lock: a job is checked for and started under it, so two Trains at the same moment start one job; a job
-first releases the Try model, so that the run finds the card free; and a Try loads its model only under it while no
-job runs, the app deletes a run only while no job runs that run (Jobs.idle). What a job writes (phase, curves, the closing message) is what the
-page shows, word for word.
+first releases the Try model, so that the run finds the card free; a Try loads its model only under it while no job
+runs, and the app deletes a run only while no job runs that run (Jobs.idle). What a job writes (phase, curves, the
+closing message) is what the page shows, word for word.
 """
 from __future__ import annotations
 

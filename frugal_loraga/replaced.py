@@ -47,8 +47,6 @@ def put_back(out: str | Path) -> None:
     logged, not raised: the error that ended the run is the one to report, and settle finishes the move later."""
     out = Path(out)
     try:
-        if (out / COMPLETE).is_dir():
-            os.replace(out / COMPLETE, out / PARTIAL)
         _move_back(out)
     except OSError as e:
         log.warning("could not put back the run set aside in %s (%s): the next run started in %s does", out / PARTIAL,
@@ -56,7 +54,10 @@ def put_back(out: str | Path) -> None:
 
 
 def _move_back(out: Path) -> None:
-    """Every file in out/.replaced-run.partial/ to its place in out, then the emptied folder removed."""
+    """A complete .replaced-run renamed .replaced-run.partial, then every file in that to its place in out, and the
+    emptied folder removed."""
+    if (out / COMPLETE).is_dir():
+        os.replace(out / COMPLETE, out / PARTIAL)
     partial = out / PARTIAL
     for kept in sorted(p for p in partial.rglob("*") if p.is_file()):
         target = out / kept.relative_to(partial)
@@ -76,7 +77,8 @@ def _delete_dropped(out: Path) -> None:
     try:
         shutil.rmtree(out / DROPPED)
     except OSError as e:  # the run goes on; settle tries again at the next run in the folder
-        log.warning("could not delete %s, the files of the run this one replaced (%s); delete it by hand", out / DROPPED, e)
+        log.warning("could not delete %s, the files of the run this one replaced (%s); delete it by hand",
+                    out / DROPPED, e)
 
 
 def settle(out: str | Path) -> None:
@@ -89,14 +91,10 @@ def settle(out: str | Path) -> None:
     try:
         if (out / DROPPED).is_dir():
             _delete_dropped(out)
-        if (out / PARTIAL).is_dir():
+        if (out / COMPLETE).is_dir() and checkpoint_path(out).exists():
+            drop(out)
+        elif (out / COMPLETE).is_dir() or (out / PARTIAL).is_dir():
             _move_back(out)
-        if (out / COMPLETE).is_dir():
-            if checkpoint_path(out).exists():
-                drop(out)
-            else:
-                os.replace(out / COMPLETE, out / PARTIAL)
-                _move_back(out)
     except OSError as e:
         raise RunError(f"{out} holds the files of a run that an unfinished overwrite set aside, and they could not be "
                        f"moved back ({e}); make the folder writable and run again") from e

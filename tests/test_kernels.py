@@ -175,7 +175,8 @@ from frugal_loraga.kernels.cross_entropy import VOCABULARY_BLOCK, _cross_entropy
 def shared_bytes(kernel, types, constants, target, num_warps=4):
     signature = {**types, **{name: "constexpr" for name in constants}}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
-    return triton.compile(source, target=GPUTarget("cuda", target, 32), options={"num_warps": num_warps}).metadata.shared
+    compiled = triton.compile(source, target=GPUTarget("cuda", target, 32), options={"num_warps": num_warps})
+    return compiled.metadata.shared
 
 widest = lora._block(lora.MAX_RANK)
 for target in (86,):  # an RTX 3090's (Ada's and Blackwell's consumer cards give the same 99 KiB)

@@ -61,7 +61,8 @@ def test_installed_cli_runs_from_any_folder_and_help_needs_no_torch(wheel, tmp_p
     script = subprocess.run([str(target / "bin" / "frugal-loraga"), "train", "--lr", "-1", "--data", "x"],
                             cwd=elsewhere, env=env, capture_output=True, text=True)
     assert module.returncode == 0 and "usage: frugal-loraga" in module.stdout
-    assert script.returncode == 2 and "error: lr must be a positive finite number (at most 3.403e+38), got -1.0" in script.stderr
+    assert script.returncode == 2
+    assert "error: lr must be a positive finite number (at most 3.403e+38), got -1.0" in script.stderr
     api = subprocess.run([sys.executable, "-c", "from frugal_loraga import Config, finetune; "
                           "from frugal_loraga.kernels.lora import lora_add; print(finetune.__module__)"],
                          cwd=elsewhere, env=env, capture_output=True, text=True, check=True)

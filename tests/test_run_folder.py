@@ -292,15 +292,16 @@ def test_files_of_the_names_a_run_writes_are_not_written_over(tiny_model_dir, sa
     for name in ("run.json", "metrics.json", "adapter/adapter_config.json"):
         (out / name).write_text("my own")
     assert cli(tiny_model_dir, sample_path, out) == 2
-    assert re.search(r"mine holds run.json, metrics.json, adapter/adapter_config.json, which this run would write over; "
-                     r"choose another out folder, or replace them with overwrite", capsys.readouterr().err)
+    assert re.search(r"mine holds run.json, metrics.json, adapter/adapter_config.json, which this run would write "
+                     r"over; choose another out folder, or replace them with overwrite", capsys.readouterr().err)
     data = tmp_path / "data.jsonl"
     data.write_bytes(sample_path.read_bytes())
     for metrics in (data, tmp_path / "new" / "adapter" / "adapter_model.safetensors", tmp_path / "new" / "run.json"):
         assert cli(tiny_model_dir, data, tmp_path / "new", "--metrics-json", str(metrics), "--overwrite") == 2
         assert "is a file the run reads or writes" in capsys.readouterr().err
     assert data.read_bytes() == sample_path.read_bytes()
-    assert all((out / name).read_text() == "my own" for name in ("run.json", "metrics.json", "adapter/adapter_config.json"))
+    assert all((out / name).read_text() == "my own"
+               for name in ("run.json", "metrics.json", "adapter/adapter_config.json"))
 
 
 def test_the_first_ctrl_c_sets_stop_the_second_interrupts_and_the_handler_is_put_back():
